@@ -1,0 +1,1 @@
+"""Benchmark harness: the same endpoint under each policy stack, one uvicorn worker each."""

@@ -1,0 +1,28 @@
+"""The handler behind ``policyroute.install`` with the core policy (a public route)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+
+import policyroute  # type: ignore[import-not-found, unused-ignore]
+from bench.apps import PING_BODY, valkey_url
+
+POLICY_DIR = Path(__file__).resolve().parent.parent / "policies" / "core"
+
+# policyroute reads its settings from the environment itself; fail early and
+# clearly here when the harness did not set the backend.
+valkey_url()
+
+app = FastAPI()
+
+
+@app.get("/ping")
+async def ping() -> dict[str, bool]:
+    """Answer the benchmark request."""
+    return PING_BODY
+
+
+# The ignore only covers the package being mid-way; once `install` exists it is checked.
+policyroute.install(app, str(POLICY_DIR))  # type: ignore[attr-defined, unused-ignore]

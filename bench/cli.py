@@ -1,0 +1,131 @@
+"""Command line of ``python -m bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import cpu, report, runner, wrk
+from bench.apps import VALKEY_URL_ENV
+from bench.backend import valkey
+from bench.loadgen import CONNECTIONS, LoadGenerator
+from bench.pyload import PyLoad
+from bench.scenarios import SCENARIOS, Scenario, by_name
+from bench.wrk import Wrk
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+DURATION_ENV = "BENCH_DURATION"
+DEFAULT_DURATION_S = 5
+DEFAULT_WARMUP_S = 1
+DESCRIPTION = "Benchmark the same endpoint behind each policy stack, one uvicorn worker each."
+
+
+def positive_int(text: str) -> int:
+    """Parse a whole number of seconds, at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def scenario_names(text: str) -> list[str]:
+    """Parse ``NAME[,NAME]`` and check every name is a known scenario."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = {s.name for s in SCENARIOS}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        choices = ", ".join(sorted(known))
+        raise argparse.ArgumentTypeError(f"unknown {unknown or text!r}; choose from {choices}")
+    return names
+
+
+def parser() -> argparse.ArgumentParser:
+    """Return the argument parser."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION)
+    p.add_argument("--only", type=scenario_names, help="comma-separated scenario names")
+    p.add_argument(
+        "--duration",
+        type=positive_int,
+        default=positive_int(os.environ.get(DURATION_ENV, str(DEFAULT_DURATION_S))),
+        help=f"measured seconds per scenario (default ${DURATION_ENV} or {DEFAULT_DURATION_S})",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=DEFAULT_WARMUP_S, help="warm-up seconds, 0 for none"
+    )
+    p.add_argument(
+        "--generator",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="load generator; auto uses wrk when it is installed",
+    )
+    return p
+
+
+def choose_generator(choice: str) -> LoadGenerator:
+    """Return the generator asked for; ``auto`` prefers wrk."""
+    if choice == "wrk" or (choice == "auto" and wrk.available()):
+        return Wrk()
+    return PyLoad()
+
+
+def selected(names: list[str] | None) -> tuple[Scenario, ...]:
+    """Return the scenarios to run."""
+    return SCENARIOS if names is None else by_name(names)
+
+
+def meta(settings: runner.Settings, generator: LoadGenerator, plan: cpu.CpuPlan) -> dict[str, Any]:
+    """Return the run's settings as recorded next to the results."""
+    return {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "generator": generator.name,
+        "duration_s": settings.duration_s,
+        "warmup_s": settings.warmup_s,
+        "connections": settings.connections,
+        "generator_threads": settings.threads,
+        "cpu_pinning": plan.describe(),
+        "python": platform.python_version(),
+    }
+
+
+def log(message: str) -> None:
+    """Print a progress line on stderr."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected scenarios, print the table and write ``results.json``."""
+    args = parser().parse_args(argv)
+    plan = cpu.plan()
+    cpu.pin_self(plan.others)
+    generator = choose_generator(args.generator)
+    outcomes: list[runner.Outcome] = []
+    with valkey() as backend:
+        settings = runner.Settings(
+            duration_s=args.duration,
+            warmup_s=max(0, args.warmup),
+            connections=CONNECTIONS,
+            threads=max(1, len(plan.others)),
+            server_cpus=plan.server,
+            env={VALKEY_URL_ENV: backend.url},
+        )
+        log(f"valkey at {backend.url}; generator {generator.name}; cpus {plan.describe()}")
+        for scenario in selected(args.only):
+            log(f"{scenario.name}: {settings.warmup_s} s warm-up, {settings.duration_s} s measured")
+            backend.flush()
+            outcomes.append(runner.run(scenario, generator, settings))
+    run_meta = meta(settings, generator, plan)
+    print(
+        f"generator: {generator.name}  cpus: {plan.describe()}  connections: {settings.connections}"
+    )
+    print(report.table(outcomes))
+    problems = report.failures(outcomes)
+    if problems:
+        print("\n" + problems)
+    report.write_json(RESULTS, outcomes, run_meta)
+    print(f"\nwritten {RESULTS}")
+    return 1 if problems else 0

@@ -1,0 +1,99 @@
+"""The results table and its JSON twin."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench.runner import Outcome
+from bench.scenarios import BASELINE
+
+HEADER = ("scenario", "generator", "req/s", "p50 ms", "p99 ms", "vs bare", "errors")
+MISSING = "-"
+
+
+def baseline_rps(outcomes: Sequence[Outcome]) -> float | None:
+    """Return the baseline scenario's req/s, if it ran and succeeded."""
+    for outcome in outcomes:
+        if outcome.scenario == BASELINE and outcome.result is not None:
+            return outcome.result.rps
+    return None
+
+
+def ratio(outcome: Outcome, baseline: float | None) -> float | None:
+    """Return the outcome's req/s as a fraction of the baseline's."""
+    if outcome.result is None or not baseline:
+        return None
+    return outcome.result.rps / baseline
+
+
+def row(outcome: Outcome, baseline: float | None) -> tuple[str, ...]:
+    """Return one table row as strings."""
+    result = outcome.result
+    if result is None:
+        return (outcome.scenario, outcome.generator, "FAILED", *([MISSING] * 4))
+    share = ratio(outcome, baseline)
+    return (
+        outcome.scenario,
+        outcome.generator,
+        f"{result.rps:.0f}",
+        f"{result.p50_ms:.2f}",
+        f"{result.p99_ms:.2f}",
+        MISSING if share is None else f"{share:.2f}",
+        str(result.errors),
+    )
+
+
+def table(outcomes: Sequence[Outcome]) -> str:
+    """Return the aligned text table, left columns left-aligned and numbers right-aligned."""
+    baseline = baseline_rps(outcomes)
+    rows = [HEADER, *(row(o, baseline) for o in outcomes)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    return "\n".join(_line(r, widths) for r in rows)
+
+
+def _line(cells: tuple[str, ...], widths: list[int]) -> str:
+    text = [
+        c.ljust(w) if i < 2 else c.rjust(w)
+        for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    ]
+    return "  ".join(text).rstrip()
+
+
+def failures(outcomes: Sequence[Outcome]) -> str:
+    """Return each failed scenario's reason and log tail, or an empty string."""
+    parts = [_failure(o) for o in outcomes if o.result is None]
+    return "\n\n".join(parts)
+
+
+def _failure(outcome: Outcome) -> str:
+    text = f"{outcome.scenario} FAILED: {outcome.failure}"
+    if outcome.log_tail:
+        text += "\n" + "\n".join(f"    {line}" for line in outcome.log_tail.splitlines())
+    return text
+
+
+def document(outcomes: Sequence[Outcome], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the JSON document: the run's settings and one entry per scenario."""
+    baseline = baseline_rps(outcomes)
+    return {**meta, "results": [_entry(o, baseline) for o in outcomes]}
+
+
+def _entry(outcome: Outcome, baseline: float | None) -> dict[str, Any]:
+    return {
+        "scenario": outcome.scenario,
+        "generator": outcome.generator,
+        "status": "ok" if outcome.result is not None else "FAILED",
+        **(asdict(outcome.result) if outcome.result is not None else {}),
+        "ratio_to_bare": ratio(outcome, baseline),
+        "failure": outcome.failure or None,
+        "log_tail": outcome.log_tail or None,
+    }
+
+
+def write_json(path: Path, outcomes: Sequence[Outcome], meta: Mapping[str, Any]) -> None:
+    """Write the JSON document to ``path``."""
+    path.write_text(json.dumps(document(outcomes, meta), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,55 @@
+"""Run one scenario: start its server, warm up, measure, stop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from bench import server
+from bench.loadgen import LoadError, LoadGenerator, LoadResult, Target
+from bench.scenarios import Scenario
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What every scenario of one run shares."""
+
+    duration_s: int
+    warmup_s: int
+    connections: int
+    threads: int
+    server_cpus: frozenset[int]
+    env: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A scenario's measurement, or why it has none."""
+
+    scenario: str
+    generator: str
+    result: LoadResult | None
+    failure: str = ""
+    log_tail: str = ""
+
+
+def measure(generator: LoadGenerator, target: Target, settings: Settings) -> LoadResult:
+    """Warm the server up, then return the timed run."""
+    if settings.warmup_s > 0:
+        generator.run(target, settings.warmup_s, settings.threads)
+    return generator.run(target, settings.duration_s, settings.threads)
+
+
+def run(scenario: Scenario, generator: LoadGenerator, settings: Settings) -> Outcome:
+    """Run ``scenario`` and return its outcome; a failure is reported, not raised."""
+    try:
+        with server.serve(scenario, settings.env, settings.server_cpus) as port:
+            target = Target(
+                server.HOST, port, scenario.path, scenario.headers, settings.connections
+            )
+            result = measure(generator, target, settings)
+    except server.ServerError as error:
+        return Outcome(scenario.name, generator.name, None, str(error), error.log_tail)
+    except LoadError as error:
+        return Outcome(scenario.name, generator.name, None, str(error))
+    return Outcome(scenario.name, generator.name, result)

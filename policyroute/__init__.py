@@ -1,0 +1,27 @@
+"""policyroute: declarative endpoint policies for FastAPI."""
+
+from __future__ import annotations
+
+from .binding import Engine, install
+from .chain import Chain
+from .config import Settings
+from .errors import ConfigError, Denial, Finding, PolicyrouteError, StorageError
+from .loader import PolicySet, load_policies
+from .principal import Principal, principal
+
+__all__ = [
+    "Chain",
+    "ConfigError",
+    "Denial",
+    "Engine",
+    "Finding",
+    "PolicySet",
+    "PolicyrouteError",
+    "Principal",
+    "Settings",
+    "StorageError",
+    "install",
+    "load_policies",
+    "principal",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,109 @@
+"""YAML loading that remembers the line and column of every key and value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, Finding, Location
+
+Path = tuple[str | int, ...]
+MAX_NODES = 200_000  # alias bombs expand exponentially; a real policy has far fewer nodes
+
+
+@dataclass(slots=True)
+class Located:
+    """A YAML document as plain data plus the position of each path in it."""
+
+    file: str
+    data: Any
+    values: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    keys: dict[Path, tuple[int, int]] = field(default_factory=dict)
+
+    def location(self, path: Path, *, key: bool = False) -> Location:
+        """Where `path` is written; its key when `key`, else its value; else the nearest parent."""
+        table = self.keys if key else self.values
+        probe = path
+        while True:
+            pos = table.get(probe) or self.values.get(probe)
+            if pos is not None:
+                return Location(self.file, *pos)
+            if not probe:
+                return Location(self.file, 1, 1)
+            probe = probe[:-1]
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+class _Builder:
+    """Turns a composed node tree into plain data, recording positions."""
+
+    def __init__(self, loader: yaml.SafeLoader, doc: Located) -> None:
+        self.loader = loader
+        self.doc = doc
+        self.count = 0
+        self.findings: list[Finding] = []
+
+    def build(self, node: yaml.Node, path: Path) -> Any:
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise ConfigError(
+                [Finding("yaml-too-large", f"more than {MAX_NODES} YAML nodes (alias bomb?)",
+                         Location(self.doc.file, *_mark(node)), path)]
+            )
+        self.doc.values[path] = _mark(node)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        return self.loader.construct_object(node, deep=True)
+
+    def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[str, Any]:
+        self.loader.flatten_mapping(node)
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            where = Location(self.doc.file, *_mark(key_node))
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.findings.append(Finding("yaml-key", "mapping keys must be plain strings", where, path))
+                continue
+            key = str(self.loader.construct_object(key_node))
+            child = (*path, key)
+            if key in out:
+                first = self.doc.keys[child]
+                self.findings.append(
+                    Finding("duplicate-key", f"key {key!r} is repeated (first at line {first[0]})",
+                            where, child)
+                )
+                continue
+            self.doc.keys[child] = _mark(key_node)
+            out[key] = self.build(value_node, child)
+        return out
+
+
+def load_yaml(text: str, file: str) -> Located:
+    """Parse one YAML document; raise ConfigError with file:line:col on any syntax error."""
+    doc = Located(file, None)
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            doc.data = None
+            return doc
+        builder = _Builder(loader, doc)
+        doc.data = builder.build(node, ())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
+        message = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
+        raise ConfigError([Finding("yaml-syntax", f"YAML syntax error: {message}", where)]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Finding("yaml-syntax", f"YAML error: {exc}", Location(file, 1, 1))]) from None
+    finally:
+        loader.dispose()
+    if builder.findings:
+        raise ConfigError(builder.findings)
+    return doc

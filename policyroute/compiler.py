@@ -1,0 +1,95 @@
+"""Pure functions from a merged route policy to an immutable chain of steps.
+
+Each policy key has one `make_<key>(policy, env) -> Step | None`; an absent key makes
+no step. The makers run in the fixed order of the request path (deny cheap first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .chain import Chain
+from .config import Settings
+from .errors import ConfigError, Finding, Location
+from .loader import PolicySet, RouteEntry
+from .policy import GlobalSettings, RoutePolicy
+from .steps.base import Step
+from .steps.deny import DenyStep
+
+
+@dataclass(frozen=True, slots=True)
+class Env:
+    """What makers may use besides the route's policy: settings and backend services."""
+
+    settings: GlobalSettings
+    config: Settings = field(default_factory=Settings)
+    services: Mapping[str, Any] = field(default_factory=dict)
+
+
+Maker = Callable[[RoutePolicy, Env], Step | None]
+
+# (policy keys a maker reads, maker), in request-path order. Later capabilities append here.
+MAKERS: list[tuple[tuple[str, ...], Maker]] = []
+
+# Keys that shape other steps or only mark the route; they never make a step on their own.
+PASSIVE_KEYS = frozenset({"use", "public", "enforce"})
+
+
+def register(keys: tuple[str, ...], maker: Maker, *, before: str | None = None) -> None:
+    """Add a maker for `keys`, optionally before the maker of another key."""
+    if before is not None:
+        for i, (known, _) in enumerate(MAKERS):
+            if before in known:
+                MAKERS.insert(i, (keys, maker))
+                return
+    MAKERS.append((keys, maker))
+
+
+def enforced_keys() -> frozenset[str]:
+    """Every policy key this version turns into a step."""
+    return frozenset(k for keys, _ in MAKERS for k in keys) | PASSIVE_KEYS
+
+
+def unenforced(policy: RoutePolicy) -> list[str]:
+    """Keys the policy sets that no step of this version enforces yet."""
+    known = enforced_keys()
+    return [k for k in policy.model_fields_set if k not in known and getattr(policy, k)]
+
+
+def compile_route(entry: RouteEntry, env: Env) -> Chain:
+    """The chain for one route; raise ConfigError when it sets a key nothing enforces."""
+    missing = unenforced(entry.policy)
+    if missing:
+        raise ConfigError([
+            Finding("not-enforced",
+                    f"{entry.key} sets {', '.join(missing)}, which this version cannot enforce; "
+                    "refusing to start rather than leave the route unprotected",
+                    entry.origins[k][-1].location if k in entry.origins else entry.location,
+                    ("routes", entry.key, k))
+            for k in missing
+        ])
+    steps = tuple(step for _, make in MAKERS if (step := make(entry.policy, env)) is not None)
+    notes = ("public: no authentication",) if entry.policy.public else ()
+    return Chain(entry.key, steps, entry.location, notes)
+
+
+def compile_all(policies: PolicySet, env: Env) -> dict[tuple[str, str], Chain]:
+    """Chains for every route of a policy set; collects every route's findings."""
+    chains: dict[tuple[str, str], Chain] = {}
+    findings: list[Finding] = []
+    for match, entry in policies.routes.items():
+        try:
+            chains[match] = compile_route(entry, env)
+        except ConfigError as exc:
+            findings.extend(exc.findings)
+    if findings:
+        raise ConfigError(findings)
+    return chains
+
+
+def deny_chain(method: str, path: str, origin: Location | None = None) -> Chain:
+    """The chain of an app route that no policy names: refuse everything."""
+    route = f"{method} {path}"
+    return Chain(route, (DenyStep(route),), origin)

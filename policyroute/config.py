@@ -1,0 +1,25 @@
+"""Process settings from the environment (prefix `POLICYROUTE_`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where the policies and backends are; every field reads `POLICYROUTE_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="POLICYROUTE_", extra="ignore", frozen=True)
+
+    policies: str = Field(default="policies", description="Policy directory or file(s), comma-separated.")
+    valkey_url: str | None = Field(default=None, description="redis:// or valkey:// URL of Valkey.")
+    pulsar_url: str | None = Field(default=None, description="pulsar:// URL of the Pulsar broker.")
+    reload: bool = Field(default=False, description="Watch the policy files and reload on change.")
+    strict: bool = Field(default=False, description="Refuse to start when a route has no policy.")
+    key_prefix: str = Field(default="pr", description="Prefix of every Valkey key.")
+    request_id_header: str = Field(default="x-request-id", description="Header carrying a request id.")
+    max_header_bytes: int = Field(default=16384, ge=1024, description="Largest header value read.")
+
+    def policy_paths(self) -> list[str]:
+        """The policy paths as a list."""
+        return [p.strip() for p in self.policies.split(",") if p.strip()]

@@ -1,0 +1,443 @@
+"""Load policy files, validate them with positions, and merge each route's layers.
+
+Merge rule (one rule, everywhere): layers apply in the order `defaults`, then each
+profile named in `use:` in order, then the route's own keys. Mappings merge key by key
+(recursively); lists and scalars replace what an earlier layer set; an explicit `null`
+removes what an earlier layer set. Routes with `public: true` take no `defaults`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from pydantic import BaseModel, ValidationError
+
+from ._yaml import Located, load_yaml
+from ._yaml import Path as KeyPath
+from .errors import ConfigError, Finding, Location
+from .policy import GlobalSettings, PolicyFile, Resilience, RoutePolicy, normalize_path, parse_route_key
+
+MAX_FILE_BYTES = 4 * 1024 * 1024
+
+_CODES = {
+    "extra_forbidden": "unknown-key",
+    "missing": "missing-key",
+    "value_error": "invalid-value",
+    "literal_error": "invalid-choice",
+    "greater_than_equal": "out-of-range",
+    "less_than_equal": "out-of-range",
+    "too_short": "out-of-range",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a layer of a route's policy was written."""
+
+    label: str  # "defaults", "profile io_job" or "route"
+    location: Location
+
+    def __str__(self) -> str:
+        return f"{self.label} at {self.location}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """One route's merged, validated policy and where each key came from."""
+
+    key: str
+    method: str
+    path: str
+    policy: RoutePolicy
+    location: Location
+    origins: Mapping[str, tuple[Source, ...]] = field(default_factory=dict)
+
+    @property
+    def match_key(self) -> tuple[str, str]:
+        """(METHOD, path template without converters), the key routes are bound by."""
+        return self.method, normalize_path(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    """Every route of every loaded policy file, merged and validated."""
+
+    settings: GlobalSettings
+    routes: Mapping[tuple[str, str], RouteEntry]
+    resilience: Mapping[str, Resilience]
+    profiles: Mapping[str, Location]
+    profile_uses: Mapping[str, int]
+    files: tuple[str, ...]
+
+    def get(self, method: str, path: str) -> RouteEntry | None:
+        """The policy for METHOD + template, HEAD falling back to GET."""
+        norm = normalize_path(path)
+        entry = self.routes.get((method, norm))
+        if entry is None and method == "HEAD":
+            entry = self.routes.get(("GET", norm))
+        return entry
+
+
+def policy_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand directories into their `*.yaml` / `*.yml` files, sorted; keep files as given."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir() if q.suffix in (".yaml", ".yml") and q.is_file()))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ConfigError([Finding("no-such-path", f"no policy file or directory {str(p)!r}",
+                                       Location(str(p)))])
+    return out
+
+
+def _unwrap_models(annotation: Any) -> list[type[BaseModel]]:
+    """Model classes reachable inside an annotation (Optional, list, dict, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap_models(typing.get_args(annotation)[0])
+    if origin in (list, dict, Union, types.UnionType):
+        found: list[type[BaseModel]] = []
+        for arg in typing.get_args(annotation):
+            found.extend(_unwrap_models(arg))
+        return found
+    return []
+
+
+def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model that holds the last element of `loc`."""
+    models: list[type[BaseModel]] = [root]
+    for part in loc[:-1]:
+        nxt: list[type[BaseModel]] = []
+        for model in models:
+            info = model.model_fields.get(str(part))
+            if info is not None:
+                nxt.extend(_unwrap_models(info.annotation))
+        if nxt:
+            models = nxt
+        # list indexes, dict keys and union tags keep the current candidates
+    return sorted({name for model in models for name in model.model_fields})
+
+
+def _message(error: Mapping[str, Any], root: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        bad = str(loc[-1])
+        fields = _fields_at(root, loc)
+        close = difflib.get_close_matches(bad, fields, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (known keys: {', '.join(fields)})"
+        return f"unknown key {bad!r}{hint}"
+    if kind == "missing":
+        return f"missing required key {str(loc[-1])!r}"
+    msg = str(error["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def _data_path(loc: tuple[Any, ...], data: Any) -> KeyPath:
+    """The part of a pydantic `loc` that names real keys in the data (drops union tags)."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and not isinstance(part, int):
+            out.append(part)  # a missing or unknown key under this mapping
+            node = None
+    return tuple(out)
+
+
+class _Resolver:
+    """Maps a path in (possibly merged) data back to the file position it came from."""
+
+    def __init__(self) -> None:
+        self.origins: dict[KeyPath, tuple[Located, KeyPath]] = {}
+
+    def add(self, dst: KeyPath, doc: Located, src: KeyPath) -> None:
+        self.origins[dst] = (doc, src)
+
+    def locate(self, path: KeyPath, *, key: bool) -> Location:
+        for cut in range(len(path), -1, -1):
+            hit = self.origins.get(path[:cut])
+            if hit is not None:
+                doc, src = hit
+                return doc.location((*src, *path[cut:]), key=key)
+        return Location("<policy>")
+
+
+def _findings(exc: ValidationError, root: type[BaseModel], data: Any, resolver: _Resolver,
+              *, partial: bool, prefix: KeyPath = ()) -> list[Finding]:
+    out: list[Finding] = []
+    for error in exc.errors():
+        kind = error["type"]
+        if partial and kind == "missing":
+            continue
+        loc = tuple(error["loc"])
+        path = _data_path(loc, data)
+        where = resolver.locate(path, key=kind in ("extra_forbidden", "missing"))
+        if kind == "missing":
+            where = resolver.locate(path[:-1], key=True)
+        out.append(Finding(_CODES.get(kind, "wrong-type"), _message(error, root, loc), where,
+                           (*prefix, *path)))
+    return out
+
+
+def _dedupe(findings: Iterable[Finding]) -> list[Finding]:
+    """One finding per position: unions and shared layers repeat the same mistake."""
+    seen: set[tuple[str, int, int]] = set()
+    out: list[Finding] = []
+    for f in findings:
+        key = (f.location.file, f.location.line, f.location.column)
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
+def _strip_nulls(layer: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in layer.items() if v is not None}
+
+
+def _validate_layer(layer: Any, doc: Located, src: KeyPath) -> list[Finding]:
+    """Check one defaults/profile/route layer alone; required keys may come from other layers."""
+    if not isinstance(layer, dict):
+        return [Finding("wrong-type", "a route policy is a mapping of keys", doc.location(src), src)]
+    resolver = _Resolver()
+    resolver.add((), doc, src)
+    try:
+        RoutePolicy.model_validate(_strip_nulls(layer))
+    except ValidationError as exc:
+        return _findings(exc, RoutePolicy, layer, resolver, partial=True, prefix=src)
+    return []
+
+
+def _merge(target: dict[str, Any], layer: Mapping[str, Any], doc: Located, src: KeyPath,
+           resolver: _Resolver, dst: KeyPath = ()) -> None:
+    for key, value in layer.items():
+        here = (*dst, key)
+        resolver.add(here, doc, (*src, key))
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value, doc, (*src, key), resolver, here)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+@dataclass(slots=True)
+class _Loaded:
+    doc: Located
+    model: PolicyFile | None
+
+
+class _Builder:
+    """Collects every file, then checks names across files and merges each route."""
+
+    def __init__(self) -> None:
+        self.findings: list[Finding] = []
+        self.docs: list[Located] = []
+        self.settings: tuple[GlobalSettings, Located] | None = None
+        self.profiles: dict[str, tuple[Any, Located]] = {}
+        self.resilience: dict[str, Resilience] = {}
+        self.defaults: list[tuple[Any, Located]] = []
+        self.routes: dict[tuple[str, str], tuple[str, str, str, Any, Located]] = {}
+
+    def add_file(self, path: Path) -> None:
+        name = str(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            self.findings.append(Finding("unreadable", f"cannot read policy file: {exc.strerror}",
+                                         Location(name)))
+            return
+        if len(raw) > MAX_FILE_BYTES:
+            self.findings.append(Finding("file-too-large", f"policy file over {MAX_FILE_BYTES} bytes",
+                                         Location(name)))
+            return
+        try:
+            doc = load_yaml(raw.decode("utf-8"), name)
+        except UnicodeDecodeError:
+            self.findings.append(Finding("encoding", "policy files are UTF-8", Location(name, 1, 1)))
+            return
+        except ConfigError as exc:
+            self.findings.extend(exc.findings)
+            return
+        self.docs.append(doc)
+        self._check_file(doc)
+
+    def _check_file(self, doc: Located) -> None:
+        data = doc.data
+        if not isinstance(data, dict):
+            self.findings.append(Finding("wrong-type", "a policy file is a mapping with `version: 1`",
+                                         Location(doc.file, 1, 1)))
+            return
+        shell = {k: v for k, v in data.items() if k not in ("defaults", "profiles", "routes")}
+        shell.update({k: {} for k in ("profiles", "routes") if isinstance(data.get(k), dict)})
+        resolver = _Resolver()
+        resolver.add((), doc, ())
+        try:
+            model = PolicyFile.model_validate(shell)
+        except ValidationError as exc:
+            self.findings.extend(_findings(exc, PolicyFile, shell, resolver, partial=False))
+            model = None
+        for section in ("profiles", "routes"):
+            value = data.get(section)
+            if value is not None and not isinstance(value, dict):
+                self.findings.append(Finding("wrong-type", f"`{section}` is a mapping",
+                                             doc.location((section,)), (section,)))
+        if model is not None:
+            self._collect(doc, model)
+
+    def _collect(self, doc: Located, model: PolicyFile) -> None:
+        data = doc.data
+        if model.settings is not None:
+            if self.settings is not None:
+                first = self.settings[1].location(("settings",), key=True)
+                self.findings.append(Finding("duplicate-settings",
+                                             f"`settings` is already set in {first}",
+                                             doc.location(("settings",), key=True), ("settings",)))
+            else:
+                self.settings = (_resolve_paths(model.settings, Path(doc.file).parent), doc)
+        self.resilience.update(model.resilience)
+        if "defaults" in data and data["defaults"] is not None:
+            self._layer(data["defaults"], doc, ("defaults",), allow_use=False)
+            self.defaults.append((data["defaults"], doc))
+        for name, layer in (data.get("profiles") or {}).items():
+            src: KeyPath = ("profiles", name)
+            if name in self.profiles:
+                first = self.profiles[name][1].location(src, key=True)
+                self.findings.append(Finding("duplicate-profile", f"profile {name!r} is already defined at {first}",
+                                             doc.location(src, key=True), src))
+                continue
+            self._layer(layer, doc, src, allow_use=False)
+            self.profiles[name] = (layer, doc)
+        for key, layer in (data.get("routes") or {}).items():
+            self._route(key, layer, doc)
+
+    def _layer(self, layer: Any, doc: Located, src: KeyPath, *, allow_use: bool) -> None:
+        self.findings.extend(_validate_layer(layer, doc, src))
+        if not allow_use and isinstance(layer, dict) and layer.get("use"):
+            self.findings.append(Finding("nested-use", "only routes may `use:` profiles",
+                                         doc.location((*src, "use"), key=True), (*src, "use")))
+
+    def _route(self, key: str, layer: Any, doc: Located) -> None:
+        src: KeyPath = ("routes", key)
+        try:
+            method, path = parse_route_key(key)
+        except ValueError as exc:
+            self.findings.append(Finding("bad-route-key", str(exc), doc.location(src, key=True), src))
+            return
+        match = (method, normalize_path(path))
+        if match in self.routes:
+            first_doc = self.routes[match][4]
+            first = first_doc.location(("routes", self.routes[match][0]), key=True)
+            self.findings.append(Finding("duplicate-route", f"route {method} {path} is already defined at {first}",
+                                         doc.location(src, key=True), src))
+            return
+        self._layer(layer, doc, src, allow_use=True)
+        self.routes[match] = (key, method, path, layer, doc)
+
+    def _merge_route(self, key: str, method: str, path: str, layer: Any, doc: Located) -> RouteEntry | None:
+        if not isinstance(layer, dict):
+            return None
+        src: KeyPath = ("routes", key)
+        merged: dict[str, Any] = {}
+        resolver = _Resolver()
+        origins: dict[str, list[Source]] = {}
+        layers: list[tuple[str, Any, Located, KeyPath]] = []
+        if not layer.get("public"):
+            layers += [("defaults", d, ddoc, ("defaults",)) for d, ddoc in self.defaults]
+        uses = layer.get("use") or []
+        for name in uses if isinstance(uses, list) else []:
+            found = self.profiles[name]  # checked by _check_uses
+            layers.append((f"profile {name}", found[0], found[1], ("profiles", name)))
+        layers.append(("route", layer, doc, src))
+        for label, data, ldoc, lsrc in layers:
+            if not isinstance(data, dict):
+                continue
+            body = {k: v for k, v in data.items() if k != "use"} if label != "route" else data
+            _merge(merged, body, ldoc, lsrc, resolver)
+            for k in body:
+                origins.setdefault(k, []).append(Source(label, ldoc.location((*lsrc, k), key=True)))
+        try:
+            policy = RoutePolicy.model_validate(merged)
+        except ValidationError as exc:
+            self.findings.extend(_findings(exc, RoutePolicy, merged, resolver, partial=False, prefix=src))
+            return None
+        return RouteEntry(key, method, path, policy, doc.location(src, key=True),
+                          {k: tuple(v) for k, v in origins.items()})
+
+    def _check_uses(self) -> None:
+        for key, _, _, layer, doc in self.routes.values():
+            uses = layer.get("use") if isinstance(layer, dict) else None
+            for i, name in enumerate(uses if isinstance(uses, list) else []):
+                if isinstance(name, str) and name in self.profiles:
+                    continue
+                close = difflib.get_close_matches(str(name), list(self.profiles), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                where: KeyPath = ("routes", key, "use", i)
+                self.findings.append(Finding("unknown-profile", f"unknown profile {name!r}{hint}",
+                                             doc.location(where), where))
+
+    def build(self) -> PolicySet:
+        entries: dict[tuple[str, str], RouteEntry] = {}
+        self._check_uses()
+        if not self.findings:
+            for match, (key, method, path, layer, doc) in self.routes.items():
+                entry = self._merge_route(key, method, path, layer, doc)
+                if entry is not None:
+                    entries[match] = entry
+        if self.findings:
+            ordered = sorted(self.findings, key=lambda f: (f.location.file, f.location.line,
+                                                           f.location.column))
+            raise ConfigError(_dedupe(ordered))
+        uses: dict[str, int] = dict.fromkeys(self.profiles, 0)
+        for entry in entries.values():
+            for name in entry.policy.use:
+                uses[name] = uses.get(name, 0) + 1
+        return PolicySet(
+            settings=self.settings[0] if self.settings else GlobalSettings(),
+            routes=entries,
+            resilience=dict(self.resilience),
+            profiles={n: doc.location(("profiles", n), key=True) for n, (_, doc) in self.profiles.items()},
+            profile_uses=uses,
+            files=tuple(d.file for d in self.docs),
+        )
+
+
+def _resolve_paths(settings: GlobalSettings, base: Path) -> GlobalSettings:
+    """Make relative JWKS file paths relative to the file that names them."""
+    issuers = []
+    for issuer in settings.auth.issuers:
+        jwks = issuer.jwks
+        if jwks and not jwks.startswith("https://") and not Path(jwks).is_absolute():
+            issuer = issuer.model_copy(update={"jwks": str((base / jwks).resolve())})
+        issuers.append(issuer)
+    auth = settings.auth.model_copy(update={"issuers": issuers})
+    return settings.model_copy(update={"auth": auth})
+
+
+def load_policies(*paths: str | Path) -> PolicySet:
+    """Load, validate and merge policy files and directories; raise ConfigError on any error."""
+    builder = _Builder()
+    files = policy_files(paths or ("policies",))
+    if not files:
+        raise ConfigError([Finding("no-policies", "no *.yaml policy files found",
+                                   Location(", ".join(str(p) for p in paths)))])
+    for file in files:
+        builder.add_file(file)
+    return builder.build()

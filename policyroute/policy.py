@@ -1,0 +1,314 @@
+"""The policy language: frozen pydantic models for every key of a policy file."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from ._types import Duration, HeaderName, Network, Scope, Topic
+
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z_]+))?\}")
+_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/{}-]*$")
+
+
+class Model(BaseModel):
+    """Base of every policy model: immutable, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=False)
+
+
+def _as_list(value: Any) -> Any:
+    """Accept one mapping where a list of mappings is expected."""
+    return [value] if isinstance(value, dict) else value
+
+
+def _as_mode(value: Any) -> Any:
+    """Accept `required` / `optional` as shorthand for `{mode: ...}`."""
+    return {"mode": value} if isinstance(value, str) else value
+
+
+OnBackendError = Literal["open", "closed"]
+
+
+class Issuer(Model):
+    """A trusted token issuer."""
+
+    issuer: str = Field(min_length=1)
+    audience: str | list[str]
+    jwks: str | None = None
+    secret_env: str | None = None
+    algorithms: list[Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                             "ES256", "ES384", "ES512", "EdDSA", "HS256", "HS384", "HS512"]] = Field(
+        default_factory=lambda: ["RS256"], min_length=1
+    )
+    jwks_refresh: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Issuer:
+        if (self.jwks is None) == (self.secret_env is None):
+            raise ValueError("set exactly one of `jwks` (file or https URL) or `secret_env`")
+        hmac = [a for a in self.algorithms if a.startswith("HS")]
+        if self.secret_env is not None and len(hmac) != len(self.algorithms):
+            raise ValueError("`secret_env` keys only verify HS256/HS384/HS512 algorithms")
+        if self.jwks is not None and hmac:
+            raise ValueError("HMAC algorithms need `secret_env`; a JWKS never verifies HS tokens")
+        if self.jwks is not None and self.jwks.startswith("http://"):
+            raise ValueError("a JWKS URL must use https")
+        return self
+
+
+class StepUp(Model):
+    """What counts as a fresh step-up authentication in the token."""
+
+    acr_values: list[str] = Field(default_factory=list)
+    amr_values: list[str] = Field(default_factory=lambda: ["mfa", "otp", "hwk", "swk"])
+    max_age: Duration = 900.0
+
+
+class TotpSettings(Model):
+    """How TOTP codes are checked."""
+
+    header: HeaderName = "x-totp-code"
+    drift_steps: int = Field(default=1, ge=0, le=1)
+    max_failures: int = Field(default=5, ge=1)
+    lockout: Duration = 900.0
+    issuer_name: str = "policyroute"
+
+
+class AuthSettings(Model):
+    """How bearer tokens are verified."""
+
+    issuers: list[Issuer] = Field(default_factory=list)
+    scopes_claim: str = "scope"
+    roles_claim: str = "roles"
+    leeway: Duration = 30.0
+    max_token_bytes: int = Field(default=8192, ge=256)
+    require_typ: str | None = None
+    token_cache_size: int = Field(default=10_000, ge=0)
+    realm: str = "api"
+    step_up: StepUp = StepUp()
+    totp: TotpSettings = TotpSettings()
+
+
+class GlobalSettings(Model):
+    """The `settings` section: at most one file sets it."""
+
+    auth: AuthSettings = AuthSettings()
+    trusted_proxies: list[Network] = Field(default_factory=list)
+
+
+class Mfa(Model):
+    """Multi-factor / step-up requirement of a route."""
+
+    mode: Literal["required"] = "required"
+    methods: list[Literal["step_up", "totp"]] = Field(default_factory=lambda: ["step_up", "totp"],
+                                                       min_length=1)
+    max_age: Duration | None = None
+
+
+class RateLimit(Model):
+    """One limit: a token bucket, a sliding window or a concurrency cap."""
+
+    key: str = "user"
+    algorithm: Literal["token_bucket", "sliding_window", "concurrency"] = "token_bucket"
+    capacity: int = Field(ge=1)
+    refill: int | None = Field(default=None, ge=1)
+    per: Duration | None = None
+    cost: int = Field(default=1, ge=1)
+    on_backend_error: OnBackendError = "open"
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> RateLimit:
+        if not re.match(r"^(user|ip|api_key|route|claim:[A-Za-z0-9_.:-]+|header:[A-Za-z0-9-]+)$",
+                        self.key):
+            raise ValueError(
+                f"invalid limit key {self.key!r}: use user, ip, api_key, route, "
+                "claim:NAME or header:NAME"
+            )
+        if self.algorithm == "concurrency":
+            if self.per is not None or self.refill is not None:
+                raise ValueError("a concurrency limit takes `capacity` only, not `per` or `refill`")
+        elif self.per is None or self.per <= 0:
+            raise ValueError(f"a {self.algorithm} limit needs a positive `per` duration")
+        if self.cost > self.capacity:
+            raise ValueError(f"cost {self.cost} exceeds capacity {self.capacity}: never allowed")
+        return self
+
+
+class Allowance(Model):
+    """A periodic credit allowance that resets the balance."""
+
+    amount: int = Field(ge=1)
+    every: Literal["hour", "day", "week", "month"] = "month"
+
+
+class Credits(Model):
+    """Credit cost of a route."""
+
+    cost: int = Field(ge=1)
+    refund_on: list[Literal["5xx", "4xx", "timeout", "error", "disconnect"]] = Field(
+        default_factory=lambda: ["5xx", "timeout", "error"]
+    )
+    on_backend_error: OnBackendError = "closed"
+    allowance: Allowance | None = None
+
+
+class Idempotency(Model):
+    """Idempotency-Key handling of a route."""
+
+    header: HeaderName = "idempotency-key"
+    ttl: Duration = 86400.0
+    required: bool = False
+    on_backend_error: OnBackendError = "closed"
+
+
+class LocalCache(Model):
+    """An optional in-process first cache tier."""
+
+    max_entries: int = Field(default=1024, ge=1)
+    eviction: Literal["lru", "lfu", "fifo"] = "lru"
+    ttl: Duration | None = None
+
+
+class Cache(Model):
+    """Response cache of a route."""
+
+    ttl: Duration
+    shared: bool = False
+    acknowledge_shared: bool = False
+    vary_headers: list[HeaderName] = Field(default_factory=list)
+    vary_query: bool = True
+    local: LocalCache | None = None
+    on_backend_error: OnBackendError = "open"
+
+
+class Retry(Model):
+    """Retries around the handler."""
+
+    attempts: int = Field(default=3, ge=1, le=20)
+    backoff: Literal["exponential", "fixed"] = "exponential"
+    initial: Duration = 0.1
+    max: Duration = 2.0
+    jitter: bool = True
+    deadline: Duration | None = None
+    on: list[str] = Field(default_factory=lambda: ["5xx", "timeout"])
+
+
+class Breaker(Model):
+    """Circuit breaker around the handler."""
+
+    failures: int = Field(default=5, ge=1)
+    reset: Duration = 30.0
+    success_threshold: int = Field(default=1, ge=1)
+    half_open_calls: int = Field(default=1, ge=1)
+    exclude: list[str] = Field(default_factory=list)
+    shared: bool = False
+
+
+class EventFields(Model):
+    """Which request and response JSON fields go into the event."""
+
+    request: list[str] = Field(default_factory=list)
+    response: list[str] = Field(default_factory=list)
+
+
+class Events(Model):
+    """Where a route's events are published."""
+
+    topic: Topic
+    dlq: Topic | None = None
+    fields: EventFields = EventFields()
+    max_attempts: int = Field(default=5, ge=1)
+
+
+class Resilience(Model):
+    """A named resilience profile: retry, breaker and timeout."""
+
+    retry: Retry | None = None
+    breaker: Breaker | None = None
+    timeout: Duration | None = None
+
+
+RouteKeyName = Literal[
+    "use", "public", "enforce", "scopes", "roles", "ip_allowlist", "mfa", "rate_limit",
+    "credits", "idempotency", "cache", "retry", "breaker", "timeout", "resilience", "events",
+    "sensitive", "encrypt_fields", "decrypt_fields", "slow",
+]
+
+
+class RoutePolicy(Model):
+    """Every key a route (or a default, or a profile) may set."""
+
+    use: list[str] = Field(default_factory=list)
+    public: bool = False
+    enforce: bool = True
+    scopes: list[Scope] = Field(default_factory=list)
+    roles: list[str] = Field(default_factory=list)
+    ip_allowlist: list[Network] | None = None
+    mfa: Annotated[Mfa | None, BeforeValidator(_as_mode)] = None
+    rate_limit: Annotated[list[RateLimit], BeforeValidator(_as_list)] = Field(default_factory=list)
+    credits: Credits | None = None
+    idempotency: Idempotency | None = None
+    cache: Cache | None = None
+    retry: Retry | None = None
+    breaker: Breaker | None = None
+    timeout: Duration | None = None
+    resilience: str | None = None
+    events: Events | None = None
+    sensitive: bool = False
+    encrypt_fields: list[str] = Field(default_factory=list)
+    decrypt_fields: list[str] = Field(default_factory=list)
+    slow: Duration | None = None
+
+    @model_validator(mode="after")
+    def _public_has_no_identity(self) -> RoutePolicy:
+        if self.public:
+            identity = [k for k in ("scopes", "roles") if getattr(self, k)]
+            identity += ["mfa"] if self.mfa else []
+            if identity:
+                raise ValueError(
+                    f"a public route cannot require {', '.join(identity)}: "
+                    "remove `public: true` or the identity keys"
+                )
+        return self
+
+
+class PolicyFile(Model):
+    """One policy file as written."""
+
+    version: Literal[1]
+    settings: GlobalSettings | None = None
+    defaults: RoutePolicy | None = None
+    profiles: dict[str, RoutePolicy] = Field(default_factory=dict)
+    resilience: dict[str, Resilience] = Field(default_factory=dict)
+    routes: dict[str, RoutePolicy] = Field(default_factory=dict)
+
+
+def parse_route_key(key: str) -> tuple[str, str]:
+    """Split `METHOD /path/{param}` into a checked method and path; raise ValueError if bad."""
+    parts = key.split()
+    if len(parts) != 2:
+        raise ValueError(f"route key {key!r} must be 'METHOD /path', e.g. 'GET /user/{{user_id}}'")
+    method, path = parts
+    if method not in METHODS:
+        upper = method.upper()
+        hint = f"; did you mean {upper!r}?" if upper in METHODS else ""
+        raise ValueError(f"unknown HTTP method {method!r} (use one of {', '.join(METHODS)}){hint}")
+    if not _PATH.match(path) or "?" in path or "#" in path:
+        raise ValueError(f"invalid path {path!r}: a path template starts with '/' and has no query")
+    stripped = _PARAM.sub("", path)
+    if "{" in stripped or "}" in stripped:
+        raise ValueError(f"invalid path template {path!r}: parameters look like {{name}}")
+    names = [m.group(1) for m in _PARAM.finditer(path)]
+    if len(names) != len(set(names)):
+        raise ValueError(f"path template {path!r} repeats a parameter name")
+    return method, path
+
+
+def normalize_path(path: str) -> str:
+    """A template with converters dropped, so `/a/{id:int}` matches `/a/{id}`."""
+    return _PARAM.sub(lambda m: "{" + m.group(1) + "}", path)
