@@ -22,6 +22,7 @@ from .config import Settings
 from .errors import ConfigError, Denial, Finding, Location
 from .loader import PolicySet, load_policies
 from .policy import METHODS, normalize_path
+from .services import default_services
 
 log = logging.getLogger("policyroute")
 
@@ -247,7 +248,7 @@ def install(app: FastAPI, *paths: str | Path, strict: bool | None = None,
     config = settings or Settings()
     policy_paths = [str(p) for p in paths] or config.policy_paths()
     engine = Engine(app, policy_paths, config, strict=config.strict if strict is None else strict,
-                    services=services)
+                    services=services or default_services)
     routes = GatedRoutes(app.router.routes)
     routes.engine = engine
     app.router.routes = routes

@@ -27,6 +27,23 @@ class Env:
     config: Settings = field(default_factory=Settings)
     services: Mapping[str, Any] = field(default_factory=dict)
 
+    def service(self, name: str, why: str) -> Any:
+        """A backend service by name; raise MissingService (a config finding) when absent."""
+        found = self.services.get(name)
+        if found is None:
+            raise MissingService(name, why)
+        return found
+
+
+class MissingService(Exception):  # noqa: N818 - converted to a Finding by compile_route
+    """A step needs a backend that is not configured."""
+
+    def __init__(self, name: str, why: str) -> None:
+        self.name = name
+        self.why = why
+        hint = {"valkey": "POLICYROUTE_VALKEY_URL", "pulsar": "POLICYROUTE_PULSAR_URL"}.get(name, name)
+        super().__init__(f"{why} needs the {name} backend; set {hint}")
+
 
 Maker = Callable[[RoutePolicy, Env], Step | None]
 
@@ -70,7 +87,11 @@ def compile_route(entry: RouteEntry, env: Env) -> Chain:
                     ("routes", entry.key, k))
             for k in missing
         ])
-    steps = tuple(step for _, make in MAKERS if (step := make(entry.policy, env)) is not None)
+    try:
+        steps = tuple(step for _, make in MAKERS if (step := make(entry.policy, env)) is not None)
+    except MissingService as exc:
+        raise ConfigError([Finding("missing-backend", f"{entry.key}: {exc}", entry.location,
+                                   ("routes", entry.key))]) from None
     notes = ("public: no authentication",) if entry.policy.public else ()
     return Chain(entry.key, steps, entry.location, notes)
 

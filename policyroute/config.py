@@ -13,6 +13,7 @@ class Settings(BaseSettings):
 
     policies: str = Field(default="policies", description="Policy directory or file(s), comma-separated.")
     valkey_url: str | None = Field(default=None, description="redis:// or valkey:// URL of Valkey.")
+    valkey_cluster: bool = Field(default=False, description="Treat valkey_url as a cluster seed.")
     pulsar_url: str | None = Field(default=None, description="pulsar:// URL of the Pulsar broker.")
     reload: bool = Field(default=False, description="Watch the policy files and reload on change.")
     strict: bool = Field(default=False, description="Refuse to start when a route has no policy.")

@@ -1,0 +1,1 @@
+"""Backends behind narrow protocols: Valkey for state, Pulsar for events."""

@@ -1,0 +1,93 @@
+"""Valkey access for steps: Lua scripts loaded once, keys with hash tags, typed errors."""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import valkey.asyncio as avalkey
+from valkey.asyncio.cluster import ValkeyCluster
+from valkey.exceptions import ValkeyError
+
+from ..errors import StorageError
+
+Arg = str | bytes | int | float
+
+
+class Store(Protocol):
+    """What steps may ask of the state backend."""
+
+    prefix: str
+
+    def key(self, tag: str, *parts: str) -> str:
+        """A namespaced key whose hash tag is `tag` (keys of one tag share a cluster slot)."""
+        ...
+
+    async def run(self, script: str, keys: Sequence[str], args: Sequence[Arg], *,
+                  operation: str, fail_open: bool) -> Any:
+        """Run a packaged Lua script by name; raise StorageError on any backend failure."""
+        ...
+
+
+def lua_source(name: str) -> str:
+    """The text of `policyroute/lua/<name>.lua`."""
+    return importlib.resources.files("policyroute.lua").joinpath(f"{name}.lua").read_text()
+
+
+def _escape_tag(tag: str) -> str:
+    # Braces inside a tag would end it early and spread one request's keys over slots.
+    return tag.replace("{", "(").replace("}", ")")
+
+
+class ValkeyStore:
+    """A Valkey (or Valkey cluster) connection with the package's Lua scripts."""
+
+    def __init__(self, url: str, *, prefix: str = "pr", cluster: bool = False,
+                 timeout: float = 0.25, max_connections: int = 64) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.cluster = cluster
+        kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if cluster:
+            self.client: Any = ValkeyCluster.from_url(url, **kwargs)
+        else:
+            self.client = avalkey.from_url(url, max_connections=max_connections, **kwargs)
+        self._scripts: dict[str, Any] = {}
+
+    def key(self, tag: str, *parts: str) -> str:
+        """`<prefix>:{<tag>}:<part>:...`; the tag is a cluster hash tag."""
+        return ":".join((self.prefix, "{" + _escape_tag(tag) + "}", *parts))
+
+    def _script(self, name: str) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            script = self.client.register_script(lua_source(name))
+            self._scripts[name] = script
+        return script
+
+    async def run(self, script: str, keys: Sequence[str], args: Sequence[Arg], *,
+                  operation: str, fail_open: bool) -> Any:
+        """EVALSHA the named script (reloaded transparently after NOSCRIPT)."""
+        try:
+            return await self._script(script)(keys=list(keys), args=list(args))
+        except (ValkeyError, OSError, TimeoutError) as exc:
+            raise StorageError("valkey", operation, fail_open, exc) from exc
+
+    async def command(self, *args: Arg, operation: str, fail_open: bool = False) -> Any:
+        """Run one plain command with the same error wrapping."""
+        try:
+            return await self.client.execute_command(*args)
+        except (ValkeyError, OSError, TimeoutError) as exc:
+            raise StorageError("valkey", operation, fail_open, exc) from exc
+
+    async def ping(self) -> bool:
+        """True when Valkey answers."""
+        try:
+            return bool(await self.client.ping())
+        except (ValkeyError, OSError, TimeoutError):
+            return False
+
+    async def stop(self) -> None:
+        """Close every connection."""
+        await self.client.aclose()

