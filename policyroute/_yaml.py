@@ -99,6 +99,8 @@ def load_yaml(text: str, file: str) -> Located:
         mark = exc.problem_mark or exc.context_mark
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
         message = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
+        if exc.context_mark is not None and mark is not exc.context_mark:
+            message += f" (the construct began at line {exc.context_mark.line + 1})"
         raise ConfigError([Finding("yaml-syntax", f"YAML syntax error: {message}", where)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([Finding("yaml-syntax", f"YAML error: {exc}", Location(file, 1, 1))]) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, SupportsIndex
@@ -38,61 +38,105 @@ class Binding:
     websocket: bool = False
 
 
-def _binding_of(route: BaseRoute) -> Binding | None:
+def _binding_of(route: BaseRoute, prefix: str = "") -> Binding | None:
     if isinstance(route, Route):
         methods = tuple(sorted(route.methods)) if route.methods else METHODS
-        return Binding(route.path, methods)
+        return Binding(prefix + route.path, methods)
     if isinstance(route, WebSocketRoute):
-        return Binding(route.path, ("GET",), websocket=True)
+        return Binding(prefix + route.path, ("GET",), websocket=True)
     if isinstance(route, Mount):
-        return Binding(route.path.rstrip("/") + "/{path:path}", METHODS)
+        return Binding(prefix + route.path.rstrip("/") + "/{path:path}", METHODS)
     return None
 
 
+def _included(route: BaseRoute) -> tuple[Any, str] | None:
+    """(router, prefix) of an included router entry (FastAPI keeps them unflattened)."""
+    router = getattr(route, "original_router", None)
+    context = getattr(route, "include_context", None)
+    if router is None or context is None:
+        return None
+    return router, str(getattr(context, "prefix", ""))
+
+
+def walk_routes(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[tuple[BaseRoute, Binding | None]]:
+    """Every route reachable from a route list, with its full path template."""
+    for route in list(routes):
+        nested = _included(route)
+        if nested is not None:
+            router, sub = nested
+            yield from walk_routes(router.routes, prefix + sub)
+            continue
+        yield route, _binding_of(route, prefix)
+
+
+def _effective_path(scope: Scope) -> str | None:
+    # Routes of an included router are shared by every inclusion; FastAPI records which
+    # inclusion (and so which full path template) matched in the scope.
+    context = scope.get("fastapi", {}).get("effective_route_context")
+    return getattr(context, "path", None) if context is not None else None
+
+
 class Gate:
-    """Stands in for a route's ASGI app and runs the current chain for the method first."""
+    """Replaces a route's `handle`: runs the current chain for METHOD + template first."""
 
-    __slots__ = ("app", "binding", "engine", "gate_id")
+    __slots__ = ("binding", "engine", "handle", "route")
 
-    def __init__(self, engine: Engine, gate_id: int, binding: Binding, app: ASGIApp) -> None:
+    def __init__(self, engine: Engine, route: BaseRoute, binding: Binding, handle: ASGIApp) -> None:
         self.engine = engine
-        self.gate_id = gate_id
+        self.route = route
         self.binding = binding
-        self.app = app
+        self.handle = handle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = "GET" if scope["type"] == "websocket" else scope["method"]
-        table = self.engine.snapshot.tables[self.gate_id]
-        bound = table.get(method)
-        if bound is None:
-            bound = table["*"]
-        await bound(scope, receive, send)
+        if method not in self.binding.methods:
+            await self.handle(scope, receive, send)  # the route answers 405 itself
+            return
+        path = _effective_path(scope) or self.binding.path
+        bound = self.engine.snapshot.chain_for(method, path)
+        await bound(scope, receive, send, self.handle)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Snapshot:
     """Everything one request reads: swapped whole, so a request never sees a mix."""
 
     policies: PolicySet
     chains: Mapping[tuple[str, str], Chain]
-    tables: Mapping[int, Mapping[str, BoundChain]]
-    unbound: tuple[str, ...]
+    bound: dict[tuple[str, str], BoundChain]
+
+    @classmethod
+    def build(cls, policies: PolicySet, chains: Mapping[tuple[str, str], Chain]) -> Snapshot:
+        """Bind every compiled chain once."""
+        return cls(policies, chains, {k: BoundChain(c) for k, c in chains.items()})
+
+    def chain_for(self, method: str, path: str) -> BoundChain:
+        """The chain for METHOD + template: HEAD follows GET; no policy means deny."""
+        norm = normalize_path(path)
+        found = self.bound.get((method, norm))
+        if found is None and method == "HEAD":
+            found = self.bound.get(("GET", norm))
+        if found is None:
+            found = BoundChain(deny_chain(method, path))
+            self.bound[(method, norm)] = found
+        return found
 
 
 class GatedRoutes(list[BaseRoute]):
-    """The app's route list; a route added after `install` is gated as it is added."""
+    """A router's route list; a route added after `install` is gated as it is added."""
 
     engine: Engine
+    prefix: str = ""
 
     def append(self, route: BaseRoute) -> None:
         """Add a route and gate it."""
         super().append(route)
-        self.engine.gate(route)
+        self.engine.gate_all([route], self.prefix)
 
     def insert(self, index: SupportsIndex, route: BaseRoute) -> None:
         """Insert a route and gate it."""
         super().insert(index, route)
-        self.engine.gate(route)
+        self.engine.gate_all([route], self.prefix)
 
     def extend(self, routes: Iterable[BaseRoute]) -> None:
         """Add several routes and gate each."""
@@ -109,66 +153,61 @@ class Engine:
         self.paths = paths
         self.config = config
         self.strict = strict
-        self._service_factory = services
-        self.services: Mapping[str, Any] = {}
         self.gates: list[Gate] = []
         self.last_reload_error: ConfigError | None = None
         policies = load_policies(*paths)
-        self.services = services(self) if services else {}
-        self.snapshot = self._build(policies, gates=())
+        self.services: Mapping[str, Any] = services(self) if services else {}
+        self.snapshot = self._build(policies)
 
-    # -- building -----------------------------------------------------------------------
     def env(self, policies: PolicySet) -> Env:
         """The compile environment for a policy set."""
         return Env(policies.settings, self.config, self.services)
 
-    def _build(self, policies: PolicySet, gates: Iterable[Gate]) -> Snapshot:
-        chains = compile_all(policies, self.env(policies))
-        tables: dict[int, Mapping[str, BoundChain]] = {}
+    def _build(self, policies: PolicySet) -> Snapshot:
+        return Snapshot.build(policies, compile_all(policies, self.env(policies)))
+
+    def gate_all(self, routes: Iterable[BaseRoute], prefix: str = "") -> list[str]:
+        """Gate every route reachable from `routes`; return the bindings with no policy."""
         unbound: list[str] = []
-        for gate in gates:
-            tables[gate.gate_id] = self._table(policies, chains, gate, unbound)
-        return Snapshot(policies, chains, tables, tuple(unbound))
+        for route in list(routes):
+            nested = _included(route)
+            if nested is not None:
+                router, sub = nested
+                self._gate_router(router, prefix + sub)
+                unbound.extend(self.gate_all(router.routes, prefix + sub))
+                continue
+            unbound.extend(self._gate_one(route, prefix))
+        if self.strict and unbound:
+            raise ConfigError([_no_policy_finding(r) for r in unbound])
+        return unbound
 
-    def _table(self, policies: PolicySet, chains: Mapping[tuple[str, str], Chain], gate: Gate,
-               unbound: list[str]) -> dict[str, BoundChain]:
-        table: dict[str, BoundChain] = {}
-        for method in gate.binding.methods:
-            entry = policies.get(method, gate.binding.path)
-            if entry is None:
-                unbound.append(f"{method} {gate.binding.path}")
-                chain = deny_chain(method, gate.binding.path)
-            else:
-                chain = chains[entry.match_key]
-            table[method] = chain.bind(gate.app)
-        table["*"] = deny_chain("*", gate.binding.path).bind(gate.app)
-        return table
+    def _gate_router(self, router: Any, prefix: str) -> None:
+        if not isinstance(router.routes, GatedRoutes):
+            gated = GatedRoutes(router.routes)
+            gated.engine = self
+            gated.prefix = prefix
+            router.routes = gated
 
-    def gate(self, route: BaseRoute) -> None:
-        """Put a gate in front of one route (idempotent)."""
-        binding = _binding_of(route)
-        if binding is None:
-            log.warning("policyroute: cannot gate route %r; it is left as is", route)
-            return
-        current = getattr(route, "app", None)
+    def _gate_one(self, route: BaseRoute, prefix: str) -> list[str]:
+        current = route.__dict__.get("handle")
         if isinstance(current, Gate):
-            return
-        gate = Gate(self, len(self.gates), binding, current)  # type: ignore[arg-type]
+            return []
+        binding = _binding_of(route, prefix)
+        if binding is None:
+            log.warning("policyroute: unknown route type %s is denied", type(route).__name__)
+            binding = Binding(prefix + str(getattr(route, "path", "/")), METHODS)
+        gate = Gate(self, route, binding, route.handle)
+        route.handle = gate  # type: ignore[method-assign]
         self.gates.append(gate)
-        snap = self.snapshot
-        unbound = list(snap.unbound)
-        tables = dict(snap.tables)
-        tables[gate.gate_id] = self._table(snap.policies, snap.chains, gate, unbound)
-        self.snapshot = Snapshot(snap.policies, snap.chains, tables, tuple(unbound))
-        route.app = gate  # type: ignore[attr-defined]
-        if self.strict and len(unbound) > len(snap.unbound):
-            raise ConfigError([_no_policy_finding(r) for r in unbound[len(snap.unbound):]])
+        policies = self.snapshot.policies
+        return [f"{m} {binding.path}" for m in binding.methods
+                if policies.get(m, binding.path) is None
+                and not (m == "HEAD" and "GET" in binding.methods)]
 
     def reload(self) -> ConfigError | None:
         """Load, compile and swap all chains at once; keep the old ones on any error."""
         try:
-            policies = load_policies(*self.paths)
-            snapshot = self._build(policies, self.gates)
+            snapshot = self._build(load_policies(*self.paths))
         except ConfigError as exc:
             self.last_reload_error = exc
             log.error("policyroute: reload refused, keeping the last good policy:\n%s", exc)
@@ -177,22 +216,21 @@ class Engine:
         self.last_reload_error = None
         return None
 
-    # -- introspection ------------------------------------------------------------------
     def chains(self) -> list[Chain]:
-        """Every compiled chain, in policy order, then the deny chains of unbound routes."""
+        """Every compiled chain, then the deny chains of app routes no policy names."""
         out = list(self.snapshot.chains.values())
-        bound = {c.route for c in out}
-        for gate in self.gates:
-            for method in gate.binding.methods:
-                if self.snapshot.policies.get(method, gate.binding.path) is None:
-                    chain = deny_chain(method, gate.binding.path)
-                    if chain.route not in bound:
-                        out.append(chain)
+        for route, binding in walk_routes(self.app.router.routes):
+            if binding is None:
+                continue
+            for method in binding.methods:
+                if self.snapshot.policies.get(method, binding.path) is None:
+                    out.append(deny_chain(method, binding.path))
         return out
 
     def unmatched_policies(self) -> list[str]:
         """Policy routes that name no route of the app."""
-        served = {(m, normalize_path(g.binding.path)) for g in self.gates for m in g.binding.methods}
+        served = {(m, normalize_path(b.path)) for _, b in walk_routes(self.app.router.routes)
+                  if b is not None for m in b.methods}
         return [e.key for k, e in self.snapshot.policies.routes.items() if k not in served]
 
 
@@ -249,17 +287,8 @@ def install(app: FastAPI, *paths: str | Path, strict: bool | None = None,
     policy_paths = [str(p) for p in paths] or config.policy_paths()
     engine = Engine(app, policy_paths, config, strict=config.strict if strict is None else strict,
                     services=services or default_services)
-    routes = GatedRoutes(app.router.routes)
-    routes.engine = engine
-    app.router.routes = routes
-    findings: list[Finding] = []
-    for route in list(routes):
-        try:
-            engine.gate(route)
-        except ConfigError as exc:
-            findings.extend(exc.findings)
-    if findings:
-        raise ConfigError(findings)
+    engine._gate_router(app.router, "")
+    engine.gate_all(app.router.routes)
     for key in engine.unmatched_policies():
         log.warning("policyroute: policy %s matches no route of the app", key)
     app.add_exception_handler(Denial, _denial_handler)

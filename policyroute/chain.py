@@ -21,10 +21,6 @@ class Chain:
     origin: Location | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
-    def bind(self, app: ASGIApp) -> BoundChain:
-        """Fold the steps around the route's own ASGI app."""
-        return BoundChain(self, app)
-
     def __repr__(self) -> str:
         lines = [f"{self.route}" + (f"  ({self.origin})" if self.origin else "")]
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -36,11 +32,12 @@ class Chain:
         return "\n".join(lines)
 
 
-def _fold(steps: Sequence[Step], app: ASGIApp) -> Handler:
-    async def innermost(ctx: Context) -> None:
-        await app(ctx.scope, ctx.receive, ctx.send)
+async def _innermost(ctx: Context) -> None:
+    await ctx.app(ctx.scope, ctx.receive, ctx.send)
 
-    handler: Handler = innermost
+
+def _fold(steps: Sequence[Step]) -> Handler:
+    handler: Handler = _innermost
     for step in reversed(steps):
         handler = _wrap(step, handler)
     return handler
@@ -56,18 +53,18 @@ def _wrap(step: Step, call_next: Handler) -> Handler:
 
 
 class BoundChain:
-    """An ASGI callable: guards in order, then the around-steps folded over the app."""
+    """Guards in order, then the around-steps folded over the route's own app."""
 
-    __slots__ = ("app", "chain", "guards", "handler")
+    __slots__ = ("chain", "guards", "handler")
 
-    def __init__(self, chain: Chain, app: ASGIApp) -> None:
+    def __init__(self, chain: Chain) -> None:
         self.chain = chain
-        self.app = app
         self.guards = tuple(s.check for s in chain.steps if s.guard)
-        self.handler = _fold([s for s in chain.steps if not s.guard], app)
+        self.handler = _fold([s for s in chain.steps if not s.guard])
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ctx = Context(scope, receive, send, self.chain.route)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
+        """Run the chain for one request, then (if allowed) `app`."""
+        ctx = Context(scope, receive, send, self.chain.route, app)
         try:
             for check in self.guards:
                 await check(ctx)

@@ -17,4 +17,8 @@ def default_services(engine: Engine) -> dict[str, Any]:
     if config.valkey_url:
         services["valkey"] = ValkeyStore(config.valkey_url, prefix=config.key_prefix,
                                          cluster=config.valkey_cluster)
+    if config.reload:
+        from .reloader import Reloader
+
+        services["reloader"] = Reloader(engine)
     return services

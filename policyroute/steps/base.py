@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..principal import ANONYMOUS, SCOPE_KEY, Principal
 
@@ -13,11 +13,13 @@ from ..principal import ANONYMOUS, SCOPE_KEY, Principal
 class Context:
     """What the steps of one request share; built once per request."""
 
-    __slots__ = ("_headers", "client", "method", "principal", "receive", "route", "scope", "send",
+    __slots__ = ("_headers", "app", "client", "method", "principal", "receive", "route", "scope", "send",
                  "state", "status")
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send, route: str,
+                 app: ASGIApp) -> None:
         self.scope = scope
+        self.app = app
         self.receive = receive
         self.send = send
         self.route = route

@@ -1,0 +1,38 @@
+# The two commands a newcomer runs: `make run` and `make test`. Both need only Python.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint unit bench schema clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)  ## the example app on embedded Valkey and Pulsar, policy reload on
+	$(VENV)/bin/policyroute run examples.app:app --reload
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check policyroute tests bench examples
+	$(VENV)/bin/mypy policyroute tests bench examples
+
+unit: $(STAMP)
+	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected NO tests - failing loudly" >&2; exit 1; fi; \
+	exit $$rc
+
+test: lint unit  ## lint, then the whole suite against real servers it starts itself
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+schema: $(STAMP)  ## regenerate the committed JSON Schema of the policy language
+	$(VENV)/bin/policyroute schema -o policies/schema.json
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

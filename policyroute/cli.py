@@ -1,0 +1,150 @@
+"""The `policyroute` command: lint, explain, schema, run and the dev helpers."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi import FastAPI
+
+from .errors import ConfigError, PolicyrouteError
+
+EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(PolicyrouteError):
+    """The command line is wrong (exit 2)."""
+
+
+def load_app(spec: str) -> FastAPI:
+    """Import `MODULE:ATTR` and return the FastAPI app it names."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--app takes MODULE:ATTR, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from exc
+    app = getattr(module, attr, None)
+    if not isinstance(app, FastAPI):
+        raise UsageError(f"{spec} is not a FastAPI app")
+    return app
+
+
+def _cmd_lint(args: argparse.Namespace) -> int:
+    from .lint import lint, render
+
+    app = load_app(args.app) if args.app else None
+    findings = lint(args.paths or ["policies"], app)
+    text = render(findings, args.format)
+    if text:
+        print(text)
+    errors = [f for f in findings if f.severity == "error"]
+    if args.format == "text":
+        print(f"{len(errors)} error(s), {len(findings) - len(errors)} warning(s)", file=sys.stderr)
+    return EXIT_FINDINGS if errors else EXIT_OK
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from .schema import schema_text
+
+    text = schema_text()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    app = load_app(args.app) if args.app else None
+    print(explain(args.paths or ["policies"], app, args.route))
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run
+
+    return run(args.target, host=args.host, port=args.port, reload=args.reload)
+
+
+Register = Callable[[Any], None]
+
+
+def _optional_commands() -> list[Register]:
+    """Subcommands that live in their own modules (added as capabilities land)."""
+    found: list[Register] = []
+    for name in ("cli_token", "cli_mfa", "cli_credits", "cli_cache", "cli_worker"):
+        try:
+            module = importlib.import_module(f"policyroute.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"policyroute.{name}":
+                raise
+            continue
+        found.append(module.add_parser)
+    return found
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the `policyroute` command."""
+    from .lint import FORMATS
+
+    top = argparse.ArgumentParser(prog="policyroute", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("lint", help="check policy files (and an app's routes)")
+    p.add_argument("paths", nargs="*", help="policy files or directories (default: policies/)")
+    p.add_argument("--app", help="MODULE:ATTR of the FastAPI app to check routes against")
+    p.add_argument("--format", choices=FORMATS, default="text")
+    p.set_defaults(func=_cmd_lint)
+
+    p = sub.add_parser("explain", help="print each route's compiled chain and merged policy")
+    p.add_argument("route", nargs="?", help="only this route, e.g. 'POST /io-job'")
+    p.add_argument("--paths", nargs="*", help="policy files or directories (default: policies/)")
+    p.add_argument("--app", help="MODULE:ATTR of an app whose installed engine to explain")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the policy language")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("run", help="serve an app; starts embedded backends when no URLs are set")
+    p.add_argument("target", help="MODULE:ATTR of the FastAPI app")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--reload", action="store_true", help="reload policies when their files change")
+    p.set_defaults(func=_cmd_run)
+
+    for register in _optional_commands():
+        register(sub)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `policyroute` console script."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    try:
+        code: int = args.func(args)
+    except UsageError as exc:
+        print(f"policyroute: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_FINDINGS
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

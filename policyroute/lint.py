@@ -1,0 +1,107 @@
+"""Lint policy files (and optionally an app's routes) into findings; render them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from .compiler import unenforced
+from .errors import ConfigError, Finding, Location
+from .loader import PolicySet, load_policies
+from .policy import normalize_path
+
+FORMATS = ("text", "json", "sarif", "github")
+
+
+def app_routes(app: FastAPI) -> list[tuple[str, str]]:
+    """(METHOD, path template) of every route of an app, as gates would bind them."""
+    from .binding import walk_routes
+
+    out: list[tuple[str, str]] = []
+    for _, binding in walk_routes(app.router.routes):
+        if binding is not None:
+            out.extend((m, binding.path) for m in binding.methods)
+    return out
+
+
+def _route_findings(policies: PolicySet, app: FastAPI) -> list[Finding]:
+    findings: list[Finding] = []
+    served = app_routes(app)
+    for method, path in served:
+        if method == "HEAD" and ("GET", path) in served:
+            continue  # HEAD follows the GET policy
+        if policies.get(method, path) is None:
+            findings.append(Finding("no-policy", f"app route {method} {path} has no policy; "
+                                    "it will be denied with 403 (add a policy or `public: true`)",
+                                    Location("<app>"), ()))
+    keys = {(m, normalize_path(p)) for m, p in served}
+    for match, entry in policies.routes.items():
+        if match not in keys:
+            findings.append(Finding("unmatched-policy", f"policy {entry.key} matches no route of "
+                                    "the app (check the method and the path template)",
+                                    entry.location, ("routes", entry.key)))
+    return findings
+
+
+def lint(paths: Sequence[str | Path], app: FastAPI | None = None) -> list[Finding]:
+    """Every finding for the policy files (and the app, when given)."""
+    try:
+        policies = load_policies(*paths)
+    except ConfigError as exc:
+        return list(exc.findings)
+    findings: list[Finding] = []
+    for entry in policies.routes.values():
+        for key in unenforced(entry.policy):
+            where = entry.origins[key][-1].location if key in entry.origins else entry.location
+            findings.append(Finding("not-enforced", f"{entry.key} sets `{key}`, which this version "
+                                    "cannot enforce; install would refuse to start", where,
+                                    ("routes", entry.key, key)))
+    if app is not None:
+        findings.extend(_route_findings(policies, app))
+    return findings
+
+
+def render(findings: Sequence[Finding], fmt: str) -> str:
+    """Findings as text, json, sarif or github annotations."""
+    if fmt == "json":
+        return json.dumps([_as_dict(f) for f in findings], indent=2)
+    if fmt == "sarif":
+        return json.dumps(_sarif(findings), indent=2)
+    if fmt == "github":
+        return "\n".join(_github(f) for f in findings)
+    return "\n".join(str(f) for f in findings)
+
+
+def _as_dict(f: Finding) -> dict[str, Any]:
+    return {"file": f.location.file, "line": f.location.line, "column": f.location.column,
+            "severity": f.severity, "code": f.code, "message": f.message, "path": f.dotted_path}
+
+
+def _github(f: Finding) -> str:
+    level = "error" if f.severity == "error" else "warning"
+    msg = f.message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return (f"::{level} file={f.location.file},line={f.location.line},col={f.location.column},"
+            f"title={f.code}::{msg}")
+
+
+def _sarif(findings: Sequence[Finding]) -> dict[str, Any]:
+    rules = sorted({f.code for f in findings})
+    results = [{
+        "ruleId": f.code,
+        "level": "error" if f.severity == "error" else "warning",
+        "message": {"text": f.message},
+        "locations": [{"physicalLocation": {
+            "artifactLocation": {"uri": f.location.file},
+            "region": {"startLine": max(f.location.line, 1), "startColumn": max(f.location.column, 1)},
+        }}],
+    } for f in findings]
+    return {
+        "version": "2.1.0",
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "runs": [{"tool": {"driver": {"name": "policyroute", "rules": [{"id": r} for r in rules]}},
+                  "results": results}],
+    }

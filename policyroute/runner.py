@@ -1,0 +1,32 @@
+"""`policyroute run`: serve an app with uvicorn, on embedded backends unless URLs are set."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import ExitStack
+
+
+def run(target: str, *, host: str, port: int, reload: bool) -> int:
+    """Start missing backends, export their URLs, then serve `target` until interrupted."""
+    import uvicorn
+
+    from .embedded import start_pulsar, start_valkey
+
+    with ExitStack() as stack:
+        if not os.environ.get("POLICYROUTE_VALKEY_URL"):
+            valkey = start_valkey()
+            stack.callback(valkey.stop)
+            os.environ["POLICYROUTE_VALKEY_URL"] = valkey.url
+            print(f"policyroute: embedded Valkey at {valkey.url}", file=sys.stderr)
+        if not os.environ.get("POLICYROUTE_PULSAR_URL"):
+            broker = start_pulsar()
+            stack.callback(broker.stop)
+            os.environ["POLICYROUTE_PULSAR_URL"] = broker.url
+            print(f"policyroute: embedded Pulsar-compatible broker at {broker.url}", file=sys.stderr)
+        if reload:
+            os.environ["POLICYROUTE_RELOAD"] = "1"
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        uvicorn.run(target, host=host, port=port, log_level="info")
+    return 0
