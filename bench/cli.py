@@ -6,6 +6,7 @@ import argparse
 import os
 import platform
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,21 @@ RESULTS = Path(__file__).resolve().parent / "results.json"
 DURATION_ENV = "BENCH_DURATION"
 DEFAULT_DURATION_S = 5
 DEFAULT_WARMUP_S = 1
+MAX_GENERATOR_THREADS = 4
 DESCRIPTION = "Benchmark the same endpoint behind each policy stack, one uvicorn worker each."
 
 
-def positive_int(text: str) -> int:
-    """Parse a whole number of seconds, at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def whole_seconds(minimum: int) -> Callable[[str], int]:
+    """Return an argparse type that parses whole seconds, at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
 
 
 def scenario_names(text: str) -> list[str]:
@@ -50,12 +57,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", type=scenario_names, help="comma-separated scenario names")
     p.add_argument(
         "--duration",
-        type=positive_int,
-        default=positive_int(os.environ.get(DURATION_ENV, str(DEFAULT_DURATION_S))),
+        type=whole_seconds(1),
+        # argparse runs a string default through `type`, so a bad variable is a usage error.
+        default=os.environ.get(DURATION_ENV, str(DEFAULT_DURATION_S)),
         help=f"measured seconds per scenario (default ${DURATION_ENV} or {DEFAULT_DURATION_S})",
     )
     p.add_argument(
-        "--warmup", type=int, default=DEFAULT_WARMUP_S, help="warm-up seconds, 0 for none"
+        "--warmup",
+        type=whole_seconds(0),
+        default=DEFAULT_WARMUP_S,
+        help="warm-up seconds, 0 for none",
     )
     p.add_argument(
         "--generator",
@@ -97,30 +108,36 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the selected scenarios, print the table and write ``results.json``."""
-    args = parser().parse_args(argv)
-    plan = cpu.plan()
-    cpu.pin_self(plan.others)
-    generator = choose_generator(args.generator)
-    outcomes: list[runner.Outcome] = []
+def run_all(
+    scenarios: tuple[Scenario, ...],
+    generator: LoadGenerator,
+    plan: cpu.CpuPlan,
+    args: argparse.Namespace,
+) -> tuple[runner.Settings, list[runner.Outcome]]:
+    """Start Valkey, run each scenario against a fresh database and return the outcomes."""
     with valkey() as backend:
         settings = runner.Settings(
             duration_s=args.duration,
-            warmup_s=max(0, args.warmup),
+            warmup_s=args.warmup,
             connections=CONNECTIONS,
-            threads=max(1, len(plan.others)),
+            threads=min(MAX_GENERATOR_THREADS, max(1, len(plan.others))),
             server_cpus=plan.server,
             env={VALKEY_URL_ENV: backend.url},
         )
         log(f"valkey at {backend.url}; generator {generator.name}; cpus {plan.describe()}")
-        for scenario in selected(args.only):
+        outcomes = []
+        for scenario in scenarios:
             log(f"{scenario.name}: {settings.warmup_s} s warm-up, {settings.duration_s} s measured")
             backend.flush()
             outcomes.append(runner.run(scenario, generator, settings))
-    run_meta = meta(settings, generator, plan)
+    return settings, outcomes
+
+
+def publish(outcomes: list[runner.Outcome], run_meta: dict[str, Any]) -> int:
+    """Print the table and any failures, write the JSON; return the exit status."""
     print(
-        f"generator: {generator.name}  cpus: {plan.describe()}  connections: {settings.connections}"
+        f"generator: {run_meta['generator']}  cpus: {run_meta['cpu_pinning']}  "
+        f"connections: {run_meta['connections']}  measured: {run_meta['duration_s']} s"
     )
     print(report.table(outcomes))
     problems = report.failures(outcomes)
@@ -129,3 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(RESULTS, outcomes, run_meta)
     print(f"\nwritten {RESULTS}")
     return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected scenarios, print the table and write ``results.json``."""
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.generator == "wrk" and not wrk.available():
+        cli.error("--generator wrk: wrk is not on PATH (Debian: apt-get install wrk)")
+    plan = cpu.plan()
+    cpu.pin_self(plan.others)
+    generator = choose_generator(args.generator)
+    settings, outcomes = run_all(selected(args.only), generator, plan, args)
+    return publish(outcomes, meta(settings, generator, plan))

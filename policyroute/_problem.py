@@ -16,12 +16,18 @@ def problem_bytes(denial: Denial, instance: str | None = None) -> bytes:
     return json.dumps(denial.body(instance), separators=(",", ":")).encode()
 
 
-async def send_problem(send: Send, denial: Denial, *, instance: str | None = None,
-                       head: bool = False) -> None:
+async def send_problem(
+    send: Send, denial: Denial, *, instance: str | None = None, head: bool = False
+) -> None:
     """Send a denial as a complete problem+json response."""
     body = problem_bytes(denial, instance)
-    headers = [(b"content-type", CONTENT_TYPE), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store")]
-    headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in denial.headers.items())
+    headers = [
+        (b"content-type", CONTENT_TYPE),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    headers.extend(
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in denial.headers.items()
+    )
     await send({"type": "http.response.start", "status": denial.status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else body})

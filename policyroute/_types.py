@@ -10,7 +10,9 @@ from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_TOPIC = re.compile(r"^(persistent|non-persistent)://[A-Za-z0-9_.=-]+/[A-Za-z0-9_.=-]+/[A-Za-z0-9_.=:-]+$")
+_TOPIC = re.compile(
+    r"^(persistent|non-persistent)://[A-Za-z0-9_.=-]+/[A-Za-z0-9_.=-]+/[A-Za-z0-9_.=:-]+$"
+)
 # RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
 _SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -58,7 +60,9 @@ def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
             loose = ipaddress.ip_network(value.strip(), strict=False)
         except ValueError:
             raise ValueError(f"invalid CIDR {value!r}: {exc}") from None
-        raise ValueError(f"invalid CIDR {value!r}: host bits are set; did you mean '{loose}'?") from None
+        raise ValueError(
+            f"invalid CIDR {value!r}: host bits are set; did you mean '{loose}'?"
+        ) from None
 
 
 def parse_topic(value: Any) -> str:

@@ -52,8 +52,14 @@ class _Builder:
         self.count += 1
         if self.count > MAX_NODES:
             raise ConfigError(
-                [Finding("yaml-too-large", f"more than {MAX_NODES} YAML nodes (alias bomb?)",
-                         Location(self.doc.file, *_mark(node)), path)]
+                [
+                    Finding(
+                        "yaml-too-large",
+                        f"more than {MAX_NODES} YAML nodes (alias bomb?)",
+                        Location(self.doc.file, *_mark(node)),
+                        path,
+                    )
+                ]
             )
         self.doc.values[path] = _mark(node)
         if isinstance(node, yaml.MappingNode):
@@ -68,15 +74,21 @@ class _Builder:
         for key_node, value_node in node.value:
             where = Location(self.doc.file, *_mark(key_node))
             if not isinstance(key_node, yaml.ScalarNode):
-                self.findings.append(Finding("yaml-key", "mapping keys must be plain strings", where, path))
+                self.findings.append(
+                    Finding("yaml-key", "mapping keys must be plain strings", where, path)
+                )
                 continue
             key = str(self.loader.construct_object(key_node))
             child = (*path, key)
             if key in out:
                 first = self.doc.keys[child]
                 self.findings.append(
-                    Finding("duplicate-key", f"key {key!r} is repeated (first at line {first[0]})",
-                            where, child)
+                    Finding(
+                        "duplicate-key",
+                        f"key {key!r} is repeated (first at line {first[0]})",
+                        where,
+                        child,
+                    )
                 )
                 continue
             self.doc.keys[child] = _mark(key_node)
@@ -101,9 +113,13 @@ def load_yaml(text: str, file: str) -> Located:
         message = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
         if exc.context_mark is not None and mark is not exc.context_mark:
             message += f" (the construct began at line {exc.context_mark.line + 1})"
-        raise ConfigError([Finding("yaml-syntax", f"YAML syntax error: {message}", where)]) from None
+        raise ConfigError(
+            [Finding("yaml-syntax", f"YAML syntax error: {message}", where)]
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([Finding("yaml-syntax", f"YAML error: {exc}", Location(file, 1, 1))]) from None
+        raise ConfigError(
+            [Finding("yaml-syntax", f"YAML error: {exc}", Location(file, 1, 1))]
+        ) from None
     finally:
         loader.dispose()
     if builder.findings:

@@ -58,7 +58,9 @@ def _included(route: BaseRoute) -> tuple[Any, str] | None:
     return router, str(getattr(context, "prefix", ""))
 
 
-def walk_routes(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[tuple[BaseRoute, Binding | None]]:
+def walk_routes(
+    routes: Iterable[BaseRoute], prefix: str = ""
+) -> Iterator[tuple[BaseRoute, Binding | None]]:
     """Every route reachable from a route list, with its full path template."""
     for route in list(routes):
         nested = _included(route)
@@ -147,8 +149,15 @@ class GatedRoutes(list[BaseRoute]):
 class Engine:
     """Owns the loaded policies, the compiled chains and the gates of one app."""
 
-    def __init__(self, app: FastAPI, paths: list[str], config: Settings, *, strict: bool,
-                 services: ServiceFactory | None = None) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        paths: list[str],
+        config: Settings,
+        *,
+        strict: bool,
+        services: ServiceFactory | None = None,
+    ) -> None:
         self.app = app
         self.paths = paths
         self.config = config
@@ -200,9 +209,12 @@ class Engine:
         route.handle = gate  # type: ignore[method-assign]
         self.gates.append(gate)
         policies = self.snapshot.policies
-        return [f"{m} {binding.path}" for m in binding.methods
-                if policies.get(m, binding.path) is None
-                and not (m == "HEAD" and "GET" in binding.methods)]
+        return [
+            f"{m} {binding.path}"
+            for m in binding.methods
+            if policies.get(m, binding.path) is None
+            and not (m == "HEAD" and "GET" in binding.methods)
+        ]
 
     def reload(self) -> ConfigError | None:
         """Load, compile and swap all chains at once; keep the old ones on any error."""
@@ -219,7 +231,7 @@ class Engine:
     def chains(self) -> list[Chain]:
         """Every compiled chain, then the deny chains of app routes no policy names."""
         out = list(self.snapshot.chains.values())
-        for route, binding in walk_routes(self.app.router.routes):
+        for _, binding in walk_routes(self.app.router.routes):
             if binding is None:
                 continue
             for method in binding.methods:
@@ -229,20 +241,29 @@ class Engine:
 
     def unmatched_policies(self) -> list[str]:
         """Policy routes that name no route of the app."""
-        served = {(m, normalize_path(b.path)) for _, b in walk_routes(self.app.router.routes)
-                  if b is not None for m in b.methods}
+        served = {
+            (m, normalize_path(b.path))
+            for _, b in walk_routes(self.app.router.routes)
+            if b is not None
+            for m in b.methods
+        }
         return [e.key for k, e in self.snapshot.policies.routes.items() if k not in served]
 
 
 def _no_policy_finding(route: str) -> Finding:
-    return Finding("no-policy", f"app route {route} has no policy; it is denied (403)",
-                   Location("<app>"), ())
+    return Finding(
+        "no-policy", f"app route {route} has no policy; it is denied (403)", Location("<app>"), ()
+    )
 
 
 async def _denial_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Denial)
-    return Response(problem_bytes(exc, request.url.path), status_code=exc.status,
-                    headers=exc.headers, media_type=CONTENT_TYPE.decode())
+    return Response(
+        problem_bytes(exc, request.url.path),
+        status_code=exc.status,
+        headers=exc.headers,
+        media_type=CONTENT_TYPE.decode(),
+    )
 
 
 def _wrap_lifespan(app: FastAPI, engine: Engine) -> None:
@@ -276,8 +297,13 @@ async def engine_stop(engine: Engine) -> None:
             await stop()
 
 
-def install(app: FastAPI, *paths: str | Path, strict: bool | None = None,
-            settings: Settings | None = None, services: ServiceFactory | None = None) -> Engine:
+def install(
+    app: FastAPI,
+    *paths: str | Path,
+    strict: bool | None = None,
+    settings: Settings | None = None,
+    services: ServiceFactory | None = None,
+) -> Engine:
     """Compile the policies and gate every route of `app`; return the engine.
 
     Routes no policy names answer 403 (deny by default); with `strict=True` they make
@@ -285,8 +311,13 @@ def install(app: FastAPI, *paths: str | Path, strict: bool | None = None,
     """
     config = settings or Settings()
     policy_paths = [str(p) for p in paths] or config.policy_paths()
-    engine = Engine(app, policy_paths, config, strict=config.strict if strict is None else strict,
-                    services=services or default_services)
+    engine = Engine(
+        app,
+        policy_paths,
+        config,
+        strict=config.strict if strict is None else strict,
+        services=services or default_services,
+    )
     engine._gate_router(app.router, "")
     engine.gate_all(app.router.routes)
     for key in engine.unmatched_policies():

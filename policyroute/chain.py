@@ -73,5 +73,6 @@ class BoundChain:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008, "reason": denial.problem.slug})
                 return
-            await send_problem(send, denial, instance=scope.get("path"),
-                               head=scope["method"] == "HEAD")
+            await send_problem(
+                send, denial, instance=scope.get("path"), head=scope["method"] == "HEAD"
+            )

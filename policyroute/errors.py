@@ -85,9 +85,7 @@ class Problems:
     INVALID_REQUEST = ProblemType("invalid-request", "Malformed authentication request", 400)
     INSUFFICIENT_SCOPE = ProblemType("insufficient-scope", "Insufficient scope", 403)
     FORBIDDEN_ROLE = ProblemType("forbidden-role", "Required role missing", 403)
-    MFA_REQUIRED = ProblemType(
-        "mfa-required", "Step-up authentication required", 401
-    )
+    MFA_REQUIRED = ProblemType("mfa-required", "Step-up authentication required", 401)
     MFA_INVALID = ProblemType("mfa-invalid", "Invalid one-time code", 401)
     MFA_LOCKED = ProblemType("mfa-locked", "Too many failed one-time codes", 429)
     RATE_LIMITED = ProblemType("rate-limited", "Too many requests", 429)
@@ -106,9 +104,7 @@ class Problems:
         "idempotency-in-flight", "A request with this Idempotency-Key is in progress", 409
     )
     CIRCUIT_OPEN = ProblemType("circuit-open", "Service temporarily unavailable", 503)
-    BACKEND_UNAVAILABLE = ProblemType(
-        "backend-unavailable", "A policy backend is unavailable", 503
-    )
+    BACKEND_UNAVAILABLE = ProblemType("backend-unavailable", "A policy backend is unavailable", 503)
     HEADER_TOO_LARGE = ProblemType("header-too-large", "Request header too large", 431)
     UPSTREAM_TIMEOUT = ProblemType("handler-timeout", "The handler did not finish in time", 504)
 

@@ -28,8 +28,9 @@ def _origins(entry: RouteEntry) -> list[str]:
     return lines
 
 
-def explain(paths: Sequence[str | Path], app: FastAPI | None = None,
-            route: str | None = None) -> str:
+def explain(
+    paths: Sequence[str | Path], app: FastAPI | None = None, route: str | None = None
+) -> str:
     """Text describing each route's chain (all routes, or only `route`)."""
     engine = getattr(getattr(app, "state", None), "policyroute", None) if app else None
     if engine is not None:

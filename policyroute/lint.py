@@ -35,15 +35,27 @@ def _route_findings(policies: PolicySet, app: FastAPI) -> list[Finding]:
         if method == "HEAD" and ("GET", path) in served:
             continue  # HEAD follows the GET policy
         if policies.get(method, path) is None:
-            findings.append(Finding("no-policy", f"app route {method} {path} has no policy; "
-                                    "it will be denied with 403 (add a policy or `public: true`)",
-                                    Location("<app>"), ()))
+            findings.append(
+                Finding(
+                    "no-policy",
+                    f"app route {method} {path} has no policy; "
+                    "it will be denied with 403 (add a policy or `public: true`)",
+                    Location("<app>"),
+                    (),
+                )
+            )
     keys = {(m, normalize_path(p)) for m, p in served}
     for match, entry in policies.routes.items():
         if match not in keys:
-            findings.append(Finding("unmatched-policy", f"policy {entry.key} matches no route of "
-                                    "the app (check the method and the path template)",
-                                    entry.location, ("routes", entry.key)))
+            findings.append(
+                Finding(
+                    "unmatched-policy",
+                    f"policy {entry.key} matches no route of "
+                    "the app (check the method and the path template)",
+                    entry.location,
+                    ("routes", entry.key),
+                )
+            )
     return findings
 
 
@@ -57,9 +69,15 @@ def lint(paths: Sequence[str | Path], app: FastAPI | None = None) -> list[Findin
     for entry in policies.routes.values():
         for key in unenforced(entry.policy):
             where = entry.origins[key][-1].location if key in entry.origins else entry.location
-            findings.append(Finding("not-enforced", f"{entry.key} sets `{key}`, which this version "
-                                    "cannot enforce; install would refuse to start", where,
-                                    ("routes", entry.key, key)))
+            findings.append(
+                Finding(
+                    "not-enforced",
+                    f"{entry.key} sets `{key}`, which this version "
+                    "cannot enforce; install would refuse to start",
+                    where,
+                    ("routes", entry.key, key),
+                )
+            )
     if app is not None:
         findings.extend(_route_findings(policies, app))
     return findings
@@ -77,31 +95,54 @@ def render(findings: Sequence[Finding], fmt: str) -> str:
 
 
 def _as_dict(f: Finding) -> dict[str, Any]:
-    return {"file": f.location.file, "line": f.location.line, "column": f.location.column,
-            "severity": f.severity, "code": f.code, "message": f.message, "path": f.dotted_path}
+    return {
+        "file": f.location.file,
+        "line": f.location.line,
+        "column": f.location.column,
+        "severity": f.severity,
+        "code": f.code,
+        "message": f.message,
+        "path": f.dotted_path,
+    }
 
 
 def _github(f: Finding) -> str:
     level = "error" if f.severity == "error" else "warning"
     msg = f.message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-    return (f"::{level} file={f.location.file},line={f.location.line},col={f.location.column},"
-            f"title={f.code}::{msg}")
+    return (
+        f"::{level} file={f.location.file},line={f.location.line},col={f.location.column},"
+        f"title={f.code}::{msg}"
+    )
 
 
 def _sarif(findings: Sequence[Finding]) -> dict[str, Any]:
     rules = sorted({f.code for f in findings})
-    results = [{
-        "ruleId": f.code,
-        "level": "error" if f.severity == "error" else "warning",
-        "message": {"text": f.message},
-        "locations": [{"physicalLocation": {
-            "artifactLocation": {"uri": f.location.file},
-            "region": {"startLine": max(f.location.line, 1), "startColumn": max(f.location.column, 1)},
-        }}],
-    } for f in findings]
+    results = [
+        {
+            "ruleId": f.code,
+            "level": "error" if f.severity == "error" else "warning",
+            "message": {"text": f.message},
+            "locations": [
+                {
+                    "physicalLocation": {
+                        "artifactLocation": {"uri": f.location.file},
+                        "region": {
+                            "startLine": max(f.location.line, 1),
+                            "startColumn": max(f.location.column, 1),
+                        },
+                    }
+                }
+            ],
+        }
+        for f in findings
+    ]
     return {
         "version": "2.1.0",
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
-        "runs": [{"tool": {"driver": {"name": "policyroute", "rules": [{"id": r} for r in rules]}},
-                  "results": results}],
+        "runs": [
+            {
+                "tool": {"driver": {"name": "policyroute", "rules": [{"id": r} for r in rules]}},
+                "results": results,
+            }
+        ],
     }

@@ -22,7 +22,14 @@ from pydantic import BaseModel, ValidationError
 from ._yaml import Located, load_yaml
 from ._yaml import Path as KeyPath
 from .errors import ConfigError, Finding, Location
-from .policy import GlobalSettings, PolicyFile, Resilience, RoutePolicy, normalize_path, parse_route_key
+from .policy import (
+    GlobalSettings,
+    PolicyFile,
+    Resilience,
+    RoutePolicy,
+    normalize_path,
+    parse_route_key,
+)
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 
@@ -91,12 +98,19 @@ def policy_files(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            out.extend(sorted(q for q in p.iterdir() if q.suffix in (".yaml", ".yml") and q.is_file()))
+            out.extend(
+                sorted(q for q in p.iterdir() if q.suffix in (".yaml", ".yml") and q.is_file())
+            )
         elif p.is_file():
             out.append(p)
         else:
-            raise ConfigError([Finding("no-such-path", f"no policy file or directory {str(p)!r}",
-                                       Location(str(p)))])
+            raise ConfigError(
+                [
+                    Finding(
+                        "no-such-path", f"no policy file or directory {str(p)!r}", Location(str(p))
+                    )
+                ]
+            )
     return out
 
 
@@ -149,10 +163,9 @@ def _data_path(loc: tuple[Any, ...], data: Any) -> KeyPath:
     out: list[str | int] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            out.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)
+        ):
             out.append(part)
             node = node[part]
         elif isinstance(node, dict) and not isinstance(part, int):
@@ -179,8 +192,15 @@ class _Resolver:
         return Location("<policy>")
 
 
-def _findings(exc: ValidationError, root: type[BaseModel], data: Any, resolver: _Resolver,
-              *, partial: bool, prefix: KeyPath = ()) -> list[Finding]:
+def _findings(
+    exc: ValidationError,
+    root: type[BaseModel],
+    data: Any,
+    resolver: _Resolver,
+    *,
+    partial: bool,
+    prefix: KeyPath = (),
+) -> list[Finding]:
     out: list[Finding] = []
     for error in exc.errors():
         kind = error["type"]
@@ -191,8 +211,11 @@ def _findings(exc: ValidationError, root: type[BaseModel], data: Any, resolver: 
         where = resolver.locate(path, key=kind in ("extra_forbidden", "missing"))
         if kind == "missing":
             where = resolver.locate(path[:-1], key=True)
-        out.append(Finding(_CODES.get(kind, "wrong-type"), _message(error, root, loc), where,
-                           (*prefix, *path)))
+        out.append(
+            Finding(
+                _CODES.get(kind, "wrong-type"), _message(error, root, loc), where, (*prefix, *path)
+            )
+        )
     return out
 
 
@@ -215,7 +238,9 @@ def _strip_nulls(layer: Mapping[str, Any]) -> dict[str, Any]:
 def _validate_layer(layer: Any, doc: Located, src: KeyPath) -> list[Finding]:
     """Check one defaults/profile/route layer alone; required keys may come from other layers."""
     if not isinstance(layer, dict):
-        return [Finding("wrong-type", "a route policy is a mapping of keys", doc.location(src), src)]
+        return [
+            Finding("wrong-type", "a route policy is a mapping of keys", doc.location(src), src)
+        ]
     resolver = _Resolver()
     resolver.add((), doc, src)
     try:
@@ -225,8 +250,14 @@ def _validate_layer(layer: Any, doc: Located, src: KeyPath) -> list[Finding]:
     return []
 
 
-def _merge(target: dict[str, Any], layer: Mapping[str, Any], doc: Located, src: KeyPath,
-           resolver: _Resolver, dst: KeyPath = ()) -> None:
+def _merge(
+    target: dict[str, Any],
+    layer: Mapping[str, Any],
+    doc: Located,
+    src: KeyPath,
+    resolver: _Resolver,
+    dst: KeyPath = (),
+) -> None:
     for key, value in layer.items():
         here = (*dst, key)
         resolver.add(here, doc, (*src, key))
@@ -261,17 +292,23 @@ class _Builder:
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            self.findings.append(Finding("unreadable", f"cannot read policy file: {exc.strerror}",
-                                         Location(name)))
+            self.findings.append(
+                Finding("unreadable", f"cannot read policy file: {exc.strerror}", Location(name))
+            )
             return
         if len(raw) > MAX_FILE_BYTES:
-            self.findings.append(Finding("file-too-large", f"policy file over {MAX_FILE_BYTES} bytes",
-                                         Location(name)))
+            self.findings.append(
+                Finding(
+                    "file-too-large", f"policy file over {MAX_FILE_BYTES} bytes", Location(name)
+                )
+            )
             return
         try:
             doc = load_yaml(raw.decode("utf-8"), name)
         except UnicodeDecodeError:
-            self.findings.append(Finding("encoding", "policy files are UTF-8", Location(name, 1, 1)))
+            self.findings.append(
+                Finding("encoding", "policy files are UTF-8", Location(name, 1, 1))
+            )
             return
         except ConfigError as exc:
             self.findings.extend(exc.findings)
@@ -282,8 +319,13 @@ class _Builder:
     def _check_file(self, doc: Located) -> None:
         data = doc.data
         if not isinstance(data, dict):
-            self.findings.append(Finding("wrong-type", "a policy file is a mapping with `version: 1`",
-                                         Location(doc.file, 1, 1)))
+            self.findings.append(
+                Finding(
+                    "wrong-type",
+                    "a policy file is a mapping with `version: 1`",
+                    Location(doc.file, 1, 1),
+                )
+            )
             return
         shell = {k: v for k, v in data.items() if k not in ("defaults", "profiles", "routes")}
         shell.update({k: {} for k in ("profiles", "routes") if isinstance(data.get(k), dict)})
@@ -297,8 +339,14 @@ class _Builder:
         for section in ("profiles", "routes"):
             value = data.get(section)
             if value is not None and not isinstance(value, dict):
-                self.findings.append(Finding("wrong-type", f"`{section}` is a mapping",
-                                             doc.location((section,)), (section,)))
+                self.findings.append(
+                    Finding(
+                        "wrong-type",
+                        f"`{section}` is a mapping",
+                        doc.location((section,)),
+                        (section,),
+                    )
+                )
         if model is not None:
             self._collect(doc, model)
 
@@ -307,9 +355,14 @@ class _Builder:
         if model.settings is not None:
             if self.settings is not None:
                 first = self.settings[1].location(("settings",), key=True)
-                self.findings.append(Finding("duplicate-settings",
-                                             f"`settings` is already set in {first}",
-                                             doc.location(("settings",), key=True), ("settings",)))
+                self.findings.append(
+                    Finding(
+                        "duplicate-settings",
+                        f"`settings` is already set in {first}",
+                        doc.location(("settings",), key=True),
+                        ("settings",),
+                    )
+                )
             else:
                 self.settings = (_resolve_paths(model.settings, Path(doc.file).parent), doc)
         self.resilience.update(model.resilience)
@@ -320,8 +373,14 @@ class _Builder:
             src: KeyPath = ("profiles", name)
             if name in self.profiles:
                 first = self.profiles[name][1].location(src, key=True)
-                self.findings.append(Finding("duplicate-profile", f"profile {name!r} is already defined at {first}",
-                                             doc.location(src, key=True), src))
+                self.findings.append(
+                    Finding(
+                        "duplicate-profile",
+                        f"profile {name!r} is already defined at {first}",
+                        doc.location(src, key=True),
+                        src,
+                    )
+                )
                 continue
             self._layer(layer, doc, src, allow_use=False)
             self.profiles[name] = (layer, doc)
@@ -331,27 +390,43 @@ class _Builder:
     def _layer(self, layer: Any, doc: Located, src: KeyPath, *, allow_use: bool) -> None:
         self.findings.extend(_validate_layer(layer, doc, src))
         if not allow_use and isinstance(layer, dict) and layer.get("use"):
-            self.findings.append(Finding("nested-use", "only routes may `use:` profiles",
-                                         doc.location((*src, "use"), key=True), (*src, "use")))
+            self.findings.append(
+                Finding(
+                    "nested-use",
+                    "only routes may `use:` profiles",
+                    doc.location((*src, "use"), key=True),
+                    (*src, "use"),
+                )
+            )
 
     def _route(self, key: str, layer: Any, doc: Located) -> None:
         src: KeyPath = ("routes", key)
         try:
             method, path = parse_route_key(key)
         except ValueError as exc:
-            self.findings.append(Finding("bad-route-key", str(exc), doc.location(src, key=True), src))
+            self.findings.append(
+                Finding("bad-route-key", str(exc), doc.location(src, key=True), src)
+            )
             return
         match = (method, normalize_path(path))
         if match in self.routes:
             first_doc = self.routes[match][4]
             first = first_doc.location(("routes", self.routes[match][0]), key=True)
-            self.findings.append(Finding("duplicate-route", f"route {method} {path} is already defined at {first}",
-                                         doc.location(src, key=True), src))
+            self.findings.append(
+                Finding(
+                    "duplicate-route",
+                    f"route {method} {path} is already defined at {first}",
+                    doc.location(src, key=True),
+                    src,
+                )
+            )
             return
         self._layer(layer, doc, src, allow_use=True)
         self.routes[match] = (key, method, path, layer, doc)
 
-    def _merge_route(self, key: str, method: str, path: str, layer: Any, doc: Located) -> RouteEntry | None:
+    def _merge_route(
+        self, key: str, method: str, path: str, layer: Any, doc: Located
+    ) -> RouteEntry | None:
         if not isinstance(layer, dict):
             return None
         src: KeyPath = ("routes", key)
@@ -376,10 +451,18 @@ class _Builder:
         try:
             policy = RoutePolicy.model_validate(merged)
         except ValidationError as exc:
-            self.findings.extend(_findings(exc, RoutePolicy, merged, resolver, partial=False, prefix=src))
+            self.findings.extend(
+                _findings(exc, RoutePolicy, merged, resolver, partial=False, prefix=src)
+            )
             return None
-        return RouteEntry(key, method, path, policy, doc.location(src, key=True),
-                          {k: tuple(v) for k, v in origins.items()})
+        return RouteEntry(
+            key,
+            method,
+            path,
+            policy,
+            doc.location(src, key=True),
+            {k: tuple(v) for k, v in origins.items()},
+        )
 
     def _check_uses(self) -> None:
         for key, _, _, layer, doc in self.routes.values():
@@ -390,8 +473,14 @@ class _Builder:
                 close = difflib.get_close_matches(str(name), list(self.profiles), n=1, cutoff=0.6)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 where: KeyPath = ("routes", key, "use", i)
-                self.findings.append(Finding("unknown-profile", f"unknown profile {name!r}{hint}",
-                                             doc.location(where), where))
+                self.findings.append(
+                    Finding(
+                        "unknown-profile",
+                        f"unknown profile {name!r}{hint}",
+                        doc.location(where),
+                        where,
+                    )
+                )
 
     def build(self) -> PolicySet:
         entries: dict[tuple[str, str], RouteEntry] = {}
@@ -402,8 +491,9 @@ class _Builder:
                 if entry is not None:
                     entries[match] = entry
         if self.findings:
-            ordered = sorted(self.findings, key=lambda f: (f.location.file, f.location.line,
-                                                           f.location.column))
+            ordered = sorted(
+                self.findings, key=lambda f: (f.location.file, f.location.line, f.location.column)
+            )
             raise ConfigError(_dedupe(ordered))
         uses: dict[str, int] = dict.fromkeys(self.profiles, 0)
         for entry in entries.values():
@@ -413,7 +503,9 @@ class _Builder:
             settings=self.settings[0] if self.settings else GlobalSettings(),
             routes=entries,
             resilience=dict(self.resilience),
-            profiles={n: doc.location(("profiles", n), key=True) for n, (_, doc) in self.profiles.items()},
+            profiles={
+                n: doc.location(("profiles", n), key=True) for n, (_, doc) in self.profiles.items()
+            },
             profile_uses=uses,
             files=tuple(d.file for d in self.docs),
         )
@@ -436,8 +528,15 @@ def load_policies(*paths: str | Path) -> PolicySet:
     builder = _Builder()
     files = policy_files(paths or ("policies",))
     if not files:
-        raise ConfigError([Finding("no-policies", "no *.yaml policy files found",
-                                   Location(", ".join(str(p) for p in paths)))])
+        raise ConfigError(
+            [
+                Finding(
+                    "no-policies",
+                    "no *.yaml policy files found",
+                    Location(", ".join(str(p) for p in paths)),
+                )
+            ]
+        )
     for file in files:
         builder.add_file(file)
     return builder.build()

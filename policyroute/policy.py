@@ -31,6 +31,23 @@ def _as_mode(value: Any) -> Any:
 
 
 OnBackendError = Literal["open", "closed"]
+Algorithm = Literal[
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+    "HS256",
+    "HS384",
+    "HS512",
+]
+MfaMethod = Literal["step_up", "totp"]
+RefundOn = Literal["5xx", "4xx", "timeout", "error", "disconnect"]
 
 
 class Issuer(Model):
@@ -40,9 +57,8 @@ class Issuer(Model):
     audience: str | list[str]
     jwks: str | None = None
     secret_env: str | None = None
-    algorithms: list[Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
-                             "ES256", "ES384", "ES512", "EdDSA", "HS256", "HS384", "HS512"]] = Field(
-        default_factory=lambda: ["RS256"], min_length=1
+    algorithms: list[Algorithm] = Field(
+        default_factory=lambda: list[Algorithm](["RS256"]), min_length=1
     )
     jwks_refresh: Duration = 300.0
 
@@ -104,8 +120,9 @@ class Mfa(Model):
     """Multi-factor / step-up requirement of a route."""
 
     mode: Literal["required"] = "required"
-    methods: list[Literal["step_up", "totp"]] = Field(default_factory=lambda: ["step_up", "totp"],
-                                                       min_length=1)
+    methods: list[MfaMethod] = Field(
+        default_factory=lambda: list[MfaMethod](["step_up", "totp"]), min_length=1
+    )
     max_age: Duration | None = None
 
 
@@ -123,8 +140,9 @@ class RateLimit(Model):
 
     @model_validator(mode="after")
     def _shape(self) -> RateLimit:
-        if not re.match(r"^(user|ip|api_key|route|claim:[A-Za-z0-9_.:-]+|header:[A-Za-z0-9-]+)$",
-                        self.key):
+        if not re.match(
+            r"^(user|ip|api_key|route|claim:[A-Za-z0-9_.:-]+|header:[A-Za-z0-9-]+)$", self.key
+        ):
             raise ValueError(
                 f"invalid limit key {self.key!r}: use user, ip, api_key, route, "
                 "claim:NAME or header:NAME"
@@ -150,8 +168,8 @@ class Credits(Model):
     """Credit cost of a route."""
 
     cost: int = Field(ge=1)
-    refund_on: list[Literal["5xx", "4xx", "timeout", "error", "disconnect"]] = Field(
-        default_factory=lambda: ["5xx", "timeout", "error"]
+    refund_on: list[RefundOn] = Field(
+        default_factory=lambda: list[RefundOn](["5xx", "timeout", "error"])
     )
     on_backend_error: OnBackendError = "closed"
     allowance: Allowance | None = None
@@ -234,9 +252,26 @@ class Resilience(Model):
 
 
 RouteKeyName = Literal[
-    "use", "public", "enforce", "scopes", "roles", "ip_allowlist", "mfa", "rate_limit",
-    "credits", "idempotency", "cache", "retry", "breaker", "timeout", "resilience", "events",
-    "sensitive", "encrypt_fields", "decrypt_fields", "slow",
+    "use",
+    "public",
+    "enforce",
+    "scopes",
+    "roles",
+    "ip_allowlist",
+    "mfa",
+    "rate_limit",
+    "credits",
+    "idempotency",
+    "cache",
+    "retry",
+    "breaker",
+    "timeout",
+    "resilience",
+    "events",
+    "sensitive",
+    "encrypt_fields",
+    "decrypt_fields",
+    "slow",
 ]
 
 

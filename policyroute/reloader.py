@@ -15,13 +15,14 @@ log = logging.getLogger("policyroute.reload")
 
 
 class Reloader:
-    """A background task: watchfiles on the policy paths, then `engine.reload()` off the request path."""
+    """Background task: watch the policy paths, then `engine.reload()` off the request path."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0
+        self.targets = [str(Path(p).resolve()) for p in engine.paths]
 
     async def start(self) -> None:
         """Begin watching."""
@@ -31,7 +32,7 @@ class Reloader:
     async def _watch(self) -> None:
         from watchfiles import awatch
 
-        targets = [str(Path(p).resolve()) for p in self.engine.paths]
+        targets = self.targets
         async for changes in awatch(*targets, stop_event=self._stop, debounce=50, step=20):
             if not any(p.endswith((".yaml", ".yml")) for _, p in changes):
                 continue

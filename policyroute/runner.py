@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 
 
 def run(target: str, *, host: str, port: int, reload: bool) -> int:
@@ -23,10 +24,12 @@ def run(target: str, *, host: str, port: int, reload: bool) -> int:
             broker = start_pulsar()
             stack.callback(broker.stop)
             os.environ["POLICYROUTE_PULSAR_URL"] = broker.url
-            print(f"policyroute: embedded Pulsar-compatible broker at {broker.url}", file=sys.stderr)
+            print(
+                f"policyroute: embedded Pulsar-compatible broker at {broker.url}", file=sys.stderr
+            )
         if reload:
             os.environ["POLICYROUTE_RELOAD"] = "1"
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
+        if str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
         uvicorn.run(target, host=host, port=port, log_level="info")
     return 0

@@ -19,8 +19,10 @@ def policy_schema() -> dict[str, Any]:
     route = defs["RoutePolicy"]["properties"]
     # Shorthands the loader accepts: one mapping for a list of limits, a word for mfa.
     route["rate_limit"] = {
-        "anyOf": [{"$ref": "#/$defs/RateLimit"},
-                  {"type": "array", "items": {"$ref": "#/$defs/RateLimit"}}],
+        "anyOf": [
+            {"$ref": "#/$defs/RateLimit"},
+            {"type": "array", "items": {"$ref": "#/$defs/RateLimit"}},
+        ],
         "description": "One limit or a list of limits.",
     }
     route["mfa"] = {"anyOf": [{"const": "required"}, {"$ref": "#/$defs/Mfa"}, {"type": "null"}]}

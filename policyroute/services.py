@@ -15,8 +15,9 @@ def default_services(engine: Engine) -> dict[str, Any]:
     services: dict[str, Any] = {}
     config = engine.config
     if config.valkey_url:
-        services["valkey"] = ValkeyStore(config.valkey_url, prefix=config.key_prefix,
-                                         cluster=config.valkey_cluster)
+        services["valkey"] = ValkeyStore(
+            config.valkey_url, prefix=config.key_prefix, cluster=config.valkey_cluster
+        )
     if config.reload:
         from .reloader import Reloader
 

@@ -32,7 +32,9 @@ def make_app() -> FastAPI:
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/open")
-    async def open_route(who: policyroute.Principal = Depends(policyroute.principal)) -> dict[str, object]:
+    async def open_route(
+        who: policyroute.Principal = Depends(policyroute.principal),
+    ) -> dict[str, object]:
         return {"ok": True, "authenticated": who.authenticated}
 
     @app.post("/open")
@@ -174,15 +176,21 @@ def test_install_refuses_keys_it_cannot_enforce(policy_dir: Path) -> None:
         policyroute.install(make_app(), policy_dir)
 
 
-async def test_reload_swaps_every_route_at_once_and_keeps_good_policy_on_error(policies: Path) -> None:
+async def test_reload_swaps_every_route_at_once_and_keeps_good_policy_on_error(
+    policies: Path,
+) -> None:
     app = make_app()
     engine = policyroute.install(app, policies)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert (await c.get("/secret")).status_code == 403
-        (policies / "more.yaml").write_text("version: 1\nroutes:\n  GET /secret:\n    public: true\n")
+        (policies / "more.yaml").write_text(
+            "version: 1\nroutes:\n  GET /secret:\n    public: true\n"
+        )
         assert engine.reload() is None
         assert (await c.get("/secret")).status_code == 200
-        (policies / "more.yaml").write_text("version: 1\nroutes:\n  GET /secret:\n    publik: true\n")
+        (policies / "more.yaml").write_text(
+            "version: 1\nroutes:\n  GET /secret:\n    publik: true\n"
+        )
         error = engine.reload()
         assert error is not None and "did you mean 'public'" in str(error)
         assert engine.last_reload_error is error
@@ -193,17 +201,28 @@ async def test_websocket_without_policy_is_closed(policies: Path) -> None:
     app = make_app()
     policyroute.install(app, policies)
     messages: list[dict[str, object]] = []
-    inbox = [{"type": "websocket.connect"}]
+    inbox: list[dict[str, object]] = [{"type": "websocket.connect"}]
 
     async def receive() -> dict[str, object]:
-        return inbox.pop(0) if inbox else {"type": "websocket.disconnect"}
+        message: dict[str, object] = inbox.pop(0) if inbox else {"type": "websocket.disconnect"}
+        return message
 
     async def send(message: dict[str, object]) -> None:
         messages.append(message)
 
-    scope = {"type": "websocket", "path": "/ws", "raw_path": b"/ws", "headers": [],
-             "query_string": b"", "root_path": "", "scheme": "ws", "client": ("127.0.0.1", 1),
-             "server": ("t", 80), "subprotocols": [], "asgi": {"version": "3.0"}}
+    scope = {
+        "type": "websocket",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "headers": [],
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "ws",
+        "client": ("127.0.0.1", 1),
+        "server": ("t", 80),
+        "subprotocols": [],
+        "asgi": {"version": "3.0"},
+    }
     await app(scope, receive, send)  # type: ignore[arg-type]
     assert messages[0]["type"] == "websocket.close"
     assert messages[0]["code"] == 1008
@@ -215,8 +234,9 @@ async def test_denial_raised_by_a_handler_is_problem_json(policy_dir: Path) -> N
 
     @app.get("/raise")
     async def raising() -> None:
-        raise policyroute.Denial(policyroute.errors.Problems.RATE_LIMITED, "slow down",
-                                 headers={"Retry-After": "3"})
+        raise policyroute.Denial(
+            policyroute.errors.Problems.RATE_LIMITED, "slow down", headers={"Retry-After": "3"}
+        )
 
     policyroute.install(app, policy_dir)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:

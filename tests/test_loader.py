@@ -23,7 +23,9 @@ BROKEN: dict[str, tuple[dict[str, str], tuple[str, int, int, str]]] = {
         ("a.yaml", 5, 5, "unknown-key"),
     ),
     "misspelled key": (
-        {"a.yaml": "version: 1\nroutes:\n  GET /x:\n    scopes: [a]\n    rate_limt: {capacity: 1, per: 1s}\n"},
+        {
+            "a.yaml": "version: 1\nroutes:\n  GET /x:\n    scopes: [a]\n    rate_limt: {capacity: 1, per: 1s}\n"
+        },
         ("a.yaml", 5, 5, "unknown-key"),
     ),
     "bad duration": (
@@ -31,7 +33,9 @@ BROKEN: dict[str, tuple[dict[str, str], tuple[str, int, int, str]]] = {
         ("a.yaml", 5, 12, "invalid-value"),
     ),
     "bad cidr": (
-        {"a.yaml": "version: 1\nroutes:\n  GET /x:\n    ip_allowlist: [127.0.0.1/32, 10.0.0.300/8]\n"},
+        {
+            "a.yaml": "version: 1\nroutes:\n  GET /x:\n    ip_allowlist: [127.0.0.1/32, 10.0.0.300/8]\n"
+        },
         ("a.yaml", 4, 34, "invalid-value"),
     ),
     "wrong type": (
@@ -43,7 +47,9 @@ BROKEN: dict[str, tuple[dict[str, str], tuple[str, int, int, str]]] = {
         ("b.yaml", 3, 3, "duplicate-route"),
     ),
     "unknown profile": (
-        {"a.yaml": "version: 1\nprofiles:\n  io_job: {scopes: [a]}\nroutes:\n  GET /x:\n    use: [io_jobs]\n"},
+        {
+            "a.yaml": "version: 1\nprofiles:\n  io_job: {scopes: [a]}\nroutes:\n  GET /x:\n    use: [io_jobs]\n"
+        },
         ("a.yaml", 6, 11, "unknown-profile"),
     ),
     "yaml syntax error": (
@@ -51,7 +57,9 @@ BROKEN: dict[str, tuple[dict[str, str], tuple[str, int, int, str]]] = {
         ("a.yaml", 5, 9, "yaml-syntax"),
     ),
     "route key with a bad method": (
-        {"a.yaml": "version: 1\nroutes:\n  GET /ok:\n    public: true\n  FETCH /x:\n    public: true\n"},
+        {
+            "a.yaml": "version: 1\nroutes:\n  GET /ok:\n    public: true\n  FETCH /x:\n    public: true\n"
+        },
         ("a.yaml", 5, 3, "bad-route-key"),
     ),
 }
@@ -64,7 +72,9 @@ def write(directory: Path, files: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
-def test_each_broken_file_gives_exactly_one_error_at_its_position(case: str, policy_dir: Path) -> None:
+def test_each_broken_file_gives_exactly_one_error_at_its_position(
+    case: str, policy_dir: Path
+) -> None:
     files, (file, line, column, code) = BROKEN[case]
     write(policy_dir, files)
     with pytest.raises(ConfigError) as info:
@@ -72,8 +82,12 @@ def test_each_broken_file_gives_exactly_one_error_at_its_position(case: str, pol
     findings = info.value.findings
     assert len(findings) == 1, [str(f) for f in findings]
     found = findings[0]
-    assert (Path(found.location.file).name, found.location.line, found.location.column, found.code) == (
-        file, line, column, code), str(found)
+    assert (
+        Path(found.location.file).name,
+        found.location.line,
+        found.location.column,
+        found.code,
+    ) == (file, line, column, code), str(found)
     assert str(found).startswith(f"{policy_dir / file}:{line}:{column}: error[{code}]")
 
 
@@ -84,7 +98,10 @@ def test_misspelled_key_suggests_the_right_one(policy_dir: Path) -> None:
 
 
 def test_misspelled_nested_key_suggests_from_its_own_model(policy_dir: Path) -> None:
-    write(policy_dir, {"a.yaml": "version: 1\nroutes:\n  GET /x:\n    cache: {ttl: 1s, sharde: true}\n"})
+    write(
+        policy_dir,
+        {"a.yaml": "version: 1\nroutes:\n  GET /x:\n    cache: {ttl: 1s, sharde: true}\n"},
+    )
     with pytest.raises(ConfigError, match="did you mean 'shared'"):
         load_policies(policy_dir)
 
@@ -128,17 +145,25 @@ def test_merge_rule_mappings_merge_lists_replace_null_removes(policy_dir: Path) 
     assert policy.scopes == ["run:io_jobs"]  # lists replace: the profile's list wins whole
     assert policy.retry is not None
     assert (policy.retry.attempts, policy.retry.initial, policy.retry.max, policy.retry.jitter) == (
-        5, 0.2, 3.0, False)  # mappings merge key by key across all layers
+        5,
+        0.2,
+        3.0,
+        False,
+    )  # mappings merge key by key across all layers
     assert policy.ip_allowlist is None  # null removes what defaults set
     plain = policies.get("GET", "/plain")
-    assert plain is not None and plain.policy.scopes == ["base"] and plain.policy.roles == ["reader"]
+    assert (
+        plain is not None and plain.policy.scopes == ["base"] and plain.policy.roles == ["reader"]
+    )
 
 
 def test_public_routes_take_no_defaults(policy_dir: Path) -> None:
     write(policy_dir, {"a.yaml": MERGE})
     health = load_policies(policy_dir).get("GET", "/health")
     assert health is not None
-    assert health.policy.public and health.policy.scopes == [] and health.policy.ip_allowlist is None
+    assert (
+        health.policy.public and health.policy.scopes == [] and health.policy.ip_allowlist is None
+    )
 
 
 def test_origins_name_the_layer_and_line_of_each_key(policy_dir: Path) -> None:
@@ -150,7 +175,9 @@ def test_origins_name_the_layer_and_line_of_each_key(policy_dir: Path) -> None:
 
 
 def test_head_follows_get_and_converters_are_ignored(policy_dir: Path) -> None:
-    write(policy_dir, {"a.yaml": "version: 1\nroutes:\n  GET /items/{item_id}:\n    public: true\n"})
+    write(
+        policy_dir, {"a.yaml": "version: 1\nroutes:\n  GET /items/{item_id}:\n    public: true\n"}
+    )
     policies = load_policies(policy_dir)
     assert policies.get("HEAD", "/items/{item_id:int}") is policies.get("GET", "/items/{item_id}")
     assert policies.get("POST", "/items/{item_id}") is None
@@ -164,28 +191,41 @@ def test_settings_in_two_files_is_an_error(policy_dir: Path) -> None:
 
 
 def test_public_route_cannot_require_scopes(policy_dir: Path) -> None:
-    write(policy_dir, {"a.yaml": "version: 1\nroutes:\n  GET /x:\n    public: true\n    scopes: [a]\n"})
+    write(
+        policy_dir,
+        {"a.yaml": "version: 1\nroutes:\n  GET /x:\n    public: true\n    scopes: [a]\n"},
+    )
     with pytest.raises(ConfigError, match="public route cannot require scopes"):
         load_policies(policy_dir)
 
 
 def test_duplicate_yaml_key_is_an_error_not_a_silent_override(policy_dir: Path) -> None:
-    write(policy_dir, {"a.yaml": "version: 1\nroutes:\n  GET /x:\n    public: true\n  GET /x:\n    public: true\n"})
+    write(
+        policy_dir,
+        {
+            "a.yaml": "version: 1\nroutes:\n  GET /x:\n    public: true\n  GET /x:\n    public: true\n"
+        },
+    )
     with pytest.raises(ConfigError) as info:
         load_policies(policy_dir)
     assert [(f.code, f.location.line) for f in info.value.findings] == [("duplicate-key", 5)]
 
 
 def test_same_template_with_converter_is_a_duplicate_route(policy_dir: Path) -> None:
-    write(policy_dir, {"a.yaml": "version: 1\nroutes:\n  GET /a/{id}:\n    public: true\n"
-                                 "  GET /a/{id:int}:\n    public: true\n"})
+    write(
+        policy_dir,
+        {
+            "a.yaml": "version: 1\nroutes:\n  GET /a/{id}:\n    public: true\n"
+            "  GET /a/{id:int}:\n    public: true\n"
+        },
+    )
     with pytest.raises(ConfigError, match="duplicate-route"):
         load_policies(policy_dir)
 
 
 def test_alias_bomb_is_refused(policy_dir: Path) -> None:
     lines = ["version: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i-1}"] * 10) + "]" for i in range(1, 7)]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 7)]
     write(policy_dir, {"a.yaml": "\n".join(lines) + "\n"})
     with pytest.raises(ConfigError, match="yaml-too-large"):
         load_policies(policy_dir)
@@ -193,12 +233,22 @@ def test_alias_bomb_is_refused(policy_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "ok"),
-    [("250ms", True), ("30s", True), ("5m", True), ("1h", True), (2.5, True), ("5", False),
-     ("-1s", False), ("1y", False)],
+    [
+        ("250ms", True),
+        ("30s", True),
+        ("5m", True),
+        ("1h", True),
+        (2.5, True),
+        ("5", False),
+        ("-1s", False),
+        ("1y", False),
+    ],
 )
 def test_durations(value: object, ok: bool, policy_dir: Path) -> None:
-    write(policy_dir, {"a.yaml": f"version: 1\nroutes:\n  GET /x:\n    timeout: {value!r}\n"
-                       .replace("'", '"')})
+    write(
+        policy_dir,
+        {"a.yaml": f"version: 1\nroutes:\n  GET /x:\n    timeout: {value!r}\n".replace("'", '"')},
+    )
     if ok:
         load_policies(policy_dir)
     else:
@@ -208,11 +258,19 @@ def test_durations(value: object, ok: bool, policy_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     ("topic", "ok"),
-    [("persistent://public/default/io-jobs", True), ("non-persistent://t/n/x", True),
-     ("io-jobs", False), ("persistent://public/io-jobs", False), ("kafka://a/b/c", False)],
+    [
+        ("persistent://public/default/io-jobs", True),
+        ("non-persistent://t/n/x", True),
+        ("io-jobs", False),
+        ("persistent://public/io-jobs", False),
+        ("kafka://a/b/c", False),
+    ],
 )
 def test_topics(topic: str, ok: bool, policy_dir: Path) -> None:
-    write(policy_dir, {"a.yaml": f"version: 1\nroutes:\n  GET /x:\n    events: {{topic: '{topic}'}}\n"})
+    write(
+        policy_dir,
+        {"a.yaml": f"version: 1\nroutes:\n  GET /x:\n    events: {{topic: '{topic}'}}\n"},
+    )
     if ok:
         load_policies(policy_dir)
     else:
@@ -228,7 +286,9 @@ def test_bad_scope_strings(scope: str, policy_dir: Path) -> None:
         load_policies(policy_dir)
 
 
-@pytest.mark.parametrize("key", ["GET x", "GET /a?b=1", "GET /a/{b", "GET /a/{b}/{b}", "GET", "get /x"])
+@pytest.mark.parametrize(
+    "key", ["GET x", "GET /a?b=1", "GET /a/{b", "GET /a/{b}/{b}", "GET", "get /x"]
+)
 def test_bad_route_keys(key: str, policy_dir: Path) -> None:
     write(policy_dir, {"a.yaml": f'version: 1\nroutes:\n  "{key}":\n    public: true\n'})
     with pytest.raises(ConfigError, match="bad-route-key"):

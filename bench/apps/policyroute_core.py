@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-import policyroute  # type: ignore[import-not-found, unused-ignore]
+import policyroute
 from bench.apps import PING_BODY, valkey_url
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policies" / "core"
@@ -24,5 +24,4 @@ async def ping() -> dict[str, bool]:
     return PING_BODY
 
 
-# The ignore only covers the package being mid-way; once `install` exists it is checked.
-policyroute.install(app, str(POLICY_DIR))  # type: ignore[attr-defined, unused-ignore]
+policyroute.install(app, POLICY_DIR)

@@ -24,8 +24,15 @@ class Store(Protocol):
         """A namespaced key whose hash tag is `tag` (keys of one tag share a cluster slot)."""
         ...
 
-    async def run(self, script: str, keys: Sequence[str], args: Sequence[Arg], *,
-                  operation: str, fail_open: bool) -> Any:
+    async def run(
+        self,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        *,
+        operation: str,
+        fail_open: bool,
+    ) -> Any:
         """Run a packaged Lua script by name; raise StorageError on any backend failure."""
         ...
 
@@ -43,8 +50,15 @@ def _escape_tag(tag: str) -> str:
 class ValkeyStore:
     """A Valkey (or Valkey cluster) connection with the package's Lua scripts."""
 
-    def __init__(self, url: str, *, prefix: str = "pr", cluster: bool = False,
-                 timeout: float = 0.25, max_connections: int = 64) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "pr",
+        cluster: bool = False,
+        timeout: float = 0.25,
+        max_connections: int = 64,
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.cluster = cluster
@@ -52,7 +66,9 @@ class ValkeyStore:
         if cluster:
             self.client: Any = ValkeyCluster.from_url(url, **kwargs)
         else:
-            self.client = avalkey.from_url(url, max_connections=max_connections, **kwargs)
+            self.client = avalkey.from_url(  # type: ignore[no-untyped-call]
+                url, max_connections=max_connections, **kwargs
+            )
         self._scripts: dict[str, Any] = {}
 
     def key(self, tag: str, *parts: str) -> str:
@@ -66,8 +82,15 @@ class ValkeyStore:
             self._scripts[name] = script
         return script
 
-    async def run(self, script: str, keys: Sequence[str], args: Sequence[Arg], *,
-                  operation: str, fail_open: bool) -> Any:
+    async def run(
+        self,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        *,
+        operation: str,
+        fail_open: bool,
+    ) -> Any:
         """EVALSHA the named script (reloaded transparently after NOSCRIPT)."""
         try:
             return await self._script(script)(keys=list(keys), args=list(args))

@@ -13,11 +13,23 @@ from ..principal import ANONYMOUS, SCOPE_KEY, Principal
 class Context:
     """What the steps of one request share; built once per request."""
 
-    __slots__ = ("_headers", "app", "client", "method", "principal", "receive", "route", "scope", "send",
-                 "state", "status")
+    __slots__ = (
+        "_headers",
+        "app",
+        "client",
+        "method",
+        "principal",
+        "receive",
+        "route",
+        "scope",
+        "send",
+        "state",
+        "status",
+    )
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, route: str,
-                 app: ASGIApp) -> None:
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, route: str, app: ASGIApp
+    ) -> None:
         self.scope = scope
         self.app = app
         self.receive = receive

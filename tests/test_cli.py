@@ -1,0 +1,130 @@
+"""The `policyroute` command: exit codes, formats, explain and the committed schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from policyroute.cli import main
+from policyroute.schema import policy_schema, schema_text
+
+from .conftest import REPO
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run the command in-process; return exit code, stdout, stderr."""
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_lint_clean_example_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "lint", str(REPO / "examples" / "policies"))
+    assert code == 0, out
+    assert out == ""
+
+
+def test_lint_with_app_checks_routes_both_ways(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys, "lint", str(REPO / "examples" / "policies"), "--app", "examples.app:app"
+    )
+    assert code == 0, out
+
+
+def test_lint_reports_findings_with_exit_one(
+    capsys: pytest.CaptureFixture[str], policy_dir: Path
+) -> None:
+    (policy_dir / "a.yaml").write_text("version: 1\nroutes:\n  GET /x:\n    publc: true\n")
+    code, out, _ = run(capsys, "lint", str(policy_dir))
+    assert code == 1
+    assert out.strip() == (
+        f"{policy_dir / 'a.yaml'}:4:5: error[unknown-key] unknown key 'publc'; "
+        "did you mean 'public'? (at routes.GET /x.publc)"
+    )
+
+
+def test_lint_json_format(capsys: pytest.CaptureFixture[str], policy_dir: Path) -> None:
+    (policy_dir / "a.yaml").write_text("version: 1\nroutes:\n  GET /x:\n    timeout: soon\n")
+    code, out, _ = run(capsys, "lint", str(policy_dir), "--format", "json")
+    assert code == 1
+    [finding] = json.loads(out)
+    assert finding["line"] == 4 and finding["code"] == "invalid-value"
+    assert finding["path"] == "routes.GET /x.timeout"
+
+
+@pytest.mark.parametrize("fmt", ["sarif", "github"])
+def test_lint_ci_formats(fmt: str, capsys: pytest.CaptureFixture[str], policy_dir: Path) -> None:
+    (policy_dir / "a.yaml").write_text("version: 1\nroutes:\n  GET /x:\n    timeout: soon\n")
+    code, out, _ = run(capsys, "lint", str(policy_dir), "--format", fmt)
+    assert code == 1
+    if fmt == "sarif":
+        result = json.loads(out)["runs"][0]["results"][0]
+        assert result["ruleId"] == "invalid-value"
+        assert result["locations"][0]["physicalLocation"]["region"]["startLine"] == 4
+    else:
+        assert out.startswith("::error file=") and ",line=4,col=14,title=invalid-value::" in out
+
+
+def test_lint_usage_error_exits_two(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, _ = run(capsys, "lint", "--format", "xml")
+    assert code == 2
+    code, _, err = run(capsys, "lint", "--app", "no_such_module:app")
+    assert code == 2 and "cannot import" in err
+
+
+def test_lint_app_route_without_policy(
+    capsys: pytest.CaptureFixture[str], policy_dir: Path
+) -> None:
+    (policy_dir / "a.yaml").write_text(
+        "version: 1\nroutes:\n  GET /health:\n    public: true\n  GET /nowhere:\n    public: true\n"
+    )
+    code, out, _ = run(capsys, "lint", str(policy_dir), "--app", "examples.app:app")
+    assert code == 1
+    assert "error[no-policy] app route POST /io-job has no policy" in out
+    assert ":5:3: error[unmatched-policy] policy GET /nowhere matches no route" in out
+
+
+def test_explain_prints_the_example_chains(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "explain", "--app", "examples.app:app")
+    assert code == 0
+    assert "GET /health" in out and "public: no authentication" in out
+    assert "POST /io-job" in out
+
+
+def test_explain_one_route_shows_origins(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys, "explain", "GET /health", "--paths", str(REPO / "examples" / "policies")
+    )
+    assert code == 0
+    assert out.startswith("GET /health")
+    assert "public: True   <- route at" in out
+
+
+def test_committed_schema_is_current() -> None:
+    committed = (REPO / "policies" / "schema.json").read_text()
+    assert committed == schema_text(), "run `make schema` and commit policies/schema.json"
+
+
+def test_schema_command_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "schema")
+    assert code == 0 and json.loads(out) == policy_schema()
+
+
+def repository_policy_files() -> list[Path]:
+    """Every policy YAML file committed in the repository."""
+    found = [p for p in REPO.rglob("*.yaml") if ".venv" not in p.parts and "policies" in p.parts]
+    return sorted(found)
+
+
+@pytest.mark.parametrize("path", repository_policy_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_repository_policy_file_validates_against_the_schema(path: Path) -> None:
+    jsonschema.validate(yaml.safe_load(path.read_text()), policy_schema())
+
+
+def test_schema_rejects_an_unknown_key() -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"version": 1, "routes": {"GET /x": {"publik": True}}}, policy_schema())
