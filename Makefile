@@ -28,7 +28,10 @@ unit: $(STAMP)
 
 test: lint unit  ## lint, then the whole suite against real servers it starts itself
 
-bench: $(STAMP)
+bench: $(STAMP)  ## ratios against bare FastAPI, slowapi and fastapi-limiter in one run
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1; } || \
+	  echo "make bench: wrk not available; using the built-in Python load generator" >&2
 	$(PY) -m bench
 
 schema: $(STAMP)  ## regenerate the committed JSON Schema of the policy language
