@@ -262,3 +262,16 @@ async def test_one_router_included_twice_follows_each_prefix_policy(policy_dir: 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert (await c.get("/v1/thing")).status_code == 200
         assert_denied(await c.get("/v2/thing"))
+
+
+async def test_denial_comes_before_the_body_is_parsed(policies: Path) -> None:
+    app = FastAPI()
+
+    @app.post("/secret")
+    async def takes_body(payload: dict[str, int]) -> dict[str, str]:
+        return {"secret": "leaked"}
+
+    policyroute.install(app, policies)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.post("/secret", content=b"{not json", headers={"content-type": "application/json"})
+    assert_denied(response)  # a 422 here would mean the body was read before the policy ran
