@@ -9,14 +9,14 @@ import valkey
 
 
 def test_valkey_fixture_is_a_real_server(valkey_url: str) -> None:
-    client = valkey.Valkey.from_url(valkey_url)
+    client = valkey.Valkey.from_url(valkey_url)  # type: ignore[no-untyped-call]
     try:
         assert client.ping()
-        info = client.info("server")
+        info: dict[str, object] = client.info("server")  # type: ignore[assignment]
         assert "valkey_version" in info
         assert client.eval("return redis.call('TIME')[1]", 0)
     finally:
-        client.close()
+        client.close()  # type: ignore[no-untyped-call]
 
 
 def test_pulsar_fixture_carries_messages_with_the_official_client(pulsar_url: str) -> None:
