@@ -9,7 +9,7 @@ import valkey
 
 
 def test_valkey_fixture_is_a_real_server(valkey_url: str) -> None:
-    client = valkey.Valkey.from_url(valkey_url)  # type: ignore[no-untyped-call]
+    client = valkey.Valkey.from_url(valkey_url)
     try:
         assert client.ping()
         info: dict[str, object] = client.info("server")  # type: ignore[assignment]
