@@ -8,6 +8,9 @@ from .config import Settings
 from .errors import ConfigError, Denial, Finding, PolicyrouteError, StorageError
 from .loader import PolicySet, load_policies
 from .principal import Principal, principal
+from .steps import load_builtin as _load_builtin
+
+_load_builtin()  # the step modules register their makers with the compiler
 
 __all__ = [
     "Chain",

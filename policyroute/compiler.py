@@ -117,7 +117,7 @@ def compile_all(policies: PolicySet, env: Env) -> dict[tuple[str, str], Chain]:
         except ConfigError as exc:
             findings.extend(exc.findings)
     if findings:
-        raise ConfigError(findings)
+        raise ConfigError(list(dict.fromkeys(findings)))  # settings findings repeat per route
     return chains
 
 

@@ -89,7 +89,9 @@ class TotpSettings(Model):
 
     header: HeaderName = "x-totp-code"
     drift_steps: int = Field(default=1, ge=0, le=1)
+    digits: int = Field(default=6, ge=6, le=8)
     max_failures: int = Field(default=5, ge=1)
+    window: Duration = 900.0
     lockout: Duration = 900.0
     issuer_name: str = "policyroute"
 
@@ -114,6 +116,19 @@ class GlobalSettings(Model):
 
     auth: AuthSettings = AuthSettings()
     trusted_proxies: list[Network] = Field(default_factory=list)
+    # One header only: a proxy that appends to X-Forwarded-For passes a client's own
+    # Forwarded header through untouched, so reading both would let the client pick its address.
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+
+    @model_validator(mode="after")
+    def _no_open_proxy(self) -> GlobalSettings:
+        everyone = [str(n) for n in self.trusted_proxies if n.prefixlen == 0]
+        if everyone:
+            raise ValueError(
+                f"trusted_proxies {', '.join(everyone)} trusts every address, so any client "
+                "could set its own address; list only your proxies' networks"
+            )
+        return self
 
 
 class Mfa(Model):

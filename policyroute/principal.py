@@ -24,6 +24,9 @@ class Principal:
     client: str | None = None
     auth_time: float | None = None
     issuer: str | None = None
+    acr: str | None = None
+    amr: frozenset[str] = frozenset()
+    expires_at: float | None = None
 
     @property
     def authenticated(self) -> bool:

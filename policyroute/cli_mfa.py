@@ -1,0 +1,71 @@
+"""`policyroute mfa enrol|revoke SUBJECT`: TOTP secrets in the Valkey of POLICYROUTE_VALKEY_URL."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .backends.valkey import ValkeyStore
+from .config import Settings
+from .errors import StorageError
+from .identity.totp import enrol, revoke
+
+EXIT_USAGE = 2
+
+
+async def _enrol(store: ValkeyStore, args: argparse.Namespace) -> int:
+    try:
+        found = await enrol(store, args.subject, issuer_name=args.issuer_name, digits=args.digits,
+                            replace=args.replace)
+    except ValueError as exc:
+        print(f"policyroute mfa: {exc}", file=sys.stderr)
+        return 1
+    print(found.uri)
+    print(f"secret: {found.secret}")
+    return 0
+
+
+async def _revoke(store: ValkeyStore, args: argparse.Namespace) -> int:
+    if await revoke(store, args.subject):
+        print(f"revoked the TOTP secret of {args.subject}")
+        return 0
+    print(f"{args.subject} had no TOTP secret", file=sys.stderr)
+    return 1
+
+
+def run_mfa(args: argparse.Namespace) -> int:
+    """Enrol or revoke a subject's TOTP secret."""
+    config = Settings()
+    if not config.valkey_url:
+        print("policyroute mfa: set POLICYROUTE_VALKEY_URL to the Valkey that holds the secrets",
+              file=sys.stderr)
+        return EXIT_USAGE
+    action = _enrol if args.action == "enrol" else _revoke
+
+    async def main() -> int:
+        store = ValkeyStore(config.valkey_url or "", prefix=config.key_prefix,
+                            cluster=config.valkey_cluster)
+        try:
+            return await action(store, args)
+        finally:
+            await store.stop()
+
+    try:
+        return asyncio.run(main())
+    except StorageError as exc:
+        print(f"policyroute mfa: {exc}", file=sys.stderr)
+        return 1
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the `mfa` subcommand."""
+    p = sub.add_parser("mfa", help="enrol or revoke a subject's TOTP secret (in Valkey)")
+    p.add_argument("action", choices=("enrol", "revoke"))
+    p.add_argument("subject", help="the subject (the token's `sub`)")
+    p.add_argument("--replace", action="store_true", help="enrol: replace an existing secret")
+    p.add_argument("--digits", type=int, choices=(6, 7, 8), default=6,
+                   help="enrol: code length (match settings.auth.totp.digits)")
+    p.add_argument("--issuer-name", default="policyroute",
+                   help="enrol: the label in the authenticator app")
+    p.set_defaults(func=run_mfa)

@@ -1,0 +1,63 @@
+"""Credit balances in Valkey: grant, show and set, for the CLI and for applications.
+
+A subject's account is a hash at `<prefix>:{s:<subject>}:credits` with the granted
+balance `b`, the periodic allowance left `a` and the allowance period `p`. Anonymous
+callers of public routes are charged by client address (`ip=True`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backends.valkey import ValkeyStore
+
+
+def account_tag(subject: str, *, ip: bool = False) -> str:
+    """The hash tag of an account: `s:<subject>`, or `ip:<address>` for anonymous callers."""
+    return ("ip:" if ip else "s:") + subject
+
+
+def balance_key(store: ValkeyStore, tag: str) -> str:
+    """The Valkey key of an account's balance."""
+    return store.key(tag, "credits")
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """An account as stored: granted credits plus what is left of the allowance."""
+
+    granted: int
+    allowance: int
+    period: str
+
+    @property
+    def total(self) -> int:
+        """What the account can spend now (an allowance not yet reset counts as stored)."""
+        return self.granted + self.allowance
+
+
+async def grant(store: ValkeyStore, subject: str, amount: int, *, ip: bool = False) -> int:
+    """Add `amount` (may be negative) to the granted balance; return the new total."""
+    key = balance_key(store, account_tag(subject, ip=ip))
+    await store.command("HINCRBY", key, "b", amount, operation="credits grant")
+    return (await show(store, subject, ip=ip)).total
+
+
+async def set_balance(store: ValkeyStore, subject: str, amount: int, *, ip: bool = False) -> None:
+    """Set the granted balance to exactly `amount`."""
+    key = balance_key(store, account_tag(subject, ip=ip))
+    await store.command("HSET", key, "b", amount, operation="credits set")
+
+
+async def set_allowance(store: ValkeyStore, subject: str, amount: int, *, ip: bool = False) -> None:
+    """Set what is left of the current period's allowance (the next period resets it)."""
+    key = balance_key(store, account_tag(subject, ip=ip))
+    await store.command("HSET", key, "a", amount, operation="credits set allowance")
+
+
+async def show(store: ValkeyStore, subject: str, *, ip: bool = False) -> Balance:
+    """The account of a subject (zeros when it has none)."""
+    key = balance_key(store, account_tag(subject, ip=ip))
+    raw = await store.command("HMGET", key, "b", "a", "p", operation="credits show")
+    b, a, p = (x.decode() if isinstance(x, bytes) else x for x in raw)
+    return Balance(int(b or 0), int(a or 0), p or "")

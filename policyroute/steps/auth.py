@@ -1,0 +1,118 @@
+"""Authentication: every route that is not `public: true` needs a valid bearer JWT (RFC 6750)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from urllib.parse import unquote_to_bytes
+
+from ..compiler import Env, register
+from ..errors import ConfigError, Denial, Finding, Location, Problems
+from ..identity.challenge import bearer_challenge
+from ..identity.jwks import Fetch, fetch_jwks
+from ..identity.tokens import Authenticator, TokenError, shared_authenticator
+from ..policy import RoutePolicy
+from .base import Context, Step
+
+log = logging.getLogger("policyroute.auth")
+
+# RFC 6750 section 2.1: credentials = "Bearer" 1*SP b64token
+_B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
+_SCHEME_SLACK = 16  # "Bearer" and the spaces around the token
+
+
+def _query_names(query: bytes) -> set[bytes]:
+    names = (part.partition(b"=")[0].replace(b"+", b" ") for part in query.split(b"&"))
+    return {unquote_to_bytes(name) for name in names}
+
+
+class AuthStep(Step):
+    """Verify the bearer token and make its principal the request's caller."""
+
+    name = "auth"
+
+    def __init__(self, authenticator: Authenticator, realm: str) -> None:
+        self.authenticator = authenticator
+        self.realm = realm
+        self.max_header = authenticator.max_bytes + _SCHEME_SLACK
+        self._no_token = bearer_challenge(realm)
+
+    def _invalid_request(self, detail: str) -> Denial:
+        return Denial(Problems.INVALID_REQUEST, detail,
+                      headers=bearer_challenge(self.realm, "invalid_request", detail))
+
+    def _invalid_token(self, detail: str) -> Denial:
+        return Denial(Problems.INVALID_TOKEN, detail,
+                      headers=bearer_challenge(self.realm, "invalid_token", detail))
+
+    def _token(self, ctx: Context) -> bytes:
+        query = ctx.scope.get("query_string", b"")
+        if b"access" in query and b"access_token" in _query_names(query):
+            raise self._invalid_request(
+                "a token in the query string is refused; send it in the Authorization header")
+        values = ctx.header_values(b"authorization")
+        if not values:
+            raise Denial(Problems.UNAUTHENTICATED, "a bearer token is required",
+                         headers=self._no_token)
+        if len(values) > 1:
+            raise self._invalid_request("send exactly one Authorization header")
+        raw = values[0]
+        if len(raw) > self.max_header:  # before any parsing: a huge header costs nothing more
+            limit = self.authenticator.max_bytes
+            raise self._invalid_token(f"the token is larger than {limit} bytes")
+        scheme, _, token = raw.strip(b" ").partition(b" ")
+        if scheme.lower() != b"bearer":
+            raise Denial(Problems.UNAUTHENTICATED, "a bearer token is required",
+                         headers=self._no_token)
+        return token.lstrip(b" ")
+
+    async def check(self, ctx: Context) -> None:
+        """Refuse a missing, malformed or invalid token; otherwise set the principal."""
+        raw = self._token(ctx)
+        token = raw.decode("latin-1")
+        # A cached token was well-formed when first seen: a repeat costs one lookup.
+        principal = self.authenticator.cached(token)
+        if principal is None:
+            if not _B64TOKEN.fullmatch(raw):
+                raise self._invalid_request("the Authorization header must be `Bearer <token>`")
+            try:
+                principal = await self.authenticator.authenticate(token, ctx.client)
+            except TokenError as exc:
+                # The reason only: never the token, never a claim value.
+                log.debug("policyroute: %s refused a bearer token: %s", ctx.route, exc)
+                raise self._invalid_token(str(exc)) from None
+        if principal.client != ctx.client:
+            principal = dataclasses.replace(principal, client=ctx.client)
+        ctx.set_principal(principal)
+
+    def describe(self) -> str:
+        """One line for explain."""
+        issuers = ", ".join(self.authenticator.issuers)
+        return f"bearer JWT from {issuers} (realm {self.realm!r})"
+
+
+def _settings_finding(code: str, message: str) -> ConfigError:
+    where = ("settings", "auth", "issuers")
+    return ConfigError([Finding(code, message, Location("<settings>"), where)])
+
+
+def make_auth(policy: RoutePolicy, env: Env) -> Step | None:
+    """An auth step for every route that is not public."""
+    if policy.public:
+        return None
+    auth = env.settings.auth
+    if not auth.issuers:
+        raise _settings_finding(
+            "no-issuer",
+            "routes that are not `public: true` need a bearer token, but settings.auth.issuers "
+            "names no issuer to verify it; add one or mark the routes public")
+    fetch: Fetch = env.services.get("jwks_fetcher") or fetch_jwks
+    try:
+        authenticator = shared_authenticator(auth, fetch)
+    except ValueError as exc:
+        raise _settings_finding("invalid-key-source", str(exc)) from None
+    return AuthStep(authenticator, auth.realm)
+
+
+register(("auth",), make_auth)

@@ -1,0 +1,166 @@
+"""`cache`: response cache on Valkey, per principal unless shared, with a stampede lock."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cachetools import Cache as LocalStore
+from cachetools import FIFOCache, LFUCache, LRUCache
+
+from ..backends.valkey import Arg, Store
+from ..policy import Cache, RoutePolicy
+from .base import Context
+from .state import Outcome, Part, Request, Stored, digest, principal_tag, route_id, sleep_ms
+
+# How long the first miss may take to fill the entry before a waiter runs the handler too.
+STAMPEDE_LOCK_MS = 10_000
+HIT = (b"x-cache", b"hit")
+
+
+def cache_keys(store: Store, tag: str, route: str, path: str, vary: str) -> tuple[str, str]:
+    """The (value, lock) keys of one cache entry."""
+    value = store.key(tag, "c", route_id(route), digest(path), digest(vary))
+    return value, value + ":lock"
+
+
+def shared_tag(route: str) -> str:
+    """The hash tag of a shared (not per-principal) entry of a route."""
+    return "r:" + route_id(route)
+
+
+class CacheStep(Part):
+    """Answer from the stored response; store 2xx responses without Set-Cookie."""
+
+    name = "cache"
+
+    def __init__(self, store: Store, spec: Cache) -> None:
+        self.store = store
+        self.spec = spec
+        self.fail_open = spec.on_backend_error == "open"
+        self.ttl_ms = max(1, round(spec.ttl * 1000))
+        self.lock_ms = min(self.ttl_ms * 10, STAMPEDE_LOCK_MS)
+        self.vary_headers = tuple(h.lower() for h in spec.vary_headers)
+        self.local: LocalStore[str, tuple[float, Stored]] | None = None
+        self.local_ttl = 0.0
+        if spec.local is not None:
+            kind = {"lru": LRUCache, "lfu": LFUCache, "fifo": FIFOCache}[spec.local.eviction]
+            self.local = kind(maxsize=spec.local.max_entries)
+            self.local_ttl = min(spec.local.ttl or spec.ttl, spec.ttl)
+
+    def describe(self) -> str:
+        """TTL and what the key varies by."""
+        by = ["path"] + (["query"] if self.spec.vary_query else []) + list(self.vary_headers)
+        who = "shared by all callers" if self.spec.shared else "per principal"
+        local = self.spec.local
+        first = (
+            f", in-process first tier of {local.max_entries} ({local.eviction}, "
+            f"ttl {self.local_ttl}s)"
+            if local
+            else ""
+        )
+        return f"ttl {self.spec.ttl}s, {who}, varies by {', '.join(by)}{first}"
+
+    def _local_get(self, key: str) -> Stored | None:
+        if self.local is None:
+            return None
+        found = self.local.get(key)
+        if found is None:
+            return None
+        if found[0] < time.monotonic():
+            self.local.pop(key, None)
+            return None
+        return found[1]
+
+    def _local_put(self, key: str, stored: Stored) -> None:
+        if self.local is not None:
+            self.local[key] = (time.monotonic() + self.local_ttl, stored)
+
+    def vary(self, ctx: Context) -> str:
+        """The request's variant: method, query and the named headers."""
+        parts = [ctx.method]
+        if self.spec.vary_query:
+            parts.append(ctx.scope.get("query_string", b"").decode("latin-1"))
+        parts.extend(ctx.headers.get(h, "") for h in self.vary_headers)
+        return "\0".join(parts)
+
+    async def prepare(self, req: Request) -> None:
+        """Append the lookup op (and the stampede lock on a miss)."""
+        ctx = req.ctx
+        tag = shared_tag(ctx.route) if self.spec.shared else principal_tag(ctx)
+        path = ctx.scope.get("path", "")
+        value, lock = cache_keys(self.store, tag, ctx.route, path, self.vary(ctx))
+        req.data["ca_keys"] = (value, lock)
+        local = self._local_get(value)
+        if local is not None:
+            # First tier hit: no cache op; the other parts still run (and refund credits).
+            req.data["answer"] = local
+            req.data["answer_headers"] = [HIT]
+            req.data["ca_local"] = True
+            return
+        req.keys.extend((value, lock))
+        args: tuple[Arg, ...] = ("ca", self.lock_ms, req.token)
+        req.args.extend(args)
+
+    def settle(self, req: Request, reply: list[Any]) -> None:
+        """A hit answers; a miss that lost the lock waits for the first one."""
+        verdict = req.data["verdict"]
+        if req.data.get("ca_local"):
+            return
+        if verdict == "hit":
+            stored = Stored.decode(*reply[3])
+            self._local_put(req.data["ca_keys"][0], stored)
+            req.data["answer"] = stored
+            req.data["answer_headers"] = [HIT]
+        elif verdict == "wait":
+            req.data["wait"] = lambda: self.wait(req)
+        elif verdict == "go":
+            req.data["ca_leader"] = True
+
+    async def wait(self, req: Request) -> Stored | None:
+        """Poll until the leader stored the entry; None when it gave up (run the handler)."""
+        value, lock = req.data["ca_keys"]
+        deadline = time.monotonic() + self.lock_ms / 1000
+        pause = 2.0
+        while time.monotonic() < deadline:
+            await sleep_ms(pause)
+            pause = min(pause * 2, 50.0)
+            found = await self.store.run(
+                "cache_poll", [value, lock], [], operation="cache wait", fail_open=self.fail_open
+            )
+            state = found[0].decode() if isinstance(found[0], bytes) else str(found[0])
+            if state == "hit":
+                req.data["answer_headers"] = [HIT]
+                return Stored.decode(*found[1:])
+            if state == "free":
+                return None
+        return None
+
+    def storable(self, outcome: Outcome) -> Stored | None:
+        """The response if it may be cached: complete, 2xx, no Set-Cookie, not no-store."""
+        stored = outcome.complete
+        if stored is None or not 200 <= stored.status < 300 or not outcome.handler_ran:
+            return None
+        for name, value in stored.headers:
+            low = name.lower()
+            if low == b"set-cookie" or (low == b"cache-control" and b"no-store" in value.lower()):
+                return None
+        return stored
+
+    def after(self, req: Request, outcome: Outcome) -> None:
+        """Store the response (and release the lock) when this request led the miss."""
+        if not req.data.get("ca_leader"):
+            return
+        value, lock = req.data["ca_keys"]
+        stored = self.storable(outcome) if req.ctx.method == "GET" else None
+        if stored is None:
+            req.finish("cau", [lock], req.token)
+            return
+        self._local_put(value, stored)
+        code, headers, body = stored.encode()
+        req.finish("cas", [value, lock], code, headers, body, self.ttl_ms, req.token)
+
+
+def make_cache_part(policy: RoutePolicy, store: Store) -> Part | None:
+    """The cache part of a route's fused state step."""
+    return CacheStep(store, policy.cache) if policy.cache else None

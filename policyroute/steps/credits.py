@@ -1,0 +1,87 @@
+"""`credits`: reserve a route's cost atomically, commit on success, refund on failure."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..backends.valkey import Arg, Store
+from ..errors import Denial, Problems
+from ..policy import Credits, RoutePolicy
+from .state import Outcome, Part, Request, principal_tag
+
+
+class CreditsStep(Part):
+    """Refuse with 402 when the balance is short; never overdraw; refund as the policy says."""
+
+    name = "credits"
+
+    def __init__(self, store: Store, spec: Credits) -> None:
+        self.store = store
+        self.spec = spec
+        self.fail_open = spec.on_backend_error == "open"
+        allowance = spec.allowance
+        self.op: tuple[Arg, ...] = (
+            "cr",
+            spec.cost,
+            allowance.amount if allowance else 0,
+            allowance.every if allowance else "-",
+        )
+        self.refund_on = frozenset(spec.refund_on)
+
+    def describe(self) -> str:
+        """Cost, refunds and allowance in one line."""
+        extra = ""
+        if self.spec.allowance:
+            extra = f", allowance {self.spec.allowance.amount} per {self.spec.allowance.every}"
+        return f"cost {self.spec.cost}, refund on {', '.join(self.spec.refund_on)}{extra}"
+
+    async def prepare(self, req: Request) -> None:
+        """Append the reservation op for the caller's account."""
+        key = self.store.key(principal_tag(req.ctx), "credits")
+        req.keys.append(key)
+        req.args.extend(self.op)
+        req.data["cr_key"] = key
+
+    def settle(self, req: Request, reply: list[Any]) -> None:
+        """Raise 402 when the balance was short; remember what was taken."""
+        row = reply[2]
+        if req.data["verdict"] == "credits":
+            balance = int(row[2])
+            raise Denial(
+                Problems.INSUFFICIENT_CREDITS,
+                f"this request costs {self.spec.cost} credits; the balance is {balance}",
+                extra={"cost": self.spec.cost, "balance": balance},
+                headers={k.decode(): v.decode() for k, v in req.extra},
+            )
+        if row:
+            from_a, from_b = int(row[0]), int(row[1])
+            period = row[3].decode() if isinstance(row[3], bytes) else str(row[3])
+            req.data["cr_taken"] = (from_a, from_b, period)
+
+    def refund(self, outcome: Outcome) -> bool:
+        """Whether the reserved credits go back: no charge without a handler's response."""
+        if not outcome.handler_ran or not outcome.started:
+            return True
+        on = self.refund_on
+        if not outcome.done:
+            gone = isinstance(outcome.error, (asyncio.CancelledError, OSError))
+            return ("disconnect" if gone else "error") in on or outcome.error is None
+        status = outcome.status
+        return (
+            (status >= 500 and "5xx" in on)
+            or (400 <= status < 500 and "4xx" in on)
+            or (status in (408, 504) and "timeout" in on)
+        )
+
+    def after(self, req: Request, outcome: Outcome) -> None:
+        """Refund the reservation when the outcome says so (else it is committed)."""
+        taken = req.data.get("cr_taken")
+        if taken is None or not self.refund(outcome):
+            return
+        req.finish("ref", [req.data["cr_key"]], *taken)
+
+
+def make_credits_part(policy: RoutePolicy, store: Store) -> Part | None:
+    """The credits part of a route's fused state step."""
+    return CreditsStep(store, policy.credits) if policy.credits else None

@@ -1,0 +1,112 @@
+"""`idempotency`: draft-ietf-httpapi-idempotency-key-header on Valkey (400/409/422/replay)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from ..backends.valkey import Arg, Store
+from ..errors import Denial, Problems
+from ..policy import Idempotency, RoutePolicy
+from .state import Outcome, Part, Request, Stored, digest, principal_tag, read_body, route_id
+
+# An in-flight record outlives a process that died holding it for at most this long.
+IN_FLIGHT_MS = 300_000
+_KEY = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]{1,255})"$|^([\x21-\x7e]{1,255})$')
+REPLAYED = (b"idempotent-replayed", b"true")
+
+
+def parse_key(raw: str) -> str | None:
+    """The key of an Idempotency-Key header (an sf-string, or a bare token); None if bad."""
+    found = _KEY.match(raw.strip())
+    if found is None:
+        return None
+    return found.group(1) or found.group(2)
+
+
+class IdempotencyStep(Part):
+    """Run a request once per key; replay the stored response for repeats."""
+
+    name = "idempotency"
+
+    def __init__(self, store: Store, spec: Idempotency) -> None:
+        self.store = store
+        self.spec = spec
+        self.header = spec.header.lower()
+        self.fail_open = spec.on_backend_error == "open"
+        self.ttl_ms = max(1, round(spec.ttl * 1000))
+        self.lock_ms = min(self.ttl_ms, IN_FLIGHT_MS)
+
+    def describe(self) -> str:
+        """Header, ttl and whether it is required."""
+        need = "required" if self.spec.required else "optional"
+        return f"{self.spec.header} {need}, records kept {self.spec.ttl}s"
+
+    async def prepare(self, req: Request) -> None:
+        """400 when the key is missing or malformed; else append the record op."""
+        ctx = req.ctx
+        raw = ctx.headers.get(self.header)
+        if raw is None:
+            if self.spec.required:
+                raise Denial(
+                    Problems.IDEMPOTENCY_KEY_MISSING,
+                    f"this route requires an {self.spec.header} header",
+                )
+            return
+        key = parse_key(raw)
+        if key is None:
+            raise Denial(
+                Problems.IDEMPOTENCY_KEY_INVALID,
+                f"{self.spec.header} must be a string of 1 to 255 visible characters",
+            )
+        body = await read_body(ctx)
+        fp = hashlib.sha256()
+        for part in (ctx.method, ctx.scope.get("path", ""), ctx.scope.get("query_string", b"")):
+            fp.update(part if isinstance(part, bytes) else part.encode())
+            fp.update(b"\0")
+        fp.update(body)
+        record = self.store.key(principal_tag(ctx), "id", route_id(ctx.route), digest(key))
+        req.keys.append(record)
+        args: tuple[Arg, ...] = ("id", fp.hexdigest(), self.lock_ms)
+        req.args.extend(args)
+        req.data["id_key"] = record
+
+    def settle(self, req: Request, reply: list[Any]) -> None:
+        """409 while in flight, 422 for another payload, the stored response for a repeat."""
+        if "id_key" not in req.data:
+            return
+        verdict = req.data["verdict"]
+        if verdict == "inflight":
+            raise Denial(
+                Problems.IDEMPOTENCY_IN_FLIGHT,
+                "a request with this key is still being processed; retry later",
+                headers={"Retry-After": "1"},
+            )
+        if verdict == "reused":
+            raise Denial(
+                Problems.IDEMPOTENCY_KEY_REUSED,
+                "this key was already used with a different request",
+            )
+        if verdict == "replay":
+            req.data["answer"] = Stored.decode(*reply[3])
+            req.data["answer_headers"] = [REPLAYED]
+            return
+        req.data["id_owner"] = True
+
+    def after(self, req: Request, outcome: Outcome) -> None:
+        """Store the completed response for replay, or drop the record so a retry can run."""
+        if not req.data.get("id_owner"):
+            return
+        key = req.data["id_key"]
+        stored = outcome.complete
+        if stored is None or stored.status >= 500:
+            req.finish("idd", [key])
+            return
+        code, headers, body = stored.encode()
+        req.finish("ids", [key], code, headers, body, self.ttl_ms)
+
+
+def make_idempotency_part(policy: RoutePolicy, store: Store) -> Part | None:
+    """The idempotency part of a route's fused state step."""
+    return IdempotencyStep(store, policy.idempotency) if policy.idempotency else None

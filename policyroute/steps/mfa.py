@@ -1,0 +1,107 @@
+"""`mfa: required`: a fresh step-up claim (acr / amr) or a one-time code, checked once."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..compiler import Env, register
+from ..errors import Denial, Problems, StorageError
+from ..identity.challenge import bearer_challenge
+from ..identity.totp import MAX_CODE_BYTES, SecretSource, TotpGuard
+from ..policy import RoutePolicy, StepUp
+from ..principal import Principal
+from .base import Context, Step
+
+log = logging.getLogger("policyroute.auth")
+
+
+class MfaStep(Step):
+    """Let the request on after a recent step-up or a valid TOTP code; else 401 (RFC 9470)."""
+
+    name = "mfa"
+
+    def __init__(self, realm: str, max_age: float, step_up: StepUp | None,
+                 totp: TotpGuard | None, header: str) -> None:
+        self.max_age = max_age
+        self.acr = frozenset(step_up.acr_values) if step_up else frozenset()
+        self.amr = frozenset(step_up.amr_values) if step_up else frozenset()
+        self.step_up = step_up is not None
+        self.totp = totp
+        self.header = header
+        self._header_bytes = header.encode("latin-1")
+        params = {"max_age": str(int(max_age))}
+        if self.acr:
+            params["acr_values"] = " ".join(sorted(self.acr))
+        ways = [w for w, on in (("a fresh step-up token", self.step_up),
+                                (f"a one-time code in {header}", totp is not None)) if on]
+        self._required = "this route needs a second factor: " + " or ".join(ways)
+        self._challenge = bearer_challenge(realm, "insufficient_user_authentication",
+                                           self._required, **params)
+
+    def fresh(self, principal: Principal, now: float) -> bool:
+        """True when the token shows a recent enough acr/amr step-up."""
+        if principal.auth_time is None or now - principal.auth_time > self.max_age:
+            return False
+        return principal.acr in self.acr or not self.amr.isdisjoint(principal.amr)
+
+    async def check(self, ctx: Context) -> None:
+        """Pass on a fresh step-up; else check the code header; else ask for step-up."""
+        principal = ctx.principal
+        if self.step_up and self.fresh(principal, time.time()):
+            return
+        if self.totp is not None and principal.subject is not None:
+            values = ctx.header_values(self._header_bytes)
+            if values:
+                await self._check_code(principal.subject, values)
+                return
+        raise Denial(Problems.MFA_REQUIRED, self._required, headers=self._challenge)
+
+    async def _check_code(self, subject: str, values: list[bytes]) -> None:
+        assert self.totp is not None
+        # Never parse more than a code can be; anything else is simply a wrong code.
+        raw = values[0] if len(values) == 1 and len(values[0]) <= MAX_CODE_BYTES else b""
+        try:
+            result = await self.totp.check(subject, raw.decode("latin-1").strip())
+        except StorageError as exc:
+            log.warning("policyroute: one-time codes cannot be checked: %s", exc)
+            raise Denial(Problems.BACKEND_UNAVAILABLE,
+                         "the one-time code cannot be checked right now; try again shortly",
+                         headers={"Retry-After": "5"}) from None
+        if result.accepted:
+            return
+        if result.locked:
+            raise Denial(Problems.MFA_LOCKED, "too many wrong one-time codes; try again later",
+                         headers={"Retry-After": str(result.retry_after)})
+        detail = ("this one-time code was already used; wait for the next one"
+                  if result.reason == "replayed" else "the one-time code is not valid")
+        raise Denial(Problems.MFA_INVALID, detail, headers=self._challenge)
+
+    def describe(self) -> str:
+        """One line for explain."""
+        parts = []
+        if self.step_up:
+            parts.append(f"step-up (amr {', '.join(sorted(self.amr)) or '-'}; "
+                         f"acr {', '.join(sorted(self.acr)) or '-'}; max age {int(self.max_age)}s)")
+        if self.totp is not None:
+            parts.append(f"or TOTP code in {self.header}, once, lockout after "
+                         f"{self.totp.settings.max_failures} failures")
+        return " ".join(parts)
+
+
+def make_mfa(policy: RoutePolicy, env: Env) -> Step | None:
+    """An MFA step when the policy requires it; TOTP needs Valkey for replay and lockout state."""
+    if policy.mfa is None:
+        return None
+    auth = env.settings.auth
+    max_age = policy.mfa.max_age if policy.mfa.max_age is not None else auth.step_up.max_age
+    totp = None
+    if "totp" in policy.mfa.methods:
+        store = env.service("valkey", "mfa (one-time codes are accepted once across workers)")
+        secrets: SecretSource | None = env.services.get("totp_secrets")
+        totp = TotpGuard(store, auth.totp, secrets)
+    step_up = auth.step_up if "step_up" in policy.mfa.methods else None
+    return MfaStep(auth.realm, max_age, step_up, totp, auth.totp.header)
+
+
+register(("mfa",), make_mfa)

@@ -1,0 +1,187 @@
+"""`rate_limit`: token buckets, sliding windows and concurrency caps on Valkey time."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..backends.valkey import Arg, Store
+from ..errors import Denial, Problems
+from ..policy import RateLimit, RoutePolicy
+from .base import Context
+from .state import Header, Outcome, Part, Request, digest, principal_tag, route_id
+
+# How long a concurrency slot outlives a process that died holding it.
+CONCURRENCY_LEASE_MS = 300_000
+
+TagOf = Callable[[Context], str]
+
+
+def _tag_of(key: str) -> TagOf:
+    """The hash tag of a limit key, chosen once when compiling."""
+    if key == "user":
+        return principal_tag
+    if key == "ip":
+        return lambda ctx: "ip:" + (ctx.client or "-")
+    if key == "route":
+        return lambda ctx: "r:" + route_id(ctx.route)
+    if key == "api_key":
+        return _from_header("x-api-key", "k:")
+    if key.startswith("header:"):
+        name = key.partition(":")[2].lower()
+        return _from_header(name, f"h:{name}:")
+    claim = key.partition(":")[2]
+
+    def from_claim(ctx: Context) -> str:
+        value = ctx.principal.claims.get(claim)
+        # A caller without the claim shares the bucket of its address, never a free pass.
+        return (
+            f"c:{claim}:{digest(str(value))}" if value is not None else "ip:" + (ctx.client or "-")
+        )
+
+    return from_claim
+
+
+def _from_header(name: str, prefix: str) -> TagOf:
+    def tag(ctx: Context) -> str:
+        value = ctx.headers.get(name)
+        return prefix + digest(value) if value else "ip:" + (ctx.client or "-")
+
+    return tag
+
+
+def _sf_name(text: str) -> str:
+    """A structured-field string for a policy name."""
+    return '"' + re.sub(r'[^ -~]|["\\]', "_", text) + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One compiled limit: its op, its key template and its header parameters."""
+
+    spec: RateLimit
+    name: str
+    tag: TagOf
+    index: str
+    op: tuple[Arg, ...]
+    policy_item: str
+
+    def item(self, remaining: int, reset_ms: int) -> str:
+        """This limit's `RateLimit` header item (draft-ietf-httpapi-ratelimit-headers)."""
+        t = max(0, math.ceil(reset_ms / 1000))
+        return f"{_sf_name(self.name)};r={max(0, remaining)};t={t}"
+
+
+def compile_limit(spec: RateLimit, index: int, names: set[str]) -> Limit:
+    """Everything about one limit that does not depend on the request."""
+    name = spec.name or (spec.key if spec.algorithm != "concurrency" else "concurrency")
+    if name in names:
+        name = f"{name}-{index}"
+    names.add(name)
+    if spec.algorithm == "concurrency":
+        op: tuple[Arg, ...] = ("cc", spec.capacity, CONCURRENCY_LEASE_MS)
+        item = f"{_sf_name(name)};q={spec.capacity}"
+    else:
+        per_ms = max(1, round((spec.per or 0) * 1000))
+        if spec.algorithm == "token_bucket":
+            refill = spec.refill or spec.capacity
+            op = ("tb", spec.capacity, refill, per_ms, spec.cost)
+            # The window in which an empty bucket fills again.
+            window = math.ceil(spec.capacity * per_ms / refill / 1000)
+        else:
+            op = ("sw", spec.capacity, per_ms, spec.cost)
+            window = math.ceil(per_ms / 1000)
+        item = f"{_sf_name(name)};q={spec.capacity};w={window}"
+    return Limit(spec, name, _tag_of(spec.key), str(index), op, item)
+
+
+class RateLimitStep(Part):
+    """Refuse with 429 when any limit of the route is exhausted; add RateLimit headers."""
+
+    name = "rate_limit"
+
+    def __init__(self, store: Store, limits: list[RateLimit]) -> None:
+        self.store = store
+        names: set[str] = set()
+        self.limits = tuple(compile_limit(s, i, names) for i, s in enumerate(limits))
+        self.fail_open = all(s.on_backend_error == "open" for s in limits)
+        self.policy_header: Header = (
+            b"ratelimit-policy",
+            ", ".join(lim.policy_item for lim in self.limits).encode(),
+        )
+        self.slots = tuple(i for i, lim in enumerate(self.limits) if lim.op[0] == "cc")
+
+    def describe(self) -> str:
+        """The limits in one line."""
+        out = []
+        for lim in self.limits:
+            s = lim.spec
+            if s.algorithm == "concurrency":
+                out.append(f"{lim.name}: at most {s.capacity} in flight per {s.key}")
+            elif s.algorithm == "token_bucket":
+                out.append(
+                    f"{lim.name}: token bucket of {s.capacity} per {s.key}, "
+                    f"+{s.refill or s.capacity} per {s.per}s, cost {s.cost}"
+                )
+            else:
+                out.append(f"{lim.name}: {s.capacity} per {s.per}s sliding window per {s.key}")
+        return "; ".join(out)
+
+    async def prepare(self, req: Request) -> None:
+        """Append one op per limit."""
+        store, ctx = self.store, req.ctx
+        rid = route_id(ctx.route)
+        for lim in self.limits:
+            req.keys.append(store.key(lim.tag(ctx), "rl", rid, lim.index))
+            req.args.extend(lim.op)
+            if lim.op[0] == "cc":
+                req.args.append(req.token)
+        req.data["rl_keys"] = req.keys[-len(self.limits) :]
+
+    def settle(self, req: Request, reply: list[Any]) -> None:
+        """Set the RateLimit headers; raise 429 when a limit refused."""
+        rows = reply[1]
+        items = []
+        retry_ms = 0
+        refused: Limit | None = None
+        for lim, row in zip(self.limits, rows, strict=True):
+            ok, remaining, reset_ms, wait_ms = (int(v) for v in row[:4])
+            items.append(lim.item(remaining, reset_ms if ok else max(reset_ms, wait_ms)))
+            if not ok:
+                retry_ms = max(retry_ms, wait_ms)
+                refused = refused or lim
+        req.extra.append(self.policy_header)
+        req.extra.append((b"ratelimit", ", ".join(items).encode()))
+        if refused is None:
+            req.data["rl_held"] = True
+            return
+        retry = str(max(1, math.ceil(retry_ms / 1000)))
+        headers = {k.decode(): v.decode() for k, v in req.extra}
+        headers["Retry-After"] = retry
+        concurrency = refused.spec.algorithm == "concurrency"
+        problem = Problems.CONCURRENCY_LIMITED if concurrency else Problems.RATE_LIMITED
+        req.extra.clear()
+        raise Denial(
+            problem,
+            f"limit {refused.name!r} is exhausted; retry after {retry} s",
+            headers=headers,
+            extra={"limit": refused.name},
+        )
+
+    def after(self, req: Request, outcome: Outcome) -> None:
+        """Release the concurrency slots this request holds."""
+        if not self.slots or not req.data.get("rl_held"):
+            return
+        keys = req.data["rl_keys"]
+        for i in self.slots:
+            req.finish("rel", [keys[i]], req.token)
+
+
+def make_rate_limit_part(policy: RoutePolicy, store: Store) -> Part | None:
+    """The rate-limit part of a route's fused state step."""
+    if not policy.rate_limit:
+        return None
+    return RateLimitStep(store, list(policy.rate_limit))

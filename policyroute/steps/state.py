@@ -1,0 +1,339 @@
+"""The fused stateful step: every stateful pre-check of a request in one Valkey round trip.
+
+`rate_limit`, `credits`, `idempotency` and `cache` each compile to their own part
+(`RateLimitStep`, `CreditsStep`, `IdempotencyStep`, `CacheStep`). The compiler folds the
+parts of a route into one `StateStep`, which evaluates `lua/state.lua` once before the
+handler and `lua/finish.lua` once after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.types import Message, Send
+
+from ..backends.valkey import Arg, Store
+from ..compiler import Env, register
+from ..errors import Denial, Problems, StorageError
+from ..policy import RoutePolicy
+from .base import Context, Handler, Step
+
+log = logging.getLogger("policyroute")
+
+# Requests that went on without a policy backend (a step configured `on_backend_error: open`).
+BACKEND_FAILED_OPEN: Counter[str] = Counter()
+
+Header = tuple[bytes, bytes]
+
+
+@functools.lru_cache(maxsize=4096)
+def route_id(route: str) -> str:
+    """A short stable id of a route for key names (no spaces, no user input)."""
+    return hashlib.sha256(route.encode()).hexdigest()[:12]
+
+
+def digest(value: str | bytes) -> str:
+    """A short digest of a request-supplied value, so raw keys never appear in Valkey."""
+    raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def principal_tag(ctx: Context) -> str:
+    """The hash tag of the caller: subject when authenticated, else client address."""
+    subject = ctx.principal.subject
+    if subject is not None:
+        return "s:" + subject
+    return "ip:" + (ctx.client or "-")
+
+
+@dataclass(slots=True)
+class Stored:
+    """A response as stored in Valkey: status, raw headers, body."""
+
+    status: int
+    headers: list[Header]
+    body: bytes
+
+    def encode(self) -> tuple[int, str, bytes]:
+        """(status, JSON header list, body) for the Lua scripts."""
+        pairs = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers]
+        return self.status, json.dumps(pairs, separators=(",", ":")), self.body
+
+    @classmethod
+    def decode(cls, code: Any, headers: Any, body: Any) -> Stored:
+        """The response from the script's reply fields."""
+        pairs = json.loads(headers)
+        return cls(
+            int(code), [(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs], bytes(body)
+        )
+
+    async def send(self, send: Send, extra: Sequence[Header], head: bool) -> None:
+        """Send the stored response byte for byte, plus `extra` headers."""
+        start: Message = {
+            "type": "http.response.start",
+            "status": self.status,
+            "headers": [*self.headers, *extra],
+        }
+        await send(start)
+        await send({"type": "http.response.body", "body": b"" if head else self.body})
+
+
+@dataclass(slots=True)
+class Request:
+    """What the parts of one request compute and share."""
+
+    ctx: Context
+    keys: list[str] = field(default_factory=list)
+    args: list[Arg] = field(default_factory=list)
+    token: str = ""
+    extra: list[Header] = field(default_factory=list)
+    finish_keys: list[str] = field(default_factory=list)
+    finish_args: list[Arg] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def finish(self, op: str, keys: Sequence[str], *args: Arg) -> None:
+        """Queue an op for the after-handler script."""
+        self.finish_keys.extend(keys)
+        self.finish_args.append(op)
+        self.finish_args.extend(args)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How the request ended, as the after-handler parts need it."""
+
+    handler_ran: bool = False
+    status: int = 0
+    headers: list[Header] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    started: bool = False
+    done: bool = False
+    error: BaseException | None = None
+
+    @property
+    def complete(self) -> Stored | None:
+        """The full response when one was sent completely."""
+        if not self.done:
+            return None
+        return Stored(self.status, list(self.headers), bytes(self.body))
+
+
+class Part(Step):
+    """One stateful policy key inside the fused `StateStep`."""
+
+    guard = False
+    fail_open: bool = False
+
+    async def prepare(self, req: Request) -> None:
+        """Check what needs no backend (may raise Denial) and append this part's op."""
+
+    def settle(self, req: Request, reply: list[Any]) -> None:
+        """Read this part's share of the script's reply; may raise Denial."""
+
+    def after(self, req: Request, outcome: Outcome) -> None:
+        """Queue after-handler ops for the finish script."""
+
+
+def _reply_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class StateStep(Step):
+    """rate_limit -> credits -> idempotency -> cache, fused into one Valkey round trip."""
+
+    name = "state"
+    guard = False
+
+    def __init__(self, store: Store, parts: Sequence[Part]) -> None:
+        self.store = store
+        self.parts = tuple(parts)
+        # Closed wins: a request goes on without the backend only when every part allows it.
+        self.fail_open = all(p.fail_open for p in self.parts)
+        self.names = ",".join(p.name for p in self.parts)
+
+    def describe(self) -> str:
+        """One line for explain: the parts in evaluation order."""
+        inner = "; ".join(f"{p.name}({p.describe()})" for p in self.parts)
+        return f"one Valkey round trip: {inner}"
+
+    async def around(self, ctx: Context, call_next: Handler) -> None:
+        """Run the fused pre-checks, answer or deny, else run the handler and finish."""
+        req = Request(ctx, token=uuid.uuid4().hex)
+        for part in self.parts:
+            await part.prepare(req)
+        if not req.args:
+            # Nothing to ask Valkey: an in-process cache hit, or an optional key not sent.
+            if "answer" in req.data:
+                await self._local(req)
+            else:
+                await call_next(ctx)
+            return
+        try:
+            reply = await self.store.run(
+                "state", req.keys, req.args, operation=self.names, fail_open=self.fail_open
+            )
+        except StorageError as exc:
+            await self._without_backend(ctx, call_next, exc)
+            return
+        verdict = _reply_text(reply[0])
+        req.data["verdict"] = verdict
+        outcome = Outcome()
+        try:
+            for part in self.parts:
+                part.settle(req, reply)
+            stored: Stored | None = req.data.get("answer")
+            if stored is not None:
+                await self._answer(req, stored, outcome)
+            else:
+                await self._run(req, call_next, outcome)
+        except Denial as denial:
+            if not outcome.started:
+                outcome.status = denial.status
+                outcome.error = denial
+                denial.headers.update({k.decode(): v.decode() for k, v in req.extra})
+            raise
+        except BaseException as exc:
+            outcome.error = exc
+            raise
+        finally:
+            await self._finish(req, outcome)
+
+    async def _local(self, req: Request) -> None:
+        """Answer from an in-process tier with no Valkey round trip at all."""
+        stored: Stored = req.data["answer"]
+        await stored.send(req.ctx.send, req.data["answer_headers"], req.ctx.method == "HEAD")
+
+    async def _answer(self, req: Request, stored: Stored, outcome: Outcome) -> None:
+        send = _recording(req.ctx.send, outcome, req.extra, keep=True)
+        await stored.send(send, req.data.get("answer_headers", []), req.ctx.method == "HEAD")
+
+    async def _run(self, req: Request, call_next: Handler, outcome: Outcome) -> None:
+        wait = req.data.get("wait")
+        if wait is not None:
+            stored = await wait()
+            if stored is not None:
+                await self._answer(req, stored, outcome)
+                return
+        ctx = req.ctx
+        original = ctx.send
+        ctx.send = _recording(original, outcome, req.extra, keep=True)
+        outcome.handler_ran = True
+        try:
+            await call_next(ctx)
+        finally:
+            ctx.send = original
+
+    async def _finish(self, req: Request, outcome: Outcome) -> None:
+        for part in self.parts:
+            part.after(req, outcome)
+        if not req.finish_args:
+            return
+        # Shielded: a cancelled request (client gone) must still release and refund.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.store.run(
+                    "finish",
+                    req.finish_keys,
+                    req.finish_args,
+                    operation=f"{self.names} finish",
+                    fail_open=True,
+                )
+            except StorageError as exc:
+                log.warning("policyroute: %s", exc)
+
+    async def _without_backend(self, ctx: Context, call_next: Handler, exc: StorageError) -> None:
+        if not self.fail_open:
+            raise Denial(
+                Problems.BACKEND_UNAVAILABLE,
+                "the policy backend is unavailable; try again shortly",
+                headers={"Retry-After": "1"},
+            ) from exc
+        for part in self.parts:
+            BACKEND_FAILED_OPEN[part.name] += 1
+        log.warning("policyroute: %s", exc)
+        await call_next(ctx)
+
+
+def _recording(send: Send, outcome: Outcome, extra: Sequence[Header], *, keep: bool) -> Send:
+    """A `send` that adds `extra` headers to the response and records what was sent."""
+
+    async def record(message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            outcome.started = True
+            outcome.status = int(message["status"])
+            outcome.headers = list(message.get("headers", []))
+            if extra:
+                message = {**message, "headers": [*outcome.headers, *extra]}
+        elif kind == "http.response.body":
+            if keep:
+                outcome.body.extend(message.get("body", b""))
+            if not message.get("more_body", False):
+                await send(message)
+                outcome.done = True
+                return
+        await send(message)
+
+    return record
+
+
+async def read_body(ctx: Context) -> bytes:
+    """Read the whole request body once and let the handler read it again."""
+    chunks: list[bytes] = []
+    receive = ctx.receive
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    ctx.receive = replay
+    return body
+
+
+async def sleep_ms(ms: float) -> None:
+    """Sleep a number of milliseconds."""
+    await asyncio.sleep(ms / 1000)
+
+
+STATE_KEYS = ("rate_limit", "credits", "idempotency", "cache")
+
+
+def make_state(policy: RoutePolicy, env: Env) -> Step | None:
+    """The fused step of a route's stateful keys; None when it sets none of them."""
+    from .cache import make_cache_part
+    from .credits import make_credits_part
+    from .idempotency import make_idempotency_part
+    from .rate_limit import make_rate_limit_part
+
+    makers = (make_rate_limit_part, make_credits_part, make_idempotency_part, make_cache_part)
+    wanted = [m for m, k in zip(makers, STATE_KEYS, strict=True) if getattr(policy, k)]
+    if not wanted:
+        return None
+    store: Store = env.service("valkey", "/".join(k for k in STATE_KEYS if getattr(policy, k)))
+    parts = [p for m in wanted if (p := m(policy, store)) is not None]
+    return StateStep(store, parts)
+
+
+register(STATE_KEYS, make_state)

