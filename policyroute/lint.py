@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from .compiler import unenforced
 from .errors import ConfigError, Finding, Location
-from .loader import PolicySet, load_policies
+from .loader import PolicySet, RouteEntry, load_policies
 from .policy import normalize_path
 
 FORMATS = ("text", "json", "sarif", "github")
@@ -78,9 +78,26 @@ def lint(paths: Sequence[str | Path], app: FastAPI | None = None) -> list[Findin
                     ("routes", entry.key, key),
                 )
             )
+        findings.extend(_policy_rules(entry))
     if app is not None:
         findings.extend(_route_findings(policies, app))
     return findings
+
+
+def _policy_rules(entry: RouteEntry) -> list[Finding]:
+    """Rules beyond the schema: unsafe combinations a reviewer would miss."""
+    out: list[Finding] = []
+    policy = entry.policy
+    cache = policy.cache
+    if cache is not None and cache.shared and not policy.public and not cache.acknowledge_shared:
+        where = entry.origins["cache"][-1].location if "cache" in entry.origins else entry.location
+        out.append(Finding(
+            "shared-cache-authenticated",
+            f"{entry.key} caches one response for every caller of an authenticated route; "
+            "one user's data could be served to another. Remove `shared: true`, or set "
+            "`acknowledge_shared: true` if the response really is the same for everyone",
+            where, ("routes", entry.key, "cache", "shared")))
+    return out
 
 
 def render(findings: Sequence[Finding], fmt: str) -> str:

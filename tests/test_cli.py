@@ -128,3 +128,18 @@ def test_every_repository_policy_file_validates_against_the_schema(path: Path) -
 def test_schema_rejects_an_unknown_key() -> None:
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"version": 1, "routes": {"GET /x": {"publik": True}}}, policy_schema())
+
+
+def test_lint_refuses_a_shared_cache_on_an_authenticated_route(
+    capsys: pytest.CaptureFixture[str], policy_dir: Path
+) -> None:
+    (policy_dir / "a.yaml").write_text(
+        "version: 1\nroutes:\n  GET /me:\n    scopes: [read:me]\n    cache: {ttl: 60s, shared: true}\n"
+        "  GET /catalog:\n    cache: {ttl: 60s, shared: true, acknowledge_shared: true}\n"
+        "  GET /public:\n    public: true\n    cache: {ttl: 60s, shared: true}\n"
+    )
+    code, out, _ = run(capsys, "lint", str(policy_dir))
+    assert code == 1
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    assert ":5:5: error[shared-cache-authenticated] GET /me caches one response for every caller" in lines[0]
