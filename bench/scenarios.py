@@ -22,7 +22,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("bare", "bench.apps.bare:app"),
     Scenario("slowapi", "bench.apps.slowapi_app:app"),
     Scenario("fastapi_limiter", "bench.apps.fastapi_limiter_app:app"),
-    Scenario("policyroute_core", "bench.apps.policyroute_core:app"),
+    Scenario("policyroute_core", "bench.apps.policyroute_app:app", (("BENCH_POLICY", "core"),)),
+    # The same work as the two limiters: one Valkey-backed bucket per client address.
+    Scenario("policyroute_limit", "bench.apps.policyroute_app:app", (("BENCH_POLICY", "limit"),)),
 )
 
 BASELINE = "bare"

@@ -1,7 +1,8 @@
-"""The handler behind ``policyroute.install`` with the core policy (a public route)."""
+"""The handler behind ``policyroute.install`` with the policy set named by ``BENCH_POLICY``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -9,7 +10,8 @@ from fastapi import FastAPI
 import policyroute
 from bench.apps import PING_BODY, valkey_url
 
-POLICY_DIR = Path(__file__).resolve().parent.parent / "policies" / "core"
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
+POLICY_DIR = POLICIES / os.environ.get("BENCH_POLICY", "core")
 
 # policyroute reads its settings from the environment itself; fail early and
 # clearly here when the harness did not set the backend.
