@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,10 +28,18 @@ def load_app(spec: str) -> FastAPI:
         raise UsageError(f"--app takes MODULE:ATTR, got {spec!r}")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
+    # Importing the app runs its `install`; lint and explain must not need live backends.
+    previous = os.environ.get("POLICYROUTE_OFFLINE")
+    os.environ["POLICYROUTE_OFFLINE"] = "1"
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UsageError(f"cannot import {module_name!r}: {exc}") from exc
+    finally:
+        if previous is None:
+            del os.environ["POLICYROUTE_OFFLINE"]
+        else:
+            os.environ["POLICYROUTE_OFFLINE"] = previous
     app = getattr(module, attr, None)
     if not isinstance(app, FastAPI):
         raise UsageError(f"{spec} is not a FastAPI app")

@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     pulsar_url: str | None = Field(default=None, description="pulsar:// URL of the Pulsar broker.")
     reload: bool = Field(default=False, description="Watch the policy files and reload on change.")
     strict: bool = Field(default=False, description="Refuse to start when a route has no policy.")
+    offline: bool = Field(
+        default=False, description="Compile without backends (set by lint and explain)."
+    )
     key_prefix: str = Field(default="pr", description="Prefix of every Valkey key.")
     request_id_header: str = Field(
         default="x-request-id", description="Header carrying a request id."

@@ -12,11 +12,12 @@ from .backends.valkey import ValkeyStore
 from .chain import Chain
 from .compiler import Env, compile_route
 from .loader import RouteEntry, load_policies
+from .services import OFFLINE_VALKEY_URL
 
 
 def _offline_services() -> dict[str, Any]:
     # Clients connect lazily, so explain compiles real steps without touching a backend.
-    return {"valkey": ValkeyStore("redis://127.0.0.1:1/0")}
+    return {"valkey": ValkeyStore(OFFLINE_VALKEY_URL)}
 
 
 def _origins(entry: RouteEntry) -> list[str]:

@@ -6,6 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 from .backends.valkey import ValkeyStore
 
+# `lint` and `explain` import apps to read their routes; clients connect lazily, so an
+# address nothing listens on lets the app compile without a backend, and is never used.
+OFFLINE_VALKEY_URL = "redis://127.0.0.1:1/0"
+
 if TYPE_CHECKING:
     from .binding import Engine
 
@@ -14,10 +18,9 @@ def default_services(engine: Engine) -> dict[str, Any]:
     """Valkey when `POLICYROUTE_VALKEY_URL` is set; more backends join as steps need them."""
     services: dict[str, Any] = {}
     config = engine.config
-    if config.valkey_url:
-        services["valkey"] = ValkeyStore(
-            config.valkey_url, prefix=config.key_prefix, cluster=config.valkey_cluster
-        )
+    url = config.valkey_url or (OFFLINE_VALKEY_URL if config.offline else None)
+    if url:
+        services["valkey"] = ValkeyStore(url, prefix=config.key_prefix, cluster=config.valkey_cluster)
     if config.reload:
         from .reloader import Reloader
 

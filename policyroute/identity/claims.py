@@ -33,11 +33,9 @@ def _strings(value: Any, *, split: bool) -> frozenset[str]:
 
 
 def claim_reader(path: str, *, split: bool) -> Reader:
-    """A reader of a dotted claim path giving a set of strings.
-
-    A string value is split on spaces when `split` (OAuth `scope`), else it is one value
-    (Supabase `role`); a list gives its string members (Keycloak `realm_access.roles`).
-    """
+    """A reader of a dotted claim path (e.g. `realm_access.roles`) giving a set of strings."""
+    # A string is split on spaces when `split` (OAuth `scope`), else it is one value
+    # (Supabase `role`); a list gives its string members (Keycloak, Auth0 `permissions`).
     walk = _walk(tuple(path.split(".")))
     return lambda claims: _strings(walk(claims), split=split)
 

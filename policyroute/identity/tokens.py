@@ -89,11 +89,9 @@ class IssuerVerifier:
                 self.source.load_now()  # a bad file stops the start, not the first request
 
     def precheck(self, header: Mapping[str, Any], claims: dict[str, Any]) -> None:
-        """Refuse what needs no key: an algorithm not allowed, bad `aud`, `exp`, `nbf`...
-
-        Checking claims before the signature only ever rejects (acceptance still needs
-        the signature), and a junk token then costs no key lookup and no fetch.
-        """
+        """Refuse what needs no key: an algorithm not allowed, a bad `aud`, `exp`, `nbf`..."""
+        # Checking claims before the signature only ever rejects (acceptance still needs
+        # the signature), and a junk token then costs no key lookup and no fetch.
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:
             raise TokenError("the token's algorithm is not accepted")
