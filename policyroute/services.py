@@ -20,7 +20,9 @@ def default_services(engine: Engine) -> dict[str, Any]:
     config = engine.config
     url = config.valkey_url or (OFFLINE_VALKEY_URL if config.offline else None)
     if url:
-        services["valkey"] = ValkeyStore(url, prefix=config.key_prefix, cluster=config.valkey_cluster)
+        services["valkey"] = ValkeyStore(
+            url, prefix=config.key_prefix, cluster=config.valkey_cluster
+        )
     if config.reload:
         from .reloader import Reloader
 
