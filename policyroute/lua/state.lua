@@ -1,7 +1,8 @@
 -- One request's stateful pre-checks in one round trip (policyroute/steps/state.py).
 -- ARGV is a list of ops, each an opcode and its arguments; KEYS follow the same order.
 -- Order: rate limits (all or nothing), credits (checked now, taken last), idempotency,
--- cache. The first refusal returns at once, so later ops consume nothing; credits are
+-- cache. The first refusal returns at once, so later ops consume nothing (a short balance
+-- waits until idempotency and cache could answer without the handler); credits are
 -- taken only when the handler will run (never for a replay or a cache hit).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -112,6 +113,9 @@ for _, w in ipairs(writes) do w() end
 
 local credit = {}
 local take = nil
+-- A short balance is answered only after idempotency and cache had their say: a replay
+-- or a cache hit costs nothing, so it must not be refused for want of credits.
+local short = nil
 if op == 'cr' then
   local k = key()
   local cost, amount, every = num(), num(), arg()
@@ -123,12 +127,15 @@ if op == 'cr' then
     local cur = period(every)
     if p ~= cur then a = amount; p = cur end
   end
-  if b + a < cost then return {'credits', limits, {0, 0, b + a, p}, {}} end
-  local from_a = math.min(a, cost)
-  local from_b = cost - from_a
-  credit = {from_a, from_b, b + a - cost, p}
-  take = function()
-    redis.call('HSET', k, 'b', b - from_b, 'a', a - from_a, 'p', p)
+  if b + a < cost then
+    short = {'credits', limits, {0, 0, b + a, p}, {}}
+  else
+    local from_a = math.min(a, cost)
+    local from_b = cost - from_a
+    credit = {from_a, from_b, b + a - cost, p}
+    take = function()
+      redis.call('HSET', k, 'b', b - from_b, 'a', a - from_a, 'p', p)
+    end
   end
   op = arg()
 end
@@ -140,6 +147,7 @@ if op == 'id' then
   local fp, lock = arg(), num()
   local s = redis.call('HMGET', k, 'fp', 'st', 'code', 'hd', 'bd')
   if not s[1] then
+    if short then return short end
     redis.call('HSET', k, 'fp', fp, 'st', '0')
     redis.call('PEXPIRE', k, lock)
   elseif s[1] ~= fp then
@@ -160,9 +168,11 @@ if op == 'ca' then
     -- an idempotency record opened above is completed by finish.lua with this answer
     return {'hit', limits, {}, {s[1], s[2], s[3]}}
   end
+  if short then return short end
   if not redis.call('SET', lk, token, 'NX', 'PX', lock) then verdict = 'wait' end
   op = arg()
 end
 
+if short then return short end
 if take then take() end
 return {verdict, limits, credit, answer}

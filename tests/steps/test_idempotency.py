@@ -117,3 +117,22 @@ async def test_server_error_is_not_stored(policy_dir: Path, valkey_url: str) -> 
     assert "idempotent-replayed" not in retry.headers
     assert calls["jobs"] == 2
     assert optional.status_code == 200  # optional key: no header, no record
+
+
+async def test_replay_is_served_even_when_the_balance_is_spent(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, POLICY, valkey_url, calls)
+    async with running(app) as c:
+        store = engine(app).services["valkey"]
+        await credits.set_balance(store, "127.0.0.1", 1, ip=True)
+        key = {"Idempotency-Key": '"spent-1"'}
+        first = await c.post("/jobs", json={"a": 1}, headers=key)
+        replay = await c.post("/jobs", json={"a": 1}, headers=key)
+        fresh = await c.post("/jobs", json={"a": 1}, headers={"Idempotency-Key": '"spent-2"'})
+        balance = await credits.show(store, "127.0.0.1", ip=True)
+    assert first.status_code == 201, first.text
+    assert replay.status_code == 201 and replay.headers["idempotent-replayed"] == "true"
+    assert fresh.status_code == 402 and fresh.json()["balance"] == 0
+    assert calls["jobs"] == 1 and balance.total == 0
