@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -26,14 +28,16 @@ async def ping() -> dict[str, bool]:
     return PING_BODY
 
 
-engine = policyroute.install(app, POLICY_DIR)
-
-
-@app.on_event("startup")
-async def fund_the_bench_subject() -> None:
+@contextlib.asynccontextmanager
+async def fund_the_bench_subject(_: FastAPI) -> AsyncIterator[None]:
     """Give the bench subject enough credits for any run (the full chain charges 1 a call)."""
     store = engine.services.get("valkey")
     if store is not None:
         from policyroute.credits import set_balance
 
         await set_balance(store, "bench-user", 10**12)
+    yield
+
+
+app.router.lifespan_context = fund_the_bench_subject
+engine = policyroute.install(app, POLICY_DIR)
