@@ -20,7 +20,7 @@ from .chain import BoundChain, Chain
 from .compiler import Env, compile_all, deny_chain
 from .config import Settings
 from .errors import ConfigError, Denial, Finding, Location
-from .loader import PolicySet, load_policies
+from .loader import PolicySet, RouteEntry, load_policies
 from .policy import METHODS, normalize_path
 from .services import default_services
 
@@ -36,6 +36,14 @@ class Binding:
     path: str
     methods: tuple[str, ...]
     websocket: bool = False
+
+    def unpolicied(self, policies: PolicySet) -> list[str]:
+        """Methods no policy governs (HEAD only when there is no GET: it follows GET)."""
+        return [
+            m
+            for m in self.methods
+            if policies.get(m, self.path) is None and not (m == "HEAD" and "GET" in self.methods)
+        ]
 
 
 def _binding_of(route: BaseRoute, prefix: str = "") -> Binding | None:
@@ -114,13 +122,17 @@ class Snapshot:
 
     def chain_for(self, method: str, path: str) -> BoundChain:
         """The chain for METHOD + template: HEAD follows GET; no policy means deny."""
-        norm = normalize_path(path)
-        found = self.bound.get((method, norm))
-        if found is None and method == "HEAD":
-            found = self.bound.get(("GET", norm))
+        found = self.bound.get((method, path))
         if found is None:
-            found = BoundChain(deny_chain(method, path))
-            self.bound[(method, norm)] = found
+            # First request for this spelling of the template: resolve once, then remember
+            # it under the raw path so later requests are one dict lookup.
+            norm = normalize_path(path)
+            found = self.bound.get((method, norm))
+            if found is None and method == "HEAD":
+                found = self.bound.get(("GET", norm))
+            if found is None:
+                found = BoundChain(deny_chain(method, path))
+            self.bound[(method, path)] = found
         return found
 
 
@@ -187,7 +199,7 @@ class Engine:
                 continue
             unbound.extend(self._gate_one(route, prefix))
         if self.strict and unbound:
-            raise ConfigError([_no_policy_finding(r) for r in unbound])
+            raise ConfigError([no_policy_finding(r) for r in unbound])
         return unbound
 
     def _gate_router(self, router: Any, prefix: str) -> None:
@@ -208,13 +220,7 @@ class Engine:
         gate = Gate(self, route, binding, route.handle)
         route.handle = gate  # type: ignore[method-assign]
         self.gates.append(gate)
-        policies = self.snapshot.policies
-        return [
-            f"{m} {binding.path}"
-            for m in binding.methods
-            if policies.get(m, binding.path) is None
-            and not (m == "HEAD" and "GET" in binding.methods)
-        ]
+        return [f"{m} {binding.path}" for m in binding.unpolicied(self.snapshot.policies)]
 
     def reload(self) -> ConfigError | None:
         """Load, compile and swap all chains at once; keep the old ones on any error."""
@@ -232,28 +238,32 @@ class Engine:
         """Every compiled chain, then the deny chains of app routes no policy names."""
         out = list(self.snapshot.chains.values())
         for _, binding in walk_routes(self.app.router.routes):
-            if binding is None:
-                continue
-            for method in binding.methods:
-                if self.snapshot.policies.get(method, binding.path) is None:
-                    out.append(deny_chain(method, binding.path))
+            if binding is not None:
+                out.extend(
+                    deny_chain(m, binding.path) for m in binding.unpolicied(self.snapshot.policies)
+                )
         return out
 
     def unmatched_policies(self) -> list[str]:
         """Policy routes that name no route of the app."""
-        served = {
-            (m, normalize_path(b.path))
-            for _, b in walk_routes(self.app.router.routes)
-            if b is not None
-            for m in b.methods
-        }
-        return [e.key for k, e in self.snapshot.policies.routes.items() if k not in served]
+        bindings = [b for _, b in walk_routes(self.app.router.routes) if b is not None]
+        return [e.key for e in unmatched_entries(self.snapshot.policies, bindings)]
 
 
-def _no_policy_finding(route: str) -> Finding:
+def no_policy_finding(route: str) -> Finding:
+    """The finding for an app route (METHOD + template) that no policy governs."""
     return Finding(
-        "no-policy", f"app route {route} has no policy; it is denied (403)", Location("<app>"), ()
+        "no-policy",
+        f"app route {route} has no policy; it is denied with 403 (add a policy or `public: true`)",
+        Location("<app>"),
+        (),
     )
+
+
+def unmatched_entries(policies: PolicySet, bindings: Iterable[Binding]) -> list[RouteEntry]:
+    """Policy routes that name no route among `bindings`."""
+    served = {(m, normalize_path(b.path)) for b in bindings for m in b.methods}
+    return [e for k, e in policies.routes.items() if k not in served]
 
 
 async def _denial_handler(request: Request, exc: Exception) -> Response:

@@ -41,7 +41,7 @@ def explain(
         policies = load_policies(*paths)
         env = Env(policies.settings, services=_offline_services())
         chains = [compile_route(e, env) for e in policies.routes.values()]
-    by_route = {e.key.split(None, 1)[0] + " " + e.path: e for e in policies.routes.values()}
+    by_route = {e.key: e for e in policies.routes.values()}
     blocks: list[str] = []
     for chain in chains:
         if route is not None and " ".join(route.split()) != chain.route:

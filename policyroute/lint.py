@@ -9,53 +9,34 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from .binding import Binding, no_policy_finding, unmatched_entries, walk_routes
 from .compiler import unenforced
-from .errors import ConfigError, Finding, Location
+from .errors import ConfigError, Finding
 from .loader import PolicySet, RouteEntry, load_policies
-from .policy import normalize_path
 
 FORMATS = ("text", "json", "sarif", "github")
 
 
-def app_routes(app: FastAPI) -> list[tuple[str, str]]:
-    """(METHOD, path template) of every route of an app, as gates would bind them."""
-    from .binding import walk_routes
-
-    out: list[tuple[str, str]] = []
-    for _, binding in walk_routes(app.router.routes):
-        if binding is not None:
-            out.extend((m, binding.path) for m in binding.methods)
-    return out
+def app_bindings(app: FastAPI) -> list[Binding]:
+    """Every route of an app as gates would bind it: path template and methods."""
+    return [b for _, b in walk_routes(app.router.routes) if b is not None]
 
 
 def _route_findings(policies: PolicySet, app: FastAPI) -> list[Finding]:
-    findings: list[Finding] = []
-    served = app_routes(app)
-    for method, path in served:
-        if method == "HEAD" and ("GET", path) in served:
-            continue  # HEAD follows the GET policy
-        if policies.get(method, path) is None:
-            findings.append(
-                Finding(
-                    "no-policy",
-                    f"app route {method} {path} has no policy; "
-                    "it will be denied with 403 (add a policy or `public: true`)",
-                    Location("<app>"),
-                    (),
-                )
-            )
-    keys = {(m, normalize_path(p)) for m, p in served}
-    for match, entry in policies.routes.items():
-        if match not in keys:
-            findings.append(
-                Finding(
-                    "unmatched-policy",
-                    f"policy {entry.key} matches no route of "
-                    "the app (check the method and the path template)",
-                    entry.location,
-                    ("routes", entry.key),
-                )
-            )
+    bindings = app_bindings(app)
+    findings = [
+        no_policy_finding(f"{m} {b.path}") for b in bindings for m in b.unpolicied(policies)
+    ]
+    findings.extend(
+        Finding(
+            "unmatched-policy",
+            f"policy {entry.key} matches no route of the app (check the method and the path "
+            "template)",
+            entry.location,
+            ("routes", entry.key),
+        )
+        for entry in unmatched_entries(policies, bindings)
+    )
     return findings
 
 
@@ -91,12 +72,16 @@ def _policy_rules(entry: RouteEntry) -> list[Finding]:
     cache = policy.cache
     if cache is not None and cache.shared and not policy.public and not cache.acknowledge_shared:
         where = entry.origins["cache"][-1].location if "cache" in entry.origins else entry.location
-        out.append(Finding(
-            "shared-cache-authenticated",
-            f"{entry.key} caches one response for every caller of an authenticated route; "
-            "one user's data could be served to another. Remove `shared: true`, or set "
-            "`acknowledge_shared: true` if the response really is the same for everyone",
-            where, ("routes", entry.key, "cache", "shared")))
+        out.append(
+            Finding(
+                "shared-cache-authenticated",
+                f"{entry.key} caches one response for every caller of an authenticated route; "
+                "one user's data could be served to another. Remove `shared: true`, or set "
+                "`acknowledge_shared: true` if the response really is the same for everyone",
+                where,
+                ("routes", entry.key, "cache", "shared"),
+            )
+        )
     return out
 
 
