@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .backends.valkey import ValkeyStore
+from .crypto import Keyring
 
 # `lint` and `explain` import apps to read their routes; clients connect lazily, so an
 # address nothing listens on lets the app compile without a backend, and is never used.
@@ -23,6 +24,9 @@ def default_services(engine: Engine) -> dict[str, Any]:
         services["valkey"] = ValkeyStore(
             url, prefix=config.key_prefix, cluster=config.valkey_cluster
         )
+    keyring = Keyring.from_env()
+    if keyring is not None:
+        services["keyring"] = keyring
     if config.reload:
         from .reloader import Reloader
 

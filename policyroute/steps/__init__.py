@@ -9,7 +9,18 @@ from .base import Context, Handler, Step
 # The modules that register a maker, in request-path order (deny cheap before expensive).
 # They import `compiler.register`, and the compiler imports this package, so they are
 # loaded by `load_builtin()` once the compiler exists rather than imported here.
-BUILTIN = ("client", "ip_allowlist", "auth", "scopes", "roles", "mfa", "state")
+BUILTIN = (
+    "client",
+    "ip_allowlist",
+    "auth",
+    "scopes",
+    "roles",
+    "mfa",
+    "state",
+    "fields",
+    "events",
+    "resilience",
+)
 
 
 def load_builtin() -> None:

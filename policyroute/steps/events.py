@@ -1,0 +1,1 @@
+"""Placeholder: the events step lands here."""

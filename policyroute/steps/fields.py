@@ -1,0 +1,1 @@
+"""Placeholder: the fields step lands here."""

@@ -1,0 +1,1 @@
+"""Placeholder: the resilience step lands here."""
