@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import cpu, report, runner, wrk
+from bench import cpu, report, runner, targets, wrk
 from bench.apps import VALKEY_URL_ENV
 from bench.backend import valkey
 from bench.loadgen import CONNECTIONS, LoadGenerator
@@ -134,16 +134,23 @@ def run_all(
 
 
 def publish(outcomes: list[runner.Outcome], run_meta: dict[str, Any]) -> int:
-    """Print the table and any failures, write the JSON; return the exit status."""
+    """Print the table, the targets and any failures, write the JSON; return the exit status.
+
+    Missed targets are reported only; the status is 1 when a scenario failed.
+    """
     print(
         f"generator: {run_meta['generator']}  cpus: {run_meta['cpu_pinning']}  "
         f"connections: {run_meta['connections']}  measured: {run_meta['duration_s']} s"
     )
     print(report.table(outcomes))
+    verdicts = targets.evaluate(outcomes)
+    section = report.targets_table(verdicts)
+    if section:
+        print("\n" + section)
     problems = report.failures(outcomes)
     if problems:
         print("\n" + problems)
-    report.write_json(RESULTS, outcomes, run_meta)
+    report.write_json(RESULTS, outcomes, run_meta, verdicts)
     print(f"\nwritten {RESULTS}")
     return 1 if problems else 0
 

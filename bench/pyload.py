@@ -1,9 +1,10 @@
 """Fallback load generator: asyncio streams over persistent HTTP/1.1 connections.
 
-Run as ``python -m bench.pyload`` in its own process. Each connection sends one
-pre-encoded request, reads the status line, headers and a ``Content-Length``
-body, and repeats; chunked responses are not supported. The result is printed
-as one JSON object.
+Run as ``python -m bench.pyload`` in its own process. Each connection sends a
+pre-encoded request (with ``--unique-query``, the same bytes with the next number
+of one counter shared by all connections in the query), reads the status line,
+headers and a ``Content-Length`` body, and repeats; chunked responses are not
+supported. The result is printed as one JSON object.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench.loadgen import LoadError, LoadResult, Target, percentile
+from bench.loadgen import LoadError, LoadResult, Target, percentile, query_prefix, run_id
 
 ROOT = Path(__file__).resolve().parent.parent
 _HEAD_END = b"\r\n\r\n"
@@ -41,11 +44,29 @@ class Tally:
     errors: int = 0
 
 
-def encode_request(target: Target) -> bytes:
-    """Return the bytes of the keep-alive ``GET`` repeated on every connection."""
-    lines = [f"GET {target.path} HTTP/1.1", f"Host: {target.host}:{target.port}"]
+Requests = Callable[[], bytes]
+
+
+def encode_request(target: Target, path: str | None = None) -> bytes:
+    """Return the bytes of a keep-alive ``GET`` of ``path`` (default: the target's)."""
+    lines = [f"GET {target.path if path is None else path} HTTP/1.1"]
+    lines += [f"Host: {target.host}:{target.port}"]
     lines += [f"{name}: {value}" for name, value in target.headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def request_source(target: Target, run: str) -> Requests:
+    """Return a function giving each request's bytes: unique per call with ``unique_query``."""
+    if not target.unique_query:
+        request = encode_request(target)
+        return lambda: request
+    # Split the request around the counter once, so each request costs one join.
+    marker = "\0"
+    head, tail = encode_request(target, query_prefix(target.path, run) + marker).split(
+        marker.encode("latin-1")
+    )
+    counter = itertools.count(1)
+    return lambda: b"%s%d%s" % (head, next(counter), tail)
 
 
 def body_length(head: bytes) -> int:
@@ -68,22 +89,22 @@ async def exchange(
     return head[9:10] == b"2"
 
 
-async def connection(target: Target, request: bytes, deadline: float, tally: Tally) -> None:
-    """Repeat the request on one connection until ``deadline``, reconnecting after errors."""
+async def connection(target: Target, requests: Requests, deadline: float, tally: Tally) -> None:
+    """Send requests on one connection until ``deadline``, reconnecting after errors."""
     while time.perf_counter() < deadline:
         try:
-            await _session(target, request, deadline, tally)
+            await _session(target, requests, deadline, tally)
         except _CONNECTION_ERRORS:
             tally.errors += 1
             await asyncio.sleep(_BACKOFF_S)
 
 
-async def _session(target: Target, request: bytes, deadline: float, tally: Tally) -> None:
+async def _session(target: Target, requests: Requests, deadline: float, tally: Tally) -> None:
     reader, writer = await asyncio.open_connection(target.host, target.port)
     clock = time.perf_counter
     try:
         while (start := clock()) < deadline:
-            ok = await exchange(reader, writer, request)
+            ok = await exchange(reader, writer, requests())
             tally.latencies_ms.append((clock() - start) * 1000.0)
             tally.errors += not ok
     finally:
@@ -92,11 +113,11 @@ async def _session(target: Target, request: bytes, deadline: float, tally: Tally
 
 async def drive(target: Target, seconds: float) -> LoadResult:
     """Drive ``target`` with ``target.connections`` connections for ``seconds``."""
-    request = encode_request(target)
+    requests = request_source(target, run_id())
     tallies = [Tally() for _ in range(target.connections)]
     started = time.perf_counter()
     deadline = started + seconds
-    await asyncio.gather(*(connection(target, request, deadline, t) for t in tallies))
+    await asyncio.gather(*(connection(target, requests, deadline, t) for t in tallies))
     elapsed = time.perf_counter() - started
     latencies = sorted(ms for t in tallies for ms in t.latencies_ms)
     return LoadResult(
@@ -135,6 +156,7 @@ def _command(target: Target, seconds: int) -> list[str]:
         f"--path={target.path}",
         f"--connections={target.connections}",
         f"--seconds={seconds}",
+        *(("--unique-query",) if target.unique_query else ()),
         *headers,
     ]
 
@@ -147,9 +169,12 @@ def _parse_args(argv: list[str] | None) -> tuple[Target, float]:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--header", action="append", default=[], help="NAME: VALUE")
+    parser.add_argument(
+        "--unique-query", action="store_true", help="give every request its own ?n=<unique>"
+    )
     args = parser.parse_args(argv)
     headers = tuple(_split_header(h) for h in args.header)
-    target = Target(args.host, args.port, args.path, headers, args.connections)
+    target = Target(args.host, args.port, args.path, headers, args.connections, args.unique_query)
     return target, float(args.seconds)
 
 

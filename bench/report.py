@@ -10,8 +10,10 @@ from typing import Any
 
 from bench.runner import Outcome
 from bench.scenarios import BASELINE
+from bench.targets import Verdict
 
 HEADER = ("scenario", "generator", "req/s", "p50 ms", "p99 ms", "vs bare", "errors")
+TARGET_HEADER = ("target", "measured", "req/s", "status")
 MISSING = "-"
 
 
@@ -51,16 +53,44 @@ def table(outcomes: Sequence[Outcome]) -> str:
     """Return the aligned text table, left columns left-aligned and numbers right-aligned."""
     baseline = baseline_rps(outcomes)
     rows = [HEADER, *(row(o, baseline) for o in outcomes)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    return "\n".join(_line(r, widths) for r in rows)
+    return _aligned(rows, left=2)
 
 
-def _line(cells: tuple[str, ...], widths: list[int]) -> str:
+def _aligned(rows: Sequence[tuple[str, ...]], left: int) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(_line(r, widths, left) for r in rows)
+
+
+def _line(cells: tuple[str, ...], widths: list[int], left: int) -> str:
     text = [
-        c.ljust(w) if i < 2 else c.rjust(w)
+        c.ljust(w) if i < left else c.rjust(w)
         for i, (c, w) in enumerate(zip(cells, widths, strict=True))
     ]
     return "  ".join(text).rstrip()
+
+
+def target_row(verdict: Verdict) -> tuple[str, ...]:
+    """Return one row of the targets section as strings."""
+    ratio = verdict.ratio
+    if ratio is None:
+        goal = verdict.goal
+        measured = ((goal.scenario, verdict.scenario_rps), (goal.reference, verdict.reference_rps))
+        failed = ", ".join(name for name, rps in measured if rps is None)
+        return (goal.label, MISSING, f"{failed} FAILED", verdict.status)
+    return (
+        verdict.goal.label,
+        f"{ratio:.2f} x",
+        f"{verdict.scenario_rps:.0f} vs {verdict.reference_rps:.0f}",
+        verdict.status,
+    )
+
+
+def targets_table(verdicts: Sequence[Verdict]) -> str:
+    """Return the targets section (reported, not enforced), or "" when none applies."""
+    if not verdicts:
+        return ""
+    rows = [TARGET_HEADER, *(target_row(v) for v in verdicts)]
+    return "targets (reported, not enforced):\n" + _aligned(rows, left=1)
 
 
 def failures(outcomes: Sequence[Outcome]) -> str:
@@ -76,10 +106,16 @@ def _failure(outcome: Outcome) -> str:
     return text
 
 
-def document(outcomes: Sequence[Outcome], meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the JSON document: the run's settings and one entry per scenario."""
+def document(
+    outcomes: Sequence[Outcome], meta: Mapping[str, Any], verdicts: Sequence[Verdict] = ()
+) -> dict[str, Any]:
+    """Return the JSON document: the run's settings, one entry per scenario, the targets."""
     baseline = baseline_rps(outcomes)
-    return {**meta, "results": [_entry(o, baseline) for o in outcomes]}
+    return {
+        **meta,
+        "results": [_entry(o, baseline) for o in outcomes],
+        "targets": [v.as_json() for v in verdicts],
+    }
 
 
 def _entry(outcome: Outcome, baseline: float | None) -> dict[str, Any]:
@@ -94,6 +130,12 @@ def _entry(outcome: Outcome, baseline: float | None) -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, outcomes: Sequence[Outcome], meta: Mapping[str, Any]) -> None:
+def write_json(
+    path: Path,
+    outcomes: Sequence[Outcome],
+    meta: Mapping[str, Any],
+    verdicts: Sequence[Verdict] = (),
+) -> None:
     """Write the JSON document to ``path``."""
-    path.write_text(json.dumps(document(outcomes, meta), indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(document(outcomes, meta, verdicts), indent=2) + "\n"
+    path.write_text(text, encoding="utf-8")

@@ -45,7 +45,12 @@ def run(scenario: Scenario, generator: LoadGenerator, settings: Settings) -> Out
     try:
         with server.serve(scenario, settings.env, settings.server_cpus) as port:
             target = Target(
-                server.HOST, port, scenario.path, scenario.headers, settings.connections
+                server.HOST,
+                port,
+                scenario.path,
+                scenario.headers,
+                settings.connections,
+                scenario.unique_query,
             )
             result = measure(generator, target, settings)
     except server.ServerError as error:

@@ -10,13 +10,18 @@ Pairs = tuple[tuple[str, str], ...]
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """One app under test and the request the load generator repeats against it."""
+    """One app under test and the request the load generator repeats against it.
+
+    ``unique_query`` makes every request carry its own ``?n=<unique>``, so a response cache
+    that varies by query misses on every request instead of serving one hot entry.
+    """
 
     name: str
     app: str
     env: Pairs = ()
     path: str = "/ping"
     headers: Pairs = ()
+    unique_query: bool = False
 
 
 DEV_KEY = Path(__file__).resolve().parent.parent / "examples" / "keys" / "dev-private-jwk.json"
@@ -27,35 +32,48 @@ def bearer() -> Pairs:
     """An Authorization header with a DEV ONLY token for the bench routes."""
     from policyroute.identity.dev import load_private_key, mint
 
-    token = mint(load_private_key(DEV_KEY), BENCH_SUBJECT, scopes=["bench:read"], roles=["bench"],
-                 ttl=3600)
+    token = mint(
+        load_private_key(DEV_KEY), BENCH_SUBJECT, scopes=["bench:read"], roles=["bench"], ttl=3600
+    )
     return (("Authorization", f"Bearer {token}"),)
 
 
 # Every scenario gets the same request bytes, so header parsing costs the same everywhere.
 HEADERS = bearer()
 
+
+def policyroute(name: str, policy: str, *, unique_query: bool = True) -> Scenario:
+    """The bench app behind ``policyroute.install`` with ``policies/<policy>/``."""
+    return Scenario(
+        name,
+        "bench.apps.policyroute_app:app",
+        (("BENCH_POLICY", policy),),
+        headers=HEADERS,
+        unique_query=unique_query,
+    )
+
+
+# Every request carries a unique query except in the cache-hit scenarios, which repeat one
+# path so that after the first request each one is answered from the cache.
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("bare", "bench.apps.bare:app", headers=HEADERS),
-    Scenario("slowapi", "bench.apps.slowapi_app:app", headers=HEADERS),
-    Scenario("fastapi_limiter", "bench.apps.fastapi_limiter_app:app", headers=HEADERS),
+    Scenario("bare", "bench.apps.bare:app", headers=HEADERS, unique_query=True),
+    Scenario("slowapi", "bench.apps.slowapi_app:app", headers=HEADERS, unique_query=True),
     Scenario(
-        "policyroute_core", "bench.apps.policyroute_app:app", (("BENCH_POLICY", "core"),),
+        "fastapi_limiter",
+        "bench.apps.fastapi_limiter_app:app",
         headers=HEADERS,
+        unique_query=True,
     ),
+    policyroute("policyroute_core", "core"),
     # The same work as the two limiters: one Valkey-backed bucket per client address.
-    Scenario(
-        "policyroute_limit", "bench.apps.policyroute_app:app", (("BENCH_POLICY", "limit"),),
-        headers=HEADERS,
-    ),
-    Scenario(
-        "policyroute_local", "bench.apps.policyroute_app:app", (("BENCH_POLICY", "local"),),
-        headers=HEADERS,
-    ),
-    Scenario(
-        "policyroute_full", "bench.apps.policyroute_app:app", (("BENCH_POLICY", "full"),),
-        headers=HEADERS,
-    ),
+    policyroute("policyroute_limit", "limit"),
+    policyroute("policyroute_local", "local"),
+    # Every request a genuine cache miss: the handler runs and its response is stored.
+    policyroute("policyroute_full", "full"),
+    # The handler a cache would save: 1 ms of awaited I/O.
+    Scenario("bare_sleep_1ms", "bench.apps.bare_sleep:app", headers=HEADERS, unique_query=True),
+    policyroute("policyroute_cache_hit", "cache_hit", unique_query=False),
+    policyroute("policyroute_cache_local", "cache_local", unique_query=False),
 )
 
 BASELINE = "bare"

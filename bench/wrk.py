@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
-from bench.loadgen import LoadError, LoadResult, Target
+from bench.loadgen import LoadError, LoadResult, Target, query_prefix, run_id
 
 UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 _PERCENTILE = re.compile(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.MULTILINE)
@@ -15,14 +20,61 @@ _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
 _NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
 _SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 
+# Each request's path is PREFIX .. thread .. "-" .. counter. setup() runs once per thread in
+# the main Lua state and numbers the threads; each thread has its own state (so its own
+# `count`). wrk.format with nil method, headers and body keeps the -H headers and GET.
+UNIQUE_QUERY_LUA = """\
+local prefix = %s
+local threads = 0
+
+function setup(thread)
+  thread:set("thread_id", threads)
+  threads = threads + 1
+end
+
+local count = 0
+
+function request()
+  count = count + 1
+  return wrk.format(nil, prefix .. thread_id .. "-" .. count)
+end
+"""
+
 
 def available() -> bool:
     """Tell whether ``wrk`` is on the ``PATH``."""
     return shutil.which("wrk") is not None
 
 
-def command(target: Target, seconds: int, threads: int) -> list[str]:
-    """Return the ``wrk`` command line for one run."""
+def lua_string(text: str) -> str:
+    """Return ``text`` as a double-quoted Lua string literal."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def unique_query_script(path: str, run: str) -> str:
+    """Return the Lua script that gives every request of one run its own query."""
+    return UNIQUE_QUERY_LUA % lua_string(query_prefix(path, run))
+
+
+@contextlib.contextmanager
+def script_file(target: Target) -> Iterator[Path | None]:
+    """Yield a temporary Lua script for a unique-query target, else None."""
+    if not target.unique_query:
+        yield None
+        return
+    fd, name = tempfile.mkstemp(prefix="bench-wrk-", suffix=".lua")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(unique_query_script(target.path, run_id()))
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def command(target: Target, seconds: int, threads: int, script: Path | None = None) -> list[str]:
+    """Return the ``wrk`` command line for one run, with ``-s script`` when given."""
     headers = [arg for name, value in target.headers for arg in ("-H", f"{name}: {value}")]
     return [
         "wrk",
@@ -33,6 +85,7 @@ def command(target: Target, seconds: int, threads: int) -> list[str]:
         "10s",
         "--latency",
         *headers,
+        *(("-s", str(script)) if script is not None else ()),
         target.url,
     ]
 
@@ -74,9 +127,13 @@ class Wrk:
 
     def run(self, target: Target, seconds: int, threads: int) -> LoadResult:
         """Run ``wrk`` for ``seconds`` and parse its report."""
-        done = subprocess.run(
-            command(target, seconds, threads), capture_output=True, text=True, check=False
-        )
+        with script_file(target) as script:
+            done = subprocess.run(
+                command(target, seconds, threads, script),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
         if done.returncode != 0:
             raise LoadError(f"wrk exited with {done.returncode}: {done.stderr.strip()}")
         return parse(done.stdout)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import valkey.asyncio as avalkey
 from valkey.asyncio.cluster import ValkeyCluster
-from valkey.exceptions import ValkeyError
+from valkey.exceptions import NoScriptError, ValkeyError
 
 from ..errors import StorageError
+from .pipeline import Pipeline
 
 Arg = str | bytes | int | float
 
@@ -70,6 +72,12 @@ class ValkeyStore:
                 url, max_connections=max_connections, **kwargs
             )
         self._scripts: dict[str, Any] = {}
+        self._sources: dict[str, tuple[str, str]] = {}
+        # Script calls (the per-request hot path) are auto-pipelined on one connection;
+        # a cluster routes each call by slot through the cluster client instead.
+        self.pipeline: Pipeline | None = (
+            None if cluster else Pipeline(url, timeout=timeout, connect_timeout=timeout)
+        )
 
     def key(self, tag: str, *parts: str) -> str:
         """`<prefix>:{<tag>}:<part>:...`; the tag is a cluster hash tag."""
@@ -93,9 +101,25 @@ class ValkeyStore:
     ) -> Any:
         """EVALSHA the named script (reloaded transparently after NOSCRIPT)."""
         try:
-            return await self._script(script)(keys=list(keys), args=list(args))
+            if self.pipeline is None:
+                return await self._script(script)(keys=list(keys), args=list(args))
+            sha, source = self._source(script)
+            call = self.pipeline.execute
+            try:
+                return await call("EVALSHA", sha, len(keys), *keys, *args)
+            except NoScriptError:  # a restarted or flushed server: load once, call again
+                await call("SCRIPT", "LOAD", source)
+                return await call("EVALSHA", sha, len(keys), *keys, *args)
         except (ValkeyError, OSError, TimeoutError) as exc:
             raise StorageError("valkey", operation, fail_open, exc) from exc
+
+    def _source(self, name: str) -> tuple[str, str]:
+        found = self._sources.get(name)
+        if found is None:
+            source = lua_source(name)
+            found = (hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest(), source)
+            self._sources[name] = found
+        return found
 
     async def command(self, *args: Arg, operation: str, fail_open: bool = False) -> Any:
         """Run one plain command with the same error wrapping."""
@@ -113,4 +137,6 @@ class ValkeyStore:
 
     async def stop(self) -> None:
         """Close every connection."""
+        if self.pipeline is not None:
+            await self.pipeline.close()
         await self.client.aclose()

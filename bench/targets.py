@@ -1,0 +1,95 @@
+"""Throughput targets: one scenario's req/s against a multiple of another's.
+
+Targets are reported, not enforced: a miss never changes the exit status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bench.runner import Outcome
+
+MET = "PASS"
+MISSED = "MISS"
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    """``scenario`` req/s must reach ``factor`` times ``reference`` req/s (exceed it if strict)."""
+
+    scenario: str
+    reference: str
+    factor: float
+    strict: bool = False
+
+    @property
+    def label(self) -> str:
+        """Return the goal as one line, e.g. ``policyroute_full >= 0.65 x bare``."""
+        return f"{self.scenario} {'>' if self.strict else '>='} {self.factor:g} x {self.reference}"
+
+    def met_by(self, ratio: float) -> bool:
+        """Tell whether the measured ratio ``scenario / reference`` meets the goal."""
+        return ratio > self.factor if self.strict else ratio >= self.factor
+
+
+GOALS: tuple[Goal, ...] = (
+    Goal("policyroute_local", "bare", 0.85),
+    Goal("policyroute_full", "bare", 0.65),
+    Goal("policyroute_full", "slowapi", 2.0),
+    # A cache hit through the whole chain must beat a handler that awaits 1 ms.
+    Goal("policyroute_cache_hit", "bare_sleep_1ms", 1.0, strict=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A goal and what was measured for it; a failed scenario has no req/s."""
+
+    goal: Goal
+    scenario_rps: float | None
+    reference_rps: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        """Return ``scenario / reference`` req/s, or None without both measurements."""
+        if self.scenario_rps is None or not self.reference_rps:
+            return None
+        return self.scenario_rps / self.reference_rps
+
+    @property
+    def status(self) -> str:
+        """Return ``PASS`` or ``MISS`` (a goal without a measurement is missed)."""
+        ratio = self.ratio
+        return MET if ratio is not None and self.goal.met_by(ratio) else MISSED
+
+    def as_json(self) -> dict[str, Any]:
+        """Return the verdict as a JSON object."""
+        return {
+            "target": self.goal.label,
+            "scenario": self.goal.scenario,
+            "reference": self.goal.reference,
+            "factor": self.goal.factor,
+            "comparison": ">" if self.goal.strict else ">=",
+            "scenario_rps": self.scenario_rps,
+            "reference_rps": self.reference_rps,
+            "ratio": self.ratio,
+            "status": self.status,
+        }
+
+
+def evaluate(outcomes: Sequence[Outcome], goals: Sequence[Goal] = GOALS) -> list[Verdict]:
+    """Return a verdict per goal whose two scenarios both ran; the rest are skipped."""
+    ran: Mapping[str, Outcome] = {o.scenario: o for o in outcomes}
+    verdicts = []
+    for goal in goals:
+        scenario, reference = ran.get(goal.scenario), ran.get(goal.reference)
+        if scenario is None or reference is None:
+            continue
+        verdicts.append(Verdict(goal, _rps(scenario), _rps(reference)))
+    return verdicts
+
+
+def _rps(outcome: Outcome) -> float | None:
+    return outcome.result.rps if outcome.result is not None else None

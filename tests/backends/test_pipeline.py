@@ -1,0 +1,114 @@
+"""Auto-pipelining on a real Valkey: batching, NOSCRIPT recovery, timeouts, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import valkey.asyncio as avalkey
+
+from policyroute.backends.pipeline import Pipeline
+from policyroute.backends.valkey import ValkeyStore
+from policyroute.embedded import start_valkey
+from policyroute.errors import StorageError
+
+
+def _store(url: str) -> ValkeyStore:
+    return ValkeyStore(url, prefix="p" + uuid.uuid4().hex[:8])
+
+
+async def test_concurrent_calls_leave_in_one_write_and_get_their_own_replies(
+    valkey_url: str,
+) -> None:
+    pipeline = Pipeline(valkey_url)
+    try:
+        replies = await asyncio.gather(*(pipeline.execute("ECHO", f"v{i}") for i in range(200)))
+        assert replies == [f"v{i}".encode() for i in range(200)]
+        assert pipeline.commands == 200
+        assert pipeline.writes <= 2  # one tick's commands share a write
+    finally:
+        await pipeline.close()
+
+
+async def test_error_replies_go_to_their_caller_only(valkey_url: str) -> None:
+    pipeline = Pipeline(valkey_url)
+    try:
+        results = await asyncio.gather(
+            pipeline.execute("ECHO", "a"),
+            pipeline.execute("NOSUCHCOMMAND"),
+            pipeline.execute("ECHO", "b"),
+            return_exceptions=True,
+        )
+        assert results[0] == b"a" and results[2] == b"b"
+        assert isinstance(results[1], Exception) and "unknown command" in str(results[1]).lower()
+    finally:
+        await pipeline.close()
+
+
+async def test_database_from_the_url_is_selected(valkey_url: str) -> None:
+    url = valkey_url.rsplit("/", 1)[0] + "/3"
+    pipeline = Pipeline(url)
+    key = "db3-" + uuid.uuid4().hex
+    plain = avalkey.from_url(url)  # type: ignore[no-untyped-call]
+    try:
+        await pipeline.execute("SET", key, "x")
+        assert await plain.get(key) == b"x"
+    finally:
+        await pipeline.close()
+        await plain.aclose()
+
+
+async def test_script_flush_is_recovered_transparently(valkey_url: str) -> None:
+    store = _store(valkey_url)
+    keys = [store.key("s:alice", "rl", "r", "0")]
+    args: list[str | int] = ["tb", 5, 5, 60_000, 1]
+    try:
+        first = await store.run("state", keys, args, operation="t", fail_open=False)
+        await store.command("SCRIPT", "FLUSH", operation="flush")
+        second = await store.run("state", keys, args, operation="t", fail_open=False)
+        assert first[0] == second[0] == b"go"
+        assert int(first[1][0][1]) == 4 and int(second[1][0][1]) == 3  # tokens left
+    finally:
+        await store.stop()
+
+
+async def test_a_stalled_server_times_out_then_the_connection_recovers(valkey_url: str) -> None:
+    pipeline = Pipeline(valkey_url, timeout=0.2)
+    blocker = avalkey.from_url(valkey_url)  # type: ignore[no-untyped-call]
+    try:
+        assert await pipeline.execute("ECHO", "warm") == b"warm"
+        await blocker.execute_command("CLIENT", "PAUSE", "600", "ALL")
+        started = time.monotonic()
+        with pytest.raises(Exception, match="Timeout"):
+            await pipeline.execute("ECHO", "late")
+        assert time.monotonic() - started < 0.4
+        await asyncio.sleep(0.5)
+        # The late reply of the timed-out call must never reach a later caller.
+        assert await pipeline.execute("ECHO", "fresh") == b"fresh"
+    finally:
+        await pipeline.close()
+        await blocker.aclose()
+
+
+async def test_server_stop_fails_fast_and_restart_reconnects() -> None:
+    server = start_valkey()
+    store = _store(server.url)
+    keys = [store.key("s:bob", "rl", "r", "0")]
+    args: list[str | int] = ["tb", 5, 5, 60_000, 1]
+    try:
+        assert (await store.run("state", keys, args, operation="t", fail_open=False))[0] == b"go"
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(StorageError) as caught:
+            await store.run("state", keys, args, operation="limits", fail_open=True)
+        assert time.monotonic() - started < 0.3
+        assert caught.value.fail_open and "limits" in str(caught.value)
+        server.restart()
+        # A fresh server: no scripts loaded, a new connection; both recovered on the next call.
+        reply = await store.run("state", keys, args, operation="t", fail_open=False)
+        assert reply[0] == b"go"
+    finally:
+        await store.stop()
+        server.stop()

@@ -1,0 +1,217 @@
+"""The bench harness: unique queries from both load generators, and the targets section."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from bench import cli, pyload, report, targets, wrk
+from bench.loadgen import LoadResult, Target
+from bench.runner import Outcome
+
+AUTH = ("Authorization", "Bearer dev-only")
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+
+
+@dataclass
+class Recorder:
+    """A tiny keep-alive HTTP/1.1 server that records each request's target and auth header."""
+
+    seen: list[tuple[str, str | None]] = field(default_factory=list)
+    handlers: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer every request on the connection with 200 until the client goes."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                request_line, *lines = head.split("\r\n")
+                headers = {k.lower(): v for k, _, v in (h.partition(": ") for h in lines if h)}
+                self.seen.append((request_line.split(" ")[1], headers.get("authorization")))
+                writer.write(RESPONSE)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def paths(self) -> list[str]:
+        """Return the request targets seen so far."""
+        return [path for path, _ in self.seen]
+
+
+@contextlib.asynccontextmanager
+async def recording_server() -> AsyncIterator[tuple[Recorder, int]]:
+    """Run a Recorder on a free loopback port; wait for its connections to end on exit."""
+    recorder = Recorder()
+    server = await asyncio.start_server(recorder.handle, "127.0.0.1", 0)
+    port: int = server.sockets[0].getsockname()[1]
+    try:
+        yield recorder, port
+    finally:
+        server.close()
+        await server.wait_closed()
+        if recorder.handlers:
+            await asyncio.wait(recorder.handlers, timeout=10)
+
+
+def query_values(paths: list[str]) -> list[str]:
+    """Return the ``n`` value of each ``/ping?n=...`` path (fails on any other path)."""
+    values = []
+    for path in paths:
+        prefix, _, value = path.partition("?n=")
+        assert prefix == "/ping" and value, path
+        values.append(value)
+    return values
+
+
+# wrk -----------------------------------------------------------------------------------
+
+needs_wrk = pytest.mark.skipif(not wrk.available(), reason="wrk is not installed")
+
+
+@needs_wrk
+async def test_wrk_gives_every_request_of_every_thread_its_own_query_and_keeps_headers() -> None:
+    async with recording_server() as (recorder, port):
+        target = Target("127.0.0.1", port, "/ping", (AUTH,), connections=4, unique_query=True)
+        result = await asyncio.to_thread(wrk.Wrk().run, target, 1, 2)
+    values = query_values(recorder.paths())
+    assert result.requests > 0 and result.errors == 0
+    assert len(values) >= result.requests
+    assert len(set(values)) == len(values)
+    # <run>-<thread>-<counter>: one run token, both threads numbered.
+    assert len({v.split("-")[0] for v in values}) == 1
+    assert {v.split("-")[1] for v in values} == {"0", "1"}
+    assert {auth for _, auth in recorder.seen} == {AUTH[1]}
+
+
+@needs_wrk
+async def test_wrk_repeats_the_plain_path_without_unique_query() -> None:
+    async with recording_server() as (recorder, port):
+        target = Target("127.0.0.1", port, "/ping", (AUTH,), connections=2)
+        assert wrk.command(target, 1, 1)[-1] == target.url
+        result = await asyncio.to_thread(wrk.Wrk().run, target, 1, 1)
+    assert result.requests > 0
+    assert set(recorder.paths()) == {"/ping"}
+
+
+def test_wrk_script_quotes_the_path_and_numbers_threads_in_setup() -> None:
+    script = wrk.unique_query_script('/a"b?x=1', "r1")
+    assert 'local prefix = "/a\\"b?x=1&n=r1-"' in script
+    assert 'thread:set("thread_id", threads)' in script
+    assert "wrk.format(nil, prefix .. thread_id" in script
+
+
+# Python generator -------------------------------------------------------------------------
+
+
+def test_python_request_source_numbers_each_request_and_keeps_the_rest_of_the_bytes() -> None:
+    target = Target("127.0.0.1", 8000, "/ping", (AUTH,), unique_query=True)
+    next_request = pyload.request_source(target, "run1")
+    first, second = next_request(), next_request()
+    assert first == pyload.encode_request(target, "/ping?n=run1-1")
+    assert second == pyload.encode_request(target, "/ping?n=run1-2")
+    assert b"\r\nAuthorization: Bearer dev-only\r\n" in first
+    plain = pyload.request_source(Target("127.0.0.1", 8000, "/p?a=1", (AUTH,)), "run1")
+    assert plain() == plain() == pyload.encode_request(Target("127.0.0.1", 8000, "/p?a=1", (AUTH,)))
+    with_query = Target("127.0.0.1", 8000, "/p?a=1", unique_query=True)
+    assert pyload.request_source(with_query, "r")().startswith(b"GET /p?a=1&n=r-1 HTTP/1.1\r\n")
+
+
+def test_python_generator_command_line_carries_unique_query() -> None:
+    target = Target("127.0.0.1", 8000, "/ping", (AUTH,), connections=3, unique_query=True)
+    argv = pyload._command(target, 2)[3:]
+    assert "--unique-query" in argv
+    assert pyload._parse_args(argv) == (target, 2.0)
+    plain = Target("127.0.0.1", 8000, "/ping", (AUTH,), connections=3)
+    assert pyload._parse_args(pyload._command(plain, 2)[3:]) == (plain, 2.0)
+
+
+async def test_python_generator_runs_never_repeat_a_query_across_connections_or_runs() -> None:
+    async with recording_server() as (recorder, port):
+        target = Target("127.0.0.1", port, "/ping", (AUTH,), connections=4, unique_query=True)
+        warmup = await pyload.drive(target, 0.2)
+        first_run = len(recorder.seen)
+        measured = await pyload.drive(target, 0.2)
+    values = query_values(recorder.paths())
+    assert warmup.requests > 0 and measured.requests > 0
+    assert warmup.errors == measured.errors == 0
+    assert len(set(values)) == len(values)
+    runs = [
+        {v.split("-")[0] for v in values[:first_run]},
+        {v.split("-")[0] for v in values[first_run:]},
+    ]
+    assert len(runs[0]) == len(runs[1]) == 1 and runs[0] != runs[1]
+
+
+# targets ---------------------------------------------------------------------------------
+
+
+def ok(name: str, rps: float) -> Outcome:
+    """An outcome that measured ``rps``."""
+    return Outcome(name, "wrk", LoadResult(int(rps), 0, 1.0, rps, 1.0, 2.0))
+
+
+def failed(name: str) -> Outcome:
+    """An outcome of a scenario that failed."""
+    return Outcome(name, "wrk", None, "exited with code 1")
+
+
+def test_targets_pass_miss_and_skip() -> None:
+    outcomes = [
+        ok("bare", 1000),
+        ok("slowapi", 400),
+        ok("policyroute_local", 850),
+        ok("policyroute_full", 700),
+        ok("bare_sleep_1ms", 500),
+        ok("policyroute_cache_hit", 500),
+    ]
+    verdicts = {v.goal.label: v for v in targets.evaluate(outcomes)}
+    assert {label: v.status for label, v in verdicts.items()} == {
+        "policyroute_local >= 0.85 x bare": "PASS",
+        "policyroute_full >= 0.65 x bare": "PASS",
+        "policyroute_full >= 2 x slowapi": "MISS",
+        # equal is not more
+        "policyroute_cache_hit > 1 x bare_sleep_1ms": "MISS",
+    }
+    assert verdicts["policyroute_full >= 2 x slowapi"].ratio == pytest.approx(1.75)
+    only_two = targets.evaluate([ok("bare", 1000), ok("policyroute_local", 800)])
+    assert [v.goal.label for v in only_two] == ["policyroute_local >= 0.85 x bare"]
+    assert targets.evaluate([ok("bare", 1000)]) == []
+
+
+def test_targets_section_shows_values_and_a_failed_scenario_as_a_miss() -> None:
+    verdicts = targets.evaluate([ok("bare", 1000), failed("policyroute_local")])
+    text = report.targets_table(verdicts)
+    assert text.splitlines()[0] == "targets (reported, not enforced):"
+    assert "policyroute_local FAILED" in text and text.rstrip().endswith("MISS")
+    shown = report.targets_table(targets.evaluate([ok("bare", 1000), ok("policyroute_local", 900)]))
+    assert "0.90 x" in shown and "900 vs 1000" in shown and shown.rstrip().endswith("PASS")
+    assert report.targets_table([]) == ""
+
+
+def test_publish_reports_missed_targets_with_status_0_and_a_failure_with_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "results.json"
+    monkeypatch.setattr(cli, "RESULTS", results)
+    meta = {"generator": "wrk", "cpu_pinning": "server=0 others=1", "connections": 32}
+    meta["duration_s"] = 4
+    missed = [ok("bare", 1000), ok("policyroute_local", 100)]
+    assert cli.publish(missed, meta) == 0
+    out = capsys.readouterr().out
+    assert "policyroute_local >= 0.85 x bare" in out and "MISS" in out
+    stored = json.loads(results.read_text())["targets"]
+    assert stored[0]["status"] == "MISS" and stored[0]["ratio"] == pytest.approx(0.1)
+    assert cli.publish([ok("bare", 1000), failed("policyroute_local")], meta) == 1
