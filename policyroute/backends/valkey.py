@@ -21,6 +21,7 @@ class Store(Protocol):
     """What steps may ask of the state backend."""
 
     prefix: str
+    cluster: bool
 
     def key(self, tag: str, *parts: str) -> str:
         """A namespaced key whose hash tag is `tag` (keys of one tag share a cluster slot)."""

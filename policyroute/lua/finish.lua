@@ -29,6 +29,14 @@ while op do
     redis.call('HSET', v, 'code', code, 'hd', hd, 'bd', bd)
     redis.call('PEXPIRE', v, ttl)
     if redis.call('GET', lk) == token then redis.call('DEL', lk) end
+  elseif op == 'utb' then
+    -- give back tokens a refused request took on a cluster (limits are all-or-nothing)
+    local k = key()
+    local cap, cost = tonumber(arg()), tonumber(arg())
+    local t = tonumber(redis.call('HGET', k, 't'))
+    if t then redis.call('HSET', k, 't', tostring(math.min(cap, t + cost))) end
+  elseif op == 'usw' then
+    redis.call('ZPOPMAX', key(), tonumber(arg()))
   elseif op == 'cau' then
     local lk = key()
     if redis.call('GET', lk) == arg() then redis.call('DEL', lk) end

@@ -8,7 +8,7 @@ from typing import Any
 from cachetools import Cache as LocalStore
 from cachetools import FIFOCache, LFUCache, LRUCache
 
-from ..backends.valkey import Arg, Store
+from ..backends.valkey import Store
 from ..policy import Cache, RoutePolicy
 from .base import Context
 from .state import Outcome, Part, Request, Stored, digest, principal_tag, route_id, sleep_ms
@@ -84,8 +84,8 @@ class CacheStep(Part):
         parts.extend(ctx.headers.get(h, "") for h in self.vary_headers)
         return "\0".join(parts)
 
-    async def prepare(self, req: Request) -> None:
-        """Append the lookup op (and the stampede lock on a miss)."""
+    def peek(self, req: Request) -> None:
+        """Answer from the in-process first tier before any other part queues an op."""
         ctx = req.ctx
         tag = shared_tag(ctx.route) if self.spec.shared else principal_tag(ctx)
         path = ctx.scope.get("path", "")
@@ -93,14 +93,16 @@ class CacheStep(Part):
         req.data["ca_keys"] = (value, lock)
         local = self._local_get(value)
         if local is not None:
-            # First tier hit: no cache op; the other parts still run (and refund credits).
+            # First tier hit: no cache op, no credit reservation; limits still apply.
             req.data["answer"] = local
             req.data["answer_headers"] = [HIT]
             req.data["ca_local"] = True
-            return
-        req.keys.extend((value, lock))
-        args: tuple[Arg, ...] = ("ca", self.lock_ms, req.token)
-        req.args.extend(args)
+
+    async def prepare(self, req: Request) -> None:
+        """Append the lookup op (and the stampede lock on a miss)."""
+        if not req.data.get("ca_local"):
+            value, lock = req.data["ca_keys"]
+            req.op((value, lock), ("ca", self.lock_ms, req.token))
 
     def settle(self, req: Request, reply: list[Any]) -> None:
         """A hit answers; a miss that lost the lock waits for the first one."""

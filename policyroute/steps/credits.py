@@ -37,10 +37,11 @@ class CreditsStep(Part):
         return f"cost {self.spec.cost}, refund on {', '.join(self.spec.refund_on)}{extra}"
 
     async def prepare(self, req: Request) -> None:
-        """Append the reservation op for the caller's account."""
+        """Append the reservation op for the caller's account (none for a first-tier hit)."""
+        if "answer" in req.data:
+            return
         key = self.store.key(principal_tag(req.ctx), "credits")
-        req.keys.append(key)
-        req.args.extend(self.op)
+        req.op((key,), self.op)
         req.data["cr_key"] = key
 
     def settle(self, req: Request, reply: list[Any]) -> None:

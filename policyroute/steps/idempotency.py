@@ -6,7 +6,7 @@ import hashlib
 import re
 from typing import Any
 
-from ..backends.valkey import Arg, Store
+from ..backends.valkey import Store
 from ..errors import Denial, Problems
 from ..policy import Idempotency, RoutePolicy
 from .state import Outcome, Part, Request, Stored, digest, principal_tag, read_body, route_id
@@ -67,9 +67,7 @@ class IdempotencyStep(Part):
             fp.update(b"\0")
         fp.update(body)
         record = self.store.key(principal_tag(ctx), "id", route_id(ctx.route), digest(key))
-        req.keys.append(record)
-        args: tuple[Arg, ...] = ("id", fp.hexdigest(), self.lock_ms)
-        req.args.extend(args)
+        req.op((record,), ("id", fp.hexdigest(), self.lock_ms))
         req.data["id_key"] = record
 
     def settle(self, req: Request, reply: list[Any]) -> None:

@@ -134,12 +134,10 @@ class RateLimitStep(Part):
         """Append one op per limit."""
         store, ctx = self.store, req.ctx
         rid = route_id(ctx.route)
-        for lim in self.limits:
-            req.keys.append(store.key(lim.tag(ctx), "rl", rid, lim.index))
-            req.args.extend(lim.op)
-            if lim.op[0] == "cc":
-                req.args.append(req.token)
-        req.data["rl_keys"] = req.keys[-len(self.limits) :]
+        keys = [store.key(lim.tag(ctx), "rl", rid, lim.index) for lim in self.limits]
+        for key, lim in zip(keys, self.limits, strict=True):
+            req.op((key,), (*lim.op, req.token) if lim.op[0] == "cc" else lim.op)
+        req.data["rl_keys"] = keys
 
     def settle(self, req: Request, reply: list[Any]) -> None:
         """Set the RateLimit headers; raise 429 when a limit refused."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import itertools
 import json
 import logging
-import uuid
+import os
+import secrets
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from ..compiler import Env, register
 from ..errors import Denial, Problems, StorageError
 from ..policy import RoutePolicy
 from .base import Context, Handler, Step
+from .slots import run_finish, run_state
 
 log = logging.getLogger("policyroute")
 
@@ -34,6 +37,26 @@ log = logging.getLogger("policyroute")
 BACKEND_FAILED_OPEN: Counter[str] = Counter()
 
 Header = tuple[bytes, bytes]
+
+
+class _Tokens:
+    """Request tokens unique across processes: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        """A fresh prefix (a forked child must not reuse its parent's tokens)."""
+        self.prefix = secrets.token_hex(8) + "-"
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        """The next token (owner of concurrency slots, stampede locks and records)."""
+        return self.prefix + format(next(self.counter), "x")
+
+
+TOKENS = _Tokens()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -90,19 +113,33 @@ class Stored:
 
 @dataclass(slots=True)
 class Request:
-    """What the parts of one request compute and share."""
+    """What the parts of one request compute and share.
+
+    Ops are appended with `op` (before the handler) and `finish` (after it); each op is
+    an opcode with its arguments and the keys it touches, kept flat for one script call
+    and marked so a cluster can split them by hash tag (`steps/slots.py`).
+    """
 
     ctx: Context
     keys: list[str] = field(default_factory=list)
     args: list[Arg] = field(default_factory=list)
+    marks: list[tuple[int, int]] = field(default_factory=list)
     token: str = ""
     extra: list[Header] = field(default_factory=list)
     finish_keys: list[str] = field(default_factory=list)
     finish_args: list[Arg] = field(default_factory=list)
+    finish_marks: list[tuple[int, int]] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+
+    def op(self, keys: Sequence[str], args: Sequence[Arg]) -> None:
+        """Queue an op (opcode first in `args`) for the before-handler script."""
+        self.marks.append((len(self.keys), len(self.args)))
+        self.keys.extend(keys)
+        self.args.extend(args)
 
     def finish(self, op: str, keys: Sequence[str], *args: Arg) -> None:
         """Queue an op for the after-handler script."""
+        self.finish_marks.append((len(self.finish_keys), len(self.finish_args)))
         self.finish_keys.extend(keys)
         self.finish_args.append(op)
         self.finish_args.extend(args)
@@ -134,6 +171,9 @@ class Part(Step):
     guard = False
     fail_open: bool = False
 
+    def peek(self, req: Request) -> None:
+        """Answer from process memory before any part queues an op (the cache's first tier)."""
+
     async def prepare(self, req: Request) -> None:
         """Check what needs no backend (may raise Denial) and append this part's op."""
 
@@ -160,6 +200,7 @@ class StateStep(Step):
         # Closed wins: a request goes on without the backend only when every part allows it.
         self.fail_open = all(p.fail_open for p in self.parts)
         self.names = ",".join(p.name for p in self.parts)
+        self.peekers = tuple(p for p in self.parts if type(p).peek is not Part.peek)
 
     def describe(self) -> str:
         """One line for explain: the parts in evaluation order."""
@@ -168,7 +209,9 @@ class StateStep(Step):
 
     async def around(self, ctx: Context, call_next: Handler) -> None:
         """Run the fused pre-checks, answer or deny, else run the handler and finish."""
-        req = Request(ctx, token=uuid.uuid4().hex)
+        req = Request(ctx, token=TOKENS.next())
+        for peeker in self.peekers:
+            peeker.peek(req)
         for part in self.parts:
             await part.prepare(req)
         if not req.args:
@@ -179,9 +222,7 @@ class StateStep(Step):
                 await call_next(ctx)
             return
         try:
-            reply = await self.store.run(
-                "state", req.keys, req.args, operation=self.names, fail_open=self.fail_open
-            )
+            reply = await run_state(self.store, req, self.names, self.fail_open)
         except StorageError as exc:
             await self._without_backend(ctx, call_next, exc)
             return
@@ -241,13 +282,7 @@ class StateStep(Step):
         # Shielded: a cancelled request (client gone) must still release and refund.
         with anyio.CancelScope(shield=True):
             try:
-                await self.store.run(
-                    "finish",
-                    req.finish_keys,
-                    req.finish_args,
-                    operation=f"{self.names} finish",
-                    fail_open=True,
-                )
+                await run_finish(self.store, req, f"{self.names} finish")
             except StorageError as exc:
                 log.warning("policyroute: %s", exc)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from policyroute import cache_api
+from policyroute import cache_api, credits
 from policyroute.cli import main
 
 from .stateful import client, engine, install, running
@@ -162,3 +162,31 @@ def test_cli_warm_gets_listed_paths(
     assert capsys.readouterr().out.splitlines() == ["200 /slow", "200 /cached/a"]
     assert main(["cache", "invalidate", "GET", "/slow", "--app", "warmapp:app"]) == 0
     assert "GET /slow: 1 entries removed" in capsys.readouterr().out
+
+
+LOCAL_PAID = """\
+version: 1
+routes:
+  GET /cached/{item}:
+    public: true
+    credits: {cost: 1}
+    cache: {ttl: 60s, local: {max_entries: 8}}
+"""
+
+
+async def test_a_first_tier_hit_costs_no_credits_and_no_round_trip(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, LOCAL_PAID, valkey_url, calls)
+    async with running(app) as c:
+        store = engine(app).services["valkey"]
+        await credits.set_balance(store, "127.0.0.1", 5, ip=True)
+        assert (await c.get("/cached/a")).status_code == 200
+        assert (await credits.show(store, "127.0.0.1", ip=True)).total == 4
+        sent = store.pipeline.commands
+        hit = await c.get("/cached/a")
+        assert hit.status_code == 200 and hit.headers["x-cache"] == "hit"
+        assert store.pipeline.commands == sent  # answered from process memory alone
+        assert (await credits.show(store, "127.0.0.1", ip=True)).total == 4
+    assert calls["cached"] == 1
