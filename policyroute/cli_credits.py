@@ -35,7 +35,8 @@ async def _run(args: argparse.Namespace, store: ValkeyStore) -> str:
             await credits.set_balance(store, args.subject, args.amount, ip=args.ip)
         found = await credits.show(store, args.subject, ip=args.ip)
         extra = f" (granted {found.granted}, allowance left {found.allowance})"
-        return f"{args.subject}: balance {found.total}" + (extra if found.allowance else "")
+        held = f", {found.held} reserved by requests in flight" if found.held else ""
+        return f"{args.subject}: balance {found.total}" + (extra if found.allowance else "") + held
     finally:
         await store.stop()
 

@@ -1,7 +1,9 @@
 """Credit balances in Valkey: grant, show and set, for the CLI and for applications.
 
 A subject's account is a hash at `<prefix>:{s:<subject>}:credits` with the granted
-balance `b`, the periodic allowance left `a` and the allowance period `p`. Anonymous
+balance `b`, the periodic allowance left `a` and the allowance period `p`. Credits
+reserved by a running request sit in `...:credits:holds` (amounts) and `...:credits:held`
+(expiry); a reservation whose request never finished is refunded after `credits.hold`. Anonymous
 callers of public routes are charged by client address (`ip=True`).
 """
 
@@ -29,6 +31,7 @@ class Balance:
     granted: int
     allowance: int
     period: str
+    held: int = 0  # reserved by requests still running (or lost, until refunded)
 
     @property
     def total(self) -> int:
@@ -60,4 +63,9 @@ async def show(store: ValkeyStore, subject: str, *, ip: bool = False) -> Balance
     key = balance_key(store, account_tag(subject, ip=ip))
     raw = await store.command("HMGET", key, "b", "a", "p", operation="credits show")
     b, a, p = (x.decode() if isinstance(x, bytes) else x for x in raw)
-    return Balance(int(b or 0), int(a or 0), p or "")
+    holds = await store.command("HVALS", key + ":holds", operation="credits show")
+    held = 0
+    for value in holds:
+        from_a, from_b, _ = (value.decode() if isinstance(value, bytes) else value).split(":", 2)
+        held += int(from_a) + int(from_b)
+    return Balance(int(b or 0), int(a or 0), p or "", held)

@@ -152,6 +152,8 @@ class RateLimit(Model):
     cost: int = Field(default=1, ge=1)
     on_backend_error: OnBackendError = "open"
     name: str | None = None
+    # How long a concurrency slot outlives a process that died holding it.
+    lease: Duration | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _shape(self) -> RateLimit:
@@ -165,6 +167,8 @@ class RateLimit(Model):
         if self.algorithm == "concurrency":
             if self.per is not None or self.refill is not None:
                 raise ValueError("a concurrency limit takes `capacity` only, not `per` or `refill`")
+        elif self.lease is not None:
+            raise ValueError("`lease` applies to concurrency limits only")
         elif self.per is None or self.per <= 0:
             raise ValueError(f"a {self.algorithm} limit needs a positive `per` duration")
         if self.cost > self.capacity:
@@ -188,6 +192,8 @@ class Credits(Model):
     )
     on_backend_error: OnBackendError = "closed"
     allowance: Allowance | None = None
+    # A reservation no response ever settled (its process died) is refunded after this.
+    hold: Duration = Field(default=900.0, gt=0)
 
 
 class Idempotency(Model):
@@ -197,6 +203,8 @@ class Idempotency(Model):
     ttl: Duration = 86400.0
     required: bool = False
     on_backend_error: OnBackendError = "closed"
+    # How long an in-flight record outlives a process that died (default: ttl, at most 5m).
+    lock: Duration | None = Field(default=None, gt=0)
 
 
 class LocalCache(Model):
@@ -217,6 +225,23 @@ class Cache(Model):
     vary_query: bool = True
     local: LocalCache | None = None
     on_backend_error: OnBackendError = "open"
+    # How long the first miss may take before waiters run the handler too
+    # (default: ten times the ttl, at most 10s).
+    lock: Duration | None = Field(default=None, gt=0)
+
+
+_EXCEPTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+RETRY_CONDITIONS = ("5xx", "timeout")
+
+
+def _exception_name(name: str) -> str:
+    """A builtin or dotted exception name, checked for shape (resolved at compile time)."""
+    if not _EXCEPTION_NAME.match(name):
+        raise ValueError(
+            f"invalid exception name {name!r}: use a builtin name (ConnectionError) or a "
+            "dotted import path (httpx.ConnectError)"
+        )
+    return name
 
 
 class Retry(Model):
@@ -228,7 +253,36 @@ class Retry(Model):
     max: Duration = 2.0
     jitter: bool = True
     deadline: Duration | None = None
-    on: list[str] = Field(default_factory=lambda: ["5xx", "timeout"])
+    on: list[str] = Field(
+        default_factory=lambda: ["5xx", "timeout"],
+        description="5xx, timeout, and exception names (builtin or dotted import paths).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        # YAML 1.1 reads the plain key `on` as the boolean true, which arrives as "True".
+        if isinstance(data, dict) and "True" in data and "on" not in data:
+            data = {("on" if k == "True" else k): v for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _shape(self) -> Retry:
+        for item in self.on:
+            if item not in RETRY_CONDITIONS and len(item) == 3 and item.endswith("xx"):
+                raise ValueError(f"`on: {item}` is not allowed: only 5xx responses are retried")
+            if item not in RETRY_CONDITIONS:
+                _exception_name(item)
+        if self.max < self.initial:
+            raise ValueError(f"`max` ({self.max}s) is shorter than `initial` ({self.initial}s)")
+        if self.deadline is not None and self.deadline <= 0:
+            raise ValueError("`deadline` must be a positive duration")
+        return self
+
+    @property
+    def exceptions(self) -> list[str]:
+        """The exception names of `on` (everything but 5xx and timeout)."""
+        return [item for item in self.on if item not in RETRY_CONDITIONS]
 
 
 class Breaker(Model):
@@ -238,8 +292,19 @@ class Breaker(Model):
     reset: Duration = 30.0
     success_threshold: int = Field(default=1, ge=1)
     half_open_calls: int = Field(default=1, ge=1)
-    exclude: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Exception names that never count as failures (builtin or dotted paths).",
+    )
     shared: bool = False
+
+    @model_validator(mode="after")
+    def _shape(self) -> Breaker:
+        for item in self.exclude:
+            _exception_name(item)
+        if self.reset <= 0:
+            raise ValueError("`reset` must be a positive duration")
+        return self
 
 
 class EventFields(Model):
@@ -264,6 +329,12 @@ class Resilience(Model):
     retry: Retry | None = None
     breaker: Breaker | None = None
     timeout: Duration | None = None
+
+    @model_validator(mode="after")
+    def _positive_timeout(self) -> Resilience:
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("`timeout` must be a positive duration")
+        return self
 
 
 RouteKeyName = Literal[
@@ -313,6 +384,15 @@ class RoutePolicy(Model):
     encrypt_fields: list[str] = Field(default_factory=list)
     decrypt_fields: list[str] = Field(default_factory=list)
     slow: Duration | None = None
+
+    @model_validator(mode="after")
+    def _holds_outlive_the_handler(self) -> RoutePolicy:
+        if self.credits and self.timeout and self.credits.hold <= self.timeout:
+            raise ValueError(
+                f"credits.hold ({self.credits.hold}s) must exceed the route's timeout "
+                f"({self.timeout}s), or a running request's reservation would be refunded"
+            )
+        return self
 
     @model_validator(mode="after")
     def _public_has_no_identity(self) -> RoutePolicy:

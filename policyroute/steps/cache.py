@@ -13,7 +13,8 @@ from ..policy import Cache, RoutePolicy
 from .base import Context
 from .state import Outcome, Part, Request, Stored, digest, principal_tag, route_id, sleep_ms
 
-# How long the first miss may take to fill the entry before a waiter runs the handler too.
+# How long the first miss may take to fill the entry before a waiter runs the handler too
+# (unless the policy sets `lock`).
 STAMPEDE_LOCK_MS = 10_000
 HIT = (b"x-cache", b"hit")
 
@@ -39,7 +40,9 @@ class CacheStep(Part):
         self.spec = spec
         self.fail_open = spec.on_backend_error == "open"
         self.ttl_ms = max(1, round(spec.ttl * 1000))
-        self.lock_ms = min(self.ttl_ms * 10, STAMPEDE_LOCK_MS)
+        self.lock_ms = (
+            round(spec.lock * 1000) if spec.lock else min(self.ttl_ms * 10, STAMPEDE_LOCK_MS)
+        )
         self.vary_headers = tuple(h.lower() for h in spec.vary_headers)
         self.local: LocalStore[str, tuple[float, Stored]] | None = None
         self.local_ttl = 0.0

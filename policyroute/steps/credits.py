@@ -11,6 +11,12 @@ from ..policy import Credits, RoutePolicy
 from .state import Outcome, Part, Request, principal_tag
 
 
+def hold_keys(store: Store, tag: str) -> tuple[str, str, str]:
+    """An account's balance key and the keys of its open reservations (expiry, amounts)."""
+    balance = store.key(tag, "credits")
+    return balance, balance + ":held", balance + ":holds"
+
+
 class CreditsStep(Part):
     """Refuse with 402 when the balance is short; never overdraw; refund as the policy says."""
 
@@ -26,6 +32,7 @@ class CreditsStep(Part):
             spec.cost,
             allowance.amount if allowance else 0,
             allowance.every if allowance else "-",
+            max(1, round(spec.hold * 1000)),
         )
         self.refund_on = frozenset(spec.refund_on)
 
@@ -34,15 +41,18 @@ class CreditsStep(Part):
         extra = ""
         if self.spec.allowance:
             extra = f", allowance {self.spec.allowance.amount} per {self.spec.allowance.every}"
-        return f"cost {self.spec.cost}, refund on {', '.join(self.spec.refund_on)}{extra}"
+        return (
+            f"cost {self.spec.cost}, refund on {', '.join(self.spec.refund_on)}{extra}, "
+            f"unfinished reservations refunded after {self.spec.hold}s"
+        )
 
     async def prepare(self, req: Request) -> None:
         """Append the reservation op for the caller's account (none for a first-tier hit)."""
         if "answer" in req.data:
             return
-        key = self.store.key(principal_tag(req.ctx), "credits")
-        req.op((key,), self.op)
-        req.data["cr_key"] = key
+        keys = hold_keys(self.store, principal_tag(req.ctx))
+        req.op(keys, (*self.op, req.token))
+        req.data["cr_keys"] = keys
 
     def settle(self, req: Request, reply: list[Any]) -> None:
         """Raise 402 when the balance was short; remember what was taken."""
@@ -78,9 +88,13 @@ class CreditsStep(Part):
     def after(self, req: Request, outcome: Outcome) -> None:
         """Refund the reservation when the outcome says so (else it is committed)."""
         taken = req.data.get("cr_taken")
-        if taken is None or not self.refund(outcome):
+        if taken is None:
             return
-        req.finish("ref", [req.data["cr_key"]], *taken)
+        keys = req.data["cr_keys"]
+        if self.refund(outcome):
+            req.finish("ref", keys, *taken, req.token)
+        else:
+            req.finish("com", keys[1:], req.token)
 
 
 def make_credits_part(policy: RoutePolicy, store: Store) -> Part | None:

@@ -36,7 +36,7 @@ class IdempotencyStep(Part):
         self.header = spec.header.lower()
         self.fail_open = spec.on_backend_error == "open"
         self.ttl_ms = max(1, round(spec.ttl * 1000))
-        self.lock_ms = min(self.ttl_ms, IN_FLIGHT_MS)
+        self.lock_ms = round(spec.lock * 1000) if spec.lock else min(self.ttl_ms, IN_FLIGHT_MS)
 
     def describe(self) -> str:
         """Header, ttl and whether it is required."""

@@ -14,7 +14,7 @@ from ..policy import RateLimit, RoutePolicy
 from .base import Context
 from .state import Header, Outcome, Part, Request, digest, principal_tag, route_id
 
-# How long a concurrency slot outlives a process that died holding it.
+# How long a concurrency slot outlives a process that died holding it (unless `lease`).
 CONCURRENCY_LEASE_MS = 300_000
 
 TagOf = Callable[[Context], str]
@@ -82,7 +82,8 @@ def compile_limit(spec: RateLimit, index: int, names: set[str]) -> Limit:
         name = f"{name}-{index}"
     names.add(name)
     if spec.algorithm == "concurrency":
-        op: tuple[Arg, ...] = ("cc", spec.capacity, CONCURRENCY_LEASE_MS)
+        lease = round(spec.lease * 1000) if spec.lease else CONCURRENCY_LEASE_MS
+        op: tuple[Arg, ...] = ("cc", spec.capacity, lease)
         item = f"{_sf_name(name)};q={spec.capacity}"
     else:
         per_ms = max(1, round((spec.per or 0) * 1000))
