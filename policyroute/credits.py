@@ -2,8 +2,9 @@
 
 A subject's account is a hash at `<prefix>:{s:<subject>}:credits` with the granted
 balance `b`, the periodic allowance left `a` and the allowance period `p`. Credits
-reserved by a running request sit in `...:credits:holds` (amounts) and `...:credits:held`
-(expiry); a reservation whose request never finished is refunded after `credits.hold`. Anonymous
+reserved by a running request sit in the sorted set `...:credits:held` (member
+`from_allowance:from_balance:period:token`, scored by expiry); a reservation whose
+request never finished is refunded after `credits.hold`. Anonymous
 callers of public routes are charged by client address (`ip=True`).
 """
 
@@ -63,9 +64,9 @@ async def show(store: ValkeyStore, subject: str, *, ip: bool = False) -> Balance
     key = balance_key(store, account_tag(subject, ip=ip))
     raw = await store.command("HMGET", key, "b", "a", "p", operation="credits show")
     b, a, p = (x.decode() if isinstance(x, bytes) else x for x in raw)
-    holds = await store.command("HVALS", key + ":holds", operation="credits show")
+    holds = await store.command("ZRANGE", key + ":held", 0, -1, operation="credits show")
     held = 0
-    for value in holds:
-        from_a, from_b, _ = (value.decode() if isinstance(value, bytes) else value).split(":", 2)
+    for member in holds:
+        from_a, from_b, _ = (member.decode() if isinstance(member, bytes) else member).split(":", 2)
         held += int(from_a) + int(from_b)
     return Balance(int(b or 0), int(a or 0), p or "", held)

@@ -1,4 +1,4 @@
-"""Auto-pipelining: every command issued in one event-loop tick leaves in one write.
+"""Auto-pipelining: commands issued in one event-loop tick share writes on one connection.
 
 Concurrent requests each need one script call before their handler. Sent one by one
 through a connection pool, each call pays a pool checkout, a write syscall and a read
@@ -27,6 +27,11 @@ from valkey.exceptions import TimeoutError as ValkeyTimeoutError
 Arg = str | bytes | int | float
 
 _NOT_ENOUGH = object()
+
+# A batch leaves as soon as this many commands wait, so the server works on them while
+# this process computes the rest of the tick (measured with `make bench`: 8 beat both
+# one write per tick and one write per command); the rest leave at the end of the tick.
+EARLY_WRITE = 8
 
 
 def parse_error(text: str) -> ResponseError:
@@ -95,7 +100,14 @@ class _Protocol(asyncio.Protocol):
 class Pipeline:
     """One auto-pipelined connection to a Valkey server (per event loop)."""
 
-    def __init__(self, url: str, *, timeout: float = 0.25, connect_timeout: float = 0.25) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 0.25,
+        connect_timeout: float = 0.25,
+        batch: int = EARLY_WRITE,
+    ) -> None:
         options = parse_url(url)
         self.host: str = options.get("host", "127.0.0.1")
         self.port: int = int(options.get("port", 6379))
@@ -111,6 +123,7 @@ class Pipeline:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._flush_scheduled = False
+        self.batch = batch
         self.writes = 0  # batches written, for tests and tuning
         self.commands = 0
 
@@ -121,7 +134,9 @@ class Pipeline:
             self._rebind(loop)
         future: asyncio.Future[Any] = loop.create_future()
         self.pending.append((pack(args), future))
-        if not self._flush_scheduled:
+        if len(self.pending) >= self.batch:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return future

@@ -7,11 +7,10 @@ while op do
   if op == 'rel' then
     redis.call('ZREM', key(), arg())
   elseif op == 'ref' then
-    local k, held, holds = key(), key(), key()
+    local k, held = key(), key()
     local from_a, from_b, p, token = tonumber(arg()), tonumber(arg()), arg(), arg()
     -- Only a reservation still held goes back: one already swept was refunded then.
-    if redis.call('ZREM', held, token) == 1 then
-      redis.call('HDEL', holds, token)
+    if redis.call('ZREM', held, from_a .. ':' .. from_b .. ':' .. p .. ':' .. token) == 1 then
       if from_b > 0 then redis.call('HINCRBY', k, 'b', from_b) end
       -- allowance goes back only within the period it came from (a new period reset it)
       if from_a > 0 and redis.call('HGET', k, 'p') == p then
@@ -19,9 +18,7 @@ while op do
       end
     end
   elseif op == 'com' then
-    local held, holds, token = key(), key(), arg()
-    redis.call('ZREM', held, token)
-    redis.call('HDEL', holds, token)
+    redis.call('ZREM', key(), arg())
   elseif op == 'ids' then
     local k = key()
     local code, hd, bd, ttl = arg(), arg(), arg(), arg()

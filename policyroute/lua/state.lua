@@ -117,25 +117,24 @@ local take = nil
 -- or a cache hit costs nothing, so it must not be refused for want of credits.
 local short = nil
 if op == 'cr' then
-  local k, held, holds = key(), key(), key()
+  local k, held = key(), key()
   local cost, amount, every, hold, token = num(), num(), arg(), num(), arg()
   local s = redis.call('HMGET', k, 'b', 'a', 'p')
   local b = tonumber(s[1]) or 0
   local a = tonumber(s[2]) or 0
   local p = s[3] or ''
   -- Reservations of requests that never finished (a crashed process) go back first.
+  -- A reservation is one member 'from_a:from_b:period:token' scored by its expiry.
   local lost = redis.call('ZRANGEBYSCORE', held, '-inf', now, 'LIMIT', 0, 64)
   if #lost > 0 then
-    for _, tok in ipairs(lost) do
-      local v = redis.call('HGET', holds, tok)
-      if v then
-        local ra, rb, rp = string.match(v, '^(%d+):(%d+):(.*)$')
+    for _, m in ipairs(lost) do
+      local ra, rb, rp = string.match(m, '^(%d+):(%d+):([^:]*):')
+      if rb then
         b = b + tonumber(rb)
         if rp == p then a = a + tonumber(ra) end
       end
-      redis.call('HDEL', holds, tok)
-      redis.call('ZREM', held, tok)
     end
+    redis.call('ZREM', held, unpack(lost))
     redis.call('HSET', k, 'b', b, 'a', a, 'p', p)
   end
   if amount > 0 then
@@ -150,10 +149,8 @@ if op == 'cr' then
     credit = {from_a, from_b, b + a - cost, p}
     take = function()
       redis.call('HSET', k, 'b', b - from_b, 'a', a - from_a, 'p', p)
-      redis.call('ZADD', held, now + hold, token)
-      redis.call('HSET', holds, token, from_a .. ':' .. from_b .. ':' .. p)
-      redis.call('PEXPIRE', held, hold * 2)
-      redis.call('PEXPIRE', holds, hold * 2)
+      -- An empty set is removed by the server, so settled accounts keep no extra key.
+      redis.call('ZADD', held, now + hold, from_a .. ':' .. from_b .. ':' .. p .. ':' .. token)
     end
   end
   op = arg()

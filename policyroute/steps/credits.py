@@ -11,10 +11,10 @@ from ..policy import Credits, RoutePolicy
 from .state import Outcome, Part, Request, principal_tag
 
 
-def hold_keys(store: Store, tag: str) -> tuple[str, str, str]:
-    """An account's balance key and the keys of its open reservations (expiry, amounts)."""
+def hold_keys(store: Store, tag: str) -> tuple[str, str]:
+    """An account's balance key and the key of its open reservations."""
     balance = store.key(tag, "credits")
-    return balance, balance + ":held", balance + ":holds"
+    return balance, balance + ":held"
 
 
 class CreditsStep(Part):
@@ -94,7 +94,8 @@ class CreditsStep(Part):
         if self.refund(outcome):
             req.finish("ref", keys, *taken, req.token)
         else:
-            req.finish("com", keys[1:], req.token)
+            from_a, from_b, period = taken
+            req.finish("com", keys[1:], f"{from_a}:{from_b}:{period}:{req.token}")
 
 
 def make_credits_part(policy: RoutePolicy, store: Store) -> Part | None:
