@@ -8,6 +8,7 @@ from .config import Settings
 from .errors import ConfigError, Denial, Finding, PolicyrouteError, StorageError
 from .loader import PolicySet, load_policies
 from .principal import Principal, principal
+from .resilience import resilient
 from .steps import load_builtin as _load_builtin
 
 _load_builtin()  # the step modules register their makers with the compiler
@@ -26,5 +27,6 @@ __all__ = [
     "install",
     "load_policies",
     "principal",
+    "resilient",
 ]
 __version__ = "0.1.0"

@@ -78,7 +78,9 @@ class _Builder:
                     Finding("yaml-key", "mapping keys must be plain strings", where, path)
                 )
                 continue
-            key = str(self.loader.construct_object(key_node))
+            # A key is its text: YAML 1.1 would read a plain `on`, `off`, `yes` or `no`
+            # as a boolean and `0x10` as 16, but a policy key is always a name.
+            key = key_node.value
             child = (*path, key)
             if key in out:
                 first = self.doc.keys[child]

@@ -22,6 +22,7 @@ from .config import Settings
 from .errors import ConfigError, Denial, Finding, Location
 from .loader import PolicySet, RouteEntry, load_policies
 from .policy import METHODS, normalize_path
+from .resilience import bind as bind_resilience
 from .services import default_services
 
 log = logging.getLogger("policyroute")
@@ -182,7 +183,8 @@ class Engine:
 
     def env(self, policies: PolicySet) -> Env:
         """The compile environment for a policy set."""
-        return Env(policies.settings, self.config, self.services)
+        # The hook that lets route makers and `@resilient` see this policy's profiles.
+        return Env(policies.settings, self.config, bind_resilience(self, policies))
 
     def _build(self, policies: PolicySet) -> Snapshot:
         return Snapshot.build(policies, compile_all(policies, self.env(policies)))

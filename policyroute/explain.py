@@ -12,6 +12,7 @@ from .backends.valkey import ValkeyStore
 from .chain import Chain
 from .compiler import Env, compile_route
 from .loader import RouteEntry, load_policies
+from .resilience import with_profiles
 from .services import OFFLINE_VALKEY_URL
 
 
@@ -39,7 +40,7 @@ def explain(
         chains: list[Chain] = engine.chains()
     else:
         policies = load_policies(*paths)
-        env = Env(policies.settings, services=_offline_services())
+        env = Env(policies.settings, services=with_profiles(policies, _offline_services()))
         chains = [compile_route(e, env) for e in policies.routes.values()]
     by_route = {e.key: e for e in policies.routes.values()}
     blocks: list[str] = []

@@ -13,6 +13,7 @@ from .binding import Binding, no_policy_finding, unmatched_entries, walk_routes
 from .compiler import unenforced
 from .errors import ConfigError, Finding
 from .loader import PolicySet, RouteEntry, load_policies
+from .resilience import lint_findings as resilience_findings
 
 FORMATS = ("text", "json", "sarif", "github")
 
@@ -60,6 +61,7 @@ def lint(paths: Sequence[str | Path], app: FastAPI | None = None) -> list[Findin
                 )
             )
         findings.extend(_policy_rules(entry))
+    findings.extend(resilience_findings(policies))
     if app is not None:
         findings.extend(_route_findings(policies, app))
     return findings

@@ -258,14 +258,6 @@ class Retry(Model):
         description="5xx, timeout, and exception names (builtin or dotted import paths).",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _yaml_on(cls, data: Any) -> Any:
-        # YAML 1.1 reads the plain key `on` as the boolean true, which arrives as "True".
-        if isinstance(data, dict) and "True" in data and "on" not in data:
-            data = {("on" if k == "True" else k): v for k, v in data.items()}
-        return data
-
     @model_validator(mode="after")
     def _shape(self) -> Retry:
         for item in self.on:

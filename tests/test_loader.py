@@ -293,3 +293,14 @@ def test_bad_route_keys(key: str, policy_dir: Path) -> None:
     write(policy_dir, {"a.yaml": f'version: 1\nroutes:\n  "{key}":\n    public: true\n'})
     with pytest.raises(ConfigError, match="bad-route-key"):
         load_policies(policy_dir)
+
+
+def test_plain_keys_keep_their_text(policy_dir: Path) -> None:
+    """YAML 1.1 would read `on:` as true; a policy key is always its own text."""
+    (policy_dir / "p.yaml").write_text(
+        "version: 1\nroutes:\n  GET /a:\n    public: true\n"
+        "    retry: {attempts: 2, on: [5xx, ConnectionError]}\n"
+    )
+    entry = load_policies(policy_dir).routes[("GET", "/a")]
+    assert entry.policy.retry is not None
+    assert entry.policy.retry.on == ["5xx", "ConnectionError"]
