@@ -6,6 +6,7 @@ from .binding import Engine, install
 from .chain import Chain
 from .config import Settings
 from .errors import ConfigError, Denial, Finding, PolicyrouteError, StorageError
+from .events import Message, Worker, consumer, consumers
 from .loader import PolicySet, load_policies
 from .principal import Principal, principal
 from .resilience import resilient
@@ -19,11 +20,15 @@ __all__ = [
     "Denial",
     "Engine",
     "Finding",
+    "Message",
     "PolicySet",
     "PolicyrouteError",
     "Principal",
     "Settings",
     "StorageError",
+    "Worker",
+    "consumer",
+    "consumers",
     "install",
     "load_policies",
     "principal",

@@ -41,9 +41,11 @@ class MissingService(Exception):  # noqa: N818 - converted to a Finding by compi
     def __init__(self, name: str, why: str) -> None:
         self.name = name
         self.why = why
-        hint = {"valkey": "POLICYROUTE_VALKEY_URL", "pulsar": "POLICYROUTE_PULSAR_URL"}.get(
-            name, name
-        )
+        hint = {
+            "valkey": "POLICYROUTE_VALKEY_URL",
+            "pulsar": "POLICYROUTE_PULSAR_URL",
+            "keyring": "POLICYROUTE_DATA_KEYS",
+        }.get(name, name)
         super().__init__(f"{why} needs the {name} backend; set {hint}")
 
 

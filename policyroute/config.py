@@ -27,6 +27,29 @@ class Settings(BaseSettings):
         default="x-request-id", description="Header carrying a request id."
     )
     max_header_bytes: int = Field(default=16384, ge=1024, description="Largest header value read.")
+    events_queue_size: int = Field(
+        default=10_000,
+        ge=1,
+        description="Events held in memory awaiting the broker, and again awaiting the outbox.",
+    )
+    events_send_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds a publication may take before the outbox takes it."
+    )
+    events_flush_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds shutdown waits to publish, then to save, events."
+    )
+    events_max_body: int = Field(
+        default=1 << 20, ge=0, description="Largest request or response body read for event fields."
+    )
+    outbox_batch: int = Field(
+        default=100, ge=1, description="Outbox entries a relay reads at once."
+    )
+    outbox_poll: float = Field(
+        default=0.5, gt=0, description="Seconds between outbox polls when it looks empty."
+    )
+    outbox_claim_idle: float = Field(
+        default=30.0, gt=0, description="Seconds before a relay takes over another's pending entry."
+    )
 
     def policy_paths(self) -> list[str]:
         """The policy paths as a list."""

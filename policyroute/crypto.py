@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import os
 import secrets
 from collections.abc import Mapping
@@ -40,6 +41,8 @@ class Keyring:
             if not kid or not kid.isascii() or "." in kid or "," in kid or ":" in kid:
                 raise DataKeyError(f"data key id {kid!r} must be ASCII without '.', ',' or ':'")
         self._aead = {kid: AESGCM(key) for kid, key in keys.items()}
+        self._raw = dict(keys)
+        self._fp_keys: dict[str, bytes] = {}
         self.active = active
 
     @classmethod
@@ -95,6 +98,20 @@ class Keyring:
             return aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], aad)
         except (InvalidTag, binascii.Error, ValueError) as exc:
             raise DataKeyError(f"sealed value does not open with data key {kid!r}") from exc
+
+    def fingerprint(self, data: bytes) -> str:
+        """A keyed digest (HMAC-SHA256 under a key derived from the active key) of `data`.
+
+        Stands in for a plain hash where the input may be guessable (a request body of a
+        sensitive route): equal inputs give equal fingerprints, but only key holders can
+        test a guess.
+        """
+        derived = self._fp_keys.get(self.active)
+        if derived is None:
+            raw = self._raw[self.active]
+            derived = hmac.new(raw, b"policyroute fingerprint", "sha256").digest()
+            self._fp_keys[self.active] = derived
+        return self.active + ":" + hmac.new(derived, data, "sha256").hexdigest()
 
     @staticmethod
     def is_sealed(value: bytes) -> bool:

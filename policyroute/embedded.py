@@ -73,8 +73,22 @@ class EmbeddedPulsar:
             self.handle.stop()
 
     def restart(self) -> None:
-        """Start it again with the same data (for fault tests)."""
-        self.handle = _start_broker(self.db_path)
+        """Start it again with the same data on the same port (for fault tests).
+
+        pulsar-lite picks the first port from 6650 that a plain bind accepts; right after
+        a stop the old port is in TIME_WAIT and would be skipped, while a real broker comes
+        back at its address (the broker itself binds with SO_REUSEADDR).
+        """
+        from pulsar_lite import process_manager
+
+        manager = process_manager.process_manager
+        port = int(self.url.rsplit(":", 1)[1])
+        pick = manager._find_free_port
+        manager._find_free_port = lambda start_port=6650: port
+        try:
+            self.handle = _start_broker(self.db_path)
+        finally:
+            manager._find_free_port = pick
 
 
 def _start_broker(db_path: Path) -> Any:

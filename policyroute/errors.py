@@ -107,6 +107,9 @@ class Problems:
     BACKEND_UNAVAILABLE = ProblemType("backend-unavailable", "A policy backend is unavailable", 503)
     HEADER_TOO_LARGE = ProblemType("header-too-large", "Request header too large", 431)
     UPSTREAM_TIMEOUT = ProblemType("handler-timeout", "The handler did not finish in time", 504)
+    RECORD_UNREADABLE = ProblemType("record-unreadable", "A stored record cannot be read", 500)
+    INVALID_BODY = ProblemType("invalid-body", "The request body is not the JSON expected", 400)
+    SEALED_FIELD = ProblemType("sealed-field", "A sealed field cannot be decrypted", 500)
 
 
 class Denial(PolicyrouteError):  # noqa: N818 - a denial is an outcome, not a failure

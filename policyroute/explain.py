@@ -11,14 +11,22 @@ from fastapi import FastAPI
 from .backends.valkey import ValkeyStore
 from .chain import Chain
 from .compiler import Env, compile_route
+from .crypto import Keyring
+from .events.bus import EventBus
 from .loader import RouteEntry, load_policies
 from .resilience import with_profiles
-from .services import OFFLINE_VALKEY_URL
+from .services import OFFLINE_PULSAR_URL, OFFLINE_VALKEY_URL
 
 
 def _offline_services() -> dict[str, Any]:
     # Clients connect lazily, so explain compiles real steps without touching a backend.
-    return {"valkey": ValkeyStore(OFFLINE_VALKEY_URL)}
+    store = ValkeyStore(OFFLINE_VALKEY_URL)
+    bus = EventBus(OFFLINE_PULSAR_URL, store=store, offline=True)
+    services: dict[str, Any] = {"valkey": store, "pulsar": bus}
+    keyring = Keyring.from_env()
+    # explain shows sealed routes' chains even where no data keys are configured
+    services["keyring"] = keyring or Keyring.parse(Keyring.generate("explain"))
+    return services
 
 
 def _origins(entry: RouteEntry) -> list[str]:

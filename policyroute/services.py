@@ -10,6 +10,7 @@ from .crypto import Keyring
 # `lint` and `explain` import apps to read their routes; clients connect lazily, so an
 # address nothing listens on lets the app compile without a backend, and is never used.
 OFFLINE_VALKEY_URL = "redis://127.0.0.1:1/0"
+OFFLINE_PULSAR_URL = "pulsar://127.0.0.1:1"
 
 if TYPE_CHECKING:
     from .binding import Engine
@@ -25,8 +26,23 @@ def default_services(engine: Engine) -> dict[str, Any]:
             url, prefix=config.key_prefix, cluster=config.valkey_cluster
         )
     keyring = Keyring.from_env()
+    if keyring is None and config.offline:
+        # lint and explain compile sealed routes without the real keys; nothing is stored
+        keyring = Keyring.parse(Keyring.generate("offline"))
     if keyring is not None:
         services["keyring"] = keyring
+    pulsar_url = config.pulsar_url or (OFFLINE_PULSAR_URL if config.offline else None)
+    if pulsar_url:
+        from .events.bus import EventBus
+
+        # After Valkey, so shutdown stops it first: its last events go to the Valkey outbox.
+        services["pulsar"] = EventBus(
+            pulsar_url,
+            store=services.get("valkey"),
+            keyring=keyring,
+            config=config,
+            offline=config.offline,
+        )
     if config.reload:
         from .reloader import Reloader
 

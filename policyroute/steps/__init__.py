@@ -24,9 +24,21 @@ BUILTIN = (
 
 
 def load_builtin() -> None:
-    """Import every built-in step module (idempotent), which registers its maker."""
+    """Import every built-in step module (idempotent) and put the makers in path order.
+
+    Other modules may import a step module first (for its helpers), which registers
+    its maker early; the order of the request path is BUILTIN's, never import order.
+    """
     for name in BUILTIN:
         importlib.import_module(f"{__name__}.{name}")
+    from ..compiler import MAKERS
+
+    def rank(item: tuple[object, object]) -> int:
+        module = str(getattr(item[1], "__module__", ""))
+        prefix, _, name = module.rpartition(".")
+        return BUILTIN.index(name) if prefix == __name__ and name in BUILTIN else len(BUILTIN)
+
+    MAKERS.sort(key=rank)
 
 
 __all__ = ["BUILTIN", "Context", "Handler", "Step", "load_builtin"]

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from cachetools import Cache as LocalStore
 from cachetools import FIFOCache, LFUCache, LRUCache
 
 from ..backends.valkey import Store
+from ..crypto import DataKeyError
 from ..policy import Cache, RoutePolicy
 from .base import Context
-from .state import Outcome, Part, Request, Stored, digest, principal_tag, route_id, sleep_ms
+from .state import (
+    PLAIN,
+    Outcome,
+    Part,
+    Request,
+    Stored,
+    Vault,
+    digest,
+    principal_tag,
+    route_id,
+    sleep_ms,
+)
 
 # How long the first miss may take to fill the entry before a waiter runs the handler too
 # (unless the policy sets `lock`).
 STAMPEDE_LOCK_MS = 10_000
 HIT = (b"x-cache", b"hit")
+log = logging.getLogger("policyroute")
 
 
 def cache_keys(store: Store, tag: str, route: str, path: str, vary: str) -> tuple[str, str]:
@@ -35,9 +50,10 @@ class CacheStep(Part):
 
     name = "cache"
 
-    def __init__(self, store: Store, spec: Cache) -> None:
+    def __init__(self, store: Store, spec: Cache, vault: Vault = PLAIN) -> None:
         self.store = store
         self.spec = spec
+        self.vault = vault
         self.fail_open = spec.on_backend_error == "open"
         self.ttl_ms = max(1, round(spec.ttl * 1000))
         self.lock_ms = (
@@ -113,7 +129,9 @@ class CacheStep(Part):
         if req.data.get("ca_local"):
             return
         if verdict == "hit":
-            stored = Stored.decode(*reply[3])
+            stored = self._open(req.data["ca_keys"][0], reply[3])
+            if stored is None:
+                return  # an unreadable entry is a miss that stores nothing
             self._local_put(req.data["ca_keys"][0], stored)
             req.data["answer"] = stored
             req.data["answer_headers"] = [HIT]
@@ -135,11 +153,20 @@ class CacheStep(Part):
             )
             state = found[0].decode() if isinstance(found[0], bytes) else str(found[0])
             if state == "hit":
-                req.data["answer_headers"] = [HIT]
-                return Stored.decode(*found[1:])
+                stored = self._open(value, found[1:])
+                if stored is not None:
+                    req.data["answer_headers"] = [HIT]
+                return stored
             if state == "free":
                 return None
         return None
+
+    def _open(self, key: str, fields: Sequence[Any]) -> Stored | None:
+        try:
+            return self.vault.unpack(key, *fields)
+        except DataKeyError as exc:
+            log.error("policyroute: cached entry of a sealed route does not open: %s", exc)
+            return None
 
     def storable(self, outcome: Outcome) -> Stored | None:
         """The response if it may be cached: complete, 2xx, no Set-Cookie, not no-store."""
@@ -162,10 +189,10 @@ class CacheStep(Part):
             req.finish("cau", [lock], req.token)
             return
         self._local_put(value, stored)
-        code, headers, body = stored.encode()
+        code, headers, body = self.vault.pack(stored, value)
         req.finish("cas", [value, lock], code, headers, body, self.ttl_ms, req.token)
 
 
-def make_cache_part(policy: RoutePolicy, store: Store) -> Part | None:
+def make_cache_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:
     """The cache part of a route's fused state step."""
-    return CacheStep(store, policy.cache) if policy.cache else None
+    return CacheStep(store, policy.cache, vault) if policy.cache else None

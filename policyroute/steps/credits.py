@@ -8,7 +8,7 @@ from typing import Any
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems
 from ..policy import Credits, RoutePolicy
-from .state import Outcome, Part, Request, principal_tag
+from .state import Outcome, Part, Request, Vault, principal_tag
 
 
 def hold_keys(store: Store, tag: str) -> tuple[str, str]:
@@ -98,6 +98,6 @@ class CreditsStep(Part):
             req.finish("com", keys[1:], f"{from_a}:{from_b}:{period}:{req.token}")
 
 
-def make_credits_part(policy: RoutePolicy, store: Store) -> Part | None:
+def make_credits_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:
     """The credits part of a route's fused state step."""
     return CreditsStep(store, policy.credits) if policy.credits else None

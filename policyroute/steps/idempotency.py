@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Any
 
 from ..backends.valkey import Store
+from ..crypto import DataKeyError
 from ..errors import Denial, Problems
 from ..policy import Idempotency, RoutePolicy
-from .state import Outcome, Part, Request, Stored, digest, principal_tag, read_body, route_id
+from .state import (
+    PLAIN,
+    Outcome,
+    Part,
+    Request,
+    Vault,
+    digest,
+    principal_tag,
+    read_body,
+    route_id,
+)
 
 # An in-flight record outlives a process that died holding it for at most this long.
 IN_FLIGHT_MS = 300_000
@@ -30,9 +40,10 @@ class IdempotencyStep(Part):
 
     name = "idempotency"
 
-    def __init__(self, store: Store, spec: Idempotency) -> None:
+    def __init__(self, store: Store, spec: Idempotency, vault: Vault = PLAIN) -> None:
         self.store = store
         self.spec = spec
+        self.vault = vault
         self.header = spec.header.lower()
         self.fail_open = spec.on_backend_error == "open"
         self.ttl_ms = max(1, round(spec.ttl * 1000))
@@ -61,13 +72,11 @@ class IdempotencyStep(Part):
                 f"{self.spec.header} must be a string of 1 to 255 visible characters",
             )
         body = await read_body(ctx)
-        fp = hashlib.sha256()
-        for part in (ctx.method, ctx.scope.get("path", ""), ctx.scope.get("query_string", b"")):
-            fp.update(part if isinstance(part, bytes) else part.encode())
-            fp.update(b"\0")
-        fp.update(body)
+        parts = (ctx.method, ctx.scope.get("path", ""), ctx.scope.get("query_string", b""))
+        head = b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)
+        fp = self.vault.fingerprint(head + b"\0" + body)
         record = self.store.key(principal_tag(ctx), "id", route_id(ctx.route), digest(key))
-        req.op((record,), ("id", fp.hexdigest(), self.lock_ms))
+        req.op((record,), ("id", fp, self.lock_ms))
         req.data["id_key"] = record
 
     def settle(self, req: Request, reply: list[Any]) -> None:
@@ -87,7 +96,14 @@ class IdempotencyStep(Part):
                 "this key was already used with a different request",
             )
         if verdict == "replay":
-            req.data["answer"] = Stored.decode(*reply[3])
+            try:
+                req.data["answer"] = self.vault.unpack(req.data["id_key"], *reply[3])
+            except DataKeyError as exc:
+                raise Denial(
+                    Problems.RECORD_UNREADABLE,
+                    "the stored response for this key cannot be decrypted with the current "
+                    "data keys",
+                ) from exc
             req.data["answer_headers"] = [REPLAYED]
             return
         req.data["id_owner"] = True
@@ -101,10 +117,10 @@ class IdempotencyStep(Part):
         if stored is None or stored.status >= 500:
             req.finish("idd", [key])
             return
-        code, headers, body = stored.encode()
+        code, headers, body = self.vault.pack(stored, key)
         req.finish("ids", [key], code, headers, body, self.ttl_ms)
 
 
-def make_idempotency_part(policy: RoutePolicy, store: Store) -> Part | None:
+def make_idempotency_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:
     """The idempotency part of a route's fused state step."""
-    return IdempotencyStep(store, policy.idempotency) if policy.idempotency else None
+    return IdempotencyStep(store, policy.idempotency, vault) if policy.idempotency else None

@@ -12,7 +12,7 @@ from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems
 from ..policy import RateLimit, RoutePolicy
 from .base import Context
-from .state import Header, Outcome, Part, Request, digest, principal_tag, route_id
+from .state import Header, Outcome, Part, Request, Vault, digest, principal_tag, route_id
 
 # How long a concurrency slot outlives a process that died holding it (unless `lease`).
 CONCURRENCY_LEASE_MS = 300_000
@@ -179,7 +179,7 @@ class RateLimitStep(Part):
             req.finish("rel", [keys[i]], req.token)
 
 
-def make_rate_limit_part(policy: RoutePolicy, store: Store) -> Part | None:
+def make_rate_limit_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:
     """The rate-limit part of a route's fused state step."""
     if not policy.rate_limit:
         return None

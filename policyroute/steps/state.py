@@ -26,6 +26,7 @@ from starlette.types import Message, Send
 
 from ..backends.valkey import Arg, Store
 from ..compiler import Env, register
+from ..crypto import Keyring
 from ..errors import Denial, Problems, StorageError
 from ..policy import RoutePolicy
 from .base import Context, Handler, Step
@@ -109,6 +110,43 @@ class Stored:
         }
         await send(start)
         await send({"type": "http.response.body", "body": b"" if head else self.body})
+
+
+@dataclass(frozen=True, slots=True)
+class Vault:
+    """How a route's records reach Valkey: as they are, or sealed with the data keys.
+
+    Routes marked `sensitive` (or naming encrypt/decrypt fields) keep cached responses
+    and idempotency records as AES-GCM ciphertext bound to their Valkey key, and
+    fingerprint request bodies with a keyed digest instead of a plain hash.
+    """
+
+    keyring: Keyring | None = None
+
+    def pack(self, stored: Stored, key: str) -> tuple[int, str | bytes, bytes]:
+        """The record fields the finish script writes."""
+        code, headers, body = stored.encode()
+        if self.keyring is None:
+            return code, headers, body
+        aad = key.encode()
+        return code, self.keyring.seal(headers.encode(), aad), self.keyring.seal(body, aad)
+
+    def unpack(self, key: str, code: Any, headers: Any, body: Any) -> Stored:
+        """The response from stored record fields; raise DataKeyError when it does not open."""
+        if self.keyring is not None:
+            aad = key.encode()
+            headers = self.keyring.open(bytes(headers), aad)
+            body = self.keyring.open(bytes(body), aad)
+        return Stored.decode(code, headers, body)
+
+    def fingerprint(self, data: bytes) -> str:
+        """A digest of a request for comparing repeats (keyed when sealed)."""
+        if self.keyring is None:
+            return hashlib.sha256(data).hexdigest()
+        return self.keyring.fingerprint(data)
+
+
+PLAIN = Vault()
 
 
 @dataclass(slots=True)
@@ -355,6 +393,11 @@ async def sleep_ms(ms: float) -> None:
 STATE_KEYS = ("rate_limit", "credits", "idempotency", "cache")
 
 
+def sealed(policy: RoutePolicy) -> bool:
+    """Whether a route's data is kept encrypted at rest."""
+    return policy.sensitive or bool(policy.encrypt_fields or policy.decrypt_fields)
+
+
 def make_state(policy: RoutePolicy, env: Env) -> Step | None:
     """The fused step of a route's stateful keys; None when it sets none of them."""
     from .cache import make_cache_part
@@ -367,7 +410,10 @@ def make_state(policy: RoutePolicy, env: Env) -> Step | None:
     if not wanted:
         return None
     store: Store = env.service("valkey", "/".join(k for k in STATE_KEYS if getattr(policy, k)))
-    parts = [p for m in wanted if (p := m(policy, store)) is not None]
+    vault = PLAIN
+    if sealed(policy) and (policy.cache or policy.idempotency):
+        vault = Vault(env.service("keyring", "sensitive data at rest (POLICYROUTE_DATA_KEYS)"))
+    parts = [p for m in wanted if (p := m(policy, store, vault)) is not None]
     return StateStep(store, parts)
 
 

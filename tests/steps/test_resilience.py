@@ -400,11 +400,10 @@ async def _fresh_connections(base: str, path: str, n: int) -> list[httpx.Respons
 
 async def test_shared_breaker_across_uvicorn_worker_processes(workers: str) -> None:
     pids: set[str] = set()
-    for _ in range(20):  # wait until both processes serve
-        pids.update(r.headers["x-pid"] for r in await _fresh_connections(workers, "/work", 8))
-        if len(pids) == 2:
-            break
-        await asyncio.sleep(0.2)
+    deadline = time.monotonic() + 15
+    while len(pids) < 2 and time.monotonic() < deadline:  # until both processes serve
+        pids.update(r.headers["x-pid"] for r in await _fresh_connections(workers, "/work", 16))
+        await asyncio.sleep(0.1)
     assert len(pids) == 2
     failures = await _fresh_connections(workers, "/work?fail=99", 3)
     after = await _fresh_connections(workers, "/work", 24)

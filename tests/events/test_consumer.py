@@ -1,0 +1,145 @@
+"""Consumers: handlers ack or nack, poison messages reach the DLQ, `policyroute worker` runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pulsar
+import pulsar.asyncio
+import pytest
+
+import policyroute
+from policyroute.events.consumer import Message, Worker
+
+from .kit import QUIET, Listener, topic
+
+
+async def _publish(url: str, topic_name: str, *payloads: bytes) -> None:
+    client = pulsar.asyncio.Client(url, logger=QUIET)
+    try:
+        producer = await client.create_producer(topic_name)
+        for payload in payloads:
+            await producer.send(payload, properties={"event_id": payload.decode()})
+        await producer.close()
+    finally:
+        await client.close()
+
+
+async def test_a_poison_message_reaches_the_dlq_after_max_redeliveries(pulsar_url: str) -> None:
+    t, dlq = topic("orders"), topic("orders-dlq")
+    seen: list[tuple[bytes, int]] = []
+    handled = asyncio.Event()
+    worker = Worker()
+
+    @worker.consumer(
+        t,
+        subscription="billing",
+        dlq=dlq,
+        max_redeliveries=2,
+        retry_delay="100ms",
+        initial_position="earliest",
+    )
+    async def bill(message: Message) -> None:
+        seen.append((message.data, message.redelivery_count))
+        if message.data == b"poison":
+            raise ValueError("cannot bill this")
+        assert message.event_id == "good"
+        handled.set()
+
+    async with Listener(pulsar_url, dlq) as dead:
+        await worker.start(pulsar_url)
+        try:
+            await _publish(pulsar_url, t, b"poison", b"good")
+            [message] = await dead.take(1, wait=10.0)
+            await asyncio.wait_for(handled.wait(), 5.0)
+            assert await dead.take(1, wait=0.5) == []  # only the poison message
+        finally:
+            await worker.stop()
+    assert message.data() == b"poison"
+    assert message.properties()["event_id"] == "poison"
+    # one delivery and two redeliveries, each after a negative acknowledgement
+    assert [count for data, count in seen if data == b"poison"] == [0, 1, 2]
+    assert [data for data, _ in seen].count(b"good") == 1  # acknowledged once, not redelivered
+
+
+def test_consumer_settings_are_checked_when_registered() -> None:
+    worker = Worker()
+    with pytest.raises(ValueError, match="invalid Pulsar topic"):
+        worker.consumer("orders", subscription="s")
+    with pytest.raises(ValueError, match="max_redeliveries"):
+        worker.consumer(topic("x"), subscription="s", max_redeliveries=0)
+    with pytest.raises(ValueError, match="invalid duration"):
+        worker.consumer(topic("x"), subscription="s", retry_delay="soon")
+
+    def blocking(message: Message) -> None:
+        return None
+
+    with pytest.raises(TypeError, match="async def"):
+        worker.consumer(topic("x"), subscription="s")(blocking)  # type: ignore[type-var]
+    assert worker.consumers == []
+
+
+WORKER_MODULE = """\
+import os
+
+import policyroute
+
+
+@policyroute.consumer(os.environ["WORKER_TOPIC"], subscription="w", initial_position="earliest")
+async def record(message: policyroute.Message) -> None:
+    print("handled", message.data.decode(), message.event_id, flush=True)
+"""
+
+
+async def test_policyroute_worker_runs_a_consumer_module_until_sigterm(
+    pulsar_url: str, tmp_path: Path
+) -> None:
+    t = topic("worker")
+    (tmp_path / "my_consumers.py").write_text(textwrap.dedent(WORKER_MODULE))
+    env = {**os.environ, "POLICYROUTE_PULSAR_URL": pulsar_url, "WORKER_TOPIC": t}
+    cli = Path(sys.executable).parent / "policyroute"
+    proc = await asyncio.create_subprocess_exec(
+        str(cli),
+        "worker",
+        "my_consumers",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        line = await asyncio.wait_for(proc.stderr.readline(), 20.0)
+        assert b"worker consuming w@" + t.encode() in line
+        await _publish(pulsar_url, t, b"hello")
+        handled = await asyncio.wait_for(proc.stdout.readline(), 10.0)
+        assert handled == b"handled hello hello\n"
+        proc.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(proc.stderr.read(), 15.0)
+        assert await proc.wait() == 0
+        assert b"worker stopped" in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_worker_without_consumers_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "empty_consumers.py").write_text(
+        "import policyroute\nworker = policyroute.Worker()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from policyroute.cli import main
+
+    assert main(["worker", "empty_consumers:worker"]) == 2
+    assert "no consumers" in capsys.readouterr().err
+    assert main(["worker", "empty_consumers:missing"]) == 2
+    assert isinstance(policyroute.consumers, Worker)
