@@ -59,6 +59,14 @@ def make_app(calls: dict[str, int]) -> FastAPI:
     ) -> dict[str, Any]:
         return {"subject": principal.subject}
 
+    @app.post("/flaky")
+    async def flaky(request: Request, fail: int = 0) -> Response:
+        calls["flaky"] = calls.get("flaky", 0) + 1
+        await request.json()
+        if calls["flaky"] <= fail:
+            return JSONResponse({"error": "try again"}, status_code=503)
+        return JSONResponse({"done": calls["flaky"]}, status_code=201)
+
     @app.get("/big")
     async def big(size: int = 0) -> dict[str, Any]:
         return {"blob": "x" * size, "n": 1}

@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 
 import policyroute
+from policyroute import credits
 from policyroute.crypto import Keyring
 from policyroute.errors import ConfigError
 
@@ -291,3 +292,31 @@ def test_events_without_a_broker_url_is_a_config_error(policy_dir: Path, valkey_
             policy_dir,
             settings=policyroute.Settings(valkey_url=valkey_url),
         )
+
+
+async def test_a_retried_request_publishes_once_and_is_charged_once(
+    policy_dir: Path, valkey_url: str, pulsar_url: str
+) -> None:
+    t = topic("flaky")
+    policy = f"""\
+version: 1
+routes:
+  POST /flaky:
+    public: true
+    credits: {{cost: 1}}
+    idempotency: {{}}
+    retry: {{attempts: 3, initial: 10ms, max: 20ms}}
+    events: {{topic: {t}, fields: {{response: [done]}}}}
+"""
+    app, engine = install(policy_dir, policy, valkey_url=valkey_url, pulsar_url=pulsar_url)
+    async with Listener(pulsar_url, t) as listener:
+        async with running(app) as c:
+            store = engine.services["valkey"]
+            await credits.set_balance(store, "127.0.0.1", 5, ip=True)
+            r = await c.post("/flaky?fail=2", json={}, headers={"Idempotency-Key": "f-1"})
+            assert r.status_code == 201 and r.json() == {"done": 3}  # third attempt
+            replay = await c.post("/flaky?fail=2", json={}, headers={"Idempotency-Key": "f-1"})
+            assert replay.headers["idempotent-replayed"] == "true"
+            assert (await credits.show(store, "127.0.0.1", ip=True)).total == 4
+        messages = await listener.take(2, wait=3.0)
+    assert [json.loads(m.data())["response"] for m in messages] == [{"done": 3}]
