@@ -49,7 +49,7 @@ def run(scenario: Scenario, generator: LoadGenerator, settings: Settings) -> Out
                 port,
                 scenario.path,
                 scenario.headers,
-                settings.connections,
+                scenario.connections or settings.connections,
                 scenario.unique_query,
             )
             result = measure(generator, target, settings)

@@ -14,6 +14,8 @@ class Scenario:
 
     ``unique_query`` makes every request carry its own ``?n=<unique>``, so a response cache
     that varies by query misses on every request instead of serving one hot entry.
+    ``connections`` overrides the run's connection count: one connection measures latency
+    (req/s is then one over the mean round trip), where waiting on I/O shows.
     """
 
     name: str
@@ -22,6 +24,7 @@ class Scenario:
     path: str = "/ping"
     headers: Pairs = ()
     unique_query: bool = False
+    connections: int | None = None  # None: the run's setting (32)
 
 
 DEV_KEY = Path(__file__).resolve().parent.parent / "examples" / "keys" / "dev-private-jwk.json"
@@ -42,7 +45,9 @@ def bearer() -> Pairs:
 HEADERS = bearer()
 
 
-def policyroute(name: str, policy: str, *, unique_query: bool = True) -> Scenario:
+def policyroute(
+    name: str, policy: str, *, unique_query: bool = True, connections: int | None = None
+) -> Scenario:
     """The bench app behind ``policyroute.install`` with ``policies/<policy>/``."""
     return Scenario(
         name,
@@ -50,6 +55,7 @@ def policyroute(name: str, policy: str, *, unique_query: bool = True) -> Scenari
         (("BENCH_POLICY", policy),),
         headers=HEADERS,
         unique_query=unique_query,
+        connections=connections,
     )
 
 
@@ -74,6 +80,16 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("bare_sleep_1ms", "bench.apps.bare_sleep:app", headers=HEADERS, unique_query=True),
     policyroute("policyroute_cache_hit", "cache_hit", unique_query=False),
     policyroute("policyroute_cache_local", "cache_local", unique_query=False),
+    # One connection: a cache hit through the whole chain against 1 ms of awaited I/O.
+    # (With 32 connections the sleeps overlap and both measure CPU, not the wait saved.)
+    Scenario(
+        "bare_sleep_1ms_1conn",
+        "bench.apps.bare_sleep:app",
+        headers=HEADERS,
+        unique_query=True,
+        connections=1,
+    ),
+    policyroute("policyroute_cache_hit_1conn", "cache_hit", unique_query=False, connections=1),
 )
 
 BASELINE = "bare"
