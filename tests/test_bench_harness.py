@@ -174,8 +174,8 @@ def test_targets_pass_miss_and_skip() -> None:
         ok("slowapi", 400),
         ok("policyroute_local", 850),
         ok("policyroute_full", 700),
-        ok("bare_sleep_1ms", 500),
-        ok("policyroute_cache_hit", 500),
+        ok("bare_sleep_1ms_1conn", 500),
+        ok("policyroute_cache_hit_1conn", 500),
     ]
     verdicts = {v.goal.label: v for v in targets.evaluate(outcomes)}
     assert {label: v.status for label, v in verdicts.items()} == {
@@ -183,7 +183,7 @@ def test_targets_pass_miss_and_skip() -> None:
         "policyroute_full >= 0.65 x bare": "PASS",
         "policyroute_full >= 2 x slowapi": "MISS",
         # equal is not more
-        "policyroute_cache_hit > 1 x bare_sleep_1ms": "MISS",
+        "policyroute_cache_hit_1conn > 1 x bare_sleep_1ms_1conn": "MISS",
     }
     assert verdicts["policyroute_full >= 2 x slowapi"].ratio == pytest.approx(1.75)
     only_two = targets.evaluate([ok("bare", 1000), ok("policyroute_local", 800)])
