@@ -8,7 +8,7 @@ from typing import Any
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems
 from ..policy import Credits, RoutePolicy
-from .state import Outcome, Part, Request, Vault, principal_tag
+from .state import ClientGone, Outcome, Part, Request, Vault, principal_tag
 
 
 def hold_keys(store: Store, tag: str) -> tuple[str, str]:
@@ -35,6 +35,7 @@ class CreditsStep(Part):
             max(1, round(spec.hold * 1000)),
         )
         self.refund_on = frozenset(spec.refund_on)
+        self.watch_disconnect = "disconnect" in self.refund_on
 
     def describe(self) -> str:
         """Cost, refunds and allowance in one line."""
@@ -76,7 +77,7 @@ class CreditsStep(Part):
             return True
         on = self.refund_on
         if not outcome.done:
-            gone = isinstance(outcome.error, (asyncio.CancelledError, OSError))
+            gone = isinstance(outcome.error, (asyncio.CancelledError, OSError, ClientGone))
             return ("disconnect" if gone else "error") in on or outcome.error is None
         status = outcome.status
         return (

@@ -114,6 +114,7 @@ class RateLimitStep(Part):
             ", ".join(lim.policy_item for lim in self.limits).encode(),
         )
         self.slots = tuple(i for i, lim in enumerate(self.limits) if lim.op[0] == "cc")
+        self.watch_disconnect = bool(self.slots)  # a slot is freed when the client leaves
 
     def describe(self) -> str:
         """The limits in one line."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from starlette.types import Message, Send
+from starlette.types import Message, Receive, Send
 
 from ..backends.valkey import Arg, Store
 from ..compiler import Env, register
@@ -208,6 +208,8 @@ class Part(Step):
 
     guard = False
     fail_open: bool = False
+    # Whether the handler must stop (and this part settle) when the client goes away.
+    watch_disconnect: bool = False
 
     def peek(self, req: Request) -> None:
         """Answer from process memory before any part queues an op (the cache's first tier)."""
@@ -226,6 +228,10 @@ def _reply_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class ClientGone(Exception):  # noqa: N818 - an outcome, recorded rather than raised
+    """The client disconnected while the handler ran."""
+
+
 class StateStep(Step):
     """rate_limit -> credits -> idempotency -> cache, fused into one Valkey round trip."""
 
@@ -239,6 +245,7 @@ class StateStep(Step):
         self.fail_open = all(p.fail_open for p in self.parts)
         self.names = ",".join(p.name for p in self.parts)
         self.peekers = tuple(p for p in self.parts if type(p).peek is not Part.peek)
+        self.watch = any(p.watch_disconnect for p in self.parts)
 
     def describe(self) -> str:
         """One line for explain: the parts in evaluation order."""
@@ -308,9 +315,35 @@ class StateStep(Step):
         ctx.send = _recording(original, outcome, req.extra, keep=True)
         outcome.handler_ran = True
         try:
-            await call_next(ctx)
+            if self.watch:
+                await self._watched(ctx, call_next, outcome)
+            else:
+                await call_next(ctx)
         finally:
             ctx.send = original
+
+    async def _watched(self, ctx: Context, call_next: Handler, outcome: Outcome) -> None:
+        """Run the handler, cancelling it when the client goes away before the response.
+
+        Servers keep running a handler whose client left and drop what it sends, so a
+        part that must not charge or hold a slot for nobody (credits refunded on
+        `disconnect`, concurrency limits) listens for `http.disconnect` meanwhile.
+        """
+        await read_body(ctx)  # the body is consumed first, so only a disconnect can arrive
+        listen = _after_replay(ctx.receive)
+        with anyio.CancelScope() as scope:
+
+            async def watch() -> None:
+                message = await listen()
+                if message["type"] == "http.disconnect" and not outcome.done:
+                    outcome.error = ClientGone("the client disconnected before the response")
+                    scope.cancel()
+
+            watcher = asyncio.get_running_loop().create_task(watch())
+            try:
+                await call_next(ctx)
+            finally:
+                watcher.cancel()
 
     async def _finish(self, req: Request, outcome: Outcome) -> None:
         for part in self.parts:
@@ -381,8 +414,15 @@ async def read_body(ctx: Context) -> bytes:
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
 
+    replay.upstream = receive  # type: ignore[attr-defined]
     ctx.receive = replay
     return body
+
+
+def _after_replay(receive: Receive) -> Receive:
+    """The receive behind `read_body`'s replay (the server's own), else `receive` itself."""
+    found: Receive = getattr(receive, "upstream", receive)
+    return found
 
 
 async def sleep_ms(ms: float) -> None:
