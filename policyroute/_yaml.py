@@ -47,6 +47,7 @@ class _Builder:
         self.doc = doc
         self.count = 0
         self.findings: list[Finding] = []
+        self.open: set[int] = set()  # nodes being built: an alias to one of them is a cycle
 
     def build(self, node: yaml.Node, path: Path) -> Any:
         self.count += 1
@@ -62,11 +63,26 @@ class _Builder:
                 ]
             )
         self.doc.values[path] = _mark(node)
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, path)
-        if isinstance(node, yaml.SequenceNode):
+        if isinstance(node, yaml.ScalarNode):
+            return self.loader.construct_object(node, deep=True)
+        if id(node) in self.open:
+            raise ConfigError(
+                [
+                    Finding(
+                        "yaml-recursive",
+                        "an alias refers to a node that contains it; policies cannot be recursive",
+                        Location(self.doc.file, *_mark(node)),
+                        path,
+                    )
+                ]
+            )
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, path)
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
-        return self.loader.construct_object(node, deep=True)
+        finally:
+            self.open.discard(id(node))
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[str, Any]:
         self.loader.flatten_mapping(node)
@@ -101,7 +117,12 @@ class _Builder:
 def load_yaml(text: str, file: str) -> Located:
     """Parse one YAML document; raise ConfigError with file:line:col on any syntax error."""
     doc = Located(file, None)
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # refuses control characters at once
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            [Finding("yaml-syntax", f"YAML error: {exc}", Location(file, 1, 1))]
+        ) from None
     try:
         node = loader.get_single_node()
         if node is None:

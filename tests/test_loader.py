@@ -304,3 +304,18 @@ def test_plain_keys_keep_their_text(policy_dir: Path) -> None:
     entry = load_policies(policy_dir).routes[("GET", "/a")]
     assert entry.policy.retry is not None
     assert entry.policy.retry.on == ["5xx", "ConnectionError"]
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("version: 1\x1f\n", "yaml-syntax"),  # a control character
+        ("version: 1\nroutes: &a\n  GET /a: *a\n", "yaml-recursive"),  # an alias inside itself
+        ("a: &x [*x]\n", "yaml-recursive"),
+    ],
+)
+def test_hostile_yaml_is_one_clean_finding(policy_dir: Path, text: str, code: str) -> None:
+    (policy_dir / "p.yaml").write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_policies(policy_dir)
+    assert [f.code for f in caught.value.findings] == [code]
