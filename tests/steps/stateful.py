@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import httpx
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import policyroute
 from policyroute.binding import Engine
@@ -105,7 +107,27 @@ async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def worker_app() -> FastAPI:
-    """The app for uvicorn worker processes; policies and Valkey come from POLICYROUTE_*."""
+    """The app for uvicorn worker processes; policies and Valkey come from POLICYROUTE_*.
+
+    Every answer names the process that gave it (`x-pid`), so tests can see the spread.
+    """
     app = make_app(Counter())
     policyroute.install(app)
+    pid = str(os.getpid()).encode()
+    inner = app.build_middleware_stack
+
+    def build() -> ASGIApp:
+        wrapped = inner()
+
+        async def tagged(scope: Scope, receive: Receive, send: Send) -> None:
+            async def tag(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message.get("headers", []), (b"x-pid", pid)]}
+                await send(message)
+
+            await wrapped(scope, receive, tag)
+
+        return tagged
+
+    app.build_middleware_stack = build  # type: ignore[method-assign]
     return app
