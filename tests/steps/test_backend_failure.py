@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import valkey.asyncio as avalkey
 
 from policyroute import credits
 from policyroute.embedded import EmbeddedValkey, start_valkey
@@ -94,3 +96,58 @@ async def test_valkey_unreachable_within_socket_timeout(policy_dir: Path) -> Non
         assert time.perf_counter() - started < 0.25
     assert answer.status_code == 503
     assert calls["charge"] == 0
+
+
+LOADED = """\
+version: 1
+routes:
+  GET /charge:
+    public: true
+    credits: {cost: 1, hold: 1s}
+"""
+
+
+async def test_connection_kills_and_a_write_stall_under_load_never_overcharge(
+    policy_dir: Path, own_valkey: EmbeddedValkey
+) -> None:
+    """20 clients loop for 2 s while Valkey drops every connection, then stalls writes."""
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, LOADED, own_valkey.url, calls)
+    chaos = avalkey.from_url(own_valkey.url)  # type: ignore[no-untyped-call]
+    statuses: Counter[int] = Counter()
+    slowest = 0.0
+    async with running(app) as c:
+        store = engine(app).services["valkey"]
+        await credits.set_balance(store, "127.0.0.1", 100_000, ip=True)
+        stop = time.monotonic() + 2.0
+
+        async def client() -> None:
+            nonlocal slowest
+            while time.monotonic() < stop:
+                started = time.monotonic()
+                answer = await c.get("/charge")
+                slowest = max(slowest, time.monotonic() - started)
+                statuses[answer.status_code] += 1
+                if answer.status_code == 503:
+                    assert answer.json()["type"] == Problems.BACKEND_UNAVAILABLE.uri
+
+        async def faults() -> None:
+            await asyncio.sleep(0.5)
+            await chaos.execute_command("CLIENT", "KILL", "TYPE", "normal")
+            await asyncio.sleep(0.5)
+            await chaos.execute_command("CLIENT", "PAUSE", "400", "WRITE")
+
+        await asyncio.gather(faults(), *(client() for _ in range(20)))
+        await asyncio.sleep(1.1)  # holds of requests whose commit was lost expire ...
+        await c.get("/charge")  # ... and the account's next charge sweeps them back
+        statuses[200] += 1
+        left = await credits.show(store, "127.0.0.1", ip=True)
+    await chaos.aclose()
+    assert set(statuses) <= {200, 503} and statuses[503] > 0
+    assert slowest < 1.0
+    served = statuses[200]
+    assert served == calls["charge"]
+    # Never a charge without a response. A commit lost with its connection leaves the
+    # reservation to be refunded: at most the 20 requests in flight at each of 2 faults.
+    assert 100_000 - served <= left.total <= 100_000 - served + 40
+    assert left.held == 0
