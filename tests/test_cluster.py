@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,6 +17,7 @@ import pytest
 import policyroute
 from policyroute import credits
 from policyroute.backends.valkey import ValkeyStore
+from tests.servers import uvicorn
 from tests.steps.identity_kit import SETTINGS, bearer, subject, token
 from tests.steps.stateful import engine, make_app, running
 
@@ -40,58 +37,12 @@ routes:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def workers(policy_dir: Path, valkey_url: str) -> Iterator[tuple[str, str]]:
     """Four uvicorn worker processes of one app on a free port: (base URL, key prefix)."""
     (policy_dir / "routes.yaml").write_text(POLICY)
-    port = _free_port()
-    prefix = "w" + uuid.uuid4().hex[:10]
-    env = {
-        **os.environ,
-        "POLICYROUTE_POLICIES": str(policy_dir),
-        "POLICYROUTE_VALKEY_URL": valkey_url,
-        "POLICYROUTE_KEY_PREFIX": prefix,
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "tests.steps.stateful:worker_app",
-        "--factory",
-        "--workers",
-        "4",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(base + "/other", timeout=0.5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("uvicorn workers did not start")
-            time.sleep(0.1)
-        time.sleep(0.5)  # let the other workers finish starting
-        yield base, prefix
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with uvicorn(policy_dir, valkey_url, workers=4) as served:
+        yield served.base, served.prefix
 
 
 async def _burst(base: str, path: str, n: int) -> Counter[int]:

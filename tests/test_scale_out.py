@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,6 +17,7 @@ from policyroute import credits
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.errors import Problems
 from policyroute.identity.totp import code_at, enrol
+from tests.servers import uvicorn
 from tests.steps.identity_kit import SETTINGS, bearer, subject, token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,48 +45,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, cluster_url: str) -> Iterato
     """Two uvicorn worker processes of one app on the cluster: (base URL, key prefix)."""
     policy_dir = tmp_path_factory.mktemp("scale-out")
     (policy_dir / "routes.yaml").write_text(POLICY)
-    prefix = "so" + uuid.uuid4().hex[:8]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "POLICYROUTE_POLICIES": str(policy_dir),
-        "POLICYROUTE_VALKEY_URL": cluster_url,
-        "POLICYROUTE_VALKEY_CLUSTER": "1",
-        "POLICYROUTE_KEY_PREFIX": prefix,
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "tests.steps.stateful:worker_app",
-        "--factory",
-        "--workers",
-        "2",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        pids: set[str] = set()
-        deadline = time.monotonic() + 30
-        while len(pids) < 2:  # until both processes answer
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"uvicorn workers did not both start (seen {pids})")
-            try:
-                pids.add(httpx.get(base + "/nothing", timeout=0.5).headers["x-pid"])
-            except httpx.TransportError:
-                time.sleep(0.1)
-        yield base, prefix
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with uvicorn(policy_dir, cluster_url, workers=2, cluster=True) as served:
+        yield served.base, served.prefix
 
 
 @asynccontextmanager

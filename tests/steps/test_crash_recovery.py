@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +14,7 @@ import pytest
 
 import policyroute
 from policyroute import credits
+from tests.servers import uvicorn
 
 from .stateful import make_app, running
 
@@ -35,57 +31,14 @@ routes:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def doomed_worker(
     policy_dir: Path, valkey_url: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
     """One uvicorn worker of the policy above: (process, base URL, key prefix)."""
     (policy_dir / "routes.yaml").write_text(POLICY)
-    prefix = "x" + uuid.uuid4().hex[:10]
-    port = _free_port()
-    env = {
-        **os.environ,
-        "POLICYROUTE_POLICIES": str(policy_dir),
-        "POLICYROUTE_VALKEY_URL": valkey_url,
-        "POLICYROUTE_KEY_PREFIX": prefix,
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "tests.steps.stateful:worker_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(base + "/nothing-here", timeout=0.5)  # 404 once it listens
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("uvicorn did not start") from None
-                time.sleep(0.1)
-        yield proc, base, prefix
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    with uvicorn(policy_dir, valkey_url) as served:
+        yield served.proc, served.base, served.prefix
 
 
 async def test_a_killed_worker_loses_no_credits_slot_or_key(

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +12,7 @@ import pytest
 
 from policyroute import credits
 from policyroute.backends.valkey import ValkeyStore
+from tests.servers import uvicorn
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,44 +33,8 @@ routes:
 def server(policy_dir: Path, valkey_url: str) -> Iterator[tuple[str, int, str]]:
     """One uvicorn worker of the policy above: (host, port, key prefix)."""
     (policy_dir / "routes.yaml").write_text(POLICY)
-    prefix = "d" + uuid.uuid4().hex[:10]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "POLICYROUTE_POLICIES": str(policy_dir),
-        "POLICYROUTE_VALKEY_URL": valkey_url,
-        "POLICYROUTE_KEY_PREFIX": prefix,
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "tests.steps.stateful:worker_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/nothing", timeout=0.5)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("uvicorn did not start") from None
-                time.sleep(0.1)
-        yield "127.0.0.1", port, prefix
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with uvicorn(policy_dir, valkey_url) as served:
+        yield "127.0.0.1", served.port, served.prefix
 
 
 async def _hang_up(host: str, port: int, request: bytes, store: ValkeyStore) -> None:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -23,6 +19,7 @@ from policyroute import credits
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.errors import Problems
 from tests.resilience.apps import engine, install
+from tests.servers import uvicorn
 
 PROBLEM = "application/problem+json"
 REPO = Path(__file__).resolve().parents[2]
@@ -336,56 +333,13 @@ async def test_shared_breaker_falls_back_to_local_state_when_valkey_is_down(
 WORKERS_POLICY = policy("GET /work", "breaker: {failures: 3, reset: 30s, shared: true}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def workers(policy_dir: Path, valkey_url: str) -> Iterator[str]:
     """Two uvicorn worker processes of one app on a free port: the base URL."""
     (policy_dir / "routes.yaml").write_text(WORKERS_POLICY)
-    port = _free_port()
-    env = {
-        **os.environ,
-        "POLICYROUTE_POLICIES": str(policy_dir),
-        "POLICYROUTE_VALKEY_URL": valkey_url,
-        "POLICYROUTE_KEY_PREFIX": "w" + uuid.uuid4().hex[:10],
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "tests.resilience.apps:worker_app",
-        "--factory",
-        "--workers",
-        "2",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "error",
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(base + "/work?key=up", timeout=0.5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("uvicorn workers did not start")
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    app = "tests.resilience.apps:worker_app"
+    with uvicorn(policy_dir, valkey_url, app=app, workers=2, probe="/work?key=up") as served:
+        yield served.base
 
 
 async def _fresh_connections(base: str, path: str, n: int) -> list[httpx.Response]:
