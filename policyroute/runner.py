@@ -31,5 +31,7 @@ def run(target: str, *, host: str, port: int, reload: bool) -> int:
             os.environ["POLICYROUTE_RELOAD"] = "1"
         if str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))
-        uvicorn.run(target, host=host, port=port, log_level="info")
+        # Client addresses come from the socket; only `trusted_proxies` in the policy may
+        # let a proxy header replace one (uvicorn would trust X-Forwarded-For from loopback).
+        uvicorn.run(target, host=host, port=port, log_level="info", proxy_headers=False)
     return 0

@@ -143,3 +143,17 @@ def test_lint_refuses_a_shared_cache_on_an_authenticated_route(
     lines = out.strip().splitlines()
     assert len(lines) == 1, out
     assert ":5:5: error[shared-cache-authenticated] GET /me caches one response for every caller" in lines[0]
+
+
+def test_run_never_lets_uvicorn_trust_proxy_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the policy's trusted_proxies may replace a client address (ip_allowlist relies on it)."""
+    import uvicorn
+
+    from policyroute.runner import run
+
+    seen: dict[str, object] = {}
+    monkeypatch.setenv("POLICYROUTE_VALKEY_URL", "redis://127.0.0.1:1/0")  # no embedded servers
+    monkeypatch.setenv("POLICYROUTE_PULSAR_URL", "pulsar://127.0.0.1:1")
+    monkeypatch.setattr(uvicorn, "run", lambda target, **kw: seen.update(kw, target=target))
+    assert run("examples.app:app", host="127.0.0.1", port=0, reload=False) == 0
+    assert seen["target"] == "examples.app:app" and seen["proxy_headers"] is False
