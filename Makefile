@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint unit bench schema clean
+.PHONY: install run demo test lint unit bench schema clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ install: $(STAMP)
 run: $(STAMP)  ## the example app on embedded Valkey and Pulsar, policy reload on
 	$(VENV)/bin/policyroute run examples.app:app --reload
 
+demo: $(STAMP)  ## start the example on embedded backends, call every denial and success path, stop
+	$(PY) -m examples.demo
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check policyroute tests bench examples
 	$(VENV)/bin/mypy policyroute tests bench examples
@@ -28,7 +31,7 @@ unit: $(STAMP)
 
 test: lint unit  ## lint, then the whole suite against real servers it starts itself
 
-bench: $(STAMP)  ## ratios against bare FastAPI, slowapi and fastapi-limiter in one run
+bench: $(STAMP)  ## ratios against bare FastAPI, slowapi and fastapi-limiter; lint and reload timings
 	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1; } || \
 	  echo "make bench: wrk not available; using the built-in Python load generator" >&2

@@ -1,5 +1,7 @@
 """Entry point for ``python -m bench``."""
 
 from bench.cli import main
+from bench.workflow import main as workflow
 
-raise SystemExit(main())
+status = main()
+raise SystemExit(workflow() or status)

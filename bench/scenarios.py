@@ -90,6 +90,22 @@ SCENARIOS: tuple[Scenario, ...] = (
         connections=1,
     ),
     policyroute("policyroute_cache_hit_1conn", "cache_hit", unique_query=False, connections=1),
+    # The full chain with the OpenTelemetry SDK on (policyroute_full has it off): spans for
+    # FastAPI and policyroute, or for policyroute alone. Metrics and logs are on in all three.
+    Scenario(
+        "policyroute_full_otel",
+        "bench.apps.policyroute_otel_app:app",
+        (("BENCH_POLICY", "full"), ("BENCH_OTEL", "global")),
+        headers=HEADERS,
+        unique_query=True,
+    ),
+    Scenario(
+        "policyroute_full_otel_own",
+        "bench.apps.policyroute_otel_app:app",
+        (("BENCH_POLICY", "full"), ("BENCH_OTEL", "policyroute")),
+        headers=HEADERS,
+        unique_query=True,
+    ),
 )
 
 BASELINE = "bare"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from .compiler import Env, compile_all, deny_chain
 from .config import Settings
 from .errors import ConfigError, Denial, Finding, Location
 from .loader import PolicySet, RouteEntry, load_policies
+from .observability.hooks import observe, request_ids
+from .observability.requests import RequestIds
 from .policy import METHODS, normalize_path
 from .resilience import bind as bind_resilience
 from .services import default_services
@@ -115,11 +118,21 @@ class Snapshot:
     policies: PolicySet
     chains: Mapping[tuple[str, str], Chain]
     bound: dict[tuple[str, str], BoundChain]
+    ids: RequestIds | None = None
 
     @classmethod
-    def build(cls, policies: PolicySet, chains: Mapping[tuple[str, str], Chain]) -> Snapshot:
-        """Bind every compiled chain once."""
-        return cls(policies, chains, {k: BoundChain(c) for k, c in chains.items()})
+    def build(
+        cls,
+        policies: PolicySet,
+        chains: Mapping[tuple[str, str], Chain],
+        ids: RequestIds | None = None,
+    ) -> Snapshot:
+        """Bind every compiled chain once (with its route's metrics and shadow mode)."""
+        entry = policies.routes.get
+        bound = {
+            k: BoundChain(c, ids, getattr(entry(k), "policy", None)) for k, c in chains.items()
+        }
+        return cls(policies, chains, bound, ids)
 
     def chain_for(self, method: str, path: str) -> BoundChain:
         """The chain for METHOD + template: HEAD follows GET; no policy means deny."""
@@ -132,7 +145,7 @@ class Snapshot:
             if found is None and method == "HEAD":
                 found = self.bound.get(("GET", norm))
             if found is None:
-                found = BoundChain(deny_chain(method, path))
+                found = BoundChain(deny_chain(method, path), self.ids)
             self.bound[(method, path)] = found
         return found
 
@@ -179,6 +192,7 @@ class Engine:
         self.last_reload_error: ConfigError | None = None
         policies = load_policies(*paths)
         self.services: Mapping[str, Any] = services(self) if services else {}
+        self.ids = request_ids(config)
         self.snapshot = self._build(policies)
 
     def env(self, policies: PolicySet) -> Env:
@@ -187,7 +201,7 @@ class Engine:
         return Env(policies.settings, self.config, bind_resilience(self, policies))
 
     def _build(self, policies: PolicySet) -> Snapshot:
-        return Snapshot.build(policies, compile_all(policies, self.env(policies)))
+        return Snapshot.build(policies, compile_all(policies, self.env(policies)), self.ids)
 
     def gate_all(self, routes: Iterable[BaseRoute], prefix: str = "") -> list[str]:
         """Gate every route reachable from `routes`; return the bindings with no policy."""
@@ -225,15 +239,22 @@ class Engine:
         return [f"{m} {binding.path}" for m in binding.unpolicied(self.snapshot.policies)]
 
     def reload(self) -> ConfigError | None:
-        """Load, compile and swap all chains at once; keep the old ones on any error."""
+        """Load, lint, compile and swap all chains at once; keep the old ones on any error."""
+        from . import reloader  # the reload checks and metrics
+
+        started = time.perf_counter()
         try:
-            snapshot = self._build(load_policies(*self.paths))
+            policies = load_policies(*self.paths)
+            reloader.check(policies)
+            snapshot = self._build(policies)
         except ConfigError as exc:
-            self.last_reload_error = exc
+            self.last_reload_error = exc  # carries every finding, for /readyz
             log.error("policyroute: reload refused, keeping the last good policy:\n%s", exc)
+            reloader.record(exc, time.perf_counter() - started)
             return exc
         self.snapshot = snapshot
         self.last_reload_error = None
+        reloader.record(None, time.perf_counter() - started)
         return None
 
     def chains(self) -> list[Chain]:
@@ -315,11 +336,15 @@ def install(
     strict: bool | None = None,
     settings: Settings | None = None,
     services: ServiceFactory | None = None,
+    health: bool = False,
+    metrics: bool = False,
 ) -> Engine:
     """Compile the policies and gate every route of `app`; return the engine.
 
     Routes no policy names answer 403 (deny by default); with `strict=True` they make
-    `install` raise `ConfigError` instead.
+    `install` raise `ConfigError` instead. `health=True` adds `GET /healthz` and
+    `GET /readyz`, `metrics=True` adds `GET /metrics`: the policy governs them like any
+    other route (list them, e.g. `GET /healthz: {public: true}`).
     """
     config = settings or Settings()
     policy_paths = [str(p) for p in paths] or config.policy_paths()
@@ -330,11 +355,16 @@ def install(
         strict=config.strict if strict is None else strict,
         services=services or default_services,
     )
+    observe(app, engine, health=health, metrics=metrics)  # sanitized logs, health routes
     engine._gate_router(app.router, "")
     engine.gate_all(app.router.routes)
     for key in engine.unmatched_policies():
         log.warning("policyroute: policy %s matches no route of the app", key)
     app.add_exception_handler(Denial, _denial_handler)
     _wrap_lifespan(app, engine)
+    from . import openapi, reloader
+
+    openapi.install(app, engine)  # the policy in /openapi.json, updated on reload
+    reloader.attach(engine)  # SIGHUP reloads under a server
     app.state.policyroute = engine
     return engine

@@ -1,15 +1,42 @@
-"""A route's compiled chain: data built once, folded once, run per request."""
+"""A route's compiled chain: data built once, folded once, run per request.
+
+Binding a chain also binds its observability: the route's metric label children, the
+shadow-mode wrappers of guards that do not enforce, and a second fold whose steps open
+spans. Per request the only telemetry decision is `tracing.active()`: with no
+OpenTelemetry SDK configured the untraced fold runs and no span or attribute is built.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._problem import send_problem
 from .errors import Denial, Location
+from .observability.logs import CURRENT, Current
+from .observability.metrics import STEP_OF_PROBLEM, RouteMeter
+from .observability.requests import RequestIds
+from .observability.shadow import shadow_denial
+from .observability.tracing import PREFIX, active, extract, fail, inject
+from .policy import RoutePolicy
 from .steps.base import Context, Handler, Step
+
+ACCESS = logging.getLogger("policyroute.access")
+# `ctx.state` key the events step copies into the message properties (steps/events.py).
+EVENT_PROPERTIES = "event_properties"
+DEFAULT_IDS = RequestIds()
+
+
+def _child(tracer: Tracer, name: str) -> Any:
+    """A child span of the current one; exceptions are named by type only (see `fail`)."""
+    return tracer.start_as_current_span(name, record_exception=False, set_status_on_exception=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,18 +55,27 @@ class Chain:
             lines.append("  (no steps: the handler runs unguarded)")
         for i, step in enumerate(self.steps, 1):
             detail = step.describe()
-            lines.append(f"  {i}. {step.name}" + (f": {detail}" if detail else ""))
+            shadow = " [shadow: enforce false]" if not step.enforce else ""
+            lines.append(f"  {i}. {step.name}" + (f": {detail}" if detail else "") + shadow)
         return "\n".join(lines)
+
+
+_TRACE_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
+
+
+def _propagated(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether the request carries trace context (parsing it costs; most do not)."""
+    return any(name in _TRACE_HEADERS for name, _ in headers)
 
 
 async def _innermost(ctx: Context) -> None:
     await ctx.app(ctx.scope, ctx.receive, ctx.send)
 
 
-def _fold(steps: Sequence[Step]) -> Handler:
+def _fold(steps: Sequence[Step], traced: bool = False) -> Handler:
     handler: Handler = _innermost
     for step in reversed(steps):
-        handler = _wrap(step, handler)
+        handler = _wrap_traced(step, handler) if traced and step.traced else _wrap(step, handler)
     return handler
 
 
@@ -52,27 +88,264 @@ def _wrap(step: Step, call_next: Handler) -> Handler:
     return run
 
 
+def _wrap_traced(step: Step, call_next: Handler) -> Handler:
+    """`_wrap` with a child span for the step (the request's span is its parent)."""
+    around = step.around
+    name = PREFIX + step.name
+    events = step.name == "events"
+
+    async def run(ctx: Context) -> None:
+        tracer = active()
+        if tracer is None or ctx.root is None:
+            await around(ctx, call_next)
+            return
+        outer = ctx.span
+        with _child(tracer, name) as span:
+            ctx.span = span
+            if events:
+                # The event carries this span's context to its consumers.
+                inject(ctx.state.setdefault(EVENT_PROPERTIES, {}))
+            try:
+                await around(ctx, call_next)
+            except Denial as denial:
+                span.set_attribute("policyroute.denied", denial.problem.slug)
+                raise
+            except BaseException as exc:
+                fail(span, exc)
+                raise
+            finally:
+                ctx.span = outer
+
+    return run
+
+
+class _Pending:
+    """A guard's span-to-be: attributes gathered while it runs, made a span only if any."""
+
+    __slots__ = ("attributes", "error", "started")
+
+    def __init__(self, started: int) -> None:
+        self.started = started
+        self.attributes: dict[str, Any] = {}
+        self.error: BaseException | None = None
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        """Keep an attribute for the span."""
+        self.attributes[key] = value
+
+    def emit(self, tracer: Tracer, name: str) -> None:
+        """The span, as a child of the current (request) span, started when the guard did."""
+        span = tracer.start_span(name, start_time=self.started, attributes=self.attributes)
+        if self.error is not None:
+            fail(span, self.error)
+        span.end()
+
+
+def _shadowed(step: Step) -> Handler:
+    """A guard that records its denials instead of raising them (`enforce: false`)."""
+    check, name = step.check, step.name
+
+    async def run(ctx: Context) -> None:
+        try:
+            await check(ctx)
+        except Denial as denial:
+            shadow_denial(ctx, name, denial)
+
+    return run
+
+
+def _kinds(steps: Sequence[Step]) -> frozenset[str]:
+    """Names of the steps (and fused parts) a route runs: which decisions it can count."""
+    names = {s.name for s in steps}
+    for step in steps:
+        names.update(p.name for p in getattr(step, "parts", ()))
+    return frozenset(names)
+
+
 class BoundChain:
     """Guards in order, then the around-steps folded over the route's own app."""
 
-    __slots__ = ("chain", "guards", "handler")
+    __slots__ = ("chain", "guards", "handler", "ids", "meter", "traced_handler")
 
-    def __init__(self, chain: Chain) -> None:
+    def __init__(
+        self, chain: Chain, ids: RequestIds | None = None, policy: RoutePolicy | None = None
+    ) -> None:
         self.chain = chain
-        self.guards = tuple(s.check for s in chain.steps if s.guard)
-        self.handler = _fold([s for s in chain.steps if not s.guard])
+        self.ids = ids or DEFAULT_IDS
+        enforced = policy.enforce if policy is not None else True
+        self.guards = tuple(
+            (s.name, s.check if enforced and s.enforce else _shadowed(s), s.traced)
+            for s in chain.steps
+            if s.guard
+        )
+        arounds = [s for s in chain.steps if not s.guard]
+        self.handler = _fold(arounds)
+        self.traced_handler = _fold(arounds, traced=True)
+        self.meter = RouteMeter(chain.route, _kinds(chain.steps))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
         """Run the chain for one request, then (if allowed) `app`."""
+        if scope["type"] != "http":
+            await self._socket(scope, receive, send, app)
+            return
+        started = time.perf_counter()
         ctx = Context(scope, receive, send, self.chain.route, app)
+        ctx.request_id = request_id = self.ids.of(scope)
+        sent = [0]  # the response status, once started
+        ctx.send = out = self.ids.echo(send, request_id, sent)
+        ctx.meter = self.meter
+        token = CURRENT.set(Current(request_id, scope["headers"]))
+        reason: str | None = None
+        outcome = "error"
         try:
-            for check in self.guards:
-                await check(ctx)
+            tracer = active()
+            if tracer is None:
+                reason = await self._run(ctx, out)
+            else:
+                reason = await self._traced(ctx, out, tracer, sent)
+            outcome = "allowed" if reason is None else "denied"
+        finally:
+            elapsed = time.perf_counter() - started
+            status = ctx.status = sent[0] or (500 if outcome == "error" else 0)
+            self.meter.done(ctx.method, outcome, status, elapsed)
+            if ACCESS.isEnabledFor(logging.INFO):
+                self._access(ctx, outcome, status, elapsed, reason)
+            CURRENT.reset(token)
+
+    async def _run(self, ctx: Context, out: Send) -> str | None:
+        """Guards, then the handler; the denial's problem type when refused."""
+        try:
+            for name, check, _ in self.guards:
+                try:
+                    await check(ctx)
+                except Denial:
+                    ctx.denied_by = name
+                    raise
             await self.handler(ctx)
         except Denial as denial:
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008, "reason": denial.problem.slug})
-                return
-            await send_problem(
-                send, denial, instance=scope.get("path"), head=scope["method"] == "HEAD"
-            )
+            return await self._deny(ctx, out, denial)
+        return None
+
+    async def _traced(self, ctx: Context, out: Send, tracer: Tracer, sent: list[int]) -> str | None:
+        """`_run` inside the request's span, each guard or step that works in a child span."""
+        current = trace.get_current_span().get_span_context().is_valid
+        # The first span of this service continues the caller's trace, if it sent one.
+        parent = None if current or not _propagated(ctx.scope["headers"]) else extract(ctx.headers)
+        route = self.chain.route
+        attributes = {
+            "http.request.method": ctx.method,
+            "http.route": route.partition(" ")[2],
+            "policyroute.route": route,
+            "policyroute.request_id": ctx.request_id,
+        }
+        with tracer.start_as_current_span(
+            route,
+            context=parent,
+            kind=SpanKind.INTERNAL if current else SpanKind.SERVER,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            if not span.is_recording():
+                return await self._run(ctx, out)
+            ctx.root = ctx.span = span
+            try:
+                reason = await self._run_traced(ctx, out, tracer)
+            except BaseException as exc:
+                fail(span, exc)
+                raise
+            finally:
+                ctx.root = ctx.span = None  # the span ends here: later notes go nowhere
+                if sent[0]:
+                    span.set_attribute("http.response.status_code", sent[0])
+                    if sent[0] >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+            span.set_attribute("policyroute.allowed", reason is None)
+            if reason is not None:
+                span.set_attribute("policyroute.denial.reason", reason)
+                span.set_attribute("policyroute.denial.step", ctx.denied_by or "chain")
+            return reason
+
+    async def _run_traced(self, ctx: Context, out: Send, tracer: Tracer) -> str | None:
+        root = ctx.root
+        try:
+            for name, check, traced in self.guards:
+                if not traced:
+                    try:
+                        await check(ctx)
+                    except Denial:
+                        ctx.denied_by = name
+                        raise
+                    continue
+                # A guard's span is made only if it did work: it named a decision (e.g. a
+                # token verified, not a cached one), refused, or failed.
+                pending = _Pending(time.time_ns())
+                ctx.span = pending
+                try:
+                    await check(ctx)
+                except Denial as denial:
+                    ctx.denied_by = name
+                    pending.attributes["policyroute.denied"] = denial.problem.slug
+                    raise
+                except BaseException as exc:
+                    pending.error = exc
+                    raise
+                finally:
+                    ctx.span = root
+                    if pending.attributes or pending.error is not None:
+                        pending.emit(tracer, PREFIX + name)
+            await self.traced_handler(ctx)
+        except Denial as denial:
+            return await self._deny(ctx, out, denial)
+        return None
+
+    async def _deny(self, ctx: Context, out: Send, denial: Denial) -> str:
+        """Count the denial and answer it as problem+json."""
+        reason = denial.problem.slug
+        step = ctx.denied_by or STEP_OF_PROBLEM.get(reason, "chain")
+        ctx.denied_by = step
+        self.meter.denied(step, reason)
+        scope = ctx.scope
+        await send_problem(out, denial, instance=scope.get("path"), head=scope["method"] == "HEAD")
+        return reason
+
+    async def _socket(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
+        """A websocket: the guards and steps, and a policy close (1008) when refused."""
+        ctx = Context(scope, receive, send, self.chain.route, app)
+        ctx.meter = self.meter
+        try:
+            for name, check, _ in self.guards:
+                try:
+                    await check(ctx)
+                except Denial:
+                    ctx.denied_by = name
+                    raise
+            await self.handler(ctx)
+        except Denial as denial:
+            slug = denial.problem.slug
+            self.meter.denied(ctx.denied_by or STEP_OF_PROBLEM.get(slug, "chain"), slug)
+            await send({"type": "websocket.close", "code": 1008, "reason": slug})
+
+    def _access(
+        self, ctx: Context, outcome: str, status: int, seconds: float, reason: str | None
+    ) -> None:
+        """One INFO line per request on `policyroute.access`."""
+        ms = round(seconds * 1000, 3)
+        ACCESS.info(
+            "%s %s %d %s %.1fms",
+            ctx.method,
+            self.chain.route.partition(" ")[2],
+            status,
+            outcome if reason is None else f"denied ({reason})",
+            ms,
+            extra={
+                "route": self.chain.route,
+                "method": ctx.method,
+                "status": status,
+                "outcome": outcome,
+                "reason": reason,
+                "step": ctx.denied_by if reason is not None else None,
+                "shadow": ctx.shadowed,
+                "duration_ms": ms,
+            },
+        )

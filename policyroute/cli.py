@@ -47,8 +47,12 @@ def load_app(spec: str) -> FastAPI:
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:
-    from .lint import lint, render
+    from .lint import RULES, lint, render
 
+    if args.list_rules:
+        for rule in RULES.values():
+            print(f"{rule.code:<28} {rule.severity:<8} {rule.summary}")
+        return EXIT_OK
     app = load_app(args.app) if args.app else None
     findings = lint(args.paths or ["policies"], app)
     text = render(findings, args.format)
@@ -113,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", help="policy files or directories (default: policies/)")
     p.add_argument("--app", help="MODULE:ATTR of the FastAPI app to check routes against")
     p.add_argument("--format", choices=FORMATS, default="text")
+    p.add_argument("--list-rules", action="store_true", help="print each rule's code and severity")
     p.set_defaults(func=_cmd_lint)
 
     p = sub.add_parser("explain", help="print each route's compiled chain and merged policy")

@@ -51,6 +51,19 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Seconds before a relay takes over another's pending entry."
     )
 
+    log_redact_fields: str = Field(
+        default="",
+        description="Comma-separated field names (PII) logs never show, besides credentials, "
+        "TOTP codes and idempotency keys.",
+    )
+    log_json: bool = Field(
+        default=False,
+        description="At install, log JSON lines (with request id, sanitized) to stderr.",
+    )
+    ready_timeout: float = Field(
+        default=1.0, gt=0, description="Seconds each /readyz check may take."
+    )
+
     def policy_paths(self) -> list[str]:
         """The policy paths as a list."""
         return [p.strip() for p in self.policies.split(",") if p.strip()]

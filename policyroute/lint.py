@@ -1,38 +1,301 @@
-"""Lint policy files (and optionally an app's routes) into findings; render them."""
+"""Lint policy files (and optionally an app's routes) into findings; render them.
+
+Every rule has a stable code, a severity and a message that says how to fix what it
+found. Schema errors come from the loader (`unknown-key`, `invalid-value`, ...); the
+rules here look at what the schema cannot: how keys combine, how routes meet the app,
+and what is written in the files.
+"""
 
 from __future__ import annotations
 
+import inspect
+import ipaddress
 import json
-from collections.abc import Sequence
+import math
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.routing import BaseRoute
 
-from .binding import Binding, no_policy_finding, unmatched_entries, walk_routes
+from ._positions import Doc, KeyPath, read_docs
+from .binding import no_policy_finding, unmatched_entries, walk_routes
 from .compiler import unenforced
-from .errors import ConfigError, Finding
-from .loader import PolicySet, RouteEntry, load_policies
+from .errors import ConfigError, Finding, Location
+from .loader import PolicySet, RouteEntry, load_policies, policy_files
 from .resilience import lint_findings as resilience_findings
 
 FORMATS = ("text", "json", "sarif", "github")
 
 
-def app_bindings(app: FastAPI) -> list[Binding]:
-    """Every route of an app as gates would bind it: path template and methods."""
-    return [b for _, b in walk_routes(app.router.routes) if b is not None]
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A lint rule: its stable code, its severity and what it catches."""
+
+    code: str
+    severity: str
+    summary: str
 
 
-def _route_findings(policies: PolicySet, app: FastAPI) -> list[Finding]:
-    bindings = app_bindings(app)
-    findings = [
-        no_policy_finding(f"{m} {b.path}") for b in bindings for m in b.unpolicied(policies)
+RULES: Mapping[str, Rule] = {
+    r.code: r
+    for r in (
+        Rule("no-policy", "error", "An app route has no policy, so every request is denied."),
+        Rule("unmatched-policy", "error", "A policy names no route of the app."),
+        Rule("not-enforced", "error", "A policy key this version cannot enforce."),
+        Rule("retry-unsafe", "error", "An unsafe method is retried without idempotency."),
+        Rule(
+            "shared-cache-authenticated",
+            "error",
+            "A cache on an authenticated route does not vary by caller.",
+        ),
+        Rule(
+            "credits-without-idempotency",
+            "warning",
+            "A POST route charges credits without idempotency, so a client retry pays twice.",
+        ),
+        Rule(
+            "open-trusted-proxies",
+            "error",
+            "trusted_proxies trusts every address, so any client can choose its own address.",
+        ),
+        Rule(
+            "user-limit-on-public-route",
+            "error",
+            "A limit keyed by user on a public route, where no caller has a user.",
+        ),
+        Rule("unused-profile", "warning", "A profile that no route uses."),
+        Rule("inline-secret", "error", "A secret written inline in a policy file."),
+    )
+}
+
+
+def lint(paths: Sequence[str | Path], app: FastAPI | None = None) -> list[Finding]:
+    """Every finding for the policy files (and the app, when given), in file order."""
+    try:
+        files = policy_files(paths or ("policies",))
+    except ConfigError as exc:
+        return list(exc.findings)
+    docs = read_docs(files)
+    raw = file_findings(docs)
+    try:
+        policies = load_policies(*paths)
+    except ConfigError as exc:
+        return _ordered([*_without_repeats(exc.findings, raw), *raw])
+    findings = [*raw, *_of_app(policy_findings(policies, docs), policies, app)]
+    if app is not None:
+        findings.extend(app_findings(policies, app))
+    return _ordered(findings)
+
+
+def reload_findings(policies: PolicySet) -> list[Finding]:
+    """What a reload checks before compiling: every rule that needs no app."""
+    docs = read_docs(policies.files)
+    # `@resilient` names in code are checked again as the reload binds its profiles.
+    found = _of_app(policy_findings(policies, docs), policies, None)
+    return _ordered([*file_findings(docs), *found])
+
+
+def _of_app(findings: list[Finding], policies: PolicySet, app: FastAPI | None) -> list[Finding]:
+    """Drop findings about code (`@resilient` names) that is not part of the linted app.
+
+    Declarations are collected from every module this process imported; without an app
+    none of them is the policy's concern, and with one only those in its package are.
+    """
+    files = set(policies.files)
+    roots = _app_roots(app) if app is not None else []
+
+    def ours(f: Finding) -> bool:
+        if f.key_path[:1] != ("resilience",) or f.location.file in files:
+            return True
+        where = Path(f.location.file)
+        return any(where == root or root in where.parents for root in roots)
+
+    return [f for f in findings if ours(f)]
+
+
+def _app_roots(app: FastAPI) -> list[Path]:
+    """The directories (packages) of the modules that define the app's endpoints."""
+    roots: set[Path] = set()
+    for route, _ in walk_routes(app.router.routes):
+        name = getattr(getattr(route, "endpoint", None), "__module__", None) or ""
+        top = sys.modules.get(name.split(".")[0])
+        file = getattr(top, "__file__", None)
+        if file and not name.startswith(("fastapi.", "starlette.")):
+            roots.add(Path(file).resolve().parent)
+    return sorted(roots)
+
+
+def _ordered(findings: Iterable[Finding]) -> list[Finding]:
+    unique = list(dict.fromkeys(findings))
+    return sorted(unique, key=lambda f: (f.location.file, f.location.line, f.location.column))
+
+
+def _without_repeats(loaded: Iterable[Finding], raw: Sequence[Finding]) -> list[Finding]:
+    """Loader findings, minus those a raw rule already reports better (open proxies)."""
+    if not any(f.code == "open-trusted-proxies" for f in raw):
+        return list(loaded)
+    return [
+        f
+        for f in loaded
+        if "trusted_proxies" not in f.key_path and "trusted_proxies" not in f.message
     ]
+
+
+# --- rules on the merged policies -----------------------------------------------------
+
+
+def policy_findings(policies: PolicySet, docs: Sequence[Doc] = ()) -> list[Finding]:
+    """Rules on the merged policy of each route, and on profiles."""
+    where = _Locator(docs)
+    findings: list[Finding] = []
+    for entry in policies.routes.values():
+        for key in unenforced(entry.policy):
+            findings.append(
+                _finding(
+                    "not-enforced",
+                    f"{entry.key} sets `{key}`, which this version cannot enforce; install "
+                    "would refuse to start. Remove the key or upgrade policyroute",
+                    where(entry, key),
+                    ("routes", entry.key, key),
+                )
+            )
+        findings.extend(_shared_cache(entry, where))
+        findings.extend(_credits_without_idempotency(entry, where))
+        findings.extend(_user_limit_on_public_route(entry, where))
+    findings.extend(_unused_profiles(policies))
+    findings.extend(resilience_findings(policies))
+    return findings
+
+
+def _finding(code: str, message: str, location: Location, path: KeyPath) -> Finding:
+    return Finding(code, message, location, path, RULES[code].severity)
+
+
+def _shared_cache(entry: RouteEntry, where: _Locator) -> list[Finding]:
+    cache = entry.policy.cache
+    if cache is None or not cache.shared or entry.policy.public or cache.acknowledge_shared:
+        return []
+    return [
+        _finding(
+            "shared-cache-authenticated",
+            f"{entry.key} caches one response for every caller of an authenticated route; "
+            "one user's data could be served to another. Remove `shared: true`, or set "
+            "`acknowledge_shared: true` if the response really is the same for everyone",
+            where(entry, "cache"),
+            ("routes", entry.key, "cache", "shared"),
+        )
+    ]
+
+
+def _credits_without_idempotency(entry: RouteEntry, where: _Locator) -> list[Finding]:
+    policy = entry.policy
+    if entry.method != "POST" or policy.credits is None or policy.idempotency is not None:
+        return []
+    return [
+        _finding(
+            "credits-without-idempotency",
+            f"{entry.key} charges {policy.credits.cost} credit(s) per POST without "
+            "`idempotency`: a client that retries after a lost response pays again. Add "
+            "`idempotency: {required: true}` so a repeat with the same Idempotency-Key "
+            "replays the first response without a second charge",
+            where(entry, "credits"),
+            ("routes", entry.key, "credits"),
+        )
+    ]
+
+
+def _user_limit_on_public_route(entry: RouteEntry, where: _Locator) -> list[Finding]:
+    if not entry.policy.public:
+        return []
+    out = []
+    for i, limit in enumerate(entry.policy.rate_limit):
+        if limit.key == "user" or limit.key.startswith("claim:"):
+            out.append(
+                _finding(
+                    "user-limit-on-public-route",
+                    f"{entry.key} is public, so no caller has a user or claims: this limit "
+                    f"keyed by `{limit.key}` falls back to the client address. Write "
+                    "`key: ip` to say so, or remove `public: true` to require a token",
+                    where(entry, "rate_limit", i, "key"),
+                    ("routes", entry.key, "rate_limit", i, "key"),
+                )
+            )
+    return out
+
+
+def _unused_profiles(policies: PolicySet) -> list[Finding]:
+    return [
+        _finding(
+            "unused-profile",
+            f"profile {name!r} is used by no route: name it in a route's `use:` list, or delete it",
+            policies.profiles[name],
+            ("profiles", name),
+        )
+        for name, count in policies.profile_uses.items()
+        if count == 0 and name in policies.profiles
+    ]
+
+
+class _Locator:
+    """The file position of a route's key (or a value inside it) in the layer that set it."""
+
+    _LAYERS = ("defaults", "profile ", "route")
+
+    def __init__(self, docs: Sequence[Doc]) -> None:
+        self.docs = {d.file: d for d in docs}
+
+    def __call__(self, entry: RouteEntry, key: str, *sub: str | int) -> Location:
+        sources = entry.origins.get(key)
+        if not sources:
+            return entry.location
+        source = sources[-1]
+        doc = self.docs.get(source.location.file)
+        if doc is None or not sub:
+            return source.location
+        layer = layer_path(source.label, entry.key)
+        base = (*layer, key)
+        if sub and isinstance(sub[0], int) and doc.kinds.get(base) == "map":
+            sub = sub[1:]  # one mapping written where a list is expected
+        mark = doc.mark((*base, *sub))
+        return Location(doc.file, *mark) if mark else source.location
+
+
+def layer_path(label: str, route_key: str) -> KeyPath:
+    """Where a layer lives in its file, from a Source label."""
+    if label == "defaults":
+        return ("defaults",)
+    if label.startswith("profile "):
+        return ("profiles", label.removeprefix("profile "))
+    return ("routes", route_key)
+
+
+# --- rules on the app's routes ----------------------------------------------------------
+
+
+def app_findings(policies: PolicySet, app: FastAPI) -> list[Finding]:
+    """App routes without a policy, and policies that name no app route."""
+    findings: list[Finding] = []
+    bindings = []
+    for route, binding in walk_routes(app.router.routes):
+        if binding is None:
+            continue
+        bindings.append(binding)
+        for method in binding.unpolicied(policies):
+            name = f"{method} {binding.path}"
+            findings.append(
+                _finding("no-policy", no_policy_finding(name).message, _source_of(route), ())
+            )
     findings.extend(
-        Finding(
+        _finding(
             "unmatched-policy",
-            f"policy {entry.key} matches no route of the app (check the method and the path "
-            "template)",
+            f"policy {entry.key} matches no route of the app: check the method and the path "
+            "template against the app's routes, or delete the policy",
             entry.location,
             ("routes", entry.key),
         )
@@ -41,50 +304,156 @@ def _route_findings(policies: PolicySet, app: FastAPI) -> list[Finding]:
     return findings
 
 
-def lint(paths: Sequence[str | Path], app: FastAPI | None = None) -> list[Finding]:
-    """Every finding for the policy files (and the app, when given)."""
+def _source_of(route: BaseRoute) -> Location:
+    """Where a route's endpoint is declared (its decorator line), else `<app>`."""
+    target = getattr(route, "endpoint", None) or getattr(route, "app", None)
     try:
-        policies = load_policies(*paths)
-    except ConfigError as exc:
-        return list(exc.findings)
+        file = inspect.getsourcefile(target)  # type: ignore[arg-type]
+        _, line = inspect.getsourcelines(target)  # type: ignore[arg-type]
+    except (TypeError, OSError):
+        return Location("<app>")
+    if file is None:
+        return Location("<app>")
+    return Location(relative(file), max(line, 1), 1)
+
+
+def relative(file: str) -> str:
+    """A path relative to the working directory when it lies below it."""
+    path = Path(file)
+    if not path.is_absolute():
+        return file
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return file
+
+
+# --- rules on the files as written ------------------------------------------------------
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_REFERENCE = re.compile(r"^\$\{?[A-Za-z_][A-Za-z0-9_]*\}?$")
+_SECRET_KEY = re.compile(
+    r"(?i)^(?:.*[_-])?(?:secret|password|passwd|pwd|passphrase|token|api[_-]?key|"
+    r"private[_-]?key|client[_-]?secret|access[_-]?key|secret[_-]?key|credentials?)$"
+)
+_SECRET_SHAPES = (
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a PEM private key"),
+    (re.compile(r"^eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*$"), "a JWT"),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key"),
+    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b"), "a GitHub token"),
+    (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), "a Slack token"),
+    (re.compile(r"\bsk_(?:live|test)_[A-Za-z0-9]{16,}"), "a Stripe key"),
+    (re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), "a Google API key"),
+)
+_KEYLIKE = re.compile(r"^[A-Za-z0-9+/=_-]{32,}$")
+_JWK_PRIVATE = ("d", "p", "q", "dp", "dq", "qi", "k")
+_OPEN = ("*", "any", "all")
+
+
+def file_findings(docs: Sequence[Doc]) -> list[Finding]:
+    """Rules on the files as written: inline secrets and proxies that trust everyone."""
     findings: list[Finding] = []
-    for entry in policies.routes.values():
-        for key in unenforced(entry.policy):
-            where = entry.origins[key][-1].location if key in entry.origins else entry.location
-            findings.append(
-                Finding(
-                    "not-enforced",
-                    f"{entry.key} sets `{key}`, which this version "
-                    "cannot enforce; install would refuse to start",
-                    where,
-                    ("routes", entry.key, key),
-                )
-            )
-        findings.extend(_policy_rules(entry))
-    findings.extend(resilience_findings(policies))
-    if app is not None:
-        findings.extend(_route_findings(policies, app))
+    for doc in docs:
+        findings.extend(_open_proxies(doc))
+        findings.extend(_inline_secrets(doc))
     return findings
 
 
-def _policy_rules(entry: RouteEntry) -> list[Finding]:
-    """Rules beyond the schema: unsafe combinations a reviewer would miss."""
-    out: list[Finding] = []
-    policy = entry.policy
-    cache = policy.cache
-    if cache is not None and cache.shared and not policy.public and not cache.acknowledge_shared:
-        where = entry.origins["cache"][-1].location if "cache" in entry.origins else entry.location
-        out.append(
-            Finding(
-                "shared-cache-authenticated",
-                f"{entry.key} caches one response for every caller of an authenticated route; "
-                "one user's data could be served to another. Remove `shared: true`, or set "
-                "`acknowledge_shared: true` if the response really is the same for everyone",
-                where,
-                ("routes", entry.key, "cache", "shared"),
+def _at(doc: Doc, path: KeyPath) -> Location:
+    mark = doc.mark(path)
+    return Location(doc.file, *mark) if mark else Location(doc.file, 1, 1)
+
+
+def _open_proxies(doc: Doc) -> list[Finding]:
+    out = []
+    base = ("settings", "trusted_proxies")
+    for path, value in doc.scalars.items():
+        if path[:2] != base or len(path) > 3:
+            continue
+        if value.strip().lower() in _OPEN or _prefix_zero(value):
+            out.append(
+                _finding(
+                    "open-trusted-proxies",
+                    f"trusted_proxies entry {value.strip()!r} trusts every address, so any "
+                    "client can send X-Forwarded-For or Forwarded and choose its own address "
+                    "(defeating ip_allowlist and per-address limits). List only your proxies' "
+                    "networks, e.g. 10.0.0.0/8",
+                    _at(doc, path),
+                    path,
+                )
             )
-        )
     return out
+
+
+def _prefix_zero(value: str) -> bool:
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False).prefixlen == 0
+    except ValueError:
+        return False
+
+
+def _inline_secrets(doc: Doc) -> list[Finding]:
+    out = []
+    for path, value in doc.scalars.items():
+        kind = _secret_kind(path, value)
+        if kind is not None:
+            out.append(_secret_finding(doc, path, kind))
+    for path, kind in doc.kinds.items():
+        if kind != "map" or (*path, "kty") not in doc.scalars:
+            continue
+        if any((*path, m) in doc.scalars for m in _JWK_PRIVATE):
+            out.append(_secret_finding(doc, path, "a private JWK"))
+    return out
+
+
+def _secret_finding(doc: Doc, path: KeyPath, kind: str) -> Finding:
+    # The message never repeats the value: lint output ends up in CI logs.
+    return _finding(
+        "inline-secret",
+        f"this value looks like {kind} written into the policy file, which is committed "
+        "and widely read. Move it out (HS256 keys: `secret_env: VARIABLE_NAME`; JWKS: a "
+        "file path or https URL of the public keys), and rotate the secret",
+        _at(doc, path),
+        path,
+    )
+
+
+def _secret_kind(path: KeyPath, value: str) -> str | None:
+    text = value.strip()
+    if not text:
+        return None
+    key = str(path[-1]) if path and isinstance(path[-1], str) else ""
+    if key == "secret_env":
+        if not _ENV_NAME.match(text) or _random_looking(text):
+            return "a secret in `secret_env`, which names an environment variable"
+        return None
+    if key == "jwks" and text.startswith("{"):
+        return "an inline JWK set" if '"d"' in text or '"k"' in text else None
+    for pattern, kind in _SECRET_SHAPES:
+        if pattern.search(text):
+            return kind
+    if _SECRET_KEY.match(key) and not _ENV_REFERENCE.match(text):
+        return f"a secret (key `{key}`)"
+    if any(_random_looking(part) for part in re.split(r"[:,\s]", text)):
+        return "a key or token (a long random string)"
+    return None
+
+
+def _random_looking(text: str) -> bool:
+    """A long string of key characters with the spread of random bytes (not a name)."""
+    if not _KEYLIKE.match(text):
+        return False
+    classes = sum(
+        1 for probe in (str.islower, str.isupper, str.isdigit) if any(probe(c) for c in text)
+    )
+    if classes < 3:
+        return False
+    counts = Counter(text)
+    entropy = -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
+    return entropy >= 4.0
+
+
+# --- output -----------------------------------------------------------------------------
 
 
 def render(findings: Sequence[Finding], fmt: str) -> str:
@@ -92,7 +461,7 @@ def render(findings: Sequence[Finding], fmt: str) -> str:
     if fmt == "json":
         return json.dumps([_as_dict(f) for f in findings], indent=2)
     if fmt == "sarif":
-        return json.dumps(_sarif(findings), indent=2)
+        return json.dumps(sarif(findings), indent=2)
     if fmt == "github":
         return "\n".join(_github(f) for f in findings)
     return "\n".join(str(f) for f in findings)
@@ -110,43 +479,94 @@ def _as_dict(f: Finding) -> dict[str, Any]:
     }
 
 
+def _escape_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
 def _github(f: Finding) -> str:
+    """One workflow command (`::error file=...,line=...::message`)."""
     level = "error" if f.severity == "error" else "warning"
-    msg = f.message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-    return (
-        f"::{level} file={f.location.file},line={f.location.line},col={f.location.column},"
-        f"title={f.code}::{msg}"
-    )
+    props = []
+    if not f.location.file.startswith("<"):
+        props.append(f"file={_escape_property(relative(f.location.file))}")
+        if f.location.line:
+            props.append(f"line={f.location.line}")
+            props.append(f"col={max(f.location.column, 1)}")
+    props.append(f"title={_escape_property(f.code)}")
+    where = f" (at {f.dotted_path})" if f.key_path else ""
+    return f"::{level} {','.join(props)}::{_escape_data(f.message + where)}"
 
 
-def _sarif(findings: Sequence[Finding]) -> dict[str, Any]:
-    rules = sorted({f.code for f in findings})
-    results = [
-        {
+def _sarif_rule(code: str, severity: str) -> dict[str, Any]:
+    rule = RULES.get(code)
+    summary = rule.summary if rule else f"Policy schema check: {code}."
+    level = "error" if (rule.severity if rule else severity) == "error" else "warning"
+    return {
+        "id": code,
+        "name": "".join(part.capitalize() for part in code.split("-")),
+        "shortDescription": {"text": summary},
+        "defaultConfiguration": {"level": level},
+    }
+
+
+def sarif(findings: Sequence[Finding]) -> dict[str, Any]:
+    """A SARIF 2.1.0 log (for GitHub code scanning upload)."""
+    codes = sorted({f.code for f in findings})
+    index = {code: i for i, code in enumerate(codes)}
+    severities = {f.code: f.severity for f in findings}
+    results = []
+    for f in findings:
+        result: dict[str, Any] = {
             "ruleId": f.code,
+            "ruleIndex": index[f.code],
             "level": "error" if f.severity == "error" else "warning",
             "message": {"text": f.message},
-            "locations": [
+        }
+        if not f.location.file.startswith("<"):
+            uri = relative(f.location.file)
+            artifact: dict[str, Any] = {"uri": Path(uri).as_posix()}
+            if not Path(uri).is_absolute():
+                artifact["uriBaseId"] = "%SRCROOT%"
+            result["locations"] = [
                 {
                     "physicalLocation": {
-                        "artifactLocation": {"uri": f.location.file},
+                        "artifactLocation": artifact,
                         "region": {
                             "startLine": max(f.location.line, 1),
                             "startColumn": max(f.location.column, 1),
                         },
                     }
                 }
-            ],
-        }
-        for f in findings
-    ]
+            ]
+        if f.key_path:
+            result["properties"] = {"keyPath": f.dotted_path}
+        results.append(result)
     return {
         "version": "2.1.0",
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
         "runs": [
             {
-                "tool": {"driver": {"name": "policyroute", "rules": [{"id": r} for r in rules]}},
+                "tool": {
+                    "driver": {
+                        "name": "policyroute",
+                        "version": _version(),
+                        "rules": [_sarif_rule(c, severities[c]) for c in codes],
+                    }
+                },
                 "results": results,
             }
         ],
     }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("policyroute")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0"

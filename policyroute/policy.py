@@ -139,6 +139,11 @@ class Mfa(Model):
         default_factory=lambda: list[MfaMethod](["step_up", "totp"]), min_length=1
     )
     max_age: Duration | None = None
+    enforce: bool = Field(
+        default=True,
+        description="false: shadow mode; a refusal is logged and counted, not enforced "
+        "(a one-time code is checked, never used up).",
+    )
 
 
 class RateLimit(Model):
@@ -154,6 +159,11 @@ class RateLimit(Model):
     name: str | None = None
     # How long a concurrency slot outlives a process that died holding it.
     lease: Duration | None = Field(default=None, gt=0)
+    enforce: bool = Field(
+        default=True,
+        description="false: shadow mode; counted in a bucket of its own, a would-be 429 is "
+        "logged and counted, not enforced.",
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> RateLimit:
@@ -194,6 +204,11 @@ class Credits(Model):
     allowance: Allowance | None = None
     # A reservation no response ever settled (its process died) is refunded after this.
     hold: Duration = Field(default=900.0, gt=0)
+    enforce: bool = Field(
+        default=True,
+        description="false: shadow mode; the balance is read, never charged, a would-be 402 "
+        "is logged and counted.",
+    )
 
 
 class Idempotency(Model):
@@ -358,7 +373,11 @@ class RoutePolicy(Model):
 
     use: list[str] = Field(default_factory=list)
     public: bool = False
-    enforce: bool = True
+    enforce: bool = Field(
+        default=True,
+        description="false: shadow mode for the whole route; guards, limits and credits "
+        "record what they would refuse and let the request on.",
+    )
     scopes: list[Scope] = Field(default_factory=list)
     roles: list[str] = Field(default_factory=list)
     ip_allowlist: list[Network] | None = None

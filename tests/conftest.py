@@ -86,3 +86,14 @@ def cluster_url() -> Iterator[str]:
     finally:
         for n in nodes:
             n.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def telemetry_canaries() -> Iterator[object]:
+    """The whole suite runs traced (OpenTelemetry SDK) and logged at DEBUG; at the end no
+    token, TOTP code, idempotency key or PII canary may appear in a log line, a span or a
+    metric label (tests/observability/canary.py)."""
+    from tests.observability.canary import watch
+
+    with watch() as findings:
+        yield findings

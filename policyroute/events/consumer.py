@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar
 
 from .._types import parse_duration, parse_topic
 from ..errors import PolicyrouteError, StorageError
+from ..observability.tracing import consumer_span
 from ._pulsar import async_client, result_name
 from .envelope import EVENT_ID
 from .metrics import CONSUMED
@@ -254,7 +255,9 @@ class Worker:
     async def _handle(self, spec: Consumer, handler: MessageHandler, sub: Any, raw: Any) -> None:
         message = Message.of(raw)
         try:
-            await handler(message)
+            # A child of the span that published the event (trace context in the properties).
+            with consumer_span(spec.topic, spec.subscription, message.properties):
+                await handler(message)
         except Exception as exc:
             CONSUMED.labels(spec.subscription, "nack").inc()
             log.warning(

@@ -78,6 +78,7 @@ class AuthStep(Step):
                 raise self._invalid_request("the Authorization header must be `Bearer <token>`")
             try:
                 principal = await self.authenticator.authenticate(token, ctx.client)
+                ctx.note("auth", "verified")  # a signature checked (a cached token is not)
             except TokenError as exc:
                 # The reason only: never the token, never a claim value.
                 log.debug("policyroute: %s refused a bearer token: %s", ctx.route, exc)

@@ -3,11 +3,47 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..principal import ANONYMOUS, SCOPE_KEY, Principal
+
+# What a span attribute may hold (OpenTelemetry's primitive attribute values).
+AttributeValue = str | bool | int | float
+
+
+class Meter(Protocol):
+    """What a step may count: a decision from a fixed vocabulary (see observability.metrics)."""
+
+    def count(self, kind: str, outcome: str) -> None:
+        """Count one decision of `kind` (rate_limit, credits, cache, idempotency)."""
+        ...
+
+    def shadow(self, step: str, reason: str) -> None:
+        """Count a denial a shadowed step did not enforce."""
+        ...
+
+
+class _NoMeter:
+    """The meter of a context made outside a bound chain: counts nothing."""
+
+    def count(self, kind: str, outcome: str) -> None:
+        """Count nothing."""
+
+    def shadow(self, step: str, reason: str) -> None:
+        """Count nothing."""
+
+
+NO_METER: Meter = _NoMeter()
+
+
+class Span(Protocol):
+    """The part of an OpenTelemetry span a step writes to."""
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        """Set one attribute."""
+        ...
 
 
 class Context:
@@ -17,12 +53,18 @@ class Context:
         "_headers",
         "app",
         "client",
+        "denied_by",
+        "meter",
         "method",
         "principal",
         "receive",
+        "request_id",
+        "root",
         "route",
         "scope",
         "send",
+        "shadowed",
+        "span",
         "state",
         "status",
     )
@@ -43,6 +85,13 @@ class Context:
         self.state: dict[str, Any] = {}
         self.status: int = 0
         scope[SCOPE_KEY] = ANONYMOUS
+        # Observability: set by the bound chain; inert for a context made elsewhere.
+        self.request_id: str = ""
+        self.meter: Meter = NO_METER
+        self.span: Span | None = None  # the running step's span, only while a span records
+        self.root: Span | None = None  # the request's span, only while a span records
+        self.denied_by: str | None = None  # the guard that refused the request
+        self.shadowed: str | None = None  # the first denial a shadowed step did not enforce
 
     @property
     def headers(self) -> dict[str, str]:
@@ -65,6 +114,26 @@ class Context:
         self.principal = principal
         self.scope[SCOPE_KEY] = principal
 
+    def note(self, key: str, value: AttributeValue) -> None:
+        """Name a decision on the step's span and the request's span (nothing when not tracing).
+
+        `key` is short (`cache`, `credits.charged`); it becomes `policyroute.<key>`. Values
+        are decisions from fixed vocabularies or counts: never tokens, codes or user data.
+        """
+        span = self.span
+        if span is not None:
+            name = "policyroute." + key
+            span.set_attribute(name, value)
+            root = self.root
+            if root is not None and root is not span:
+                root.set_attribute(name, value)
+
+    def decide(self, kind: str, outcome: str) -> None:
+        """Count a step's decision on the route's metrics and name it on the spans."""
+        self.meter.count(kind, outcome)
+        if self.span is not None:
+            self.note(kind, outcome)
+
 
 Handler = Callable[[Context], Awaitable[None]]
 
@@ -74,10 +143,16 @@ class Step:
 
     A guard step overrides `check` (raise `Denial` to refuse). A step that needs to act
     around the handler overrides `around` and calls `call_next(ctx)` zero or more times.
+    A step whose `enforce` is False is in shadow mode: the chain records its denials
+    (metric, log, span) and lets the request on.
     """
 
     name: ClassVar[str] = "step"
     guard: ClassVar[bool] = True
+    # Steps that only compare in-memory values get no span of their own when tracing;
+    # their decisions and denials are named on the request's span.
+    traced: ClassVar[bool] = True
+    enforce: bool = True
 
     async def check(self, ctx: Context) -> None:
         """Refuse the request by raising `Denial`; return to let it on."""

@@ -116,6 +116,7 @@ class CacheStep(Part):
             req.data["answer"] = local
             req.data["answer_headers"] = [HIT]
             req.data["ca_local"] = True
+            ctx.decide("cache", "local_hit")
 
     async def prepare(self, req: Request) -> None:
         """Append the lookup op (and the stampede lock on a miss)."""
@@ -131,14 +132,18 @@ class CacheStep(Part):
         if verdict == "hit":
             stored = self._open(req.data["ca_keys"][0], reply[3])
             if stored is None:
+                req.ctx.decide("cache", "miss")
                 return  # an unreadable entry is a miss that stores nothing
             self._local_put(req.data["ca_keys"][0], stored)
             req.data["answer"] = stored
             req.data["answer_headers"] = [HIT]
+            req.ctx.decide("cache", "hit")
         elif verdict == "wait":
             req.data["wait"] = lambda: self.wait(req)
+            req.ctx.decide("cache", "wait")
         elif verdict == "go":
             req.data["ca_leader"] = True
+            req.ctx.decide("cache", "miss")
 
     async def wait(self, req: Request) -> Stored | None:
         """Poll until the leader stored the entry; None when it gave up (run the handler)."""

@@ -12,6 +12,7 @@ class ClientStep(Step):
     """Replace the socket peer with the client that trusted proxies forwarded for."""
 
     name = "client"
+    traced = False  # an in-memory check: named on the request span, no span of its own
 
     def __init__(self, resolver: ClientResolver) -> None:
         self.resolver = resolver

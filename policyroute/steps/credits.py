@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from ..backends.valkey import Arg, Store
-from ..errors import Denial, Problems
+from ..errors import Denial, Problems, StorageError
+from ..observability.metrics import backend_error
+from ..observability.shadow import shadow_denial
 from ..policy import Credits, RoutePolicy
 from .state import ClientGone, Outcome, Part, Request, Vault, principal_tag
+
+log = logging.getLogger("policyroute")
 
 
 def hold_keys(store: Store, tag: str) -> tuple[str, str]:
@@ -22,11 +27,14 @@ class CreditsStep(Part):
 
     name = "credits"
 
-    def __init__(self, store: Store, spec: Credits) -> None:
+    def __init__(self, store: Store, spec: Credits, *, enforce: bool = True) -> None:
         self.store = store
         self.spec = spec
-        self.fail_open = spec.on_backend_error == "open"
+        # Shadow mode reads the balance and never charges (observability/shadow.py).
+        self.shadow = not (enforce and spec.enforce)
+        self.fail_open = self.shadow or spec.on_backend_error == "open"
         allowance = spec.allowance
+        self.peek_args: list[Arg] = [allowance.amount, allowance.every] if allowance else [0, "-"]
         self.op: tuple[Arg, ...] = (
             "cr",
             spec.cost,
@@ -42,6 +50,8 @@ class CreditsStep(Part):
         extra = ""
         if self.spec.allowance:
             extra = f", allowance {self.spec.allowance.amount} per {self.spec.allowance.every}"
+        if self.shadow:
+            return f"cost {self.spec.cost}{extra} (shadow: enforce false; read, never charged)"
         return (
             f"cost {self.spec.cost}, refund on {', '.join(self.spec.refund_on)}{extra}, "
             f"unfinished reservations refunded after {self.spec.hold}s"
@@ -52,13 +62,50 @@ class CreditsStep(Part):
         if "answer" in req.data:
             return
         keys = hold_keys(self.store, principal_tag(req.ctx))
+        if self.shadow:
+            self._probe(req, keys)
+            return
         req.op(keys, (*self.op, req.token))
         req.data["cr_keys"] = keys
 
+    def _probe(self, req: Request, keys: tuple[str, str]) -> None:
+        """Read the balance the next charge would see, beside the script."""
+        store, route = self.store, req.ctx.route
+
+        async def evaluate() -> None:
+            try:
+                balance = await store.run(
+                    "credits_peek", keys, self.peek_args, operation="credits shadow", fail_open=True
+                )
+            except StorageError as exc:
+                backend_error(route, exc)
+                log.warning("policyroute: %s", exc)
+                return
+            req.data["crs_balance"] = int(balance)
+
+        req.probe(evaluate)
+
+    def _settle_shadow(self, req: Request) -> None:
+        balance = req.data.get("crs_balance")
+        # A cache hit or a replay would not be charged, so it is never a would-be 402.
+        if balance is None or "answer" in req.data or req.data["verdict"] not in ("go", "wait"):
+            return
+        ctx = req.ctx
+        if balance >= self.spec.cost:
+            ctx.decide("credits", "shadow_sufficient")
+            return
+        ctx.decide("credits", "shadow_insufficient")
+        detail = f"this request costs {self.spec.cost} credits; the balance is {balance}"
+        shadow_denial(ctx, "credits", Denial(Problems.INSUFFICIENT_CREDITS, detail))
+
     def settle(self, req: Request, reply: list[Any]) -> None:
         """Raise 402 when the balance was short; remember what was taken."""
+        if self.shadow:
+            self._settle_shadow(req)
+            return
         row = reply[2]
         if req.data["verdict"] == "credits":
+            req.ctx.decide("credits", "insufficient")
             balance = int(row[2])
             raise Denial(
                 Problems.INSUFFICIENT_CREDITS,
@@ -92,13 +139,17 @@ class CreditsStep(Part):
         if taken is None:
             return
         keys = req.data["cr_keys"]
+        ctx = req.ctx
         if self.refund(outcome):
             req.finish("ref", keys, *taken, req.token)
+            ctx.decide("credits", "refunded")
         else:
             from_a, from_b, period = taken
             req.finish("com", keys[1:], f"{from_a}:{from_b}:{period}:{req.token}")
+            ctx.decide("credits", "charged")
+            ctx.note("credits.charged", self.spec.cost)
 
 
 def make_credits_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:
     """The credits part of a route's fused state step."""
-    return CreditsStep(store, policy.credits) if policy.credits else None
+    return CreditsStep(store, policy.credits, enforce=policy.enforce) if policy.credits else None

@@ -10,6 +10,7 @@ class DenyStep(Step):
     """Refuse every request: no policy governs this METHOD + path."""
 
     name = "deny"
+    traced = False  # an in-memory check: named on the request span, no span of its own
 
     def __init__(self, route: str) -> None:
         self.route = route

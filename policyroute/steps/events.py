@@ -150,7 +150,8 @@ class EventsStep(Step):
         self, ctx: Context, status: int, request: dict[str, object], response: dict[str, object]
     ) -> Event:
         event_id = new_event_id()
-        request_id = ctx.headers.get(self.request_id_header, "")
+        # The chain's id (the caller's when sane, else made), as in logs, spans and the header.
+        request_id = ctx.request_id or ctx.headers.get(self.request_id_header, "")
         if not request_id or len(request_id) > MAX_REQUEST_ID:
             request_id = new_event_id()
         payload = envelope(

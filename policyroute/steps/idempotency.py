@@ -8,7 +8,9 @@ from typing import Any
 from ..backends.valkey import Store
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems
+from ..observability.shadow import shadow_denial
 from ..policy import Idempotency, RoutePolicy
+from .base import Context
 from .state import (
     PLAIN,
     Outcome,
@@ -25,6 +27,7 @@ from .state import (
 IN_FLIGHT_MS = 300_000
 _KEY = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]{1,255})"$|^([\x21-\x7e]{1,255})$')
 REPLAYED = (b"idempotent-replayed", b"true")
+_DECISION = {"inflight": "in_flight", "reused": "reused", "replay": "replay"}
 
 
 def parse_key(raw: str) -> str | None:
@@ -40,8 +43,13 @@ class IdempotencyStep(Part):
 
     name = "idempotency"
 
-    def __init__(self, store: Store, spec: Idempotency, vault: Vault = PLAIN) -> None:
+    def __init__(
+        self, store: Store, spec: Idempotency, vault: Vault = PLAIN, *, enforce: bool = True
+    ) -> None:
         self.store = store
+        # A route in shadow mode records a missing or malformed key and goes on without one;
+        # conflicts (409, 422) are always enforced: they keep a request from running twice.
+        self.enforce = enforce
         self.spec = spec
         self.vault = vault
         self.header = spec.header.lower()
@@ -60,17 +68,24 @@ class IdempotencyStep(Part):
         raw = ctx.headers.get(self.header)
         if raw is None:
             if self.spec.required:
-                raise Denial(
-                    Problems.IDEMPOTENCY_KEY_MISSING,
-                    f"this route requires an {self.spec.header} header",
+                self._refuse(
+                    ctx,
+                    Denial(
+                        Problems.IDEMPOTENCY_KEY_MISSING,
+                        f"this route requires an {self.spec.header} header",
+                    ),
                 )
             return
         key = parse_key(raw)
         if key is None:
-            raise Denial(
-                Problems.IDEMPOTENCY_KEY_INVALID,
-                f"{self.spec.header} must be a string of 1 to 255 visible characters",
+            self._refuse(
+                ctx,
+                Denial(
+                    Problems.IDEMPOTENCY_KEY_INVALID,
+                    f"{self.spec.header} must be a string of 1 to 255 visible characters",
+                ),
             )
+            return
         body = await read_body(ctx)
         parts = (ctx.method, ctx.scope.get("path", ""), ctx.scope.get("query_string", b""))
         head = b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)
@@ -79,11 +94,17 @@ class IdempotencyStep(Part):
         req.op((record,), ("id", fp, self.lock_ms))
         req.data["id_key"] = record
 
+    def _refuse(self, ctx: Context, denial: Denial) -> None:
+        if self.enforce:
+            raise denial
+        shadow_denial(ctx, "idempotency", denial)
+
     def settle(self, req: Request, reply: list[Any]) -> None:
         """409 while in flight, 422 for another payload, the stored response for a repeat."""
         if "id_key" not in req.data:
             return
         verdict = req.data["verdict"]
+        req.ctx.decide("idempotency", _DECISION.get(verdict, "new"))
         if verdict == "inflight":
             raise Denial(
                 Problems.IDEMPOTENCY_IN_FLIGHT,
@@ -123,4 +144,6 @@ class IdempotencyStep(Part):
 
 def make_idempotency_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:
     """The idempotency part of a route's fused state step."""
-    return IdempotencyStep(store, policy.idempotency, vault) if policy.idempotency else None
+    if policy.idempotency is None:
+        return None
+    return IdempotencyStep(store, policy.idempotency, vault, enforce=policy.enforce)

@@ -17,6 +17,7 @@ class IpAllowlistStep(Step):
     """Refuse clients outside the allowed networks with 403."""
 
     name = "ip_allowlist"
+    traced = False  # an in-memory check: named on the request span, no span of its own
 
     def __init__(self, networks: Sequence[IPNetwork]) -> None:
         self.networks = tuple(networks)

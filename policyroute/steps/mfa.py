@@ -8,7 +8,14 @@ import time
 from ..compiler import Env, register
 from ..errors import Denial, Problems, StorageError
 from ..identity.challenge import bearer_challenge
-from ..identity.totp import MAX_CODE_BYTES, SecretSource, TotpGuard
+from ..identity.totp import (
+    MAX_CODE_BYTES,
+    SecretSource,
+    TotpGuard,
+    _state_keys,
+    matching_step,
+)
+from ..observability.metrics import backend_error
 from ..policy import RoutePolicy, StepUp
 from ..principal import Principal
 from .base import Context, Step
@@ -22,7 +29,10 @@ class MfaStep(Step):
     name = "mfa"
 
     def __init__(self, realm: str, max_age: float, step_up: StepUp | None,
-                 totp: TotpGuard | None, header: str) -> None:
+                 totp: TotpGuard | None, header: str, *, enforce: bool = True) -> None:
+        # Shadow mode (enforce false): the chain records a refusal instead of raising it,
+        # and a code is verified without being used up or counted as a failure.
+        self.enforce = enforce
         self.max_age = max_age
         self.acr = frozenset(step_up.acr_values) if step_up else frozenset()
         self.amr = frozenset(step_up.amr_values) if step_up else frozenset()
@@ -53,17 +63,22 @@ class MfaStep(Step):
         if self.totp is not None and principal.subject is not None:
             values = ctx.header_values(self._header_bytes)
             if values:
-                await self._check_code(principal.subject, values)
+                await self._check_code(principal.subject, values, ctx.route)
                 return
         raise Denial(Problems.MFA_REQUIRED, self._required, headers=self._challenge)
 
-    async def _check_code(self, subject: str, values: list[bytes]) -> None:
+    async def _check_code(self, subject: str, values: list[bytes], route: str) -> None:
         assert self.totp is not None
         # Never parse more than a code can be; anything else is simply a wrong code.
         raw = values[0] if len(values) == 1 and len(values[0]) <= MAX_CODE_BYTES else b""
+        code = raw.decode("latin-1").strip()
         try:
-            result = await self.totp.check(subject, raw.decode("latin-1").strip())
+            if not self.enforce:
+                await self._verify_only(subject, code)
+                return
+            result = await self.totp.check(subject, code)
         except StorageError as exc:
+            backend_error(route, exc)
             log.warning("policyroute: one-time codes cannot be checked: %s", exc)
             raise Denial(Problems.BACKEND_UNAVAILABLE,
                          "the one-time code cannot be checked right now; try again shortly",
@@ -76,6 +91,25 @@ class MfaStep(Step):
         detail = ("this one-time code was already used; wait for the next one"
                   if result.reason == "replayed" else "the one-time code is not valid")
         raise Denial(Problems.MFA_INVALID, detail, headers=self._challenge)
+
+    async def _verify_only(self, subject: str, code: str) -> None:
+        """Shadow mode: is the code right now? Nothing is recorded (no use, no failure)."""
+        assert self.totp is not None
+        guard = self.totp
+        keys = [_state_keys(guard.store, subject)[2]]
+        if guard._hash is not None:
+            keys.append(guard._hash(subject))
+        lock_ms, raw_secret, seconds, micros = await guard.store.run(
+            "mfa_begin", keys, [], operation="totp check (shadow)", fail_open=True)
+        secret = raw_secret.decode() if isinstance(raw_secret, bytes) else raw_secret
+        if guard._hash is None:
+            secret = await guard.secrets.totp_secret(subject)
+        now = int(seconds) + int(micros) / 1_000_000
+        if int(lock_ms) > 0:
+            raise Denial(Problems.MFA_LOCKED, "too many wrong one-time codes; try again later")
+        if not secret or matching_step(secret, code, now, digits=guard.settings.digits,
+                                       drift=guard.settings.drift_steps) is None:
+            raise Denial(Problems.MFA_INVALID, "the one-time code is not valid")
 
     def describe(self) -> str:
         """One line for explain."""
@@ -101,7 +135,8 @@ def make_mfa(policy: RoutePolicy, env: Env) -> Step | None:
         secrets: SecretSource | None = env.services.get("totp_secrets")
         totp = TotpGuard(store, auth.totp, secrets)
     step_up = auth.step_up if "step_up" in policy.mfa.methods else None
-    return MfaStep(auth.realm, max_age, step_up, totp, auth.totp.header)
+    return MfaStep(auth.realm, max_age, step_up, totp, auth.totp.header,
+                   enforce=policy.enforce and policy.mfa.enforce)
 
 
 register(("mfa",), make_mfa)

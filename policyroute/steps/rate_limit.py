@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -9,10 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backends.valkey import Arg, Store
-from ..errors import Denial, Problems
+from ..errors import Denial, Problems, StorageError
+from ..observability.metrics import backend_error
+from ..observability.shadow import shadow_denial
 from ..policy import RateLimit, RoutePolicy
 from .base import Context
+from .slots import run_state
 from .state import Header, Outcome, Part, Request, Vault, digest, principal_tag, route_id
+
+log = logging.getLogger("policyroute")
 
 # How long a concurrency slot outlives a process that died holding it (unless `lease`).
 CONCURRENCY_LEASE_MS = 300_000
@@ -104,22 +110,27 @@ class RateLimitStep(Part):
 
     name = "rate_limit"
 
-    def __init__(self, store: Store, limits: list[RateLimit]) -> None:
+    def __init__(self, store: Store, limits: list[RateLimit], *, enforce: bool = True) -> None:
         self.store = store
         names: set[str] = set()
-        self.limits = tuple(compile_limit(s, i, names) for i, s in enumerate(limits))
-        self.fail_open = all(s.on_backend_error == "open" for s in limits)
+        compiled = [compile_limit(s, i, names) for i, s in enumerate(limits)]
+        self.compiled = tuple(compiled)
+        self.limits = tuple(lim for lim in compiled if enforce and lim.spec.enforce)
+        # Shadow mode: evaluated in buckets of their own, never refusing (observability/shadow.py).
+        self.shadows = tuple(lim for lim in compiled if not (enforce and lim.spec.enforce))
+        self.fail_open = all(lim.spec.on_backend_error == "open" for lim in self.limits)
         self.policy_header: Header = (
             b"ratelimit-policy",
             ", ".join(lim.policy_item for lim in self.limits).encode(),
         )
         self.slots = tuple(i for i, lim in enumerate(self.limits) if lim.op[0] == "cc")
+        self.shadow_slots = tuple(i for i, lim in enumerate(self.shadows) if lim.op[0] == "cc")
         self.watch_disconnect = bool(self.slots)  # a slot is freed when the client leaves
 
     def describe(self) -> str:
         """The limits in one line."""
         out = []
-        for lim in self.limits:
+        for lim in self.compiled:
             s = lim.spec
             if s.algorithm == "concurrency":
                 out.append(f"{lim.name}: at most {s.capacity} in flight per {s.key}")
@@ -130,19 +141,68 @@ class RateLimitStep(Part):
                 )
             else:
                 out.append(f"{lim.name}: {s.capacity} per {s.per}s sliding window per {s.key}")
+            if lim in self.shadows:
+                out[-1] += " (shadow: enforce false)"
         return "; ".join(out)
 
     async def prepare(self, req: Request) -> None:
-        """Append one op per limit."""
+        """Append one op per limit (shadowed limits: a probe beside the script)."""
         store, ctx = self.store, req.ctx
         rid = route_id(ctx.route)
+        if self.shadows:
+            self._probe(req, rid)
+        if not self.limits:
+            return
         keys = [store.key(lim.tag(ctx), "rl", rid, lim.index) for lim in self.limits]
         for key, lim in zip(keys, self.limits, strict=True):
             req.op((key,), (*lim.op, req.token) if lim.op[0] == "cc" else lim.op)
         req.data["rl_keys"] = keys
 
+    def _probe(self, req: Request, rid: str) -> None:
+        """Evaluate the shadowed limits in their own buckets (`rls`), as enforcement would."""
+        store, ctx = self.store, req.ctx
+        sub = Request(ctx, token=req.token)
+        keys = [store.key(lim.tag(ctx), "rls", rid, lim.index) for lim in self.shadows]
+        for key, lim in zip(keys, self.shadows, strict=True):
+            sub.op((key,), (*lim.op, req.token) if lim.op[0] == "cc" else lim.op)
+        req.data["rls_keys"] = keys
+
+        async def evaluate() -> None:
+            try:
+                reply = await run_state(store, sub, "rate_limit (shadow)", True)
+            except StorageError as exc:
+                backend_error(ctx.route, exc)
+                log.warning("policyroute: %s", exc)
+                return
+            req.absorb(sub)  # on a cluster: tokens to give back when another tag refused
+            req.data["rls_rows"] = reply[1]
+
+        req.probe(evaluate)
+
+    def _settle_shadow(self, req: Request) -> None:
+        rows = req.data.get("rls_rows")
+        if rows is None:
+            return  # the probe failed: nothing is known
+        refused: Limit | None = None
+        for lim, row in zip(self.shadows, rows, strict=True):
+            if not int(row[0]):
+                refused = refused or lim
+        ctx = req.ctx
+        if refused is None:
+            req.data["rls_held"] = True
+            ctx.decide("rate_limit", "shadow_allowed")
+            return
+        ctx.decide("rate_limit", "shadow_limited")
+        concurrency = refused.spec.algorithm == "concurrency"
+        problem = Problems.CONCURRENCY_LIMITED if concurrency else Problems.RATE_LIMITED
+        shadow_denial(ctx, "rate_limit", Denial(problem, f"limit {refused.name!r} is exhausted"))
+
     def settle(self, req: Request, reply: list[Any]) -> None:
         """Set the RateLimit headers; raise 429 when a limit refused."""
+        if self.shadows:
+            self._settle_shadow(req)
+        if not self.limits:
+            return
         rows = reply[1]
         items = []
         retry_ms = 0
@@ -157,7 +217,9 @@ class RateLimitStep(Part):
         req.extra.append((b"ratelimit", ", ".join(items).encode()))
         if refused is None:
             req.data["rl_held"] = True
+            req.ctx.decide("rate_limit", "allowed")
             return
+        req.ctx.decide("rate_limit", "limited")
         retry = str(max(1, math.ceil(retry_ms / 1000)))
         headers = {k.decode(): v.decode() for k, v in req.extra}
         headers["Retry-After"] = retry
@@ -172,7 +234,11 @@ class RateLimitStep(Part):
         )
 
     def after(self, req: Request, outcome: Outcome) -> None:
-        """Release the concurrency slots this request holds."""
+        """Release the concurrency slots this request holds (shadowed ones too)."""
+        if self.shadow_slots and req.data.get("rls_held"):
+            keys = req.data["rls_keys"]
+            for i in self.shadow_slots:
+                req.finish("rel", [keys[i]], req.token)
         if not self.slots or not req.data.get("rl_held"):
             return
         keys = req.data["rl_keys"]
@@ -184,4 +250,4 @@ def make_rate_limit_part(policy: RoutePolicy, store: Store, vault: Vault) -> Par
     """The rate-limit part of a route's fused state step."""
     if not policy.rate_limit:
         return None
-    return RateLimitStep(store, list(policy.rate_limit))
+    return RateLimitStep(store, list(policy.rate_limit), enforce=policy.enforce)

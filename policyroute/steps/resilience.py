@@ -116,10 +116,14 @@ class ResilienceStep(Step):
         if guard is None:
             # The breaker belongs to the route ("METHOD /template"), known once a request runs.
             guard = self._guard = self.registry.guard(ctx.route, ctx.route, self.spec, self.store)
-        if self._retries(ctx):
-            await self._buffered(ctx, call_next, guard)
-        else:
-            await self._streamed(ctx, call_next, guard)
+        try:
+            if self._retries(ctx):
+                await self._buffered(ctx, call_next, guard)
+            else:
+                await self._streamed(ctx, call_next, guard)
+        finally:
+            if ctx.span is not None and guard.breaker is not None:
+                ctx.note("breaker", _breaker_state(guard.breaker))
 
     async def _buffered(self, ctx: Context, call_next: Handler, guard: Guard) -> None:
         base, send = ctx.receive, ctx.send
@@ -164,6 +168,12 @@ class ResilienceStep(Step):
             raise _timed_out(exc) from exc
         finally:
             ctx.send = send
+
+
+def _breaker_state(breaker: object) -> str:
+    """closed, half-open or open, as this process last saw it (a span attribute)."""
+    state = getattr(breaker, "state", None) or getattr(getattr(breaker, "local", None), "state", "")
+    return str(state) or "unknown"
 
 
 _FALLBACK = Registry()

@@ -14,6 +14,7 @@ class RolesStep(Step):
     """Refuse with 403 when the principal holds none of the roles."""
 
     name = "roles"
+    traced = False  # an in-memory check: named on the request span, no span of its own
 
     def __init__(self, roles: Sequence[str]) -> None:
         self.roles = tuple(dict.fromkeys(roles))

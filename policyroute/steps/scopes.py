@@ -15,6 +15,7 @@ class ScopesStep(Step):
     """Refuse with 403 when the principal lacks any required scope."""
 
     name = "scopes"
+    traced = False  # an in-memory check: named on the request span, no span of its own
 
     def __init__(self, scopes: Sequence[str], realm: str) -> None:
         self.scopes = tuple(dict.fromkeys(scopes))

@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from ..backends.valkey import Arg, Store
 from ..compiler import Env, register
 from ..crypto import Keyring
 from ..errors import Denial, Problems, StorageError
+from ..observability.metrics import backend_error
 from ..policy import RoutePolicy
 from .base import Context, Handler, Step
 from .slots import run_finish, run_state
@@ -182,6 +183,25 @@ class Request:
         self.finish_args.append(op)
         self.finish_args.extend(args)
 
+    def probe(self, call: Callable[[], Awaitable[None]]) -> None:
+        """Run `call` alongside the before-handler script (shadow-mode evaluations).
+
+        A probe never raises: it keeps its findings in `data` for its part's `settle`.
+        """
+        self.data.setdefault(PROBES, []).append(call)
+
+    def absorb(self, other: Request) -> None:
+        """Take over another request's after-handler ops (a probe's releases and undos)."""
+        k0, a0 = len(self.finish_keys), len(self.finish_args)
+        self.finish_marks.extend((k + k0, a + a0) for k, a in other.finish_marks)
+        self.finish_keys.extend(other.finish_keys)
+        self.finish_args.extend(other.finish_args)
+
+
+PROBES = "probes"
+# The reply of a request whose parts asked Valkey nothing but shadow probes.
+NOTHING_ASKED = ["go", [], [], []]
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -259,7 +279,8 @@ class StateStep(Step):
             peeker.peek(req)
         for part in self.parts:
             await part.prepare(req)
-        if not req.args:
+        probes = req.data.get(PROBES)
+        if not req.args and not probes:
             # Nothing to ask Valkey: an in-process cache hit, or an optional key not sent.
             if "answer" in req.data:
                 await self._local(req)
@@ -267,7 +288,10 @@ class StateStep(Step):
                 await call_next(ctx)
             return
         try:
-            reply = await run_state(self.store, req, self.names, self.fail_open)
+            if probes:
+                reply = await self._with_probes(req, probes)
+            else:
+                reply = await run_state(self.store, req, self.names, self.fail_open)
         except StorageError as exc:
             await self._without_backend(ctx, call_next, exc)
             return
@@ -293,6 +317,21 @@ class StateStep(Step):
             raise
         finally:
             await self._finish(req, outcome)
+
+    async def _with_probes(
+        self, req: Request, probes: list[Callable[[], Awaitable[None]]]
+    ) -> Any:
+        """The script's reply, with the shadow probes sent in the same write (pipelined)."""
+        calls: list[Awaitable[Any]] = [p() for p in probes]
+        if req.args:
+            calls.insert(0, run_state(self.store, req, self.names, self.fail_open))
+        # Every call ends before a failure is raised: no probe is left running unobserved.
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        if not req.args:
+            return NOTHING_ASKED
+        if isinstance(results[0], BaseException):
+            raise results[0]
+        return results[0]
 
     async def _local(self, req: Request) -> None:
         """Answer from an in-process tier with no Valkey round trip at all."""
@@ -355,9 +394,11 @@ class StateStep(Step):
             try:
                 await run_finish(self.store, req, f"{self.names} finish")
             except StorageError as exc:
+                backend_error(req.ctx.route, exc)
                 log.warning("policyroute: %s", exc)
 
     async def _without_backend(self, ctx: Context, call_next: Handler, exc: StorageError) -> None:
+        backend_error(ctx.route, exc)
         if not self.fail_open:
             raise Denial(
                 Problems.BACKEND_UNAVAILABLE,

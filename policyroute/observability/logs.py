@@ -1,0 +1,317 @@
+"""Structured JSON logs with the request id, and a sanitizer no secret gets through.
+
+`LogFilter` does two things to every record it sees: it adds `request_id` (the id of the
+request being served, from a context variable the chain sets), and it redacts what must
+never be logged (OWASP logging cheat sheet):
+
+- bearer and basic credentials, and anything shaped like a JWT (JWS or JWE);
+- the values of sensitive keys in `extra=` mappings and in `key=value` / `"key": value`
+  text: Authorization, Cookie, API keys, passwords, the TOTP code header, idempotency-key
+  headers, and the PII field names (email, phone, ... and `POLICYROUTE_LOG_REDACT_FIELDS`);
+- e-mail addresses anywhere (while `email` is a PII field, as it is by default);
+- the exact values the current request carried in its credential, TOTP code, API key,
+  cookie and idempotency-key headers, wherever they appear (a message, an exception).
+
+The filter sits on every `policyroute` logger (so records are clean at the source, whatever
+handlers the application uses) and on the handler `configure_logging` installs (so the
+application's own records are cleaned too). `sanitize_logger(logger)` protects any other.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import IO, Any
+
+REDACTED = "[REDACTED]"
+
+
+class Current:
+    """What log records need of the request being served: its id and its raw headers.
+
+    Deliberately not the request's context: that holds the server's `send`, which leads
+    back to the task whose context holds this value, and such a cycle per request would
+    leave every request's objects to the cyclic garbage collector.
+    """
+
+    __slots__ = ("headers", "request_id", "secrets")
+
+    def __init__(self, request_id: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        self.request_id = request_id
+        self.headers = headers
+        self.secrets: tuple[str, ...] | None = None
+
+
+# The request being served (set and reset by the chain around every request).
+CURRENT: contextvars.ContextVar[Current | None] = contextvars.ContextVar(
+    "policyroute_request", default=None
+)
+
+# Header names whose values are credentials or one-time secrets.
+SECRET_HEADERS = {
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "x-totp-code",
+    "idempotency-key",
+}
+# Key names (compared lower-case with `-` as `_`) whose values are never logged.
+SECRET_KEYS = {
+    "authorization",
+    "proxy_authorization",
+    "cookie",
+    "set_cookie",
+    "x_api_key",
+    "api_key",
+    "apikey",
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "bearer",
+    "password",
+    "passwd",
+    "secret",
+    "client_secret",
+    "totp",
+    "totp_code",
+    "otp",
+    "x_totp_code",
+    "idempotency_key",
+}
+DEFAULT_PII_FIELDS = ("email", "phone", "ssn", "card_number", "iban", "date_of_birth")
+
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{2,}(?:\.[A-Za-z0-9_-]*){2,4}")
+# A credential after the scheme: long, or with a digit (so "a bearer token is" stays prose).
+_CREDENTIAL = re.compile(
+    r"(?i)\b(bearer|basic)(\s+)(?:[A-Za-z0-9\-._~+/]{12,}|[A-Za-z._~+/-]*[0-9][\w\-.~+/]*)=*"
+)
+# Values recognisable without a key: redacted wherever they appear while `email` is a
+# sensitive field (it is by default).
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_MIN_SECRET = 4  # shorter request values are not searched for (they would match anything)
+
+# LogRecord attributes that are not `extra=` fields.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "_policyroute_clean",
+}
+
+
+def _norm(key: str) -> str:
+    return key.strip().lower().replace("-", "_")
+
+
+class Redaction:
+    """Which keys and headers are sensitive; grows as apps install policies naming more."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set(SECRET_KEYS) | {_norm(f) for f in DEFAULT_PII_FIELDS}
+        self.headers: set[bytes] = {h.encode() for h in SECRET_HEADERS}
+        self._pattern: re.Pattern[str] | None = None
+
+    def add_keys(self, names: Iterable[str]) -> None:
+        """Treat these field names (PII, secrets) as sensitive from now on."""
+        new = {_norm(n) for n in names if n.strip()} - self.keys
+        if new:
+            self.keys |= new
+            self._pattern = None
+
+    def add_headers(self, names: Iterable[str]) -> None:
+        """Treat these request headers (TOTP code, idempotency key) as secrets from now on."""
+        names = [n.strip().lower() for n in names if n.strip()]
+        self.headers |= {n.encode("latin-1") for n in names}
+        self.add_keys(names)
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        """`key=value`, `key: value` and `"key": "value"` for every sensitive key."""
+        if self._pattern is None:
+            names = sorted(self.keys, key=len, reverse=True)
+            alternatives = "|".join(re.escape(k).replace("_", "[-_]") for k in names)
+            self._pattern = re.compile(
+                rf"(?i)(?<![A-Za-z0-9])([\"']?(?:{alternatives})[\"']?\s*[:=]\s*)"
+                r"(\"[^\"]*\"|'[^']*'|[^\s,;&}\]\)]+)"
+            )
+        return self._pattern
+
+    def sensitive(self, key: str) -> bool:
+        """Whether a mapping key names a value that must not be logged."""
+        return _norm(key) in self.keys
+
+
+REDACTION = Redaction()
+
+
+def request_secrets(current: Current) -> tuple[str, ...]:
+    """The values of the request's secret headers (credentials, codes, keys), found once."""
+    found = current.secrets
+    if found is None:
+        values: list[str] = []
+        wanted = REDACTION.headers
+        for name, raw in current.headers:
+            if name.lower() not in wanted:
+                continue
+            value = raw.decode("latin-1").strip()
+            values.append(value)
+            rest = value.partition(" ")[2]
+            if rest:
+                values.append(rest.strip())  # the token without its scheme
+            values.extend(v.strip().strip('"') for v in re.split(r"[;,]", value))
+        found = tuple(sorted({v for v in values if len(v) >= _MIN_SECRET}, key=len, reverse=True))
+        current.secrets = found
+    return found
+
+
+def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """`text` with credentials, JWTs, sensitive `key=value` pairs and `secrets` redacted."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    if "eyJ" in text:
+        text = _JWT.sub(REDACTED, text)
+    text = _CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    if "@" in text and "email" in REDACTION.keys:
+        text = _EMAIL.sub(REDACTED, text)
+    return REDACTION.pattern.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def clean(value: Any, secrets: tuple[str, ...] = (), depth: int = 0) -> Any:
+    """A copy of a logged value with sensitive keys and strings redacted (bounded depth)."""
+    if isinstance(value, str):
+        return scrub(value, secrets)
+    if isinstance(value, bytes | bytearray):
+        return scrub(bytes(value).decode("utf-8", "replace"), secrets)
+    if depth > 6:
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED
+            if isinstance(k, str) and REDACTION.sensitive(k)
+            else clean(v, secrets, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [clean(v, secrets, depth + 1) for v in value]
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    return scrub(str(value), secrets)
+
+
+class LogFilter(logging.Filter):
+    """Adds `request_id` to every record and redacts secrets from it (in place, once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Clean the record; never drops one."""
+        if getattr(record, "_policyroute_clean", False):
+            return True
+        current = CURRENT.get()
+        if not getattr(record, "request_id", None):
+            record.request_id = current.request_id if current is not None else None
+        secrets = request_secrets(current) if current is not None else ()
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: keep what was given, cleaned
+            message = f"{record.msg!r} % {record.args!r}"
+        record.msg = scrub(message, secrets)
+        record.args = None
+        for key, value in list(vars(record).items()):
+            if key in _STANDARD:
+                continue
+            setattr(record, key, REDACTED if REDACTION.sensitive(key) else clean(value, secrets))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text, secrets)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info, secrets)
+        record._policyroute_clean = True
+        return True
+
+
+FILTER = LogFilter()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id, extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as compact JSON."""
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", None),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                doc[key] = value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exception"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = record.stack_info
+        return json.dumps(doc, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+POLICYROUTE_LOGGERS = (
+    "policyroute",
+    "policyroute.access",
+    "policyroute.auth",
+    "policyroute.reload",
+    "policyroute.shadow",
+)
+
+
+def sanitize_logger(logger: logging.Logger) -> None:
+    """Add the sanitizing filter to a logger (records logged on it are cleaned at the source)."""
+    if FILTER not in logger.filters:
+        logger.addFilter(FILTER)
+
+
+def protect() -> None:
+    """Put the filter on every `policyroute` logger that exists (and the well-known ones)."""
+    names = set(POLICYROUTE_LOGGERS)
+    names.update(n for n in logging.root.manager.loggerDict if n.partition(".")[0] == "policyroute")
+    for name in sorted(names):
+        sanitize_logger(logging.getLogger(name))
+
+
+def configure_logging(
+    level: int | str = logging.INFO, *, stream: IO[str] | None = None, json_lines: bool = True
+) -> logging.Handler:
+    """Log to `stream` (stderr) as JSON lines, every record with its request id, sanitized.
+
+    Installs one handler on the root logger (replacing one this function installed before)
+    and returns it; the application's own loggers go through the same filter.
+    """
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_policyroute", False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler._policyroute = True  # type: ignore[attr-defined]
+    handler.addFilter(FILTER)
+    handler.setFormatter(
+        JsonFormatter()
+        if json_lines
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+    )
+    root.addHandler(handler)
+    root.setLevel(level)
+    protect()
+    return handler
+
+
+protect()

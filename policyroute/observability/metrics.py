@@ -1,0 +1,188 @@
+"""Prometheus metrics of requests and step decisions, bound once per route.
+
+Every label comes from a fixed vocabulary: the route template ("METHOD /template"), the
+method, a step name, an outcome or a problem type slug. Never a user id, a token or a raw
+path. A `RouteMeter` is made when a route's chain is bound (at install and on reload) and
+holds the label children that route uses, so a request never calls `.labels()`.
+
+All metrics live in prometheus_client's default registry, which `/metrics` serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from ..errors import StorageError
+
+REQUESTS = Counter(
+    "policyroute_requests",
+    "Requests through a route's chain by outcome (allowed, denied, error) and status class.",
+    ["route", "method", "outcome", "status"],
+)
+LATENCY = Histogram(
+    "policyroute_request_duration_seconds",
+    "Time from the chain's start to the end of the response, per route.",
+    ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+DENIALS = Counter(
+    "policyroute_denials",
+    "Requests refused, by the step that refused and the problem type (reason).",
+    ["route", "step", "reason"],
+)
+SHADOW_DENIALS = Counter(
+    "policyroute_shadow_denials",
+    "Requests a step in shadow mode (enforce: false) would have refused but let on.",
+    ["route", "step", "reason"],
+)
+RATE_LIMIT = Counter(
+    "policyroute_rate_limit_decisions",
+    "Rate-limit decisions: allowed, limited, shadow_allowed, shadow_limited.",
+    ["route", "outcome"],
+)
+CREDITS = Counter(
+    "policyroute_credits_decisions",
+    "Credit decisions: charged, refunded, insufficient, shadow_sufficient, shadow_insufficient.",
+    ["route", "outcome"],
+)
+CACHE = Counter(
+    "policyroute_cache_lookups",
+    "Response cache lookups: hit, local_hit (in-process tier), miss, wait (another request "
+    "was filling the entry).",
+    ["route", "outcome"],
+)
+IDEMPOTENCY = Counter(
+    "policyroute_idempotency_decisions",
+    "Idempotency-Key decisions: new, replay, in_flight, reused.",
+    ["route", "outcome"],
+)
+BACKEND_ERRORS = Counter(
+    "policyroute_backend_errors",
+    "Policy backend failures seen by a route, and whether the step failed open or closed.",
+    ["backend", "route", "outcome"],
+)
+SLOW = Counter(
+    "policyroute_slow_handlers",
+    "Handler runs that took at least the route's `slow` threshold.",
+    ["route"],
+)
+
+# kind -> (metric, outcomes): the decisions steps report with `ctx.decide(kind, outcome)`.
+DECISIONS: dict[str, tuple[Counter, tuple[str, ...]]] = {
+    "rate_limit": (RATE_LIMIT, ("allowed", "limited", "shadow_allowed", "shadow_limited")),
+    "credits": (
+        CREDITS,
+        ("charged", "refunded", "insufficient", "shadow_sufficient", "shadow_insufficient"),
+    ),
+    "cache": (CACHE, ("hit", "local_hit", "miss", "wait")),
+    "idempotency": (IDEMPOTENCY, ("new", "replay", "in_flight", "reused")),
+}
+OUTCOMES = ("allowed", "denied", "error")
+STATUS_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+# The step a denial came from, by problem type, when an around-step raised it.
+STEP_OF_PROBLEM = {
+    "no-policy": "deny",
+    "ip-not-allowed": "ip_allowlist",
+    "unauthenticated": "auth",
+    "invalid-token": "auth",
+    "invalid-request": "auth",
+    "insufficient-scope": "scopes",
+    "forbidden-role": "roles",
+    "mfa-required": "mfa",
+    "mfa-invalid": "mfa",
+    "mfa-locked": "mfa",
+    "rate-limited": "rate_limit",
+    "concurrency-limited": "rate_limit",
+    "insufficient-credits": "credits",
+    "idempotency-key-missing": "idempotency",
+    "idempotency-key-invalid": "idempotency",
+    "idempotency-key-reused": "idempotency",
+    "idempotency-in-flight": "idempotency",
+    "record-unreadable": "idempotency",
+    "circuit-open": "resilience",
+    "handler-timeout": "resilience",
+    "backend-unavailable": "state",
+    "invalid-body": "fields",
+    "sealed-field": "fields",
+}
+
+
+def status_class(status: int) -> str:
+    """`2xx` for 200..299 and so on; `none` when no response started."""
+    index = status // 100
+    return STATUS_CLASSES[index] if 0 < index < len(STATUS_CLASSES) else "none"
+
+
+class RouteMeter:
+    """The label children of one route: bound when its chain is bound, never per request."""
+
+    __slots__ = ("decisions", "denials", "latency", "requests", "route", "shadows")
+
+    def __init__(self, route: str, kinds: frozenset[str] = frozenset()) -> None:
+        self.route = route
+        method = route.split(" ", 1)[0]
+        self.latency: dict[str, Any] = {method: LATENCY.labels(route, method)}
+        self.requests: dict[tuple[str, str, str], Any] = {
+            (method, "allowed", "2xx"): REQUESTS.labels(route, method, "allowed", "2xx")
+        }
+        self.decisions: dict[tuple[str, str], Any] = {
+            (kind, outcome): DECISIONS[kind][0].labels(route, outcome)
+            for kind in kinds
+            if kind in DECISIONS
+            for outcome in DECISIONS[kind][1]
+        }
+        self.denials: dict[tuple[str, str], Any] = {}
+        self.shadows: dict[tuple[str, str], Any] = {}
+
+    def count(self, kind: str, outcome: str) -> None:
+        """Count one decision of a step."""
+        child = self.decisions.get((kind, outcome))
+        if child is None:
+            family = DECISIONS.get(kind)
+            if family is None or outcome not in family[1]:
+                raise ValueError(f"unknown decision {kind}={outcome}")
+            child = self.decisions[(kind, outcome)] = family[0].labels(self.route, outcome)
+        child.inc()
+
+    def done(self, method: str, outcome: str, status: int, seconds: float) -> None:
+        """Count a finished request and observe its duration."""
+        key = (method, outcome, status_class(status))
+        child = self.requests.get(key)
+        if child is None:
+            child = self.requests[key] = REQUESTS.labels(self.route, *key)
+        child.inc()
+        timer = self.latency.get(method)
+        if timer is None:
+            timer = self.latency[method] = LATENCY.labels(self.route, method)
+        timer.observe(seconds)
+
+    def denied(self, step: str, reason: str) -> None:
+        """Count a denial by the step that refused and its problem type."""
+        key = (step, reason)
+        child = self.denials.get(key)
+        if child is None:
+            child = self.denials[key] = DENIALS.labels(self.route, step, reason)
+        child.inc()
+
+    def shadow(self, step: str, reason: str) -> None:
+        """Count a denial a shadowed step did not enforce."""
+        key = (step, reason)
+        child = self.shadows.get(key)
+        if child is None:
+            child = self.shadows[key] = SHADOW_DENIALS.labels(self.route, step, reason)
+        child.inc()
+
+
+_BACKEND: dict[tuple[str, str, str], Any] = {}
+
+
+def backend_error(route: str, exc: StorageError) -> None:
+    """Count a backend failure on a route, with whether the step went on (open) or refused."""
+    key = (exc.backend, route, "open" if exc.fail_open else "closed")
+    child = _BACKEND.get(key)
+    if child is None:
+        child = _BACKEND[key] = BACKEND_ERRORS.labels(*key)
+    child.inc()

@@ -1,0 +1,75 @@
+"""Request ids: the caller's when it is sane, else one made here; echoed on the response."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import secrets
+
+from starlette.types import Message, Scope, Send
+
+# Printable, short, and no room for log injection (no spaces, quotes or control bytes).
+_SANE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}")
+
+
+class _Ids:
+    """Unique across processes: a random per-process prefix and a counter (32 hex digits)."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        """A fresh prefix (a forked child must not repeat its parent's ids)."""
+        self.prefix = secrets.token_hex(10)
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        """The next id."""
+        return f"{self.prefix}{next(self.counter):012x}"
+
+
+IDS = _Ids()
+
+
+def sane(value: str) -> bool:
+    """Whether a caller's request id may be used as is (never one shaped like a JWT)."""
+    if not _SANE.fullmatch(value):
+        return False
+    return not (value.startswith("eyJ") and value.count(".") >= 2)
+
+
+class RequestIds:
+    """Reads, makes and echoes the request id of every request through a chain."""
+
+    __slots__ = ("header", "name")
+
+    def __init__(self, header: str = "x-request-id") -> None:
+        self.name = header.strip().lower()
+        self.header = self.name.encode("latin-1")
+
+    def of(self, scope: Scope) -> str:
+        """The caller's id from the configured header when sane, else a new one."""
+        name = self.header
+        for key, value in scope.get("headers", ()):
+            if key == name:
+                text = value.decode("latin-1")
+                return text if sane(text) else IDS.next()
+        return IDS.next()
+
+    def echo(self, send: Send, request_id: str, status: list[int]) -> Send:
+        """A `send` that adds the request id header and notes the status in `status[0]`.
+
+        It holds a list, not the request's context: the context holds this `send`, and a
+        reference cycle per request would leave every request to the cyclic collector.
+        """
+        pair = (self.header, request_id.encode("latin-1"))
+
+        async def out(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), pair]}
+            await send(message)
+
+        return out

@@ -1,0 +1,121 @@
+"""OpenTelemetry spans: the API always, the SDK only when the application configures one.
+
+`active()` is the one check on the request path: with no SDK tracer provider it returns
+None and the chain runs without building a single span or attribute. With one it returns
+policyroute's tracer; a request whose span is not sampled still runs the untraced path
+(inside the non-recording span, so its context still propagates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import (
+    NoOpTracerProvider,
+    ProxyTracerProvider,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+    TracerProvider,
+)
+
+NAME = "policyroute"
+PREFIX = "policyroute."
+
+_explicit: TracerProvider | None = None
+_seen: object = object()
+_tracer: Tracer | None = None
+
+
+def set_provider(provider: TracerProvider | None) -> None:
+    """Give policyroute its own tracer provider (None: follow the global one again)."""
+    global _explicit, _seen, _tracer
+    _explicit = provider
+    _seen = object()
+    _tracer = None
+
+
+def _global_provider() -> object:
+    # `trace.get_tracer_provider()` reads os.environ on every call while no provider is
+    # set (about a microsecond); the module global it consults is read directly instead.
+    found = getattr(trace, "_TRACER_PROVIDER", _MISSING)
+    return trace.get_tracer_provider() if found is _MISSING else found
+
+
+_MISSING = object()
+trace.get_tracer_provider()  # a provider named by OTEL_PYTHON_TRACER_PROVIDER loads now
+
+
+def active() -> Tracer | None:
+    """policyroute's tracer when an SDK provider is configured; None when tracing is off."""
+    global _seen, _tracer
+    provider = _explicit if _explicit is not None else _global_provider()
+    if provider is _seen:
+        return _tracer
+    _seen = provider
+    if provider is None or isinstance(provider, ProxyTracerProvider | NoOpTracerProvider):
+        _tracer = None
+    else:
+        from .. import __version__
+
+        assert isinstance(provider, TracerProvider)
+        _tracer = provider.get_tracer(NAME, __version__)
+    return _tracer
+
+
+def error_type(exc: BaseException) -> str:
+    """The exception's class name: spans name the kind of failure, never its message."""
+    cls = type(exc)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def fail(span: Any, exc: BaseException) -> None:
+    """Mark a span failed by an exception without recording its message or traceback."""
+    name = error_type(exc)
+    span.set_attribute("error.type", name)
+    span.set_status(Status(StatusCode.ERROR, name))
+
+
+def inject(carrier: MutableMapping[str, str]) -> None:
+    """Write the current trace context (traceparent, tracestate, baggage) into `carrier`."""
+    propagate.inject(carrier)
+
+
+def extract(carrier: Mapping[str, str]) -> Any:
+    """The trace context carried by `carrier` (e.g. request headers, message properties)."""
+    return propagate.extract(carrier)
+
+
+@contextlib.contextmanager
+def consumer_span(topic: str, subscription: str, properties: Mapping[str, str]) -> Iterator[None]:
+    """A CONSUMER span around one message's handler, child of the producer's trace context."""
+    tracer = active()
+    if tracer is None:
+        yield
+        return
+    attributes = {
+        "messaging.system": "pulsar",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": topic,
+        "messaging.consumer.group.name": subscription,
+    }
+    with tracer.start_as_current_span(
+        f"process {topic}",
+        context=extract(properties),
+        kind=SpanKind.CONSUMER,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        event_id = properties.get("event_id")
+        if event_id:
+            span.set_attribute("messaging.message.id", event_id)
+        try:
+            yield
+        except BaseException as exc:
+            fail(span, exc)
+            raise

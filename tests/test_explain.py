@@ -1,0 +1,145 @@
+"""`policyroute explain`: the chain and the merged policy, each value with file:line:col."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+
+import policyroute
+from policyroute.cli import main
+from policyroute.explain import explain
+
+from .conftest import REPO
+
+JWKS = REPO / "examples" / "keys" / "dev-jwks.json"
+
+DEFAULTS = f"""\
+version: 1
+settings:
+  auth:
+    issuers:
+      - {{issuer: https://auth.example.com/, audience: io-api, jwks: {JWKS}}}
+defaults:
+  rate_limit: {{name: base, key: user, capacity: 100, refill: 100, per: 1m}}
+  cache: {{ttl: 30s}}
+  credits: {{cost: 1}}
+"""
+
+PROFILES = """\
+version: 1
+profiles:
+  heavy:
+    rate_limit:
+      - {name: burst, key: user, capacity: 5, refill: 5, per: 1s}
+      - name: hourly
+        key: user
+        capacity: 100
+        refill: 100
+        per: 1h
+resilience:
+  upstream:
+    retry: {attempts: 3, initial: 50ms}
+    timeout: 2s
+"""
+
+ROUTES = """\
+version: 1
+routes:
+  GET /reports/{report_id}:
+    use: [heavy]
+    scopes: [read:reports]
+    cache: {vary_headers: [accept]}
+    credits: null
+    resilience: upstream
+  GET /health:
+    public: true
+"""
+
+
+def line_of(text: str, needle: str, nth: int = 1) -> int:
+    """1-based line of the nth line containing `needle`."""
+    return [i for i, line in enumerate(text.splitlines(), 1) if needle in line][nth - 1]
+
+
+@pytest.fixture
+def layered(policy_dir: Path) -> Path:
+    """Defaults, profiles and routes in three files."""
+    (policy_dir / "a_defaults.yaml").write_text(DEFAULTS)
+    (policy_dir / "b_profiles.yaml").write_text(PROFILES)
+    (policy_dir / "c_routes.yaml").write_text(ROUTES)
+    return policy_dir
+
+
+def lines_of(text: str) -> dict[str, str]:
+    """Effective-policy lines by their stripped `key: value` part."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        head = line.strip().split("   ", 1)[0].removeprefix("- ")
+        out.setdefault(head, line)
+    return out
+
+
+def test_each_value_names_its_layer_and_position(layered: Path) -> None:
+    text = explain([layered], route="GET /reports/{report_id}")
+    lines = lines_of(text)
+    defaults, profiles, routes = (layered / n for n in ("a_defaults", "b_profiles", "c_routes"))
+    # A mapping merges key by key: ttl from `defaults`, vary_headers from the route.
+    ttl = f"{defaults}.yaml:{line_of(DEFAULTS, 'cache:')}:"
+    assert lines["ttl: 30s"].endswith("<- defaults at " + ttl + "16")
+    vary = f"{routes}.yaml:{line_of(ROUTES, 'vary_headers')}:"
+    assert f"<- route at {vary}" in lines["vary_headers: [accept]"]
+    assert lines["vary_query: True"].endswith("(built-in default)")
+    # A list replaces: both items come from the profile, each at its own line.
+    assert "<- profile heavy at" in lines["rate_limit:"]
+    assert lines["name: burst"].endswith(f"{profiles}.yaml:{line_of(PROFILES, 'burst')}:16")
+    assert lines["name: hourly"].endswith(f"{profiles}.yaml:{line_of(PROFILES, 'hourly')}:15")
+    assert lines["per: 1h"].endswith(f"{profiles}.yaml:{line_of(PROFILES, 'per: 1h')}:14")
+    assert "base" not in text  # the defaults' list was replaced whole
+    # `null` removes an inherited value, and says who removed it.
+    credits = lines["credits:"]
+    assert f"(removed by route at {routes}.yaml:{line_of(ROUTES, 'credits: null')}:14)" in credits
+    # The named resilience profile and where each of its values is written.
+    assert f"resilience profile upstream (at {profiles}.yaml:" in text
+    assert "<- resilience upstream at" in lines["attempts: 3"]
+    assert lines["backoff: exponential"].endswith("(built-in default)")
+
+
+def test_public_routes_take_no_defaults(layered: Path) -> None:
+    text = explain([layered], route="GET /health")
+    assert text.startswith("GET /health")
+    assert "public: True   <- route at" in text
+    assert "cache" not in text and "rate_limit" not in text
+
+
+async def test_explain_of_an_app_follows_its_reloads(layered: Path, valkey_url: str) -> None:
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.get("/reports/{report_id}")
+    async def report(report_id: str) -> dict[str, str]:
+        return {"id": report_id}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {}
+
+    @app.get("/unlisted")
+    async def unlisted() -> dict[str, str]:
+        return {}
+
+    settings = policyroute.Settings(valkey_url=valkey_url)
+    engine = policyroute.install(app, layered, settings=settings)
+    assert "scopes: [read:reports]" in explain([], app, "GET /reports/{report_id}")
+    (layered / "c_routes.yaml").write_text(ROUTES.replace("[read:reports]", "[read:all]"))
+    assert engine.reload() is None
+    text = explain([], app)
+    assert "scopes: [read:all]" in text and "read:reports" not in text
+    assert "GET /unlisted\n  1. deny" in text
+
+
+def test_cli_explain_names_an_unknown_route(
+    layered: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["explain", "GET /nope", "--paths", str(layered)]) == 0
+    assert capsys.readouterr().out.strip() == "no route 'GET /nope' in the policies"

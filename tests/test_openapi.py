@@ -1,0 +1,159 @@
+"""The OpenAPI document shows each route's bearer scopes and problem responses, and follows reloads."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+import policyroute
+
+from .conftest import REPO
+
+JWKS = REPO / "examples" / "keys" / "dev-jwks.json"
+
+POLICY = f"""\
+version: 1
+settings:
+  auth:
+    issuers:
+      - issuer: https://auth.example.com/
+        audience: io-api
+        jwks: {JWKS}
+routes:
+  POST /jobs:
+    scopes: [run:jobs, read:jobs]
+    roles: [runner]
+    rate_limit: {{name: per-user, key: user, capacity: 5, refill: 5, per: 1m}}
+    credits: {{cost: 2}}
+    idempotency: {{required: true}}
+    breaker: {{failures: 3, reset: 30s}}
+    timeout: 5s
+  GET /jobs/{{job_id}}:
+    scopes: [read:jobs]
+    cache: {{ttl: 30s}}
+  GET /health:
+    public: true
+  GET /openapi.json:
+    public: true
+"""
+
+
+class Job(BaseModel):
+    """A job request."""
+
+    name: str
+
+
+def make_app() -> FastAPI:
+    """Routes with and without policies."""
+    app = FastAPI(docs_url=None, redoc_url=None)
+
+    @app.post("/jobs")
+    async def create_job(job: Job) -> dict[str, str]:
+        return {"name": job.name}
+
+    @app.get("/jobs/{job_id}")
+    async def get_job(job_id: int) -> dict[str, int]:
+        return {"id": job_id}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/forgotten")
+    async def forgotten() -> dict[str, str]:
+        return {}
+
+    return app
+
+
+def installed(policy_dir: Path, valkey_url: str, policy: str = POLICY) -> FastAPI:
+    """The app, installed over `policy`."""
+    (policy_dir / "routes.yaml").write_text(policy)
+    app = make_app()
+    settings = policyroute.Settings(valkey_url=valkey_url, key_prefix="t" + uuid.uuid4().hex[:8])
+    policyroute.install(app, policy_dir, settings=settings)
+    return app
+
+
+def problem_statuses(operation: dict[str, Any]) -> list[str]:
+    """Statuses whose response is a problem document."""
+    return sorted(
+        code
+        for code, response in operation["responses"].items()
+        if "application/problem+json" in response.get("content", {})
+    )
+
+
+def test_protected_route_lists_its_scopes_and_every_problem_it_can_answer(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    doc = installed(policy_dir, valkey_url).openapi()
+    scheme = doc["components"]["securitySchemes"]["bearer"]
+    assert (scheme["type"], scheme["scheme"], scheme["bearerFormat"]) == ("http", "bearer", "JWT")
+    post = doc["paths"]["/jobs"]["post"]
+    assert post["security"] == [{"bearer": ["run:jobs", "read:jobs"]}]
+    assert problem_statuses(post) == ["400", "401", "402", "403", "409", "422", "429", "503", "504"]
+    responses = post["responses"]
+    assert set(responses["401"]["headers"]) == {"WWW-Authenticate"}
+    assert {"Retry-After", "RateLimit", "RateLimit-Policy"} <= set(responses["429"]["headers"])
+    assert "circuit-open" in responses["503"]["description"]
+    assert "backend-unavailable" in responses["503"]["description"]
+    # FastAPI's own validation error stays beside the idempotency problem.
+    assert set(responses["422"]["content"]) == {"application/json", "application/problem+json"}
+    assert "idempotency-key-reused" in responses["422"]["description"]
+    ref = responses["402"]["content"]["application/problem+json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/Problem"
+    [header] = [p for p in post["parameters"] if p["in"] == "header"]
+    assert (header["name"], header["required"]) == ("idempotency-key", True)
+    assert post["x-policyroute"]["credits"] == 2 and post["x-policyroute"]["roles"] == ["runner"]
+
+
+def test_read_route_and_public_and_unpolicied_routes(policy_dir: Path, valkey_url: str) -> None:
+    doc = installed(policy_dir, valkey_url).openapi()
+    read = doc["paths"]["/jobs/{job_id}"]["get"]
+    assert read["security"] == [{"bearer": ["read:jobs"]}]
+    assert problem_statuses(read) == ["400", "401", "403"]
+    health = doc["paths"]["/health"]["get"]
+    assert "security" not in health and problem_statuses(health) == []
+    forgotten = doc["paths"]["/forgotten"]["get"]
+    assert problem_statuses(forgotten) == ["403"]
+    assert "no-policy" in forgotten["responses"]["403"]["description"]
+
+
+async def test_the_problem_schema_describes_a_real_denial(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    app = installed(policy_dir, valkey_url)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        doc = (await c.get("/openapi.json")).json()
+        denied = await c.post("/jobs", json={"name": "x"})
+    assert denied.status_code == 401
+    assert denied.headers["content-type"] == "application/problem+json"
+    jsonschema.validate(denied.json(), doc["components"]["schemas"]["Problem"])
+
+
+async def test_the_document_follows_a_reload(policy_dir: Path, valkey_url: str) -> None:
+    app = installed(policy_dir, valkey_url)
+    engine = app.state.policyroute
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        before = (await c.get("/openapi.json")).json()
+        (policy_dir / "routes.yaml").write_text(
+            POLICY.replace("    cache: {ttl: 30s}\n", "    credits: {cost: 1}\n").replace(
+                "scopes: [read:jobs]\n    credits", "scopes: [read:jobs, audit]\n    credits"
+            )
+        )
+        assert engine.reload() is None
+        after = (await c.get("/openapi.json")).json()
+    assert before["paths"]["/jobs/{job_id}"]["get"]["security"] == [{"bearer": ["read:jobs"]}]
+    read = after["paths"]["/jobs/{job_id}"]["get"]
+    assert read["security"] == [{"bearer": ["read:jobs", "audit"]}]
+    assert "402" in problem_statuses(read)
