@@ -120,13 +120,14 @@ class EventBus:
         self._writer_task: asyncio.Task[None] | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self._state = "new"
+        self._saving: list[Event] = []  # the batch the writer is writing now
         self._warn_store = _Every(5.0)
         self._warn_drop = _Every(1.0)
 
     @property
     def unsaved(self) -> int:
         """Events in memory that the broker did not take and the outbox has not saved yet."""
-        return len(self._spill)
+        return len(self._spill) + len(self._saving)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -160,7 +161,9 @@ class EventBus:
             task.cancel()  # its event goes to the outbox (and may reach the topic: at least once)
         await asyncio.gather(*in_flight, return_exceptions=True)
         if self.outbox is not None:
-            await self._wait(lambda: not self._spill)
+            # Until the overflow is saved: a batch the writer is writing still counts.
+            await self._wait(lambda: not self.unsaved)
+        await _cancel(self._writer_task)  # a batch cut off mid-write is back in the spill
         if self._spill:
             lost = len(self._spill)
             for event in self._spill:
@@ -172,7 +175,6 @@ class EventBus:
                 "before shutdown (broker and Valkey unavailable); they are lost",
                 lost,
             )
-        await _cancel(self._writer_task)
         await self._close_client()
         self._state = "closed"
 
@@ -338,10 +340,16 @@ class EventBus:
         """Write one batch of the in-memory overflow to the outbox; False when Valkey failed."""
         size = self.relay.batch if self.relay is not None else 100
         batch = [self._spill.popleft() for _ in range(min(size, len(self._spill)))]
+        self._saving = batch
         try:
             if self.outbox is None:
                 raise StorageError("valkey", "events outbox write", False, None)
             depth = await self.outbox.add(batch)
+        except asyncio.CancelledError:
+            # Stopped mid-write: the batch may or may not be in the stream; keeping it in
+            # memory errs toward a duplicate (same id), never a loss.
+            self._spill.extendleft(reversed(batch))
+            raise
         except OutboxError as exc:
             for event in batch:
                 self._lose(event, str(exc))
@@ -357,6 +365,8 @@ class EventBus:
                     exc,
                 )
             return False
+        finally:
+            self._saving = []
         OUTBOX_DEPTH.set(depth)
         for event in batch:
             EVENTS.labels(event.route, "outbox").inc()
