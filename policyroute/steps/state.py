@@ -248,6 +248,9 @@ def _reply_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+FINISHED = "finished"  # req.data: the after-handler ops ran (once, early or at the end)
+
+
 class ClientGone(Exception):  # noqa: N818 - an outcome, recorded rather than raised
     """The client disconnected while the handler ran."""
 
@@ -351,7 +354,17 @@ class StateStep(Step):
                 return
         ctx = req.ctx
         original = ctx.send
-        ctx.send = _recording(original, outcome, req.extra, keep=True)
+        # A request that owns an idempotency record stores it before the client sees the
+        # end of the response, so a retry sent right after the response is a replay, not
+        # a 409 for a request still "in flight".
+        settle_first = req.data.get("id_owner")
+        ctx.send = _recording(
+            original,
+            outcome,
+            req.extra,
+            keep=True,
+            before_last=(lambda: self._finish(req, outcome)) if settle_first else None,
+        )
         outcome.handler_ran = True
         try:
             if self.watch:
@@ -385,6 +398,9 @@ class StateStep(Step):
                 watcher.cancel()
 
     async def _finish(self, req: Request, outcome: Outcome) -> None:
+        if req.data.get(FINISHED):
+            return
+        req.data[FINISHED] = True
         for part in self.parts:
             part.after(req, outcome)
         if not req.finish_args:
@@ -411,8 +427,18 @@ class StateStep(Step):
         await call_next(ctx)
 
 
-def _recording(send: Send, outcome: Outcome, extra: Sequence[Header], *, keep: bool) -> Send:
-    """A `send` that adds `extra` headers to the response and records what was sent."""
+def _recording(
+    send: Send,
+    outcome: Outcome,
+    extra: Sequence[Header],
+    *,
+    keep: bool,
+    before_last: Callable[[], Awaitable[None]] | None = None,
+) -> Send:
+    """A `send` that adds `extra` headers to the response and records what was sent.
+
+    `before_last` runs once the whole response is known, before its last body message.
+    """
 
     async def record(message: Message) -> None:
         kind = message["type"]
@@ -426,6 +452,9 @@ def _recording(send: Send, outcome: Outcome, extra: Sequence[Header], *, keep: b
             if keep:
                 outcome.body.extend(message.get("body", b""))
             if not message.get("more_body", False):
+                if before_last is not None:
+                    outcome.done = True
+                    await before_last()
                 await send(message)
                 outcome.done = True
                 return

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from pathlib import Path
 
+import httpx
+
 from policyroute import credits
 from policyroute.errors import Problems
+from tests.servers import uvicorn
 
 from .stateful import client, engine, install, running
 
@@ -136,3 +140,22 @@ async def test_replay_is_served_even_when_the_balance_is_spent(
     assert replay.status_code == 201 and replay.headers["idempotent-replayed"] == "true"
     assert fresh.status_code == 402 and fresh.json()["balance"] == 0
     assert calls["jobs"] == 1 and balance.total == 0
+
+
+async def test_a_retry_sent_right_after_the_response_is_a_replay_on_a_real_server(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    """The record is stored before the client sees the response end, never after."""
+    (policy_dir / "routes.yaml").write_text(
+        "version: 1\nroutes:\n  POST /jobs:\n    public: true\n    idempotency: {required: true}\n"
+    )
+    with uvicorn(policy_dir, valkey_url) as served:
+        async with httpx.AsyncClient(base_url=served.base) as c:
+            for n in range(20):
+                key = {"Idempotency-Key": f"again-{n}-{uuid.uuid4().hex[:6]}"}
+                first = await c.post("/jobs", json={"n": n}, headers=key)
+                again = await c.post("/jobs", json={"n": n}, headers=key)
+                assert first.status_code == 201
+                assert again.status_code == 201, again.text
+                assert again.headers["idempotent-replayed"] == "true"
+                assert again.content == first.content
