@@ -145,7 +145,13 @@ async def create_order(order: Order) -> dict[str, Any]:
     return {"order_id": f"o-{next(next_id)}", "item": order.item, "quantity": order.quantity}
 
 
-@app.post("/sync")
+ERROR_BODY: dict[str, Any] = {
+    "description": "The handler's own error answer",
+    "content": {"application/json": {"schema": {"type": "object"}}},
+}
+
+
+@app.post("/sync", responses={503: ERROR_BODY})
 async def sync(request: Request) -> JSONResponse:
     """retry: fails twice per Idempotency-Key, then succeeds (the retries happen inside)."""
     key = request.headers.get("idempotency-key", "")
@@ -155,7 +161,7 @@ async def sync(request: Request) -> JSONResponse:
     return JSONResponse({"synced": True, "attempts": attempts[key]})
 
 
-@app.get("/upstream")
+@app.get("/upstream", responses={502: ERROR_BODY})
 async def upstream(fail: bool = False) -> JSONResponse:
     """breaker: failures open the circuit; then requests are refused without running this."""
     if fail:
@@ -203,7 +209,7 @@ async def create_note(note: Note) -> dict[str, str]:
     return {"note_id": note_id}
 
 
-@app.get("/notes/{note_id}")
+@app.get("/notes/{note_id}", responses={404: ERROR_BODY})
 async def read_note(note_id: str) -> JSONResponse:
     """decrypt_fields and sensitive: `secret` leaves opened; the cached copy stays sealed."""
     note = notes.get(note_id)

@@ -45,6 +45,8 @@ def uvicorn(
     workers: int = 1,
     cluster: bool = False,
     probe: str = "/nothing-here",
+    factory: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Served]:
     """Start `app` (a factory) in `workers` processes with the policies of `policy_dir`.
 
@@ -53,16 +55,18 @@ def uvicorn(
     """
     port = free_port()
     prefix = "u" + uuid.uuid4().hex[:10]
-    env = {
+    environ = {
         **os.environ,
+        **(env or {}),
         "POLICYROUTE_POLICIES": str(policy_dir),
         "POLICYROUTE_VALKEY_URL": valkey_url,
         "POLICYROUTE_KEY_PREFIX": prefix,
         **({"POLICYROUTE_VALKEY_CLUSTER": "1"} if cluster else {}),
     }
-    cmd = [sys.executable, "-m", "uvicorn", app, "--factory", "--workers", str(workers),
-           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    cmd = [sys.executable, "-m", "uvicorn", app, *(["--factory"] if factory else []),
+           "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning", "--no-proxy-headers"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=environ)
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, base + probe, workers)
