@@ -334,3 +334,53 @@ def test_sighup_reloads_under_policyroute_run(
             server.wait()
     text = log.read_text(errors="replace")
     assert f"{file}:4:5: error[unknown-key] unknown key 'publik'" in text
+
+
+def _version(name: str, allow: str) -> str:
+    return (
+        "version: 1\nroutes:\n  GET /a:\n    public: true\n"
+        f"    ip_allowlist: [{allow}]\n"
+        f"    rate_limit: {{name: {name}, key: ip, capacity: 1000000, per: 1m}}\n"
+        "  GET /b:\n    public: true\n"
+    )
+
+
+async def test_reloads_under_load_never_show_a_request_a_mix(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    """Version A lets 127.0.0.1 in with limit `alpha`; version B refuses it at the allowlist
+    and names its limit `beta`. A request that saw B's guards would be refused before any
+    limit; one that passed A's guards but ran B's limits would answer 200 with `beta`."""
+    a, b = _version("alpha", "127.0.0.1/32"), _version("beta", "10.0.0.0/8")
+    (policy_dir / "routes.yaml").write_text(a)
+    seen: dict[str, int] = {"alpha": 0, "refused": 0}
+    async with serving(policy_dir, reload=False, valkey_url=valkey_url) as (engine, c):
+        stop = time.monotonic() + 2.0
+
+        async def client() -> None:
+            while time.monotonic() < stop:
+                answer = await c.get("/a")
+                if answer.status_code == 200:
+                    assert answer.headers["ratelimit-policy"].startswith('"alpha"'), answer.headers
+                    seen["alpha"] += 1
+                else:
+                    assert answer.status_code == 403, answer.text
+                    assert answer.json()["type"].endswith("ip-not-allowed")
+                    assert "ratelimit-policy" not in answer.headers
+                    seen["refused"] += 1
+                await asyncio.sleep(0)  # a refusal never awaits I/O; let the others run
+
+        async def reloads() -> int:
+            done = 0
+            while time.monotonic() < stop:
+                (policy_dir / "routes.yaml").write_text(b if done % 2 == 0 else a)
+                # Swapped between the awaits of requests that are half way through a chain.
+                assert engine.reload() is None
+                done += 1
+                await asyncio.sleep(0.02)
+            return done
+
+        swaps = asyncio.create_task(reloads())
+        await asyncio.gather(swaps, *(client() for _ in range(20)))
+    assert swaps.result() >= 10
+    assert seen["alpha"] > 0 and seen["refused"] > 0  # both versions served under load
