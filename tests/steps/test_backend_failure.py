@@ -151,3 +151,50 @@ async def test_connection_kills_and_a_write_stall_under_load_never_overcharge(
     # reservation to be refunded: at most the 20 requests in flight at each of 2 faults.
     assert 100_000 - served <= left.total <= 100_000 - served + 40
     assert left.held == 0
+
+
+WIDE = """\
+version: 1
+routes:
+  GET /limited:
+    public: true
+    rate_limit: {key: ip, capacity: 1000000, per: 60s}
+  GET /other:
+    public: true
+    rate_limit: {key: ip, capacity: 1000000, per: 60s, on_backend_error: closed}
+"""
+
+
+async def test_valkey_stopped_and_restarted_under_load(
+    policy_dir: Path, own_valkey: EmbeddedValkey
+) -> None:
+    """20 clients for 2.5 s; Valkey is down from 0.5 s to 1.5 s, then a new server starts."""
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, WIDE, own_valkey.url, calls)
+    answers: list[tuple[float, str, int, bool]] = []
+    async with running(app) as c:
+        begin = time.monotonic()
+
+        async def client(path: str) -> None:
+            while (now := time.monotonic() - begin) < 2.5:
+                answer = await c.get(path)
+                answers.append((now, path, answer.status_code, "ratelimit" in answer.headers))
+                assert time.monotonic() - begin - now < 1.0  # nobody hangs on a dead backend
+                await asyncio.sleep(0)
+
+        async def outage() -> None:
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(own_valkey.stop)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(own_valkey.restart)
+
+        await asyncio.gather(
+            outage(), *(client(p) for p in ("/limited", "/other") for _ in range(10))
+        )
+    limited = [a for a in answers if a[1] == "/limited"]
+    closed = [a for a in answers if a[1] == "/other"]
+    assert {a[2] for a in limited} == {200}  # fails open throughout
+    assert {a[2] for a in closed} == {200, 503}  # fails closed while Valkey is away
+    late = [a for a in answers if a[0] > 2.2]
+    assert late and all(a[2] == 200 and a[3] for a in late)  # recovered, limits enforced again
+    assert any(not a[3] for a in limited)  # the outage was seen (no RateLimit headers then)
