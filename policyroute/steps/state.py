@@ -367,7 +367,7 @@ class StateStep(Step):
         )
         outcome.handler_ran = True
         try:
-            if self.watch:
+            if self.watch and _buffered(ctx):
                 await self._watched(ctx, call_next, outcome)
             else:
                 await call_next(ctx)
@@ -487,6 +487,20 @@ async def read_body(ctx: Context) -> bytes:
     replay.upstream = receive  # type: ignore[attr-defined]
     ctx.receive = replay
     return body
+
+
+# Bodies up to this size are read before the handler so a disconnect can be watched for;
+# a larger or streamed body goes to the handler as it arrives (its slot is then released
+# and its credits settled when the handler ends, not when the client leaves).
+WATCH_BODY_LIMIT = 1 << 20
+
+
+def _buffered(ctx: Context) -> bool:
+    """Whether the request body may be read up front (known and small, or absent)."""
+    if ctx.method in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        return True
+    length = ctx.headers.get("content-length")
+    return length is not None and length.isdigit() and int(length) <= WATCH_BODY_LIMIT
 
 
 def _after_replay(receive: Receive) -> Receive:
