@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -315,11 +316,17 @@ def _wrap_lifespan(app: FastAPI, engine: Engine) -> None:
 
 
 async def engine_start(engine: Engine) -> None:
-    """Start every service that has a `start` coroutine."""
+    """Start every service that has a `start` coroutine, then settle the heap."""
     for service in engine.services.values():
         start = getattr(service, "start", None)
         if start is not None:
             await start()
+    if engine.config.gc_freeze:
+        # Everything alive now (modules, compiled chains, clients) lives as long as the
+        # process; freezing it keeps the collector from rescanning it under load, where
+        # full collections otherwise stall every request in flight.
+        gc.collect()
+        gc.freeze()
 
 
 async def engine_stop(engine: Engine) -> None:

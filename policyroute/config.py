@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     ready_timeout: float = Field(
         default=1.0, gt=0, description="Seconds each /readyz check may take."
     )
+    gc_freeze: bool = Field(
+        default=True,
+        description="After startup, move every live object out of the garbage collector's "
+        "reach (gc.freeze) so full collections stay short under load.",
+    )
 
     def policy_paths(self) -> list[str]:
         """The policy paths as a list."""

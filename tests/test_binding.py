@@ -278,3 +278,18 @@ async def test_denial_comes_before_the_body_is_parsed(policies: Path) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         response = await c.post("/secret", content=b"{not json", headers={"content-type": "application/json"})
     assert_denied(response)  # a 422 here would mean the body was read before the policy ran
+
+
+async def test_startup_freezes_the_heap_unless_told_not_to(policies: Path) -> None:
+    """Objects alive at startup leave the collector's reach (short full collections)."""
+    import gc
+
+    from asgi_lifespan import LifespanManager
+
+    for freeze in (False, True):
+        gc.unfreeze()
+        app = make_app()
+        policyroute.install(app, policies, settings=policyroute.Settings(gc_freeze=freeze))
+        async with LifespanManager(app):
+            assert (gc.get_freeze_count() > 0) is freeze
+    gc.unfreeze()
