@@ -215,16 +215,20 @@ class BoundChain:
     async def _run(self, ctx: Context, out: Send) -> str | None:
         """Guards, then the handler; the denial's problem type when refused."""
         try:
-            for name, check, _ in self.guards:
-                try:
-                    await check(ctx)
-                except Denial:
-                    ctx.denied_by = name
-                    raise
-            await self.handler(ctx)
+            await self._guarded(ctx)
         except Denial as denial:
             return await self._deny(ctx, out, denial)
         return None
+
+    async def _guarded(self, ctx: Context) -> None:
+        """The guards in order (a refusal names its guard on `ctx`), then the handler."""
+        for name, check, _ in self.guards:
+            try:
+                await check(ctx)
+            except Denial:
+                ctx.denied_by = name
+                raise
+        await self.handler(ctx)
 
     async def _traced(self, ctx: Context, out: Send, tracer: Tracer, sent: list[int]) -> str | None:
         """`_run` inside the request's span, each guard or step that works in a child span."""
@@ -314,13 +318,7 @@ class BoundChain:
         ctx = Context(scope, receive, send, self.chain.route, app)
         ctx.meter = self.meter
         try:
-            for name, check, _ in self.guards:
-                try:
-                    await check(ctx)
-                except Denial:
-                    ctx.denied_by = name
-                    raise
-            await self.handler(ctx)
+            await self._guarded(ctx)
         except Denial as denial:
             slug = denial.problem.slug
             self.meter.denied(ctx.denied_by or STEP_OF_PROBLEM.get(slug, "chain"), slug)

@@ -41,8 +41,19 @@ class Store(Protocol):
 
 
 def lua_source(name: str) -> str:
-    """The text of `policyroute/lua/<name>.lua`."""
-    return importlib.resources.files("policyroute.lua").joinpath(f"{name}.lua").read_text()
+    """The text of `policyroute/lua/<name>.lua`, with the files it includes prepended.
+
+    A line `-- include: NAME` pulls in `NAME.lua` (shared local functions) once, before
+    the script: scripts cannot load one another on the server.
+    """
+    folder = importlib.resources.files("policyroute.lua")
+    text = folder.joinpath(f"{name}.lua").read_text()
+    shared = [
+        folder.joinpath(f"{line.split(':', 1)[1].strip()}.lua").read_text()
+        for line in text.splitlines()
+        if line.startswith("-- include:")
+    ]
+    return "\n".join([*shared, text])
 
 
 def _escape_tag(tag: str) -> str:

@@ -4,6 +4,8 @@
 -- cache. The first refusal returns at once, so later ops consume nothing (a short balance
 -- waits until idempotency and cache could answer without the handler); credits are
 -- taken only when the handler will run (never for a replay or a cache hit).
+-- include: _period
+-- include: _account
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_us = t[1] .. string.format('%06d', tonumber(t[2]))
@@ -11,26 +13,6 @@ local ki, ai = 1, 1
 local function key() local v = KEYS[ki]; ki = ki + 1; return v end
 local function arg() local v = ARGV[ai]; ai = ai + 1; return v end
 local function num() return tonumber(arg()) end
-
-local function period(every)
-  local secs = math.floor(now / 1000)
-  if every == 'hour' then return tostring(math.floor(secs / 3600)) end
-  local days = math.floor(secs / 86400)
-  if every == 'day' then return tostring(days) end
-  if every == 'week' then return tostring(math.floor((days + 3) / 7)) end
-  -- month: civil-from-days (H. Hinnant), so months follow the calendar in UTC
-  local z = days + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local y = yoe + era * 400
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local m = mp < 10 and mp + 3 or mp - 9
-  if m <= 2 then y = y + 1 end
-  return tostring(y * 12 + m - 1)
-end
 
 local function token_bucket(k, cap, refill, per, cost)
   local s = redis.call('HMGET', k, 't', 'ts')
@@ -119,26 +101,13 @@ local short = nil
 if op == 'cr' then
   local k, held = key(), key()
   local cost, amount, every, hold, token = num(), num(), arg(), num(), arg()
-  local s = redis.call('HMGET', k, 'b', 'a', 'p')
-  local b = tonumber(s[1]) or 0
-  local a = tonumber(s[2]) or 0
-  local p = s[3] or ''
-  -- Reservations of requests that never finished (a crashed process) go back first.
-  -- A reservation is one member 'from_a:from_b:period:token' scored by its expiry.
-  local lost = redis.call('ZRANGEBYSCORE', held, '-inf', now, 'LIMIT', 0, 64)
+  local b, a, p, lost = account(k, held, now)
   if #lost > 0 then
-    for _, m in ipairs(lost) do
-      local ra, rb, rp = string.match(m, '^(%d+):(%d+):([^:]*):')
-      if rb then
-        b = b + tonumber(rb)
-        if rp == p then a = a + tonumber(ra) end
-      end
-    end
     redis.call('ZREM', held, unpack(lost))
     redis.call('HSET', k, 'b', b, 'a', a, 'p', p)
   end
   if amount > 0 then
-    local cur = period(every)
+    local cur = period(now, every)
     if p ~= cur then a = amount; p = cur end
   end
   if b + a < cost then
