@@ -21,7 +21,7 @@ from ..crypto import DataKeyError, Keyring
 from ..errors import Denial, Problems
 from ..policy import RoutePolicy
 from .base import Context, Handler, Step
-from .state import read_body
+from .state import read_body, replay
 
 Path = tuple[str, ...]
 
@@ -141,17 +141,7 @@ class FieldsStep(Step):
             return
         sealed = json.dumps(doc, separators=(",", ":")).encode()
         ctx.scope["headers"] = _with_length(ctx.scope["headers"], len(sealed))
-        upstream = ctx.receive
-        given = False
-
-        async def receive() -> Message:
-            nonlocal given
-            if not given:
-                given = True
-                return {"type": "http.request", "body": sealed, "more_body": False}
-            return await upstream()
-
-        ctx.receive = receive
+        ctx.receive = replay(sealed, ctx.receive)
 
     def _open_response(self, messages: list[Message]) -> list[Message]:
         start = next((m for m in messages if m["type"] == "http.response.start"), None)

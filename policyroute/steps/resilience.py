@@ -10,7 +10,7 @@ idempotency key.
 
 from __future__ import annotations
 
-from starlette.types import Message, Receive, Send
+from starlette.types import Message, Send
 
 from ..backends.valkey import Store
 from ..compiler import Env, register
@@ -20,7 +20,7 @@ from ..resilience.guard import Guard, Spec
 from ..resilience.profiles import PROFILES_SERVICE, SAFE_METHODS, Profiles, Registry, effective
 from ..resilience.retry import AttemptTimeout, ServerError
 from .base import Context, Handler, Step
-from .state import read_body
+from .state import read_body, replay
 
 
 class _Buffer:
@@ -62,18 +62,6 @@ class _Watch:
         await self.send_on(message)
 
 
-def _replay(body: bytes, then: Receive) -> Receive:
-    """A receive that yields the request body once, then whatever `then` yields."""
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await then()
-
-    return receive
 
 
 def _timed_out(exc: AttemptTimeout) -> Denial:
@@ -131,7 +119,7 @@ class ResilienceStep(Step):
 
         async def attempt() -> _Buffer:
             buffer = _Buffer()
-            ctx.receive = _replay(body, base)
+            ctx.receive = replay(body, base)
             ctx.send = buffer.send
             await call_next(ctx)
             if buffer.status >= 500:

@@ -475,18 +475,26 @@ async def read_body(ctx: Context) -> bytes:
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
-    replayed = False
-
-    async def replay() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    replay.upstream = receive  # type: ignore[attr-defined]
-    ctx.receive = replay
+    ctx.receive = replay(body, receive)
     return body
+
+
+def replay(body: bytes, then: Receive) -> Receive:
+    """A receive that yields `body` as the whole request once, then whatever `then` yields.
+
+    The server's own receive stays reachable as its `upstream` attribute.
+    """
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    receive.upstream = getattr(then, "upstream", then)  # type: ignore[attr-defined]
+    return receive
 
 
 # Bodies up to this size are read before the handler so a disconnect can be watched for;
