@@ -215,3 +215,9 @@ def test_publish_reports_missed_targets_with_status_0_and_a_failure_with_1(
     stored = json.loads(results.read_text())["targets"]
     assert stored[0]["status"] == "MISS" and stored[0]["ratio"] == pytest.approx(0.1)
     assert cli.publish([ok("bare", 1000), failed("policyroute_local")], meta) == 1
+
+
+def test_each_scenario_reports_its_median_round_and_a_failed_round_fails_it() -> None:
+    assert cli.median_round([ok("a", 10), ok("a", 30), ok("a", 20)]).result == ok("a", 20).result
+    assert cli.median_round([ok("a", 10), ok("a", 30)]).result == ok("a", 10).result
+    assert cli.median_round([ok("a", 10), failed("a"), ok("a", 20)]).result is None
