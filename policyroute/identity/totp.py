@@ -118,20 +118,39 @@ class TotpGuard:
             (settings.drift_steps + 2) * STEP_SECONDS * 1000,
         )
 
+    async def _begin(self, subject: str, *, fail_open: bool) -> tuple[int, str | None, float]:
+        """(lockout ms left, the subject's secret, Valkey's time) in one round trip."""
+        _, _, lock = _state_keys(self.store, subject)
+        keys = [lock] if self._hash is None else [lock, self._hash(subject)]
+        lock_ms, raw_secret, seconds, micros = await self.store.run(
+            "mfa_begin", keys, [], operation="totp check", fail_open=fail_open)
+        if int(lock_ms) > 0:
+            return int(lock_ms), None, 0.0
+        secret = _text(raw_secret) if self._hash else await self.secrets.totp_secret(subject)
+        return 0, secret, int(seconds) + int(micros) / 1_000_000
+
+    def _step(self, secret: str | None, code: str, now: float) -> int | None:
+        if not secret:
+            return None
+        return matching_step(secret, code, now, digits=self.settings.digits,
+                             drift=self.settings.drift_steps)
+
+    async def peek(self, subject: str, code: str) -> TotpResult:
+        """Whether the code is right now, recording nothing (no use, no failure): shadow mode."""
+        lock_ms, secret, now = await self._begin(subject, fail_open=True)
+        if lock_ms:
+            return TotpResult(False, "locked", math.ceil(lock_ms / 1000))
+        if self._step(secret, code, now) is None:
+            return TotpResult(False, "invalid")
+        return TotpResult(True)
+
     async def check(self, subject: str, code: str) -> TotpResult:
         """Accept the code once, or count a failure (and lock out after too many)."""
         last, fail, lock = _state_keys(self.store, subject)
-        keys = [lock] if self._hash is None else [lock, self._hash(subject)]
-        lock_ms, raw_secret, seconds, micros = await self.store.run(
-            "mfa_begin", keys, [], operation="totp check", fail_open=False)
-        if int(lock_ms) > 0:
-            return TotpResult(False, "locked", math.ceil(int(lock_ms) / 1000))
-        secret = _text(raw_secret) if self._hash else await self.secrets.totp_secret(subject)
-        now = int(seconds) + int(micros) / 1_000_000
-        step = None
-        if secret:
-            step = matching_step(secret, code, now, digits=self.settings.digits,
-                                 drift=self.settings.drift_steps)
+        lock_ms, secret, now = await self._begin(subject, fail_open=False)
+        if lock_ms:
+            return TotpResult(False, "locked", math.ceil(lock_ms / 1000))
+        step = self._step(secret, code, now)
         status, value = await self.store.run(
             "mfa_record", [last, fail, lock], [-1 if step is None else step, *self._record_args],
             operation="totp record", fail_open=False)

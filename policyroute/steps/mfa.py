@@ -12,8 +12,6 @@ from ..identity.totp import (
     MAX_CODE_BYTES,
     SecretSource,
     TotpGuard,
-    _state_keys,
-    matching_step,
 )
 from ..observability.metrics import backend_error
 from ..policy import RoutePolicy, StepUp
@@ -95,20 +93,10 @@ class MfaStep(Step):
     async def _verify_only(self, subject: str, code: str) -> None:
         """Shadow mode: is the code right now? Nothing is recorded (no use, no failure)."""
         assert self.totp is not None
-        guard = self.totp
-        keys = [_state_keys(guard.store, subject)[2]]
-        if guard._hash is not None:
-            keys.append(guard._hash(subject))
-        lock_ms, raw_secret, seconds, micros = await guard.store.run(
-            "mfa_begin", keys, [], operation="totp check (shadow)", fail_open=True)
-        secret = raw_secret.decode() if isinstance(raw_secret, bytes) else raw_secret
-        if guard._hash is None:
-            secret = await guard.secrets.totp_secret(subject)
-        now = int(seconds) + int(micros) / 1_000_000
-        if int(lock_ms) > 0:
+        result = await self.totp.peek(subject, code)
+        if result.locked:
             raise Denial(Problems.MFA_LOCKED, "too many wrong one-time codes; try again later")
-        if not secret or matching_step(secret, code, now, digits=guard.settings.digits,
-                                       drift=guard.settings.drift_steps) is None:
+        if not result.accepted:
             raise Denial(Problems.MFA_INVALID, "the one-time code is not valid")
 
     def describe(self) -> str:
