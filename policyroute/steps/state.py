@@ -269,6 +269,8 @@ class StateStep(Step):
         self.names = ",".join(p.name for p in self.parts)
         self.peekers = tuple(p for p in self.parts if type(p).peek is not Part.peek)
         self.watch = any(p.watch_disconnect for p in self.parts)
+        # One server, auto-pipelined: a queued command is written even if its caller goes.
+        self.queued = getattr(store, "pipeline", None) is not None and not store.cluster
 
     def describe(self) -> str:
         """One line for explain: the parts in evaluation order."""
@@ -405,13 +407,21 @@ class StateStep(Step):
             part.after(req, outcome)
         if not req.finish_args:
             return
+        if self.queued:
+            # The auto-pipelined store queues the script before its first await, so even a
+            # cancelled request (client gone) still releases and refunds: no shield needed.
+            await self._settle(req)
+            return
         # Shielded: a cancelled request (client gone) must still release and refund.
         with anyio.CancelScope(shield=True):
-            try:
-                await run_finish(self.store, req, f"{self.names} finish")
-            except StorageError as exc:
-                backend_error(req.ctx.route, exc)
-                log.warning("policyroute: %s", exc)
+            await self._settle(req)
+
+    async def _settle(self, req: Request) -> None:
+        try:
+            await run_finish(self.store, req, f"{self.names} finish")
+        except StorageError as exc:
+            backend_error(req.ctx.route, exc)
+            log.warning("policyroute: %s", exc)
 
     async def _without_backend(self, ctx: Context, call_next: Handler, exc: StorageError) -> None:
         backend_error(ctx.route, exc)
