@@ -12,7 +12,17 @@ from bench.runner import Outcome
 from bench.scenarios import BASELINE
 from bench.targets import Verdict
 
-HEADER = ("scenario", "generator", "req/s", "p50 ms", "p99 ms", "vs bare", "errors")
+HEADER = (
+    "scenario",
+    "generator",
+    "req/s",
+    "p50 ms",
+    "p99 ms",
+    "vs bare",
+    "cpu us/req",
+    "cpu vs bare",
+    "errors",
+)
 TARGET_HEADER = ("target", "measured", "req/s", "status")
 MISSING = "-"
 
@@ -25,6 +35,14 @@ def baseline_rps(outcomes: Sequence[Outcome]) -> float | None:
     return None
 
 
+def baseline_cpu(outcomes: Sequence[Outcome]) -> float | None:
+    """Return the baseline scenario's server CPU µs per request, if measured."""
+    for outcome in outcomes:
+        if outcome.scenario == BASELINE and outcome.cpu_us:
+            return outcome.cpu_us
+    return None
+
+
 def ratio(outcome: Outcome, baseline: float | None) -> float | None:
     """Return the outcome's req/s as a fraction of the baseline's."""
     if outcome.result is None or not baseline:
@@ -32,12 +50,13 @@ def ratio(outcome: Outcome, baseline: float | None) -> float | None:
     return outcome.result.rps / baseline
 
 
-def row(outcome: Outcome, baseline: float | None) -> tuple[str, ...]:
-    """Return one table row as strings."""
+def row(outcome: Outcome, baseline: float | None, cpu_base: float | None = None) -> tuple[str, ...]:
+    """Return one table row as strings (`cpu vs bare` is bare's CPU per request over this one's)."""
     result = outcome.result
     if result is None:
-        return (outcome.scenario, outcome.generator, "FAILED", *([MISSING] * 4))
+        return (outcome.scenario, outcome.generator, "FAILED", *([MISSING] * 6))
     share = ratio(outcome, baseline)
+    cpu = outcome.cpu_us
     return (
         outcome.scenario,
         outcome.generator,
@@ -45,6 +64,8 @@ def row(outcome: Outcome, baseline: float | None) -> tuple[str, ...]:
         f"{result.p50_ms:.2f}",
         f"{result.p99_ms:.2f}",
         MISSING if share is None else f"{share:.2f}",
+        MISSING if not cpu else f"{cpu:.0f}",
+        MISSING if not cpu or not cpu_base else f"{cpu_base / cpu:.2f}",
         str(result.errors),
     )
 
@@ -52,7 +73,8 @@ def row(outcome: Outcome, baseline: float | None) -> tuple[str, ...]:
 def table(outcomes: Sequence[Outcome]) -> str:
     """Return the aligned text table, left columns left-aligned and numbers right-aligned."""
     baseline = baseline_rps(outcomes)
-    rows = [HEADER, *(row(o, baseline) for o in outcomes)]
+    cpu_base = baseline_cpu(outcomes)
+    rows = [HEADER, *(row(o, baseline, cpu_base) for o in outcomes)]
     return _aligned(rows, left=2)
 
 

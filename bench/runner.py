@@ -31,30 +31,40 @@ class Outcome:
     result: LoadResult | None
     failure: str = ""
     log_tail: str = ""
+    # The server process's CPU time per request in the timed run (µs): steadier than req/s
+    # on a shared machine, since waiting for a CPU costs no CPU time.
+    cpu_us: float | None = None
 
 
-def measure(generator: LoadGenerator, target: Target, settings: Settings) -> LoadResult:
-    """Warm the server up, then return the timed run."""
+def measure(
+    generator: LoadGenerator, target: Target, settings: Settings, pid: int | None = None
+) -> tuple[LoadResult, float | None]:
+    """Warm the server up, then return the timed run and the server's CPU µs per request."""
     if settings.warmup_s > 0:
         generator.run(target, settings.warmup_s, settings.threads)
-    return generator.run(target, settings.duration_s, settings.threads)
+    before = server.cpu_seconds(pid) if pid is not None else None
+    result = generator.run(target, settings.duration_s, settings.threads)
+    after = server.cpu_seconds(pid) if pid is not None else None
+    if before is None or after is None or not result.requests:
+        return result, None
+    return result, (after - before) / result.requests * 1e6
 
 
 def run(scenario: Scenario, generator: LoadGenerator, settings: Settings) -> Outcome:
     """Run ``scenario`` and return its outcome; a failure is reported, not raised."""
     try:
-        with server.serve(scenario, settings.env, settings.server_cpus) as port:
+        with server.serve(scenario, settings.env, settings.server_cpus) as running:
             target = Target(
                 server.HOST,
-                port,
+                running.port,
                 scenario.path,
                 scenario.headers,
                 scenario.connections or settings.connections,
                 scenario.unique_query,
             )
-            result = measure(generator, target, settings)
+            result, cpu_us = measure(generator, target, settings, running.pid)
     except server.ServerError as error:
         return Outcome(scenario.name, generator.name, None, str(error), error.log_tail)
     except LoadError as error:
         return Outcome(scenario.name, generator.name, None, str(error))
-    return Outcome(scenario.name, generator.name, result)
+    return Outcome(scenario.name, generator.name, result, cpu_us=cpu_us)

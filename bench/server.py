@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import cpu
@@ -104,9 +105,27 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time a process has used so far (Linux /proc), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A scenario's server that answers: its port and process id."""
+
+    port: int
+    pid: int
+
+
 @contextmanager
-def serve(scenario: Scenario, env: Mapping[str, str], cpus: frozenset[int]) -> Iterator[int]:
-    """Run the scenario's app in one uvicorn worker and yield its port once it answers."""
+def serve(scenario: Scenario, env: Mapping[str, str], cpus: frozenset[int]) -> Iterator[Running]:
+    """Run the scenario's app in one uvicorn worker and yield it once it answers."""
     port = free_port()
     fd, name = tempfile.mkstemp(prefix=f"bench-{scenario.name}-", suffix=".log")
     log = Path(name)
@@ -123,7 +142,7 @@ def serve(scenario: Scenario, env: Mapping[str, str], cpus: frozenset[int]) -> I
             )
         try:
             wait_ready(proc, scenario, port, log)
-            yield port
+            yield Running(port, proc.pid)
             if proc.poll() is not None:
                 raise ServerError(f"exited with code {proc.returncode} during the run", tail(log))
         finally:

@@ -221,3 +221,21 @@ def test_each_scenario_reports_its_median_round_and_a_failed_round_fails_it() ->
     assert cli.median_round([ok("a", 10), ok("a", 30), ok("a", 20)]).result == ok("a", 20).result
     assert cli.median_round([ok("a", 10), ok("a", 30)]).result == ok("a", 10).result
     assert cli.median_round([ok("a", 10), failed("a"), ok("a", 20)]).result is None
+
+
+def test_the_table_shows_cpu_per_request_against_bare() -> None:
+    from dataclasses import replace
+
+    from bench import server
+
+    rows = [
+        replace(ok("bare", 5000), cpu_us=200.0),
+        replace(ok("policyroute_full", 2500), cpu_us=400.0),
+    ]
+    text = report.table(rows)
+    assert "cpu us/req" in text and "cpu vs bare" in text
+    full = next(line for line in text.splitlines() if line.startswith("policyroute_full"))
+    assert " 400 " in full and " 0.50 " in full
+    import os
+
+    assert (server.cpu_seconds(os.getpid()) or 0) > 0  # this very process has used CPU
