@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import policyroute
 from policyroute import credits
 from policyroute.binding import Engine
 from policyroute.reloader import Hangup, Reloader, is_policy_change
+from tests.servers import free_port
 
 OPEN_A = "version: 1\nroutes:\n  GET /a:\n    public: true\n"
 OPEN_B = "version: 1\nroutes:\n  GET /b:\n    public: true\n"
@@ -265,13 +265,6 @@ async def probe() -> dict[str, bool]:
 
 policyroute.install(app)
 """
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_status(url: str, status: int, timeout: float = 15.0) -> None:

@@ -22,6 +22,9 @@ class Store(Protocol):
 
     prefix: str
     cluster: bool
+    # True when `run` queues its command before its first await (so a cancelled caller's
+    # command is still sent): the auto-pipelined single-server store.
+    queues_first: bool
 
     def key(self, tag: str, *parts: str) -> str:
         """A namespaced key whose hash tag is `tag` (keys of one tag share a cluster slot)."""
@@ -90,6 +93,7 @@ class ValkeyStore:
         self.pipeline: Pipeline | None = (
             None if cluster else Pipeline(url, timeout=timeout, connect_timeout=timeout)
         )
+        self.queues_first = self.pipeline is not None
 
     def key(self, tag: str, *parts: str) -> str:
         """`<prefix>:{<tag>}:<part>:...`; the tag is a cluster hash tag."""

@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
-import os
 import re
-import secrets
 
 from starlette.types import Message, Scope, Send
 
+from .._ids import IDS
+
 # Printable, short, and no room for log injection (no spaces, quotes or control bytes).
 _SANE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}")
-
-
-class _Ids:
-    """Unique across processes: a random per-process prefix and a counter (32 hex digits)."""
-
-    def __init__(self) -> None:
-        self.renew()
-        os.register_at_fork(after_in_child=self.renew)
-
-    def renew(self) -> None:
-        """A fresh prefix (a forked child must not repeat its parent's ids)."""
-        self.prefix = secrets.token_hex(10)
-        self.counter = itertools.count(1)
-
-    def next(self) -> str:
-        """The next id."""
-        return f"{self.prefix}{next(self.counter):012x}"
-
-
-IDS = _Ids()
 
 
 def sane(value: str) -> bool:

@@ -9,7 +9,6 @@ only when response fields are chosen (JSON bodies only), and hands the event to 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Protocol
 
 from starlette.types import Message, Send
@@ -18,7 +17,7 @@ from ..compiler import Env, register
 from ..events.envelope import Event, envelope, new_event_id, parse_json, pick
 from ..policy import Events, RoutePolicy
 from .base import Context, Handler, Step
-from .state import read_body
+from .state import is_json, read_body
 
 # A request id longer than this is not an id; it is replaced by a generated one.
 MAX_REQUEST_ID = 200
@@ -53,7 +52,7 @@ class _Response:
             kind = message["type"]
             if kind == "http.response.start":
                 self.status = int(message["status"])
-                self.json = self.keep and _is_json(message.get("headers", []))
+                self.json = self.keep and is_json(message.get("headers", []))
             elif kind == "http.response.body":
                 if self.json:
                     self.body.extend(message.get("body", b""))
@@ -67,14 +66,6 @@ class _Response:
             await send(message)
 
         return record
-
-
-def _is_json(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name.lower() == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            return media == b"application/json" or media.endswith(b"+json")
-    return False
 
 
 class EventsStep(Step):

@@ -21,7 +21,7 @@ from ..crypto import DataKeyError, Keyring
 from ..errors import Denial, Problems
 from ..policy import RoutePolicy
 from .base import Context, Handler, Step
-from .state import read_body, replay
+from .state import is_json, read_body, replay
 
 Path = tuple[str, ...]
 
@@ -73,14 +73,6 @@ def _with_length(headers: Sequence[tuple[bytes, bytes]], size: int) -> list[tupl
     out = [(k, v) for k, v in headers if k.lower() != b"content-length"]
     out.append((b"content-length", str(size).encode()))
     return out
-
-
-def _is_json(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name.lower() == b"content-type":
-            kind = value.split(b";")[0].strip().lower()
-            return kind == b"application/json" or kind.endswith(b"+json")
-    return False
 
 
 class FieldsStep(Step):
@@ -145,7 +137,7 @@ class FieldsStep(Step):
 
     def _open_response(self, messages: list[Message]) -> list[Message]:
         start = next((m for m in messages if m["type"] == "http.response.start"), None)
-        if start is None or not _is_json(start.get("headers", [])):
+        if start is None or not is_json(start.get("headers", [])):
             return messages
         body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
         try:

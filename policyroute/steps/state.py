@@ -11,11 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import itertools
 import json
 import logging
-import os
-import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +21,7 @@ from typing import Any
 import anyio
 from starlette.types import Message, Receive, Send
 
+from .._ids import IDS
 from ..backends.valkey import Arg, Store
 from ..compiler import Env, register
 from ..crypto import Keyring
@@ -41,24 +39,6 @@ BACKEND_FAILED_OPEN: Counter[str] = Counter()
 Header = tuple[bytes, bytes]
 
 
-class _Tokens:
-    """Request tokens unique across processes: a random per-process prefix and a counter."""
-
-    def __init__(self) -> None:
-        self.renew()
-        os.register_at_fork(after_in_child=self.renew)
-
-    def renew(self) -> None:
-        """A fresh prefix (a forked child must not reuse its parent's tokens)."""
-        self.prefix = secrets.token_hex(8) + "-"
-        self.counter = itertools.count(1)
-
-    def next(self) -> str:
-        """The next token (owner of concurrency slots, stampede locks and records)."""
-        return self.prefix + format(next(self.counter), "x")
-
-
-TOKENS = _Tokens()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -269,8 +249,6 @@ class StateStep(Step):
         self.names = ",".join(p.name for p in self.parts)
         self.peekers = tuple(p for p in self.parts if type(p).peek is not Part.peek)
         self.watch = any(p.watch_disconnect for p in self.parts)
-        # One server, auto-pipelined: a queued command is written even if its caller goes.
-        self.queued = getattr(store, "pipeline", None) is not None and not store.cluster
 
     def describe(self) -> str:
         """One line for explain: the parts in evaluation order."""
@@ -279,7 +257,7 @@ class StateStep(Step):
 
     async def around(self, ctx: Context, call_next: Handler) -> None:
         """Run the fused pre-checks, answer or deny, else run the handler and finish."""
-        req = Request(ctx, token=TOKENS.next())
+        req = Request(ctx, token=IDS.next())
         for peeker in self.peekers:
             peeker.peek(req)
         for part in self.parts:
@@ -407,7 +385,7 @@ class StateStep(Step):
             part.after(req, outcome)
         if not req.finish_args:
             return
-        if self.queued:
+        if self.store.queues_first:
             # The auto-pipelined store queues the script before its first await, so even a
             # cancelled request (client gone) still releases and refunds: no shield needed.
             await self._settle(req)
@@ -487,6 +465,15 @@ async def read_body(ctx: Context) -> bytes:
     body = b"".join(chunks)
     ctx.receive = replay(body, receive)
     return body
+
+
+def is_json(headers: Sequence[Header]) -> bool:
+    """Whether response headers declare a JSON body (application/json or any +json type)."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return False
 
 
 def replay(body: bytes, then: Receive) -> Receive:

@@ -1,0 +1,28 @@
+"""Ids unique across processes and forks: a random per-process prefix and a counter."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+
+
+class UniqueIds:
+    """32 hex digits: 20 random per process (renewed in a forked child), 12 of a counter."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        """A fresh prefix (a forked child must not repeat its parent's ids)."""
+        self.prefix = secrets.token_hex(10)
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        """The next id."""
+        return f"{self.prefix}{next(self.counter):012x}"
+
+
+# Request ids, and the tokens that own concurrency slots, stampede locks and reservations.
+IDS = UniqueIds()
