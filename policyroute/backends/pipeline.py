@@ -40,8 +40,15 @@ def parse_error(text: str) -> ResponseError:
     return NoScriptError(rest) if code == "NOSCRIPT" else ResponseError(text)
 
 
-def pack(args: Sequence[Arg]) -> bytes:
-    """One command in RESP: an array of bulk strings."""
+def pack(args: tuple[Arg, ...]) -> bytes:
+    """One command in RESP: an array of bulk strings (libvalkey's C packer)."""
+    try:
+        return libvalkey.pack_command(args)
+    except TypeError:  # a type the C packer refuses (a bool): spell it out here
+        return _pack(args)
+
+
+def _pack(args: Sequence[Arg]) -> bytes:
     parts = [
         a
         if type(a) is bytes

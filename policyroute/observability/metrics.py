@@ -10,67 +10,158 @@ All metrics live in prometheus_client's default registry, which `/metrics` serve
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ..errors import StorageError
 
-REQUESTS = Counter(
+
+class Tally:
+    """One labelled counter series: a plain number bumped on the event loop, no lock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add `amount` (one by default)."""
+        self.value += amount
+
+
+class Timing:
+    """One labelled histogram series: per-bucket counts and the sum of what was observed."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count `value` in the first bucket whose bound is at least `value`."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class Family(Collector):
+    """A counter or histogram whose series are `Tally`/`Timing` cells, read at scrape time.
+
+    prometheus_client's own metrics take a lock and check their arguments on every
+    increment; a request bumps several series, so the hot path keeps plain cells here
+    and the registry turns them into samples only when `/metrics` is read.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...] | None = None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.buckets = buckets
+        self.series: dict[tuple[str, ...], Any] = {}
+        REGISTRY.register(self)
+
+    def labels(self, *values: str) -> Any:
+        """The cell of one label combination (a `Tally`, or a `Timing` for a histogram)."""
+        cell = self.series.get(values)
+        if cell is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            cell = Tally() if self.buckets is None else Timing(self.buckets)
+            self.series[values] = cell
+        return cell
+
+    def describe(self) -> Iterator[Metric]:
+        """The family with no samples (what the registry checks names against)."""
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        """The family with a sample per series, as the cells stand now."""
+        family = self._family()
+        for values, cell in list(self.series.items()):
+            if isinstance(family, HistogramMetricFamily):
+                bounds = [*(repr(float(b)) for b in cell.bounds), "+Inf"]
+                running, buckets = 0, []
+                for bound, count in zip(bounds, cell.counts, strict=True):
+                    running += count
+                    buckets.append((bound, running))
+                family.add_metric(list(values), buckets, cell.total)
+            else:
+                family.add_metric(list(values), cell.value)
+        yield family
+
+    def _family(self) -> CounterMetricFamily | HistogramMetricFamily:
+        if self.buckets is None:
+            return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
+REQUESTS = Family(
     "policyroute_requests",
     "Requests through a route's chain by outcome (allowed, denied, error) and status class.",
-    ["route", "method", "outcome", "status"],
+    ("route", "method", "outcome", "status"),
 )
-LATENCY = Histogram(
+LATENCY = Family(
     "policyroute_request_duration_seconds",
     "Time from the chain's start to the end of the response, per route.",
-    ["route", "method"],
+    ("route", "method"),
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
-DENIALS = Counter(
+DENIALS = Family(
     "policyroute_denials",
     "Requests refused, by the step that refused and the problem type (reason).",
-    ["route", "step", "reason"],
+    ("route", "step", "reason"),
 )
-SHADOW_DENIALS = Counter(
+SHADOW_DENIALS = Family(
     "policyroute_shadow_denials",
     "Requests a step in shadow mode (enforce: false) would have refused but let on.",
-    ["route", "step", "reason"],
+    ("route", "step", "reason"),
 )
-RATE_LIMIT = Counter(
+RATE_LIMIT = Family(
     "policyroute_rate_limit_decisions",
     "Rate-limit decisions: allowed, limited, shadow_allowed, shadow_limited.",
-    ["route", "outcome"],
+    ("route", "outcome"),
 )
-CREDITS = Counter(
+CREDITS = Family(
     "policyroute_credits_decisions",
     "Credit decisions: charged, refunded, insufficient, shadow_sufficient, shadow_insufficient.",
-    ["route", "outcome"],
+    ("route", "outcome"),
 )
-CACHE = Counter(
+CACHE = Family(
     "policyroute_cache_lookups",
     "Response cache lookups: hit, local_hit (in-process tier), miss, wait (another request "
     "was filling the entry).",
-    ["route", "outcome"],
+    ("route", "outcome"),
 )
-IDEMPOTENCY = Counter(
+IDEMPOTENCY = Family(
     "policyroute_idempotency_decisions",
     "Idempotency-Key decisions: new, replay, in_flight, reused.",
-    ["route", "outcome"],
+    ("route", "outcome"),
 )
-BACKEND_ERRORS = Counter(
+BACKEND_ERRORS = Family(
     "policyroute_backend_errors",
     "Policy backend failures seen by a route, and whether the step failed open or closed.",
-    ["backend", "route", "outcome"],
+    ("backend", "route", "outcome"),
 )
-SLOW = Counter(
+SLOW = Family(
     "policyroute_slow_handlers",
     "Handler runs that took at least the route's `slow` threshold.",
-    ["route"],
+    ("route",),
 )
 
 # kind -> (metric, outcomes): the decisions steps report with `ctx.decide(kind, outcome)`.
-DECISIONS: dict[str, tuple[Counter, tuple[str, ...]]] = {
+DECISIONS: dict[str, tuple[Family, tuple[str, ...]]] = {
     "rate_limit": (RATE_LIMIT, ("allowed", "limited", "shadow_allowed", "shadow_limited")),
     "credits": (
         CREDITS,

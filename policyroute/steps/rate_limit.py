@@ -74,11 +74,12 @@ class Limit:
     index: str
     op: tuple[Arg, ...]
     policy_item: str
+    label: str  # the name as a structured-field string
 
     def item(self, remaining: int, reset_ms: int) -> str:
         """This limit's `RateLimit` header item (draft-ietf-httpapi-ratelimit-headers)."""
-        t = max(0, math.ceil(reset_ms / 1000))
-        return f"{_sf_name(self.name)};r={max(0, remaining)};t={t}"
+        t = max(0, -(-reset_ms // 1000))
+        return f"{self.label};r={max(0, remaining)};t={t}"
 
 
 def compile_limit(spec: RateLimit, index: int, names: set[str]) -> Limit:
@@ -102,7 +103,7 @@ def compile_limit(spec: RateLimit, index: int, names: set[str]) -> Limit:
             op = ("sw", spec.capacity, per_ms, spec.cost)
             window = math.ceil(per_ms / 1000)
         item = f"{_sf_name(name)};q={spec.capacity};w={window}"
-    return Limit(spec, name, _tag_of(spec.key), str(index), op, item)
+    return Limit(spec, name, _tag_of(spec.key), str(index), op, item, _sf_name(name))
 
 
 class RateLimitStep(Part):
@@ -208,7 +209,7 @@ class RateLimitStep(Part):
         retry_ms = 0
         refused: Limit | None = None
         for lim, row in zip(self.limits, rows, strict=True):
-            ok, remaining, reset_ms, wait_ms = (int(v) for v in row[:4])
+            ok, remaining, reset_ms, wait_ms = int(row[0]), int(row[1]), int(row[2]), int(row[3])
             items.append(lim.item(remaining, reset_ms if ok else max(reset_ms, wait_ms)))
             if not ok:
                 retry_ms = max(retry_ms, wait_ms)

@@ -69,18 +69,29 @@ class Stored:
     headers: list[Header]
     body: bytes
 
-    def encode(self) -> tuple[int, str, bytes]:
-        """(status, JSON header list, body) for the Lua scripts."""
-        pairs = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers]
-        return self.status, json.dumps(pairs, separators=(",", ":")), self.body
+    def encode(self) -> tuple[int, bytes, bytes]:
+        """(status, header block, body) for the Lua scripts, which keep them opaque.
+
+        The header block is names and values joined by NUL, which no valid header holds;
+        headers that do hold one (or an empty list) are written as a JSON list instead.
+        """
+        flat = [item for pair in self.headers for item in pair]
+        block = b"\0".join(flat)
+        if block.count(b"\0") != len(flat) - 1 or block[:1] == b"[":
+            pairs = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers]
+            block = json.dumps(pairs, separators=(",", ":")).encode()
+        return self.status, block, self.body
 
     @classmethod
     def decode(cls, code: Any, headers: Any, body: Any) -> Stored:
-        """The response from the script's reply fields."""
-        pairs = json.loads(headers)
-        return cls(
-            int(code), [(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs], bytes(body)
-        )
+        """The response from the script's reply fields (either header block form)."""
+        raw = headers.encode() if isinstance(headers, str) else bytes(headers)
+        if raw[:1] == b"[":
+            pairs = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in json.loads(raw)]
+        else:
+            items = raw.split(b"\0")
+            pairs = list(zip(items[::2], items[1::2], strict=True))
+        return cls(int(code), pairs, bytes(body))
 
     async def send(self, send: Send, extra: Sequence[Header], head: bool) -> None:
         """Send the stored response byte for byte, plus `extra` headers."""
@@ -104,13 +115,13 @@ class Vault:
 
     keyring: Keyring | None = None
 
-    def pack(self, stored: Stored, key: str) -> tuple[int, str | bytes, bytes]:
+    def pack(self, stored: Stored, key: str) -> tuple[int, bytes, bytes]:
         """The record fields the finish script writes."""
         code, headers, body = stored.encode()
         if self.keyring is None:
             return code, headers, body
         aad = key.encode()
-        return code, self.keyring.seal(headers.encode(), aad), self.keyring.seal(body, aad)
+        return code, self.keyring.seal(headers, aad), self.keyring.seal(body, aad)
 
     def unpack(self, key: str, code: Any, headers: Any, body: Any) -> Stored:
         """The response from stored record fields; raise DataKeyError when it does not open."""

@@ -116,3 +116,14 @@ async def test_server_stop_fails_fast_and_restart_reconnects() -> None:
     finally:
         await store.stop()
         server.stop()
+
+
+async def test_every_argument_type_reaches_the_server_as_its_text(valkey_url: str) -> None:
+    # bytes, text, ints, floats and a bool (which the C packer refuses) all round-trip.
+    pipeline = Pipeline(valkey_url)
+    values: list[str | bytes | int | float] = [b"\x00\xff", "é", -5, 10**30, 0.1, 1e20, True]
+    try:
+        replies = await asyncio.gather(*(pipeline.execute("ECHO", v) for v in values))
+        assert replies == [b"\x00\xff", "é".encode(), b"-5", b"1" + b"0" * 30, b"0.1", b"1e+20", b"1"]
+    finally:
+        await pipeline.close()

@@ -174,3 +174,27 @@ async def test_backend_errors_are_counted_open_or_closed(policy_dir: Path) -> No
     assert closed.status_code == 503 and problem(closed) == "backend-unavailable"
     assert errors("GET /items/{item}", "open") == before[0] + 1
     assert errors("GET /me", "closed") == before[1] + 1
+
+
+def test_latency_buckets_are_cumulative_in_the_exposition() -> None:
+    from prometheus_client import generate_latest
+
+    from policyroute.observability.metrics import LATENCY
+
+    route = "GET /bucket-check"
+    timer = LATENCY.labels(route, "GET")
+    for seconds in (0.0005, 0.003, 0.003, 20.0):
+        timer.observe(seconds)
+    text = generate_latest().decode()
+    (family,) = [
+        f for f in text_string_to_metric_families(text) if f.name == LATENCY.name
+    ]
+    mine = {
+        s.labels.get("le", s.name): s.value
+        for s in family.samples
+        if s.labels.get("route") == route
+    }
+    assert mine["0.001"] == 1 and mine["0.0025"] == 1 and mine["0.005"] == 3
+    assert mine["10.0"] == 3 and mine["+Inf"] == 4
+    assert mine[LATENCY.name + "_count"] == 4
+    assert mine[LATENCY.name + "_sum"] == 20.0065

@@ -190,3 +190,20 @@ async def test_a_first_tier_hit_costs_no_credits_and_no_round_trip(
         assert store.pipeline.commands == sent  # answered from process memory alone
         assert (await credits.show(store, "127.0.0.1", ip=True)).total == 4
     assert calls["cached"] == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"content-type", b"application/json"), (b"link", b"<a>; rel=next: x")],
+        [],  # no headers: stored as a JSON list
+        [(b"x-odd", b"nul\0inside")],  # a NUL in a value: stored as a JSON list
+    ],
+)
+def test_a_stored_response_comes_back_with_the_same_headers(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    from policyroute.steps.state import Stored
+
+    stored = Stored(201, headers, b"\0body")
+    assert Stored.decode(*stored.encode()) == stored
