@@ -47,6 +47,7 @@ def uvicorn(
     probe: str = "/nothing-here",
     factory: bool = True,
     env: dict[str, str] | None = None,
+    loop: str = "auto",
 ) -> Iterator[Served]:
     """Start `app` (a factory) in `workers` processes with the policies of `policy_dir`.
 
@@ -65,7 +66,7 @@ def uvicorn(
     }
     cmd = [sys.executable, "-m", "uvicorn", app, *(["--factory"] if factory else []),
            "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", "--no-proxy-headers"]  # fmt: skip
+           "--log-level", "warning", "--no-proxy-headers", "--loop", loop]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, env=environ)
     base = f"http://127.0.0.1:{port}"
     try:
