@@ -8,6 +8,8 @@ OpenTelemetry SDK configured the untraced fold runs and no span or attribute is 
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import time
 from collections.abc import Sequence
@@ -80,12 +82,8 @@ def _fold(steps: Sequence[Step], traced: bool = False) -> Handler:
 
 
 def _wrap(step: Step, call_next: Handler) -> Handler:
-    around = step.around
-
-    async def run(ctx: Context) -> None:
-        await around(ctx, call_next)
-
-    return run
+    # A partial, not a wrapping coroutine: one frame less on every await of the request.
+    return functools.partial(step.around, call_next=call_next)
 
 
 def _wrap_traced(step: Step, call_next: Handler) -> Handler:
@@ -215,7 +213,14 @@ class BoundChain:
     async def _run(self, ctx: Context, out: Send) -> str | None:
         """Guards, then the handler; the denial's problem type when refused."""
         try:
-            await self._guarded(ctx)
+            # `_guarded`, inlined: one frame less on every await of the request.
+            for name, check, _ in self.guards:
+                try:
+                    await check(ctx)
+                except Denial:
+                    ctx.denied_by = name
+                    raise
+            await self.handler(ctx)
         except Denial as denial:
             return await self._deny(ctx, out, denial)
         return None

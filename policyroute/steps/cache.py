@@ -118,7 +118,7 @@ class CacheStep(Part):
             req.data["ca_local"] = True
             ctx.decide("cache", "local_hit")
 
-    async def prepare(self, req: Request) -> None:
+    def prepare(self, req: Request) -> None:
         """Append the lookup op (and the stampede lock on a miss)."""
         if not req.data.get("ca_local"):
             value, lock = req.data["ca_keys"]

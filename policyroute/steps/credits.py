@@ -57,7 +57,7 @@ class CreditsStep(Part):
             f"unfinished reservations refunded after {self.spec.hold}s"
         )
 
-    async def prepare(self, req: Request) -> None:
+    def prepare(self, req: Request) -> None:
         """Append the reservation op for the caller's account (none for a first-tier hit)."""
         if "answer" in req.data:
             return

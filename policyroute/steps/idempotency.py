@@ -62,7 +62,9 @@ class IdempotencyStep(Part):
         need = "required" if self.spec.required else "optional"
         return f"{self.spec.header} {need}, records kept {self.spec.ttl}s"
 
-    async def prepare(self, req: Request) -> None:
+    needs_io = True  # the body is read to fingerprint the request
+
+    async def prepare_io(self, req: Request) -> None:
         """400 when the key is missing or malformed; else append the record op."""
         ctx = req.ctx
         raw = ctx.headers.get(self.header)

@@ -146,7 +146,7 @@ class RateLimitStep(Part):
                 out[-1] += " (shadow: enforce false)"
         return "; ".join(out)
 
-    async def prepare(self, req: Request) -> None:
+    def prepare(self, req: Request) -> None:
         """Append one op per limit (shadowed limits: a probe beside the script)."""
         store, ctx = self.store, req.ctx
         rid = route_id(ctx.route)

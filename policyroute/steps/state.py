@@ -225,8 +225,15 @@ class Part(Step):
     def peek(self, req: Request) -> None:
         """Answer from process memory before any part queues an op (the cache's first tier)."""
 
-    async def prepare(self, req: Request) -> None:
+    # Whether `prepare` must await (read the request body): then `prepare_io` runs instead.
+    needs_io: bool = False
+
+    def prepare(self, req: Request) -> None:
         """Check what needs no backend (may raise Denial) and append this part's op."""
+
+    async def prepare_io(self, req: Request) -> None:
+        """`prepare` for a part that must await first (`needs_io`)."""
+        self.prepare(req)
 
     def settle(self, req: Request, reply: list[Any]) -> None:
         """Read this part's share of the script's reply; may raise Denial."""
@@ -258,6 +265,7 @@ class StateStep(Step):
         # Closed wins: a request goes on without the backend only when every part allows it.
         self.fail_open = all(p.fail_open for p in self.parts)
         self.names = ",".join(p.name for p in self.parts)
+        self.finish_op = f"{self.names} finish"
         self.peekers = tuple(p for p in self.parts if type(p).peek is not Part.peek)
         self.watch = any(p.watch_disconnect for p in self.parts)
 
@@ -272,7 +280,10 @@ class StateStep(Step):
         for peeker in self.peekers:
             peeker.peek(req)
         for part in self.parts:
-            await part.prepare(req)
+            if part.needs_io:
+                await part.prepare_io(req)
+            else:
+                part.prepare(req)
         probes = req.data.get(PROBES)
         if not req.args and not probes:
             # Nothing to ask Valkey: an in-process cache hit, or an optional key not sent.
@@ -284,8 +295,12 @@ class StateStep(Step):
         try:
             if probes:
                 reply = await self._with_probes(req, probes)
-            else:
+            elif self.store.cluster:
                 reply = await run_state(self.store, req, self.names, self.fail_open)
+            else:
+                reply = await self.store.run(
+                    "state", req.keys, req.args, operation=self.names, fail_open=self.fail_open
+                )
         except StorageError as exc:
             await self._without_backend(ctx, call_next, exc)
             return
@@ -396,18 +411,23 @@ class StateStep(Step):
             part.after(req, outcome)
         if not req.finish_args:
             return
-        if self.store.queues_first:
-            # The auto-pipelined store queues the script before its first await, so even a
-            # cancelled request (client gone) still releases and refunds: no shield needed.
-            await self._settle(req)
-            return
-        # Shielded: a cancelled request (client gone) must still release and refund.
-        with anyio.CancelScope(shield=True):
-            await self._settle(req)
-
-    async def _settle(self, req: Request) -> None:
+        store = self.store
         try:
-            await run_finish(self.store, req, f"{self.names} finish")
+            if store.queues_first:
+                # The auto-pipelined store (one server) queues the script before its first
+                # await, so even a cancelled request (client gone) still releases and
+                # refunds: no shield needed.
+                await store.run(
+                    "finish",
+                    req.finish_keys,
+                    req.finish_args,
+                    operation=self.finish_op,
+                    fail_open=True,
+                )
+            else:
+                # Shielded: a cancelled request (client gone) must still release and refund.
+                with anyio.CancelScope(shield=True):
+                    await run_finish(store, req, self.finish_op)
         except StorageError as exc:
             backend_error(req.ctx.route, exc)
             log.warning("policyroute: %s", exc)
