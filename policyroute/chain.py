@@ -9,7 +9,6 @@ OpenTelemetry SDK configured the untraced fold runs and no span or attribute is 
 from __future__ import annotations
 
 import functools
-
 import logging
 import time
 from collections.abc import Sequence
