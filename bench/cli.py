@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -152,12 +153,13 @@ def run_all(
 
 
 def median_round(outcomes: list[runner.Outcome]) -> runner.Outcome:
-    """The round with the median req/s; a failed round fails the scenario."""
+    """The round with the median req/s, carrying every round's figures; a failed round fails."""
     failed = [o for o in outcomes if o.result is None]
     if failed:
         return failed[0]
     ranked = sorted(outcomes, key=lambda o: o.result.rps if o.result else 0.0)
-    return ranked[(len(ranked) - 1) // 2]
+    every = tuple((o.result.rps, o.cpu_us) for o in outcomes if o.result is not None)
+    return dataclasses.replace(ranked[(len(ranked) - 1) // 2], rounds=every)
 
 
 def publish(outcomes: list[runner.Outcome], run_meta: dict[str, Any]) -> int:
@@ -168,7 +170,8 @@ def publish(outcomes: list[runner.Outcome], run_meta: dict[str, Any]) -> int:
     print(
         f"generator: {run_meta['generator']}  cpus: {run_meta['cpu_pinning']}  "
         f"connections: {run_meta['connections']}  measured: {run_meta['duration_s']} s, "
-        f"median of {run_meta.get('rounds', 1)} interleaved round(s)"
+        f"median of {run_meta.get('rounds', 1)} interleaved round(s); ratios are medians of "
+        "per-round ratios"
     )
     print(report.table(outcomes))
     verdicts = targets.evaluate(outcomes)

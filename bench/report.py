@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.runner import Outcome
 from bench.scenarios import BASELINE
-from bench.targets import Verdict
+from bench.targets import Verdict, paired_ratio
 
 HEADER = (
     "scenario",
@@ -29,9 +29,15 @@ MISSING = "-"
 
 def baseline_rps(outcomes: Sequence[Outcome]) -> float | None:
     """Return the baseline scenario's req/s, if it ran and succeeded."""
+    found = baseline(outcomes)
+    return found.result.rps if found is not None and found.result is not None else None
+
+
+def baseline(outcomes: Sequence[Outcome]) -> Outcome | None:
+    """Return the baseline scenario's outcome, if it ran and succeeded."""
     for outcome in outcomes:
         if outcome.scenario == BASELINE and outcome.result is not None:
-            return outcome.result.rps
+            return outcome
     return None
 
 
@@ -43,20 +49,29 @@ def baseline_cpu(outcomes: Sequence[Outcome]) -> float | None:
     return None
 
 
-def ratio(outcome: Outcome, baseline: float | None) -> float | None:
-    """Return the outcome's req/s as a fraction of the baseline's."""
-    if outcome.result is None or not baseline:
+def ratio(outcome: Outcome, base: float | None, paired_with: Outcome | None = None) -> float | None:
+    """Return the outcome's req/s as a fraction of the baseline's (paired by round if it can)."""
+    if outcome.result is None or not base:
         return None
-    return outcome.result.rps / baseline
+    paired = paired_ratio(outcome, paired_with) if paired_with is not None else None
+    return paired if paired is not None else outcome.result.rps / base
 
 
-def row(outcome: Outcome, baseline: float | None, cpu_base: float | None = None) -> tuple[str, ...]:
+def row(
+    outcome: Outcome,
+    base: float | None,
+    cpu_base: float | None = None,
+    paired_with: Outcome | None = None,
+) -> tuple[str, ...]:
     """Return one table row as strings (`cpu vs bare` is bare's CPU per request over this one's)."""
     result = outcome.result
     if result is None:
         return (outcome.scenario, outcome.generator, "FAILED", *([MISSING] * 6))
-    share = ratio(outcome, baseline)
+    share = ratio(outcome, base, paired_with)
     cpu = outcome.cpu_us
+    cpu_share = paired_ratio(outcome, paired_with, cpu=True) if paired_with is not None else None
+    if cpu_share is None and cpu and cpu_base:
+        cpu_share = cpu_base / cpu
     return (
         outcome.scenario,
         outcome.generator,
@@ -65,16 +80,17 @@ def row(outcome: Outcome, baseline: float | None, cpu_base: float | None = None)
         f"{result.p99_ms:.2f}",
         MISSING if share is None else f"{share:.2f}",
         MISSING if not cpu else f"{cpu:.0f}",
-        MISSING if not cpu or not cpu_base else f"{cpu_base / cpu:.2f}",
+        MISSING if cpu_share is None else f"{cpu_share:.2f}",
         str(result.errors),
     )
 
 
 def table(outcomes: Sequence[Outcome]) -> str:
     """Return the aligned text table, left columns left-aligned and numbers right-aligned."""
-    baseline = baseline_rps(outcomes)
+    base = baseline_rps(outcomes)
     cpu_base = baseline_cpu(outcomes)
-    rows = [HEADER, *(row(o, baseline, cpu_base) for o in outcomes)]
+    pair = baseline(outcomes)
+    rows = [HEADER, *(row(o, base, cpu_base, pair) for o in outcomes)]
     return _aligned(rows, left=2)
 
 
@@ -132,21 +148,23 @@ def document(
     outcomes: Sequence[Outcome], meta: Mapping[str, Any], verdicts: Sequence[Verdict] = ()
 ) -> dict[str, Any]:
     """Return the JSON document: the run's settings, one entry per scenario, the targets."""
-    baseline = baseline_rps(outcomes)
+    base = baseline_rps(outcomes)
+    pair = baseline(outcomes)
     return {
         **meta,
-        "results": [_entry(o, baseline) for o in outcomes],
+        "results": [_entry(o, base, pair) for o in outcomes],
         "targets": [v.as_json() for v in verdicts],
     }
 
 
-def _entry(outcome: Outcome, baseline: float | None) -> dict[str, Any]:
+def _entry(outcome: Outcome, base: float | None, pair: Outcome | None) -> dict[str, Any]:
     return {
         "scenario": outcome.scenario,
         "generator": outcome.generator,
         "status": "ok" if outcome.result is not None else "FAILED",
         **(asdict(outcome.result) if outcome.result is not None else {}),
-        "ratio_to_bare": ratio(outcome, baseline),
+        "ratio_to_bare": ratio(outcome, base, pair),
+        "rounds": [{"rps": rps, "cpu_us": cpu} for rps, cpu in outcome.rounds],
         "failure": outcome.failure or None,
         "log_tail": outcome.log_tail or None,
     }

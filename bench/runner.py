@@ -34,6 +34,9 @@ class Outcome:
     # The server process's CPU time per request in the timed run (µs): steadier than req/s
     # on a shared machine, since waiting for a CPU costs no CPU time.
     cpu_us: float | None = None
+    # Every round's req/s and CPU µs per request, in round order (interleaved runs only),
+    # so ratios can be taken round by round: both sides of a pair ran minutes apart at most.
+    rounds: tuple[tuple[float, float | None], ...] = ()
 
 
 def measure(

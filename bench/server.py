@@ -54,6 +54,10 @@ def command(scenario: Scenario, port: int) -> list[str]:
         f"--host={HOST}",
         f"--port={port}",
         "--workers=1",
+        # What a plain `pip install policyroute` serves with (uvicorn without [standard]),
+        # named so that an installed uvloop or httptools does not change the comparison.
+        "--loop=asyncio",
+        "--http=h11",
         "--no-access-log",
         "--log-level=warning",
     ]

@@ -5,6 +5,7 @@ Targets are reported, not enforced: a miss never changes the exit status.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,12 +55,15 @@ class Verdict:
     goal: Goal
     scenario_rps: float | None
     reference_rps: float | None
+    paired: float | None = None  # the median of per-round ratios, when rounds were paired
 
     @property
     def ratio(self) -> float | None:
-        """Return ``scenario / reference`` req/s, or None without both measurements."""
+        """Return ``scenario / reference`` req/s (paired by round when it can), or None."""
         if self.scenario_rps is None or not self.reference_rps:
             return None
+        if self.paired is not None:
+            return self.paired
         return self.scenario_rps / self.reference_rps
 
     @property
@@ -91,8 +95,30 @@ def evaluate(outcomes: Sequence[Outcome], goals: Sequence[Goal] = GOALS) -> list
         scenario, reference = ran.get(goal.scenario), ran.get(goal.reference)
         if scenario is None or reference is None:
             continue
-        verdicts.append(Verdict(goal, _rps(scenario), _rps(reference)))
+        verdicts.append(
+            Verdict(goal, _rps(scenario), _rps(reference), paired_ratio(scenario, reference))
+        )
     return verdicts
+
+
+def paired_ratio(scenario: Outcome, reference: Outcome, cpu: bool = False) -> float | None:
+    """The median over rounds of ``scenario / reference`` in the same round, or None.
+
+    Rounds interleave the scenarios, so one round's two runs are close in time: a machine
+    that slows down for a minute moves both sides of the pair, not just one. With ``cpu``,
+    the ratio is of CPU time per request, reference over scenario (higher is better alike).
+    """
+    if not scenario.rounds or len(scenario.rounds) != len(reference.rounds):
+        return None
+    ratios = []
+    for (rps, cpu_us), (ref_rps, ref_cpu) in zip(scenario.rounds, reference.rounds, strict=True):
+        if cpu:
+            if not cpu_us or not ref_cpu:
+                return None
+            ratios.append(ref_cpu / cpu_us)
+        elif ref_rps:
+            ratios.append(rps / ref_rps)
+    return statistics.median(ratios) if ratios else None
 
 
 def _rps(outcome: Outcome) -> float | None:

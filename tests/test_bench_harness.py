@@ -223,6 +223,30 @@ def test_each_scenario_reports_its_median_round_and_a_failed_round_fails_it() ->
     assert cli.median_round([ok("a", 10), failed("a"), ok("a", 20)]).result is None
 
 
+def test_ratios_are_medians_of_per_round_ratios_so_a_slow_spell_moves_both_sides() -> None:
+    # Round 2 ran while the machine was slow for everyone: 1.5x fewer req/s on both sides.
+    bare_rounds = [ok("bare", 1000), ok("bare", 600), ok("bare", 1100)]
+    full_rounds = [ok("policyroute_full", 660), ok("policyroute_full", 400), ok("policyroute_full", 700)]
+    bare, full = cli.median_round(bare_rounds), cli.median_round(full_rounds)
+    assert [rps for rps, _ in full.rounds] == [660, 400, 700]
+    # Medians taken apart: 660 / 1000 = 0.66; round by round: 0.66, 0.667, 0.636 -> 0.66.
+    (verdict,) = [v for v in targets.evaluate([bare, full]) if v.goal.reference == "bare"]
+    assert verdict.ratio == pytest.approx(0.66)
+    skewed = [ok("bare", 1000), ok("bare", 600), ok("bare", 610)]
+    # Taken apart the medians would say 660 / 610 = 1.08; paired by round it stays ~0.66.
+    (paired,) = [
+        v
+        for v in targets.evaluate([cli.median_round(skewed), full])
+        if v.goal.reference == "bare"
+    ]
+    assert paired.ratio == pytest.approx(0.667, abs=0.01)
+    line = next(
+        row for row in report.table([cli.median_round(skewed), full]).splitlines()
+        if row.startswith("policyroute_full")
+    )
+    assert " 0.67 " in line
+
+
 def test_the_table_shows_cpu_per_request_against_bare() -> None:
     from dataclasses import replace
 
