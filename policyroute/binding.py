@@ -327,6 +327,10 @@ async def engine_start(engine: Engine) -> None:
         # full collections otherwise stall every request in flight.
         gc.collect()
         gc.freeze()
+    young = engine.config.gc_threshold
+    if young:
+        _, older, oldest = gc.get_threshold()
+        gc.set_threshold(young, older, oldest)
 
 
 async def engine_stop(engine: Engine) -> None:

@@ -293,3 +293,23 @@ async def test_startup_freezes_the_heap_unless_told_not_to(policies: Path) -> No
         async with LifespanManager(app):
             assert (gc.get_freeze_count() > 0) is freeze
     gc.unfreeze()
+
+
+async def test_startup_sets_the_young_generation_threshold_unless_told_not_to(
+    policies: Path,
+) -> None:
+    import gc
+
+    from asgi_lifespan import LifespanManager
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, before[1], before[2])
+        for young, expected in ((0, 700), (25_000, 25_000)):
+            app = make_app()
+            settings = policyroute.Settings(gc_freeze=False, gc_threshold=young)
+            policyroute.install(app, policies, settings=settings)
+            async with LifespanManager(app):
+                assert gc.get_threshold() == (expected, before[1], before[2])
+    finally:
+        gc.set_threshold(*before)
