@@ -171,7 +171,15 @@ class BoundChain:
         self.ids = ids or DEFAULT_IDS
         enforced = policy.enforce if policy is not None else True
         self.guards = tuple(
-            (s.name, s.check if enforced and s.enforce else _shadowed(s), s.traced)
+            (
+                s.name,
+                s.check if enforced and s.enforce else _shadowed(s),
+                s.traced,
+                # Decided without a coroutine when the step can (its class has check_now).
+                s.check_now
+                if enforced and s.enforce and type(s).check_now is not Step.check_now
+                else None,
+            )
             for s in chain.steps
             if s.guard
         )
@@ -213,9 +221,14 @@ class BoundChain:
         """Guards, then the handler; the denial's problem type when refused."""
         try:
             # `_guarded`, inlined: one frame less on every await of the request.
-            for name, check, _ in self.guards:
+            for name, check, _, now in self.guards:
                 try:
-                    await check(ctx)
+                    if now is None:
+                        await check(ctx)
+                    else:
+                        pending = now(ctx)
+                        if pending is not None:
+                            await pending
                 except Denial:
                     ctx.denied_by = name
                     raise
@@ -226,7 +239,7 @@ class BoundChain:
 
     async def _guarded(self, ctx: Context) -> None:
         """The guards in order (a refusal names its guard on `ctx`), then the handler."""
-        for name, check, _ in self.guards:
+        for name, check, _, _ in self.guards:
             try:
                 await check(ctx)
             except Denial:
@@ -277,7 +290,7 @@ class BoundChain:
     async def _run_traced(self, ctx: Context, out: Send, tracer: Tracer) -> str | None:
         root = ctx.root
         try:
-            for name, check, traced in self.guards:
+            for name, check, traced, _ in self.guards:
                 if not traced:
                     try:
                         await check(ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Awaitable
 from urllib.parse import unquote_to_bytes
 
 from ..compiler import Env, register
@@ -13,6 +14,7 @@ from ..identity.challenge import bearer_challenge
 from ..identity.jwks import Fetch, fetch_jwks
 from ..identity.tokens import Authenticator, TokenError, shared_authenticator
 from ..policy import RoutePolicy
+from ..principal import Principal
 from .base import Context, Step
 
 log = logging.getLogger("policyroute.auth")
@@ -67,8 +69,8 @@ class AuthStep(Step):
                          headers=self._no_token)
         return token.lstrip(b" ")
 
-    async def check(self, ctx: Context) -> None:
-        """Refuse a missing, malformed or invalid token; otherwise set the principal."""
+    def check_now(self, ctx: Context) -> Awaitable[None] | None:
+        """Refuse a missing or malformed token; a token verified before decides at once."""
         raw = self._token(ctx)
         token = raw.decode("latin-1")
         # A cached token was well-formed when first seen: a repeat costs one lookup.
@@ -76,13 +78,23 @@ class AuthStep(Step):
         if principal is None:
             if not _B64TOKEN.fullmatch(raw):
                 raise self._invalid_request("the Authorization header must be `Bearer <token>`")
-            try:
-                principal = await self.authenticator.authenticate(token, ctx.client)
-                ctx.note("auth", "verified")  # a signature checked (a cached token is not)
-            except TokenError as exc:
-                # The reason only: never the token, never a claim value.
-                log.debug("policyroute: %s refused a bearer token: %s", ctx.route, exc)
-                raise self._invalid_token(str(exc)) from None
+            return self._verify(ctx, token)
+        self._admit(ctx, principal)
+        return None
+
+    async def _verify(self, ctx: Context, token: str) -> None:
+        """Verify a token not seen before (signature, claims; keys may be fetched)."""
+        try:
+            principal = await self.authenticator.authenticate(token, ctx.client)
+            ctx.note("auth", "verified")  # a signature checked (a cached token is not)
+        except TokenError as exc:
+            # The reason only: never the token, never a claim value.
+            log.debug("policyroute: %s refused a bearer token: %s", ctx.route, exc)
+            raise self._invalid_token(str(exc)) from None
+        self._admit(ctx, principal)
+
+    @staticmethod
+    def _admit(ctx: Context, principal: Principal) -> None:
         if principal.client != ctx.client:
             principal = dataclasses.replace(principal, client=ctx.client)
         ctx.set_principal(principal)

@@ -141,8 +141,10 @@ Handler = Callable[[Context], Awaitable[None]]
 class Step:
     """One compiled policy key.
 
-    A guard step overrides `check` (raise `Denial` to refuse). A step that needs to act
-    around the handler overrides `around` and calls `call_next(ctx)` zero or more times.
+    A guard step overrides `check` (raise `Denial` to refuse), or `check_now` when it can
+    decide without awaiting (most can: the chain then makes no coroutine for it). A step
+    that needs to act around the handler overrides `around` and calls `call_next(ctx)`
+    zero or more times.
     A step whose `enforce` is False is in shadow mode: the chain records its denials
     (metric, log, span) and lets the request on.
     """
@@ -156,6 +158,16 @@ class Step:
 
     async def check(self, ctx: Context) -> None:
         """Refuse the request by raising `Denial`; return to let it on."""
+        pending = self.check_now(ctx)
+        if pending is not None:
+            await pending
+
+    def check_now(self, ctx: Context) -> Awaitable[None] | None:
+        """`check` without a coroutine: None once decided, else an awaitable that finishes it.
+
+        Only called for a step whose class overrides it; such a step leaves `check` alone.
+        """
+        return None
 
     async def around(self, ctx: Context, call_next: Handler) -> None:
         """Run code around the rest of the chain."""

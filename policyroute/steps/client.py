@@ -17,7 +17,7 @@ class ClientStep(Step):
     def __init__(self, resolver: ClientResolver) -> None:
         self.resolver = resolver
 
-    async def check(self, ctx: Context) -> None:
+    def check_now(self, ctx: Context) -> None:
         """Set `ctx.client`, which the IP allowlist, the principal and rate-limit keys read."""
         ctx.client = self.resolver.resolve(ctx.client, ctx.scope["headers"])
 

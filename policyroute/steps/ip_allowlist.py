@@ -34,7 +34,7 @@ class IpAllowlistStep(Step):
             self._seen[client] = known
         return known
 
-    async def check(self, ctx: Context) -> None:
+    def check_now(self, ctx: Context) -> None:
         """Deny a client outside the allowlist (also one whose address is unknown)."""
         if not self.allows(ctx.client):
             raise Denial(Problems.IP_NOT_ALLOWED, "the client address is not allowed on this route")

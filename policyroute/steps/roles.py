@@ -20,7 +20,7 @@ class RolesStep(Step):
         self.roles = tuple(dict.fromkeys(roles))
         self.allowed = frozenset(self.roles)
 
-    async def check(self, ctx: Context) -> None:
+    def check_now(self, ctx: Context) -> None:
         """Deny unless one of the roles was granted."""
         if self.allowed.isdisjoint(ctx.principal.roles):
             raise Denial(Problems.FORBIDDEN_ROLE,

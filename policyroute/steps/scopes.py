@@ -25,7 +25,7 @@ class ScopesStep(Step):
                                          scope=" ".join(self.scopes))
         self._detail = detail
 
-    async def check(self, ctx: Context) -> None:
+    def check_now(self, ctx: Context) -> None:
         """Deny unless every required scope was granted."""
         if not self.required <= ctx.principal.scopes:
             raise Denial(Problems.INSUFFICIENT_SCOPE, self._detail, headers=self._headers,
