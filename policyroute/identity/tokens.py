@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from cachetools import TLRUCache
 from joserfc import jws, jwt
 from joserfc.errors import ClaimError, ExpiredTokenError, JoseError
 from joserfc.jwk import Key, OctKey
@@ -126,8 +125,40 @@ class IssuerVerifier:
             raise TokenError("the token signature is not valid")
 
 
-def _expiry(_token: str, principal: Principal, _now: float) -> float:
-    return principal.expires_at or 0.0
+class TokenCache:
+    """Verified tokens until their `exp`, at most `size` of them (the oldest out first).
+
+    A plain dict: a repeat token is one lookup and one clock read on every request.
+    Tokens without `exp` are not kept.
+    """
+
+    __slots__ = ("entries", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: dict[str, Principal] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, token: str) -> Principal | None:
+        """The principal of `token` while it has not expired."""
+        principal = self.entries.get(token)
+        if principal is None:
+            return None
+        if (principal.expires_at or 0.0) > time.time():
+            return principal
+        self.entries.pop(token, None)
+        return None
+
+    def put(self, token: str, principal: Principal) -> None:
+        """Keep `principal` until its token expires; when full, the oldest entry leaves."""
+        if not principal.expires_at or principal.expires_at <= time.time():
+            return
+        entries = self.entries
+        while token not in entries and len(entries) >= self.size:
+            del entries[next(iter(entries))]  # the oldest (an expired one is dropped on read)
+        entries[token] = principal
 
 
 class Authenticator:
@@ -140,10 +171,7 @@ class Authenticator:
         self._scopes = claim_reader(auth.scopes_claim, split=True)
         self._roles = claim_reader(auth.roles_claim, split=False)
         self._amr = claim_reader("amr", split=False)
-        self.cache: TLRUCache[str, Principal] | None = (
-            TLRUCache(auth.token_cache_size, ttu=_expiry, timer=time.time)
-            if auth.token_cache_size else None
-        )
+        self.cache = TokenCache(auth.token_cache_size) if auth.token_cache_size else None
 
     def cached(self, token: str) -> Principal | None:
         """The principal of a token verified before and not expired yet."""
@@ -155,7 +183,7 @@ class Authenticator:
         if principal is None:
             principal = await self._verify(token, client)
             if self.cache is not None:
-                self.cache[token] = principal
+                self.cache.put(token, principal)
         return principal
 
     async def _verify(self, token: str, client: str | None) -> Principal:
