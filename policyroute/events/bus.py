@@ -153,6 +153,10 @@ class EventBus:
         await self._wait(lambda: self._pending.empty() and not self._in_flight)
         # The relay stops first: entries saved from here on stay new in the stream, free for
         # the next process's relay (an entry this relay held is claimed after claim_idle).
+        # It finishes the batch in hand (bounded), so what it published is acknowledged.
+        if self.relay is not None and self._relay_task is not None:
+            self.relay.stop()
+            await asyncio.wait({self._relay_task}, timeout=self.flush_timeout)
         await _cancel(self._relay_task, self._pump_task)
         while not self._pending.empty():
             self._to_outbox(self._pending.get_nowait())

@@ -30,6 +30,12 @@ log = logging.getLogger("policyroute")
 Kind = Literal["done", "blocked", "retry", "park"]
 
 
+async def _pause(event: asyncio.Event, seconds: float) -> None:
+    """Wait until `event` is set, at most `seconds`."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+
+
 @dataclass(slots=True)
 class Result:
     """What to do with one outbox entry after a relay attempt."""
@@ -52,29 +58,39 @@ class Relay:
         self.poll = poll
         self.claim_idle = claim_idle
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
 
     def wake(self) -> None:
         """Look at the outbox now (an event was just saved)."""
         self._wake.set()
 
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from `run`.
+
+        A batch cut off between publishing and acknowledging its entries would leave them
+        pending, and another relay would publish them a second time.
+        """
+        self._stop.set()
+        self._wake.set()
+
     async def run(self) -> None:
-        """Relay until cancelled."""
+        """Relay until stopped (or cancelled)."""
         backoff = 0.1
-        while True:
+        while not self._stop.is_set():
             try:
                 moved, blocked = await self.step()
             except StorageError as exc:
                 log.warning("policyroute: outbox relay: %s", exc)
                 moved, blocked = False, True
             if blocked:
-                await asyncio.sleep(backoff)
+                # Saved events do not cut a backoff short (the broker is what is away).
+                await _pause(self._stop, backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.1
             if not moved:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll)
+                await _pause(self._wake, self.poll)
 
     async def step(self) -> tuple[bool, bool]:
         """Relay one batch; (entries were read, the broker blocked some)."""
