@@ -17,7 +17,7 @@ from bench.apps import VALKEY_URL_ENV
 from bench.backend import valkey
 from bench.loadgen import CONNECTIONS, LoadGenerator
 from bench.pyload import PyLoad
-from bench.scenarios import SCENARIOS, Scenario, by_name
+from bench.scenarios import BASELINE, SCENARIOS, Scenario, by_name
 from bench.wrk import Wrk
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -142,14 +142,47 @@ def run_all(
         # Rounds interleave the scenarios, so a slow spell of the machine hits them all
         # alike instead of one scenario's whole measurement.
         for number in range(1, args.rounds + 1):
-            for scenario in scenarios:
+            # The baseline opens the round and closes it again, so every scenario's run can
+            # be paired with the baseline as it stood at that moment (`bracket`).
+            order = [*scenarios, *(s for s in scenarios if s.name == BASELINE)]
+            done: list[runner.Outcome] = []
+            for scenario in order:
                 log(
                     f"round {number}/{args.rounds} {scenario.name}: {settings.warmup_s} s "
                     f"warm-up, {settings.duration_s} s measured"
                 )
                 backend.flush()
-                rounds[scenario.name].append(runner.run(scenario, generator, settings))
+                done.append(runner.run(scenario, generator, settings))
+            for outcome in bracket(done[: len(scenarios)], done[len(scenarios) :]):
+                rounds[outcome.scenario].append(outcome)
     return settings, [median_round(rounds[s.name]) for s in scenarios]
+
+
+def bracket(
+    outcomes: list[runner.Outcome], closing: list[runner.Outcome]
+) -> list[runner.Outcome]:
+    """The round's outcomes, each with the baseline interpolated to its place in the round.
+
+    `outcomes` are in run order with the baseline among them; `closing` is the baseline run
+    again after the last one (empty when there is no baseline, or it failed: then the
+    opening run stands for the whole round).
+    """
+    opening = next((o for o in outcomes if o.scenario == BASELINE and o.result), None)
+    if opening is None or opening.result is None:
+        return outcomes
+    end = closing[0] if closing and closing[0].result is not None else opening
+    assert end.result is not None
+    start_at = outcomes.index(opening)
+    span = len(outcomes) - start_at  # the closing run comes one place after the last
+    placed = []
+    for i, outcome in enumerate(outcomes):
+        w = max(0, i - start_at) / span
+        rps = opening.result.rps + (end.result.rps - opening.result.rps) * w
+        cpu = None
+        if opening.cpu_us and end.cpu_us:
+            cpu = opening.cpu_us + (end.cpu_us - opening.cpu_us) * w
+        placed.append(dataclasses.replace(outcome, base=(rps, cpu)))
+    return placed
 
 
 def median_round(outcomes: list[runner.Outcome]) -> runner.Outcome:
@@ -158,7 +191,11 @@ def median_round(outcomes: list[runner.Outcome]) -> runner.Outcome:
     if failed:
         return failed[0]
     ranked = sorted(outcomes, key=lambda o: o.result.rps if o.result else 0.0)
-    every = tuple((o.result.rps, o.cpu_us) for o in outcomes if o.result is not None)
+    every = tuple(
+        runner.Round(o.result.rps, o.cpu_us, *(o.base or (None, None)))
+        for o in outcomes
+        if o.result is not None
+    )
     return dataclasses.replace(ranked[(len(ranked) - 1) // 2], rounds=every)
 
 

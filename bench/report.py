@@ -164,7 +164,7 @@ def _entry(outcome: Outcome, base: float | None, pair: Outcome | None) -> dict[s
         "status": "ok" if outcome.result is not None else "FAILED",
         **(asdict(outcome.result) if outcome.result is not None else {}),
         "ratio_to_bare": ratio(outcome, base, pair),
-        "rounds": [{"rps": rps, "cpu_us": cpu} for rps, cpu in outcome.rounds],
+        "rounds": [asdict(r) for r in outcome.rounds],
         "failure": outcome.failure or None,
         "log_tail": outcome.log_tail or None,
     }

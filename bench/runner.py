@@ -34,9 +34,26 @@ class Outcome:
     # The server process's CPU time per request in the timed run (µs): steadier than req/s
     # on a shared machine, since waiting for a CPU costs no CPU time.
     cpu_us: float | None = None
-    # Every round's req/s and CPU µs per request, in round order (interleaved runs only),
-    # so ratios can be taken round by round: both sides of a pair ran minutes apart at most.
-    rounds: tuple[tuple[float, float | None], ...] = ()
+    # Every round's figures, in round order (interleaved runs only), so ratios can be taken
+    # round by round: both sides of a pair ran minutes apart at most.
+    rounds: tuple[Round, ...] = ()
+    # The baseline as it stood when this run was made (see `Round`), set by the harness.
+    base: tuple[float, float | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One round of a scenario: req/s, CPU µs per request, and the baseline's at that time.
+
+    The baseline runs first and last in every round; `base_*` is interpolated between the
+    two by the scenario's place in the round, so a machine that drifts during the round
+    moves both sides of the pair (None when the round had no baseline).
+    """
+
+    rps: float
+    cpu_us: float | None = None
+    base_rps: float | None = None
+    base_cpu: float | None = None
 
 
 def measure(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.runner import Outcome
+from bench.scenarios import BASELINE
 
 MET = "PASS"
 MISSED = "MISS"
@@ -105,19 +106,26 @@ def paired_ratio(scenario: Outcome, reference: Outcome, cpu: bool = False) -> fl
     """The median over rounds of ``scenario / reference`` in the same round, or None.
 
     Rounds interleave the scenarios, so one round's two runs are close in time: a machine
-    that slows down for a minute moves both sides of the pair, not just one. With ``cpu``,
-    the ratio is of CPU time per request, reference over scenario (higher is better alike).
+    that slows down for a minute moves both sides of the pair, not just one. Against the
+    baseline, each round's baseline is the one interpolated to the scenario's place in the
+    round (it runs first and last). With ``cpu``, the ratio is of CPU time per request,
+    reference over scenario (higher is better alike).
     """
     if not scenario.rounds or len(scenario.rounds) != len(reference.rounds):
         return None
+    against_base = reference.scenario == BASELINE and all(
+        r.base_rps is not None for r in scenario.rounds
+    )
     ratios = []
-    for (rps, cpu_us), (ref_rps, ref_cpu) in zip(scenario.rounds, reference.rounds, strict=True):
+    for mine, theirs in zip(scenario.rounds, reference.rounds, strict=True):
+        ref_rps = mine.base_rps if against_base else theirs.rps
+        ref_cpu = mine.base_cpu if against_base else theirs.cpu_us
         if cpu:
-            if not cpu_us or not ref_cpu:
+            if not mine.cpu_us or not ref_cpu:
                 return None
-            ratios.append(ref_cpu / cpu_us)
+            ratios.append(ref_cpu / mine.cpu_us)
         elif ref_rps:
-            ratios.append(rps / ref_rps)
+            ratios.append(mine.rps / ref_rps)
     return statistics.median(ratios) if ratios else None
 
 

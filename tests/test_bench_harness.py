@@ -228,7 +228,7 @@ def test_ratios_are_medians_of_per_round_ratios_so_a_slow_spell_moves_both_sides
     bare_rounds = [ok("bare", 1000), ok("bare", 600), ok("bare", 1100)]
     full_rounds = [ok("policyroute_full", 660), ok("policyroute_full", 400), ok("policyroute_full", 700)]
     bare, full = cli.median_round(bare_rounds), cli.median_round(full_rounds)
-    assert [rps for rps, _ in full.rounds] == [660, 400, 700]
+    assert [r.rps for r in full.rounds] == [660, 400, 700]
     # Medians taken apart: 660 / 1000 = 0.66; round by round: 0.66, 0.667, 0.636 -> 0.66.
     (verdict,) = [v for v in targets.evaluate([bare, full]) if v.goal.reference == "bare"]
     assert verdict.ratio == pytest.approx(0.66)
@@ -245,6 +245,28 @@ def test_ratios_are_medians_of_per_round_ratios_so_a_slow_spell_moves_both_sides
         if row.startswith("policyroute_full")
     )
     assert " 0.67 " in line
+
+
+def test_the_baseline_brackets_each_round_and_is_interpolated_to_each_scenarios_place() -> None:
+    from dataclasses import replace
+
+    # The machine slows down steadily through the round: bare 1000 req/s at the start and
+    # 700 when it runs again at the end; the full chain, third of the four runs, at 70 % of
+    # the bare of its moment.
+    opening = replace(ok("bare", 1000), cpu_us=100.0)
+    run = [opening, ok("slowapi", 450), replace(ok("policyroute_full", 560), cpu_us=200.0)]
+    closing = [replace(ok("bare", 700), cpu_us=160.0)]
+    placed = cli.bracket(run, closing)
+    assert [o.base for o in placed] == [(1000, 100.0), (900, 120.0), (800, 140.0)]
+    full = cli.median_round([placed[2]])
+    bare = cli.median_round([placed[0]])
+    assert targets.paired_ratio(full, bare) == pytest.approx(0.70)
+    assert targets.paired_ratio(full, bare, cpu=True) == pytest.approx(0.70)
+    # Without the closing run (it failed) the opening one stands for the whole round.
+    assert [o.base for o in cli.bracket(run, [failed("bare")])][2] == (1000, 100.0)
+    # Against another scenario than the baseline, rounds pair as they ran.
+    slowapi = cli.median_round([placed[1]])
+    assert targets.paired_ratio(full, slowapi) == pytest.approx(560 / 450)
 
 
 def test_the_table_shows_cpu_per_request_against_bare() -> None:
