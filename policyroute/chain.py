@@ -220,28 +220,21 @@ class BoundChain:
     async def _run(self, ctx: Context, out: Send) -> str | None:
         """Guards, then the handler; the denial's problem type when refused."""
         try:
-            # `_guarded`, inlined: one frame less on every await of the request.
-            for name, check, _, now in self.guards:
-                try:
-                    if now is None:
-                        await check(ctx)
-                    else:
-                        pending = now(ctx)
-                        if pending is not None:
-                            await pending
-                except Denial:
-                    ctx.denied_by = name
-                    raise
-            await self.handler(ctx)
+            await self._guarded(ctx)
         except Denial as denial:
             return await self._deny(ctx, out, denial)
         return None
 
     async def _guarded(self, ctx: Context) -> None:
         """The guards in order (a refusal names its guard on `ctx`), then the handler."""
-        for name, check, _, _ in self.guards:
+        for name, check, _, now in self.guards:
             try:
-                await check(ctx)
+                if now is None:
+                    await check(ctx)
+                else:
+                    pending = now(ctx)
+                    if pending is not None:
+                        await pending
             except Denial:
                 ctx.denied_by = name
                 raise

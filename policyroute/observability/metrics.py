@@ -3,7 +3,7 @@
 Every label comes from a fixed vocabulary: the route template ("METHOD /template"), the
 method, a step name, an outcome or a problem type slug. Never a user id, a token or a raw
 path. A `RouteMeter` is made when a route's chain is bound (at install and on reload) and
-holds the label children that route uses, so a request never calls `.labels()`.
+holds the series an allowed request bumps, so such a request never calls `.labels()`.
 
 All metrics live in prometheus_client's default registry, which `/metrics` serves.
 """
@@ -225,8 +225,6 @@ class RouteMeter:
             if kind in DECISIONS
             for outcome in DECISIONS[kind][1]
         }
-        self.denials: dict[tuple[str, str], Any] = {}
-        self.shadows: dict[tuple[str, str], Any] = {}
 
     def count(self, kind: str, outcome: str) -> None:
         """Count one decision of a step."""
@@ -252,28 +250,13 @@ class RouteMeter:
 
     def denied(self, step: str, reason: str) -> None:
         """Count a denial by the step that refused and its problem type."""
-        key = (step, reason)
-        child = self.denials.get(key)
-        if child is None:
-            child = self.denials[key] = DENIALS.labels(self.route, step, reason)
-        child.inc()
+        DENIALS.labels(self.route, step, reason).inc()
 
     def shadow(self, step: str, reason: str) -> None:
         """Count a denial a shadowed step did not enforce."""
-        key = (step, reason)
-        child = self.shadows.get(key)
-        if child is None:
-            child = self.shadows[key] = SHADOW_DENIALS.labels(self.route, step, reason)
-        child.inc()
-
-
-_BACKEND: dict[tuple[str, str, str], Any] = {}
+        SHADOW_DENIALS.labels(self.route, step, reason).inc()
 
 
 def backend_error(route: str, exc: StorageError) -> None:
     """Count a backend failure on a route, with whether the step went on (open) or refused."""
-    key = (exc.backend, route, "open" if exc.fail_open else "closed")
-    child = _BACKEND.get(key)
-    if child is None:
-        child = _BACKEND[key] = BACKEND_ERRORS.labels(*key)
-    child.inc()
+    BACKEND_ERRORS.labels(exc.backend, route, "open" if exc.fail_open else "closed").inc()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from ..compiler import Env, register
 from ..policy import RoutePolicy
@@ -30,7 +29,6 @@ class SlowStep(Step):
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
-        self._counters: dict[str, Any] = {}
 
     def describe(self) -> str:
         """The threshold."""
@@ -47,10 +45,7 @@ class SlowStep(Step):
                 self._slow(ctx, took)
 
     def _slow(self, ctx: Context, took: float) -> None:
-        counter = self._counters.get(ctx.route)
-        if counter is None:
-            counter = self._counters[ctx.route] = SLOW.labels(ctx.route)
-        counter.inc()
+        SLOW.labels(ctx.route).inc()
         ms, limit = round(took * 1000, 1), round(self.threshold * 1000, 1)
         ctx.note("slow", True)
         log.warning(
