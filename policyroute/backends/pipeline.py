@@ -186,9 +186,7 @@ class Pipeline:
         try:
             context = ssl.create_default_context() if self.tls else None
             async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(
-                    lambda: protocol, self.host, self.port, ssl=context
-                )
+                await loop.create_connection(lambda: protocol, self.host, self.port, ssl=context)
                 self._protocol = protocol
                 await self._handshake(protocol)
         except (OSError, TimeoutError, ResponseError) as exc:
@@ -245,6 +243,18 @@ class Pipeline:
     @staticmethod
     def _fail(batch: list[tuple[bytes, asyncio.Future[Any]]], error: Exception) -> None:
         _fail([f for _, f in batch], error)
+
+    async def settle(self) -> None:
+        """Wait until every command queued so far (on this loop) has its reply or error.
+
+        Bounded: a batch without its reply fails at the read timeout, a connection that
+        cannot be made at the connect timeout.
+        """
+        loop = asyncio.get_running_loop()
+        waiting = [f for f in (*(f for _, f in self.pending), *self.inflight) if not f.done()]
+        waiting = [f for f in waiting if f.get_loop() is loop]
+        if waiting:
+            await asyncio.wait(waiting)
 
     async def close(self) -> None:
         """Close the connection; callers still waiting get a connection error."""

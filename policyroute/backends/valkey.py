@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import importlib.resources
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import valkey.asyncio as avalkey
@@ -40,6 +42,18 @@ class Store(Protocol):
         fail_open: bool,
     ) -> Any:
         """Run a packaged Lua script by name; raise StorageError on any backend failure."""
+        ...
+
+    def submit(
+        self,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        *,
+        operation: str,
+        on_error: Callable[[StorageError], None],
+    ) -> None:
+        """Queue a script call nobody awaits (when `queues_first`); errors go to `on_error`."""
         ...
 
 
@@ -94,6 +108,7 @@ class ValkeyStore:
             None if cluster else Pipeline(url, timeout=timeout, connect_timeout=timeout)
         )
         self.queues_first = self.pipeline is not None
+        self._retries: set[asyncio.Future[Any]] = set()
 
     def key(self, tag: str, *parts: str) -> str:
         """`<prefix>:{<tag>}:<part>:...`; the tag is a cluster hash tag."""
@@ -120,14 +135,75 @@ class ValkeyStore:
             if self.pipeline is None:
                 return await self._script(script)(keys=list(keys), args=list(args))
             sha, source = self._source(script)
-            call = self.pipeline.execute
+            command = ("EVALSHA", sha, len(keys), *keys, *args)
             try:
-                return await call("EVALSHA", sha, len(keys), *keys, *args)
+                return await self.pipeline.execute(*command)
             except NoScriptError:  # a restarted or flushed server: load once, call again
-                await call("SCRIPT", "LOAD", source)
-                return await call("EVALSHA", sha, len(keys), *keys, *args)
+                return await self._reload_and_call(source, command)
         except (ValkeyError, OSError, TimeoutError) as exc:
             raise StorageError("valkey", operation, fail_open, exc) from exc
+
+    async def _reload_and_call(self, source: str, command: tuple[Arg, ...]) -> Any:
+        assert self.pipeline is not None
+        await self.pipeline.execute("SCRIPT", "LOAD", source)
+        return await self.pipeline.execute(*command)
+
+    def submit(
+        self,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        *,
+        operation: str,
+        on_error: Callable[[StorageError], None],
+    ) -> None:
+        """Queue a script call nobody awaits (only when `queues_first`); failures go to `on_error`.
+
+        The caller goes on at once: no await, no task. Commands after it on this store
+        (`run`, `command`, `stop`) are sent after it on the same connection, so they see
+        what it wrote.
+        """
+        assert self.pipeline is not None
+        sha, source = self._source(script)
+        command = ("EVALSHA", sha, len(keys), *keys, *args)
+        future = self.pipeline.execute(*command)
+        future.add_done_callback(
+            functools.partial(self._submitted, source, command, operation, on_error)
+        )
+
+    def _submitted(
+        self,
+        source: str,
+        command: tuple[Arg, ...],
+        operation: str,
+        on_error: Callable[[StorageError], None],
+        future: asyncio.Future[Any],
+    ) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            return
+        if isinstance(exc, NoScriptError):  # a restarted or flushed server: load, send again
+            retry = asyncio.ensure_future(self._reload_and_call(source, command))
+            self._retries.add(retry)
+            retry.add_done_callback(functools.partial(self._resubmitted, operation, on_error))
+            return
+        on_error(StorageError("valkey", operation, True, exc))
+
+    def _resubmitted(
+        self, operation: str, on_error: Callable[[StorageError], None], task: asyncio.Future[Any]
+    ) -> None:
+        self._retries.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            on_error(StorageError("valkey", operation, True, exc))
+
+    async def settle(self) -> None:
+        """Wait until every call submitted so far has its reply (or its error)."""
+        if self.pipeline is not None:
+            await self.pipeline.settle()
+        if self._retries:
+            await asyncio.wait(list(self._retries))
 
     def _source(self, name: str) -> tuple[str, str]:
         found = self._sources.get(name)
@@ -138,8 +214,14 @@ class ValkeyStore:
         return found
 
     async def command(self, *args: Arg, operation: str, fail_open: bool = False) -> Any:
-        """Run one plain command with the same error wrapping."""
+        """Run one plain command with the same error wrapping.
+
+        On one server it goes down the pipelined connection, behind every script call
+        already queued (submitted after-handler calls included), so it sees their writes.
+        """
         try:
+            if self.pipeline is not None:
+                return await self.pipeline.execute(*args)
             return await self.client.execute_command(*args)
         except (ValkeyError, OSError, TimeoutError) as exc:
             raise StorageError("valkey", operation, fail_open, exc) from exc
@@ -152,7 +234,8 @@ class ValkeyStore:
             return False
 
     async def stop(self) -> None:
-        """Close every connection."""
+        """Close every connection, once the calls submitted so far have their replies."""
         if self.pipeline is not None:
+            await self.settle()
             await self.pipeline.close()
         await self.client.aclose()

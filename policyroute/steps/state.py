@@ -39,8 +39,6 @@ BACKEND_FAILED_OPEN: Counter[str] = Counter()
 Header = tuple[bytes, bytes]
 
 
-
-
 @functools.lru_cache(maxsize=4096)
 def route_id(route: str) -> str:
     """A short stable id of a route for key names (no spaces, no user input)."""
@@ -327,9 +325,7 @@ class StateStep(Step):
         finally:
             await self._finish(req, outcome)
 
-    async def _with_probes(
-        self, req: Request, probes: list[Callable[[], Awaitable[None]]]
-    ) -> Any:
+    async def _with_probes(self, req: Request, probes: list[Callable[[], Awaitable[None]]]) -> Any:
         """The script's reply, with the shadow probes sent in the same write (pipelined)."""
         calls: list[Awaitable[Any]] = [p() for p in probes]
         if req.args:
@@ -404,6 +400,7 @@ class StateStep(Step):
                 watcher.cancel()
 
     async def _finish(self, req: Request, outcome: Outcome) -> None:
+        """Queue the after-handler ops; await their reply when a retry depends on it."""
         if req.data.get(FINISHED):
             return
         req.data[FINISHED] = True
@@ -412,11 +409,24 @@ class StateStep(Step):
         if not req.finish_args:
             return
         store = self.store
+        route = req.ctx.route
+        if store.queues_first and not req.data.get("id_owner"):
+            # The auto-pipelined store (one server) queues the script at once and nobody
+            # waits for its reply: the response has gone, and every later command on this
+            # store is sent behind it. Queued before any await, so even a cancelled request
+            # (client gone) still releases and refunds. An idempotency record's owner waits:
+            # a retry, perhaps to another process, must find the record settled.
+            store.submit(
+                "finish",
+                req.finish_keys,
+                req.finish_args,
+                operation=self.finish_op,
+                on_error=functools.partial(_finish_failed, route),
+            )
+            return
         try:
             if store.queues_first:
-                # The auto-pipelined store (one server) queues the script before its first
-                # await, so even a cancelled request (client gone) still releases and
-                # refunds: no shield needed.
+                # Queued before the first await: a cancelled request still settles; no shield.
                 await store.run(
                     "finish",
                     req.finish_keys,
@@ -429,8 +439,7 @@ class StateStep(Step):
                 with anyio.CancelScope(shield=True):
                     await run_finish(store, req, self.finish_op)
         except StorageError as exc:
-            backend_error(req.ctx.route, exc)
-            log.warning("policyroute: %s", exc)
+            _finish_failed(route, exc)
 
     async def _without_backend(self, ctx: Context, call_next: Handler, exc: StorageError) -> None:
         backend_error(ctx.route, exc)
@@ -444,6 +453,12 @@ class StateStep(Step):
             BACKEND_FAILED_OPEN[part.name] += 1
         log.warning("policyroute: %s", exc)
         await call_next(ctx)
+
+
+def _finish_failed(route: str, exc: StorageError) -> None:
+    """An after-handler call failed: count it and say so (the response has gone)."""
+    backend_error(route, exc)
+    log.warning("policyroute: %s", exc)
 
 
 def _recording(

@@ -127,3 +127,67 @@ async def test_every_argument_type_reaches_the_server_as_its_text(valkey_url: st
         assert replies == [b"\x00\xff", "é".encode(), b"-5", b"1" + b"0" * 30, b"0.1", b"1e+20", b"1"]
     finally:
         await pipeline.close()
+
+
+BUCKET: list[str | int] = ["tb", 100, 100, 60_000, 1]
+
+
+async def _tokens_left(store: ValkeyStore, keys: list[str]) -> int:
+    """Take one more token and say how many are left."""
+    reply = await store.run("state", keys, BUCKET, operation="t", fail_open=False)
+    return int(reply[1][0][1])
+
+
+async def test_submitted_calls_are_seen_by_later_calls_even_after_a_script_flush(
+    valkey_url: str,
+) -> None:
+    store = _store(valkey_url)
+    keys = [store.key("s:carol", "rl", "r", "0")]
+    errors: list[StorageError] = []
+    try:
+        assert await _tokens_left(store, keys) == 99
+        for _ in range(5):  # nobody awaits these; the next call is sent behind them
+            store.submit("state", keys, BUCKET, operation="t", on_error=errors.append)
+        assert await _tokens_left(store, keys) == 93
+        await store.command("SCRIPT", "FLUSH", operation="flush")
+        for _ in range(3):  # NOSCRIPT: loaded again and sent again, still nobody waiting
+            store.submit("state", keys, BUCKET, operation="t", on_error=errors.append)
+        await store.settle()
+        assert await _tokens_left(store, keys) == 89
+        assert errors == []
+    finally:
+        await store.stop()
+
+
+async def test_a_submitted_call_that_fails_reaches_its_error_callback() -> None:
+    server = start_valkey()
+    store = _store(server.url)
+    keys = [store.key("s:dave", "rl", "r", "0")]
+    errors: list[StorageError] = []
+    try:
+        assert await _tokens_left(store, keys) == 99
+        server.stop()
+        store.submit("state", keys, BUCKET, operation="the finish", on_error=errors.append)
+        started = time.monotonic()
+        await store.settle()
+        assert time.monotonic() - started < 0.3
+        assert len(errors) == 1
+        assert errors[0].fail_open and "the finish" in str(errors[0])
+    finally:
+        await store.stop()
+
+
+async def test_stop_sends_and_settles_every_submitted_call_first(valkey_url: str) -> None:
+    store = _store(valkey_url)
+    keys = [store.key("s:erin", "rl", "r", "0")]
+    errors: list[StorageError] = []
+    assert await _tokens_left(store, keys) == 99
+    for _ in range(40):
+        store.submit("state", keys, BUCKET, operation="t", on_error=errors.append)
+    await store.stop()  # at once: the 40 calls are still queued or in flight
+    fresh = ValkeyStore(valkey_url, prefix=store.prefix)
+    try:
+        assert await _tokens_left(fresh, keys) == 58
+        assert errors == []
+    finally:
+        await fresh.stop()
