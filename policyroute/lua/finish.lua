@@ -30,7 +30,7 @@ while op do
   elseif op == 'cas' then
     local v, lk = key(), key()
     local code, hd, bd, ttl, token = arg(), arg(), arg(), arg(), arg()
-    redis.call('DEL', v)
+    -- a record always has these three fields: HSET replaces one a lapsed lock let in
     redis.call('HSET', v, 'code', code, 'hd', hd, 'bd', bd)
     redis.call('PEXPIRE', v, ttl)
     if redis.call('GET', lk) == token then redis.call('DEL', lk) end

@@ -8,7 +8,6 @@
 -- include: _account
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local now_us = t[1] .. string.format('%06d', tonumber(t[2]))
 local ki, ai = 1, 1
 local function key() local v = KEYS[ki]; ki = ki + 1; return v end
 local function arg() local v = ARGV[ai]; ai = ai + 1; return v end
@@ -49,6 +48,7 @@ local function sliding_window(k, cap, per, cost)
   local reset = per
   if oldest[2] then reset = tonumber(oldest[2]) + per - now end
   local write = function()
+    local now_us = t[1] .. string.format('%06d', tonumber(t[2]))
     for i = 1, cost do redis.call('ZADD', k, now, now_us .. ':' .. (n + i)) end
     redis.call('PEXPIRE', k, per)
   end
