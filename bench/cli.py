@@ -23,6 +23,7 @@ from bench.wrk import Wrk
 RESULTS = Path(__file__).resolve().parent / "results.json"
 DURATION_ENV = "BENCH_DURATION"
 ROUNDS_ENV = "BENCH_ROUNDS"
+CONNECTIONS_ENV = "BENCH_CONNECTIONS"
 DEFAULT_DURATION_S = 4
 DEFAULT_ROUNDS = 5
 DEFAULT_WARMUP_S = 1
@@ -30,8 +31,8 @@ MAX_GENERATOR_THREADS = 4
 DESCRIPTION = "Benchmark the same endpoint behind each policy stack, one uvicorn worker each."
 
 
-def whole_seconds(minimum: int) -> Callable[[str], int]:
-    """Return an argparse type that parses whole seconds, at least ``minimum``."""
+def whole(minimum: int) -> Callable[[str], int]:
+    """Return an argparse type for a whole number (seconds, rounds), at least ``minimum``."""
 
     def parse(text: str) -> int:
         value = int(text)
@@ -39,7 +40,7 @@ def whole_seconds(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
 
-    parse.__name__ = "seconds"
+    parse.__name__ = "whole number"
     return parse
 
 
@@ -60,21 +61,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", type=scenario_names, help="comma-separated scenario names")
     p.add_argument(
         "--duration",
-        type=whole_seconds(1),
+        type=whole(1),
         # argparse runs a string default through `type`, so a bad variable is a usage error.
         default=os.environ.get(DURATION_ENV, str(DEFAULT_DURATION_S)),
         help=f"measured seconds per scenario (default ${DURATION_ENV} or {DEFAULT_DURATION_S})",
     )
     p.add_argument(
         "--rounds",
-        type=whole_seconds(1),
+        type=whole(1),
         default=os.environ.get(ROUNDS_ENV, str(DEFAULT_ROUNDS)),
         help="rounds over every scenario, interleaved; each scenario reports its median "
         f"round (default ${ROUNDS_ENV} or {DEFAULT_ROUNDS})",
     )
     p.add_argument(
+        "--connections",
+        type=whole(1),
+        default=os.environ.get(CONNECTIONS_ENV, str(CONNECTIONS)),
+        help="concurrent connections of the generator (scenarios that set their own keep "
+        f"theirs; default ${CONNECTIONS_ENV} or {CONNECTIONS})",
+    )
+    p.add_argument(
         "--warmup",
-        type=whole_seconds(0),
+        type=whole(0),
         default=DEFAULT_WARMUP_S,
         help="warm-up seconds, 0 for none",
     )
@@ -132,7 +140,7 @@ def run_all(
         settings = runner.Settings(
             duration_s=args.duration,
             warmup_s=args.warmup,
-            connections=CONNECTIONS,
+            connections=args.connections,
             threads=min(MAX_GENERATOR_THREADS, max(1, len(plan.others))),
             server_cpus=plan.server,
             env={VALKEY_URL_ENV: backend.url},

@@ -21,6 +21,7 @@ HEADER = (
     "vs bare",
     "cpu us/req",
     "cpu vs bare",
+    "busy",
     "errors",
 )
 TARGET_HEADER = ("target", "measured", "req/s", "status")
@@ -66,7 +67,7 @@ def row(
     """Return one table row as strings (`cpu vs bare` is bare's CPU per request over this one's)."""
     result = outcome.result
     if result is None:
-        return (outcome.scenario, outcome.generator, "FAILED", *([MISSING] * 6))
+        return (outcome.scenario, outcome.generator, "FAILED", *([MISSING] * (len(HEADER) - 3)))
     share = ratio(outcome, base, paired_with)
     cpu = outcome.cpu_us
     cpu_share = paired_ratio(outcome, paired_with, cpu=True) if paired_with is not None else None
@@ -81,8 +82,18 @@ def row(
         MISSING if share is None else f"{share:.2f}",
         MISSING if not cpu else f"{cpu:.0f}",
         MISSING if cpu_share is None else f"{cpu_share:.2f}",
+        MISSING if not cpu else f"{busy(result.rps, cpu):.0%}",
         str(result.errors),
     )
+
+
+def busy(rps: float, cpu_us: float) -> float:
+    """The share of the run the server spent on a CPU: below 100 % it waited for something.
+
+    A server that is not kept busy (its requests wait on a backend that shares a CPU with
+    the generator) reports less than its capacity: compare req/s of saturated runs.
+    """
+    return rps * cpu_us / 1e6
 
 
 def table(outcomes: Sequence[Outcome]) -> str:
