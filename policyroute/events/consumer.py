@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 from .._types import parse_duration, parse_topic
 from ..errors import PolicyrouteError, StorageError
 from ..observability.tracing import consumer_span
-from ._pulsar import async_client, result_name
+from ._pulsar import async_client, release_clients, result_name
 from .envelope import EVENT_ID
 from .metrics import CONSUMED
 
@@ -226,6 +226,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._client.close(), grace)
             self._client = None
+            release_clients()
 
     async def run(self, url: str, stop: asyncio.Event, *, grace: float = 10.0) -> None:
         """Run every consumer until `stop` is set, then stop cleanly."""
