@@ -6,9 +6,14 @@ import gc
 import logging
 from typing import Any
 
-# The C++ client logs through this logger (connection retries during an outage are noisy;
-# tune it apart from "policyroute").
+# The level of the C++ client's own log lines (connection retries during an outage are
+# noisy; tune it apart from "policyroute"): this logger's effective level when a client is
+# made. The lines go to stderr from the client's threads, not through Python logging: a
+# native thread that calls into Python while the interpreter exits aborts the process
+# ("terminate called without an active exception", exit -6), and the client's threads
+# log as they wind down, about one exit in ten.
 CLIENT_LOG = logging.getLogger("policyroute.pulsar")
+STDERR = "/dev/stderr"
 
 # Results that say the broker (or the path to it) is away or busy: the event itself is fine,
 # so the failure never counts toward `max_attempts` and the event waits in the outbox.
@@ -60,20 +65,37 @@ def release_clients() -> None:
     """Destroy closed native clients now, while the interpreter can still take their calls.
 
     A closed client held in a reference cycle is otherwise destroyed at interpreter exit,
-    where its C++ threads' last calls into Python (a log line, a callback) abort the
-    process ("terminate called without an active exception", exit -6, about one exit in
-    ten). Collecting after the close destroys it, its threads joined, before exit.
+    where its C++ threads' last calls into Python abort the process ("terminate called
+    without an active exception", exit -6). Worker exits that aborted (start, stop, exit):
+    with logging through Python 6 in 60, stderr logging alone 3 in 80, both this and
+    stderr logging 0 in 80 (and 0 in 176 more across 11 runs of tests/events).
     """
     gc.collect()
 
 
+def native_logger() -> Any:
+    """The C++ client's logger: stderr at the level of `policyroute.pulsar`."""
+    import pulsar
+
+    level = CLIENT_LOG.getEffectiveLevel()
+    if level <= logging.DEBUG:
+        native = pulsar.LoggerLevel.Debug
+    elif level <= logging.INFO:
+        native = pulsar.LoggerLevel.Info
+    elif level <= logging.WARNING:
+        native = pulsar.LoggerLevel.Warn
+    else:
+        native = pulsar.LoggerLevel.Error
+    return pulsar.FileLogger(native, STDERR)
+
+
 def async_client(url: str, *, operation_timeout: float) -> Any:
-    """A `pulsar.asyncio.Client` that logs through `policyroute.pulsar` (connects lazily)."""
+    """A `pulsar.asyncio.Client` logging to stderr at `policyroute.pulsar`'s level (lazy)."""
     import pulsar.asyncio
 
     return pulsar.asyncio.Client(
         url,
         operation_timeout_seconds=max(1, round(operation_timeout)),
         connection_timeout_ms=max(100, int(operation_timeout * 1000)),
-        logger=CLIENT_LOG,
+        logger=native_logger(),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -14,6 +15,7 @@ import pulsar.asyncio
 import pytest
 
 import policyroute
+from policyroute.events._pulsar import native_logger
 from policyroute.events.consumer import Message, Worker
 
 from .kit import QUIET, Listener, topic
@@ -184,3 +186,26 @@ def test_worker_without_consumers_is_a_usage_error(
     assert "no consumers" in capsys.readouterr().err
     assert main(["worker", "empty_consumers:missing"]) == 2
     assert isinstance(policyroute.consumers, Worker)
+
+
+@pytest.mark.parametrize(
+    ("level", "native"),
+    [
+        (logging.DEBUG, pulsar.LoggerLevel.Debug),
+        (logging.INFO, pulsar.LoggerLevel.Info),
+        (logging.WARNING, pulsar.LoggerLevel.Warn),
+        (logging.ERROR, pulsar.LoggerLevel.Error),
+    ],
+)
+def test_the_native_client_logs_to_stderr_at_the_level_of_its_logger(
+    level: int, native: object
+) -> None:
+    logger = logging.getLogger("policyroute.pulsar")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        made = native_logger()
+    finally:
+        logger.setLevel(before)
+    assert isinstance(made, pulsar.FileLogger)
+    assert made.log_level == native and made.log_file == "/dev/stderr"
