@@ -98,7 +98,7 @@ async def record(message: policyroute.Message) -> None:
 """
 
 
-START_AND_STOP = """
+WORKER_START_STOP = """
 import asyncio, os, policyroute
 
 async def main() -> None:
@@ -115,21 +115,37 @@ async def main() -> None:
 asyncio.run(main())
 """
 
+BUS_START_STOP = """
+import asyncio, os
+from policyroute.events.bus import EventBus
+from policyroute.events.envelope import Event, new_event_id
 
-async def test_a_stopped_worker_process_exits_cleanly_every_time(
-    pulsar_url: str, tmp_path: Path
+async def main() -> None:
+    bus = EventBus(os.environ["URL"], store=None)
+    await bus.start()
+    bus.emit(Event(new_event_id(), "POST /x", os.environ["T"], b"{}"))
+    await bus.stop()  # publishes what is pending first
+    assert bus.dropped == 0
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("script", [WORKER_START_STOP, BUS_START_STOP], ids=["worker", "bus"])
+async def test_a_process_that_stopped_its_pulsar_client_exits_cleanly_every_time(
+    pulsar_url: str, tmp_path: Path, script: str
 ) -> None:
     # A closed native client left to interpreter exit aborted about one exit in ten
     # (exit -6, "terminate called without an active exception"): 16 exits, 4 at a time.
-    script = tmp_path / "start_and_stop.py"
-    script.write_text(START_AND_STOP)
+    path = tmp_path / "start_and_stop.py"
+    path.write_text(script)
     slots = asyncio.Semaphore(4)
 
     async def once(n: int) -> tuple[int, bytes]:
         async with slots:
             env = {**os.environ, "URL": pulsar_url, "T": topic(f"exit{n}")}
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(script), env=env, stderr=asyncio.subprocess.PIPE
+                sys.executable, str(path), env=env, stderr=asyncio.subprocess.PIPE
             )
             _, err = await asyncio.wait_for(proc.communicate(), 30.0)
             return proc.returncode or 0, err
