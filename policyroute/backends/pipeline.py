@@ -251,8 +251,8 @@ class Pipeline:
         cannot be made at the connect timeout.
         """
         loop = asyncio.get_running_loop()
-        waiting = [f for f in (*(f for _, f in self.pending), *self.inflight) if not f.done()]
-        waiting = [f for f in waiting if f.get_loop() is loop]
+        queued = (*(f for _, f in self.pending), *self.inflight)
+        waiting = [f for f in queued if not f.done() and f.get_loop() is loop]
         if waiting:
             await asyncio.wait(waiting)
 

@@ -173,30 +173,24 @@ class ValkeyStore:
 
     def _submitted(
         self,
-        source: str,
+        source: str | None,
         command: tuple[Arg, ...],
         operation: str,
         on_error: Callable[[StorageError], None],
         future: asyncio.Future[Any],
     ) -> None:
-        if future.cancelled():
+        # `source` is None for the call sent again after NOSCRIPT: it is not retried twice.
+        self._retries.discard(future)
+        if future.cancelled() or (exc := future.exception()) is None:
             return
-        exc = future.exception()
-        if exc is None:
-            return
-        if isinstance(exc, NoScriptError):  # a restarted or flushed server: load, send again
+        if source is not None and isinstance(exc, NoScriptError):  # load, send again
             retry = asyncio.ensure_future(self._reload_and_call(source, command))
             self._retries.add(retry)
-            retry.add_done_callback(functools.partial(self._resubmitted, operation, on_error))
+            retry.add_done_callback(
+                functools.partial(self._submitted, None, command, operation, on_error)
+            )
             return
         on_error(StorageError("valkey", operation, True, exc))
-
-    def _resubmitted(
-        self, operation: str, on_error: Callable[[StorageError], None], task: asyncio.Future[Any]
-    ) -> None:
-        self._retries.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            on_error(StorageError("valkey", operation, True, exc))
 
     async def settle(self) -> None:
         """Wait until every call submitted so far has its reply (or its error)."""

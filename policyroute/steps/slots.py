@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..backends.valkey import Arg, Store
@@ -82,12 +82,18 @@ def _release_lock(req: Request, op: Op) -> None:
         req.finish("cau", [keys[1]], args[2])
 
 
-async def run_state(store: Store, req: Request, operation: str, fail_open: bool) -> Any:
-    """The before-handler verdict: one script call, or one per hash tag on a cluster."""
+def run_state(store: Store, req: Request, operation: str, fail_open: bool) -> Awaitable[Any]:
+    """The before-handler verdict: one script call, or one per hash tag on a cluster.
+
+    Not a coroutine itself: on one server (or one tag) it is the store's call, so the
+    request's hot path awaits no extra frame.
+    """
     if not store.cluster or len({hash_tag(k) for k in req.keys}) < 2:
-        return await store.run(
-            "state", req.keys, req.args, operation=operation, fail_open=fail_open
-        )
+        return store.run("state", req.keys, req.args, operation=operation, fail_open=fail_open)
+    return _run_state_by_tag(store, req, operation, fail_open)
+
+
+async def _run_state_by_tag(store: Store, req: Request, operation: str, fail_open: bool) -> Any:
     ops = split_ops(req.keys, req.args, req.marks)
 
     async def call(group: list[int]) -> Any:

@@ -293,12 +293,8 @@ class StateStep(Step):
         try:
             if probes:
                 reply = await self._with_probes(req, probes)
-            elif self.store.cluster:
-                reply = await run_state(self.store, req, self.names, self.fail_open)
             else:
-                reply = await self.store.run(
-                    "state", req.keys, req.args, operation=self.names, fail_open=self.fail_open
-                )
+                reply = await run_state(self.store, req, self.names, self.fail_open)
         except StorageError as exc:
             await self._without_backend(ctx, call_next, exc)
             return
@@ -427,13 +423,7 @@ class StateStep(Step):
         try:
             if store.queues_first:
                 # Queued before the first await: a cancelled request still settles; no shield.
-                await store.run(
-                    "finish",
-                    req.finish_keys,
-                    req.finish_args,
-                    operation=self.finish_op,
-                    fail_open=True,
-                )
+                await run_finish(store, req, self.finish_op)
             else:
                 # Shielded: a cancelled request (client gone) must still release and refund.
                 with anyio.CancelScope(shield=True):
