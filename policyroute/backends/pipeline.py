@@ -135,6 +135,18 @@ class Pipeline:
         self.batch = batch
         self.writes = 0  # batches written, for tests and tuning
         self.commands = 0
+        # Scripts (sha -> source) loaded on every new connection before anything else, so
+        # an EVALSHA nobody awaits never meets NOSCRIPT after a connect or a server restart
+        # (its retry would land behind commands queued after it).
+        self.scripts: dict[str, str] = {}
+
+    def register(self, sha: str, source: str) -> None:
+        """Load a script ahead of every later command, now and on each new connection."""
+        if sha in self.scripts:
+            return
+        self.scripts[sha] = source
+        if self._protocol is not None:  # connected (or connecting): queue it now, in order
+            self.execute("SCRIPT", "LOAD", source).add_done_callback(_ignore_load)
 
     def execute(self, *args: Arg) -> asyncio.Future[Any]:
         """Queue one command; the future resolves to its reply (or its error)."""
@@ -210,6 +222,7 @@ class Pipeline:
             )
         if self.db:
             setup.append(("SELECT", self.db))
+        setup.extend(("SCRIPT", "LOAD", source) for source in self.scripts.values())
         if not setup:
             return
         assert protocol.transport is not None
@@ -262,6 +275,12 @@ class Pipeline:
         if self._connecting is not None:
             self._connecting.cancel()
             self._connecting = None
+
+
+def _ignore_load(future: asyncio.Future[Any]) -> None:
+    # A load that failed shows again as the script call's own error (NOSCRIPT, reloaded).
+    if not future.cancelled():
+        future.exception()
 
 
 def _fail(futures: Sequence[asyncio.Future[Any]], error: Exception) -> None:

@@ -205,6 +205,8 @@ class ValkeyStore:
             source = lua_source(name)
             found = (hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest(), source)
             self._sources[name] = found
+            if self.pipeline is not None:
+                self.pipeline.register(*found)
         return found
 
     async def command(self, *args: Arg, operation: str, fail_open: bool = False) -> Any:

@@ -159,6 +159,31 @@ async def test_submitted_calls_are_seen_by_later_calls_even_after_a_script_flush
         await store.stop()
 
 
+async def test_submitted_calls_keep_their_order_on_a_server_that_lacks_the_script() -> None:
+    # Nobody awaits a submitted call, so a NOSCRIPT reply (then a reload and a resend)
+    # would land it behind the calls queued after it: a released slot or a stored record
+    # not yet there for the next request. Scripts are loaded first on every connection.
+    server = start_valkey()  # a fresh server: no script loaded yet
+    store = _store(server.url)
+    keys = [store.key("s:frank", "rl", "r", "0")]
+    errors: list[StorageError] = []
+    try:
+        for _ in range(5):
+            store.submit("state", keys, BUCKET, operation="t", on_error=errors.append)
+        assert await _tokens_left(store, keys) == 94
+        server.stop()
+        with pytest.raises(StorageError):
+            await _tokens_left(store, keys)  # the connection is found dead
+        server.restart()  # no script loaded again
+        for _ in range(5):
+            store.submit("state", keys, BUCKET, operation="t", on_error=errors.append)
+        assert await _tokens_left(store, keys) == 94  # the restarted server kept no data
+        assert errors == []
+    finally:
+        await store.stop()
+        server.stop()
+
+
 async def test_a_submitted_call_that_fails_reaches_its_error_callback() -> None:
     server = start_valkey()
     store = _store(server.url)
