@@ -8,99 +8,106 @@
 -- include: _account
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ki, ai = 1, 1
-local function key() local v = KEYS[ki]; ki = ki + 1; return v end
-local function arg() local v = ARGV[ai]; ai = ai + 1; return v end
-local function num() return tonumber(arg()) end
-
-local function token_bucket(k, cap, refill, per, cost)
-  local s = redis.call('HMGET', k, 't', 'ts')
-  local tokens = tonumber(s[1]) or cap
-  local ts = tonumber(s[2]) or now
-  local rate = refill / per
-  if now > ts then tokens = math.min(cap, tokens + (now - ts) * rate) end
-  local ok = tokens >= cost
-  local left = tokens
-  if ok then left = tokens - cost end
-  local retry = 0
-  if not ok then retry = math.ceil((cost - tokens) / rate) end
-  local full = math.ceil((cap - left) / rate)
-  local write = function()
-    redis.call('HSET', k, 't', tostring(left), 'ts', now)
-    redis.call('PEXPIRE', k, math.max(full, 1))
-  end
-  return ok, math.floor(left + 1e-9), full, retry, write, math.floor(tokens + 1e-9)
-end
-
-local function sliding_window(k, cap, per, cost)
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', now - per)
-  local n = redis.call('ZCARD', k)
-  local ok = n + cost <= cap
-  local retry = 0
-  if not ok then
-    local i = n + cost - cap - 1
-    local e = redis.call('ZRANGE', k, i, i, 'WITHSCORES')
-    retry = tonumber(e[2]) + per - now
-  end
-  local used = n
-  if ok then used = n + cost end
-  local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
-  local reset = per
-  if oldest[2] then reset = tonumber(oldest[2]) + per - now end
-  local write = function()
-    local now_us = t[1] .. string.format('%06d', tonumber(t[2]))
-    for i = 1, cost do redis.call('ZADD', k, now, now_us .. ':' .. (n + i)) end
-    redis.call('PEXPIRE', k, per)
-  end
-  return ok, cap - used, reset, retry, write, cap - n
-end
-
-local function concurrency(k, cap, lease, token)
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
-  local n = redis.call('ZCARD', k)
-  local ok = n < cap
-  local left = cap - n
-  if ok then left = left - 1 end
-  local write = function()
-    redis.call('ZADD', k, now + lease, token)
-    redis.call('PEXPIRE', k, lease)
-  end
-  return ok, left, 0, 1000, write, cap - n
-end
-
+-- Keys and arguments are read in place (no helper closures: they would be made anew on
+-- every call, and this script runs on every request).
+local ki, ai = 1, 2
 local limits = {}
 local writes = {}
 local denied = false
-local op = arg()
+local op = ARGV[1]
 while op == 'tb' or op == 'sw' or op == 'cc' do
-  local ok, left, reset, retry, write, cur
+  local k = KEYS[ki]
+  ki = ki + 1
+  -- ok, left now, reset, retry after (ms), left before; then how to take (written only
+  -- when every limit allows: limits are all or nothing)
+  local ok, left, reset, retry, cur, write
   if op == 'tb' then
-    ok, left, reset, retry, write, cur = token_bucket(key(), num(), num(), num(), num())
+    local cap, refill, per = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
+    local cost = tonumber(ARGV[ai + 3])
+    ai = ai + 4
+    local s = redis.call('HMGET', k, 't', 'ts')
+    local tokens = tonumber(s[1]) or cap
+    local ts = tonumber(s[2]) or now
+    local rate = refill / per
+    if now > ts then tokens = math.min(cap, tokens + (now - ts) * rate) end
+    ok = tokens >= cost
+    local rest = tokens
+    if ok then rest = tokens - cost end
+    retry = 0
+    if not ok then retry = math.ceil((cost - tokens) / rate) end
+    reset = math.ceil((cap - rest) / rate)
+    left, cur = math.floor(rest + 1e-9), math.floor(tokens + 1e-9)
+    write = {op, k, tostring(rest), math.max(reset, 1)}
   elseif op == 'sw' then
-    ok, left, reset, retry, write, cur = sliding_window(key(), num(), num(), num())
-  else
-    ok, left, reset, retry, write, cur = concurrency(key(), num(), num(), arg())
+    local cap, per, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
+    ai = ai + 3
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', now - per)
+    local n = redis.call('ZCARD', k)
+    ok = n + cost <= cap
+    retry = 0
+    if not ok then
+      local i = n + cost - cap - 1
+      local e = redis.call('ZRANGE', k, i, i, 'WITHSCORES')
+      retry = tonumber(e[2]) + per - now
+    end
+    local used = n
+    if ok then used = n + cost end
+    local oldest = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+    reset = per
+    if oldest[2] then reset = tonumber(oldest[2]) + per - now end
+    left, cur = cap - used, cap - n
+    write = {op, k, n, cost, per}
+  else -- 'cc': a concurrency slot, held by the request's token until released or leased out
+    local cap, lease, token = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), ARGV[ai + 2]
+    ai = ai + 3
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+    local n = redis.call('ZCARD', k)
+    ok = n < cap
+    left = cap - n
+    if ok then left = left - 1 end
+    reset, retry, cur = 0, 1000, cap - n
+    write = {op, k, token, lease}
   end
   limits[#limits + 1] = {ok and 1 or 0, left, reset, retry, cur}
   writes[#writes + 1] = write
   if not ok then denied = true end
-  op = arg()
+  op = ARGV[ai]
+  ai = ai + 1
 end
 if denied then
   -- nothing was taken: report what each limit has now
   for _, row in ipairs(limits) do row[2] = row[5] end
   return {'rate', limits, {}, {}}
 end
-for _, w in ipairs(writes) do w() end
+for _, w in ipairs(writes) do
+  local kind, k = w[1], w[2]
+  if kind == 'tb' then
+    redis.call('HSET', k, 't', w[3], 'ts', now)
+    redis.call('PEXPIRE', k, w[4])
+  elseif kind == 'sw' then
+    local now_us = t[1] .. string.format('%06d', tonumber(t[2]))
+    local n = w[3]
+    for i = 1, w[4] do redis.call('ZADD', k, now, now_us .. ':' .. (n + i)) end
+    redis.call('PEXPIRE', k, w[5])
+  else
+    redis.call('ZADD', k, now + w[4], w[3])
+    redis.call('PEXPIRE', k, w[4])
+  end
+end
 
 local credit = {}
-local take = nil
 -- A short balance is answered only after idempotency and cache had their say: a replay
 -- or a cache hit costs nothing, so it must not be refused for want of credits.
 local short = nil
+-- the reservation, taken last (when the handler will run): account and hold keys, the
+-- account's new fields and the hold's expiry and member
+local take = nil
 if op == 'cr' then
-  local k, held = key(), key()
-  local cost, amount, every, hold, token = num(), num(), arg(), num(), arg()
+  local k, held = KEYS[ki], KEYS[ki + 1]
+  ki = ki + 2
+  local cost, amount, every = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), ARGV[ai + 2]
+  local hold, token = tonumber(ARGV[ai + 3]), ARGV[ai + 4]
+  ai = ai + 5
   local b, a, p, lost = account(k, held, now)
   if #lost > 0 then
     redis.call('ZREM', held, unpack(lost))
@@ -116,20 +123,20 @@ if op == 'cr' then
     local from_a = math.min(a, cost)
     local from_b = cost - from_a
     credit = {from_a, from_b, b + a - cost, p}
-    take = function()
-      redis.call('HSET', k, 'b', b - from_b, 'a', a - from_a, 'p', p)
-      -- An empty set is removed by the server, so settled accounts keep no extra key.
-      redis.call('ZADD', held, now + hold, from_a .. ':' .. from_b .. ':' .. p .. ':' .. token)
-    end
+    take = {k, b - from_b, a - from_a, p, held, now + hold,
+      from_a .. ':' .. from_b .. ':' .. p .. ':' .. token}
   end
-  op = arg()
+  op = ARGV[ai]
+  ai = ai + 1
 end
 
 local verdict = 'go'
 local answer = {}
 if op == 'id' then
-  local k = key()
-  local fp, lock = arg(), num()
+  local k = KEYS[ki]
+  ki = ki + 1
+  local fp, lock = ARGV[ai], ARGV[ai + 1]
+  ai = ai + 2
   local s = redis.call('HMGET', k, 'fp', 'st', 'code', 'hd', 'bd')
   if not s[1] then
     if short then return short end
@@ -142,12 +149,15 @@ if op == 'id' then
   else
     return {'replay', limits, {}, {s[3], s[4], s[5]}}
   end
-  op = arg()
+  op = ARGV[ai]
+  ai = ai + 1
 end
 
 if op == 'ca' then
-  local v, lk = key(), key()
-  local lock, token = num(), arg()
+  local v, lk = KEYS[ki], KEYS[ki + 1]
+  ki = ki + 2
+  local lock, token = ARGV[ai], ARGV[ai + 1]
+  ai = ai + 2
   local s = redis.call('HMGET', v, 'code', 'hd', 'bd')
   if s[1] then
     -- an idempotency record opened above is completed by finish.lua with this answer
@@ -155,9 +165,14 @@ if op == 'ca' then
   end
   if short then return short end
   if not redis.call('SET', lk, token, 'NX', 'PX', lock) then verdict = 'wait' end
-  op = arg()
+  op = ARGV[ai]
+  ai = ai + 1
 end
 
 if short then return short end
-if take then take() end
+if take then
+  redis.call('HSET', take[1], 'b', take[2], 'a', take[3], 'p', take[4])
+  -- An empty set is removed by the server, so settled accounts keep no extra key.
+  redis.call('ZADD', take[5], take[6], take[7])
+end
 return {verdict, limits, credit, answer}
