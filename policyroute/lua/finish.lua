@@ -1,14 +1,16 @@
 -- After the response: release slots, refund credits, store or drop records, in one trip.
-local ki, ai = 1, 1
-local function key() local v = KEYS[ki]; ki = ki + 1; return v end
-local function arg() local v = ARGV[ai]; ai = ai + 1; return v end
-local op = arg()
+-- Keys and arguments are read in place (no helper closures made anew on every call).
+local ki, ai = 1, 2
+local op = ARGV[1]
 while op do
   if op == 'rel' then
-    redis.call('ZREM', key(), arg())
+    redis.call('ZREM', KEYS[ki], ARGV[ai])
+    ki, ai = ki + 1, ai + 1
   elseif op == 'ref' then
-    local k, held = key(), key()
-    local from_a, from_b, p, token = tonumber(arg()), tonumber(arg()), arg(), arg()
+    local k, held = KEYS[ki], KEYS[ki + 1]
+    local from_a, from_b = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
+    local p, token = ARGV[ai + 2], ARGV[ai + 3]
+    ki, ai = ki + 2, ai + 4
     -- Only a reservation still held goes back: one already swept was refunded then.
     if redis.call('ZREM', held, from_a .. ':' .. from_b .. ':' .. p .. ':' .. token) == 1 then
       if from_b > 0 then redis.call('HINCRBY', k, 'b', from_b) end
@@ -18,34 +20,40 @@ while op do
       end
     end
   elseif op == 'com' then
-    redis.call('ZREM', key(), arg())
+    redis.call('ZREM', KEYS[ki], ARGV[ai])
+    ki, ai = ki + 1, ai + 1
   elseif op == 'ids' then
-    local k = key()
-    local code, hd, bd, ttl = arg(), arg(), arg(), arg()
-    redis.call('HSET', k, 'st', '1', 'code', code, 'hd', hd, 'bd', bd)
-    redis.call('PEXPIRE', k, ttl)
+    local k = KEYS[ki]
+    redis.call('HSET', k, 'st', '1', 'code', ARGV[ai], 'hd', ARGV[ai + 1], 'bd', ARGV[ai + 2])
+    redis.call('PEXPIRE', k, ARGV[ai + 3])
+    ki, ai = ki + 1, ai + 4
   elseif op == 'idd' then
-    local k = key()
+    local k = KEYS[ki]
+    ki = ki + 1
     if redis.call('HGET', k, 'st') == '0' then redis.call('DEL', k) end
   elseif op == 'cas' then
-    local v, lk = key(), key()
-    local code, hd, bd, ttl, token = arg(), arg(), arg(), arg(), arg()
+    local v, lk = KEYS[ki], KEYS[ki + 1]
     -- a record always has these three fields: HSET replaces one a lapsed lock let in
-    redis.call('HSET', v, 'code', code, 'hd', hd, 'bd', bd)
-    redis.call('PEXPIRE', v, ttl)
-    if redis.call('GET', lk) == token then redis.call('DEL', lk) end
+    redis.call('HSET', v, 'code', ARGV[ai], 'hd', ARGV[ai + 1], 'bd', ARGV[ai + 2])
+    redis.call('PEXPIRE', v, ARGV[ai + 3])
+    if redis.call('GET', lk) == ARGV[ai + 4] then redis.call('DEL', lk) end
+    ki, ai = ki + 2, ai + 5
   elseif op == 'utb' then
     -- give back tokens a refused request took on a cluster (limits are all-or-nothing)
-    local k = key()
-    local cap, cost = tonumber(arg()), tonumber(arg())
+    local k = KEYS[ki]
+    local cap, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
+    ki, ai = ki + 1, ai + 2
     local t = tonumber(redis.call('HGET', k, 't'))
     if t then redis.call('HSET', k, 't', tostring(math.min(cap, t + cost))) end
   elseif op == 'usw' then
-    redis.call('ZPOPMAX', key(), tonumber(arg()))
+    redis.call('ZPOPMAX', KEYS[ki], tonumber(ARGV[ai]))
+    ki, ai = ki + 1, ai + 1
   elseif op == 'cau' then
-    local lk = key()
-    if redis.call('GET', lk) == arg() then redis.call('DEL', lk) end
+    local lk = KEYS[ki]
+    if redis.call('GET', lk) == ARGV[ai] then redis.call('DEL', lk) end
+    ki, ai = ki + 1, ai + 1
   end
-  op = arg()
+  op = ARGV[ai]
+  ai = ai + 1
 end
 return 1
