@@ -52,6 +52,7 @@ class Store(Protocol):
         *,
         operation: str,
         on_error: Callable[[StorageError], None],
+        joins: bool = False,
     ) -> None:
         """Queue a script call nobody awaits (when `queues_first`); errors go to `on_error`."""
         ...
@@ -156,38 +157,46 @@ class ValkeyStore:
         *,
         operation: str,
         on_error: Callable[[StorageError], None],
+        joins: bool = False,
     ) -> None:
         """Queue a script call nobody awaits (only when `queues_first`); failures go to `on_error`.
 
         The caller goes on at once: no await, no task. Commands after it on this store
         (`run`, `command`, `stop`) are sent after it on the same connection, so they see
-        what it wrote.
+        what it wrote. With `joins` (a script of independent ops run in sequence, such as
+        `finish`) it may share one EVALSHA with the call submitted just before it.
         """
         assert self.pipeline is not None
         sha, source = self._source(script)
-        command = ("EVALSHA", sha, len(keys), *keys, *args)
-        future = self.pipeline.execute(*command)
+        if joins:
+            future = self.pipeline.join(sha, keys, args)
+        else:
+            future = self.pipeline.execute("EVALSHA", sha, len(keys), *keys, *args)
         future.add_done_callback(
-            functools.partial(self._submitted, source, command, operation, on_error)
+            functools.partial(self._submitted, source, sha, keys, args, operation, on_error)
         )
 
     def _submitted(
         self,
         source: str | None,
-        command: tuple[Arg, ...],
+        sha: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
         operation: str,
         on_error: Callable[[StorageError], None],
         future: asyncio.Future[Any],
     ) -> None:
         # `source` is None for the call sent again after NOSCRIPT: it is not retried twice.
+        # A joined call's callers each send their own ops again.
         self._retries.discard(future)
         if future.cancelled() or (exc := future.exception()) is None:
             return
         if source is not None and isinstance(exc, NoScriptError):  # load, send again
+            command = ("EVALSHA", sha, len(keys), *keys, *args)
             retry = asyncio.ensure_future(self._reload_and_call(source, command))
             self._retries.add(retry)
             retry.add_done_callback(
-                functools.partial(self._submitted, None, command, operation, on_error)
+                functools.partial(self._submitted, None, sha, keys, args, operation, on_error)
             )
             return
         on_error(StorageError("valkey", operation, True, exc))

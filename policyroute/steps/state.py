@@ -418,6 +418,7 @@ class StateStep(Step):
                 req.finish_args,
                 operation=self.finish_op,
                 on_error=functools.partial(_finish_failed, route),
+                joins=True,
             )
             return
         try:

@@ -216,3 +216,75 @@ async def test_stop_sends_and_settles_every_submitted_call_first(valkey_url: str
         assert errors == []
     finally:
         await fresh.stop()
+
+
+async def _locks(store: ValkeyStore, n: int) -> list[str]:
+    """`n` stampede locks, each held by the token that is its own index."""
+    keys = [store.key("s:gina", "lock", str(i)) for i in range(n)]
+    for i, key in enumerate(keys):
+        await store.command("SET", key, str(i), operation="t")
+    await store.run("finish", [], [], operation="t", fail_open=False)  # loaded: no ops
+    return keys
+
+
+def _unlock(store: ValkeyStore, key: str, token: str, errors: list[StorageError]) -> None:
+    store.submit("finish", [key], ["cau", token], operation="t", on_error=errors.append, joins=True)
+
+
+async def test_joined_calls_share_one_command_and_keep_their_order(valkey_url: str) -> None:
+    store = _store(valkey_url)
+    errors: list[StorageError] = []
+    try:
+        keys = await _locks(store, 6)
+        assert store.pipeline is not None
+        before = store.pipeline.commands
+        for i, key in enumerate(keys[:3]):
+            _unlock(store, key, str(i), errors)
+        # A command queued between joined calls ends the join: it must see the first three
+        # unlocked and the last three not yet.
+        held = store.pipeline.execute("EXISTS", *keys)  # queued now, not when awaited
+        for i, key in enumerate(keys[3:], start=3):
+            _unlock(store, key, str(i), errors)
+        assert await held == 3
+        assert await store.command("EXISTS", *keys, operation="t") == 0
+        assert store.pipeline.commands - before == 4  # 3 joined, EXISTS, 3 joined, EXISTS
+        assert errors == []
+    finally:
+        await store.stop()
+
+
+async def test_a_joined_call_stays_within_its_argument_bound(valkey_url: str) -> None:
+    store = _store(valkey_url)
+    errors: list[StorageError] = []
+    try:
+        keys = await _locks(store, 600)  # 2 arguments each: 1,200 in all, over 512 a call
+        assert store.pipeline is not None
+        before = store.pipeline.commands
+        for i, key in enumerate(keys):
+            _unlock(store, key, str(i), errors)
+        assert await store.command("EXISTS", *keys, operation="t") == 0
+        assert store.pipeline.commands - before == 4  # 256 + 256 + 88 joined, then EXISTS
+        assert errors == []
+    finally:
+        await store.stop()
+
+
+async def test_every_joined_caller_hears_of_a_failure_and_a_flush_is_recovered() -> None:
+    server = start_valkey()
+    store = _store(server.url)
+    errors: list[StorageError] = []
+    try:
+        keys = await _locks(store, 4)
+        await store.command("SCRIPT", "FLUSH", operation="t")
+        for i, key in enumerate(keys[:2]):  # NOSCRIPT: each caller sends its own ops again
+            _unlock(store, key, str(i), errors)
+        await store.settle()
+        assert await store.command("EXISTS", *keys, operation="t") == 2
+        server.stop()
+        for i, key in enumerate(keys[2:], start=2):
+            store.submit("finish", [key], ["cau", str(i)], operation=f"unlock {i}",
+                         on_error=errors.append, joins=True)
+        await store.settle()
+        assert sorted(e.operation for e in errors) == ["unlock 2", "unlock 3"]
+    finally:
+        await store.stop()
