@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import valkey.asyncio as avalkey
 from valkey.asyncio.cluster import ValkeyCluster
-from valkey.exceptions import NoScriptError, ValkeyError
+from valkey.exceptions import NoScriptError, ResponseError, ValkeyError
 
 from ..errors import StorageError
 from .pipeline import Pipeline
@@ -173,12 +173,15 @@ class ValkeyStore:
         else:
             future = self.pipeline.execute("EVALSHA", sha, len(keys), *keys, *args)
         future.add_done_callback(
-            functools.partial(self._submitted, source, sha, keys, args, operation, on_error)
+            functools.partial(
+                self._submitted, source, joins, sha, keys, args, operation, on_error
+            )
         )
 
     def _submitted(
         self,
         source: str | None,
+        joined: bool,
         sha: str,
         keys: Sequence[str],
         args: Sequence[Arg],
@@ -186,17 +189,29 @@ class ValkeyStore:
         on_error: Callable[[StorageError], None],
         future: asyncio.Future[Any],
     ) -> None:
-        # `source` is None for the call sent again after NOSCRIPT: it is not retried twice.
-        # A joined call's callers each send their own ops again.
+        # `source` is None for a call sent again: it is not sent a third time.
         self._retries.discard(future)
         if future.cancelled() or (exc := future.exception()) is None:
             return
-        if source is not None and isinstance(exc, NoScriptError):  # load, send again
+        if source is not None and isinstance(exc, ResponseError):
             command = ("EVALSHA", sha, len(keys), *keys, *args)
-            retry = asyncio.ensure_future(self._reload_and_call(source, command))
+            retry: asyncio.Future[Any]
+            if isinstance(exc, NoScriptError):  # load, send again
+                retry = asyncio.ensure_future(self._reload_and_call(source, command))
+            elif joined:
+                # A script error in one caller's ops stopped a joined call part way: each
+                # caller sends its own ops alone (joined scripts' ops may run twice), so
+                # one bad key costs no other request its commit, refund or release.
+                assert self.pipeline is not None
+                retry = self.pipeline.execute(*command)
+            else:
+                on_error(StorageError("valkey", operation, True, exc))
+                return
             self._retries.add(retry)
             retry.add_done_callback(
-                functools.partial(self._submitted, None, sha, keys, args, operation, on_error)
+                functools.partial(
+                    self._submitted, None, False, sha, keys, args, operation, on_error
+                )
             )
             return
         on_error(StorageError("valkey", operation, True, exc))

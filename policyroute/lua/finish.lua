@@ -1,5 +1,7 @@
 -- After the response: release slots, refund credits, store or drop records, in one trip.
 -- Keys and arguments are read in place (no helper closures made anew on every call).
+-- Calls of several requests may be joined into one; when one request's op fails, each
+-- request's ops are sent again alone, so every op here must be safe to run twice.
 local ki, ai = 1, 2
 local op = ARGV[1]
 while op do

@@ -288,3 +288,22 @@ async def test_every_joined_caller_hears_of_a_failure_and_a_flush_is_recovered()
         assert sorted(e.operation for e in errors) == ["unlock 2", "unlock 3"]
     finally:
         await store.stop()
+
+
+async def test_one_callers_bad_key_costs_no_other_joined_caller_its_ops(valkey_url: str) -> None:
+    store = _store(valkey_url)
+    errors: list[StorageError] = []
+    try:
+        keys = await _locks(store, 3)
+        await store.command("DEL", keys[1], operation="t")
+        await store.command("HSET", keys[1], "f", "v", operation="t")  # GET on it: WRONGTYPE
+        for i, key in enumerate(keys):
+            store.submit("finish", [key], ["cau", str(i)], operation=f"unlock {i}",
+                         on_error=errors.append, joins=True)
+        await store.settle()
+        # The joined call stopped at the second caller's op; the third still ran.
+        assert await store.command("EXISTS", keys[0], keys[2], operation="t") == 0
+        assert [e.operation for e in errors] == ["unlock 1"]
+        assert "WRONGTYPE" in str(errors[0])
+    finally:
+        await store.stop()
