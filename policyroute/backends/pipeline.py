@@ -169,9 +169,7 @@ class Pipeline:
 
     def execute(self, *args: Arg) -> asyncio.Future[Any]:
         """Queue one command; the future resolves to its reply (or its error)."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._rebind(loop)
+        loop = self._running()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue(pack(args), future, loop)
         return future
@@ -185,9 +183,7 @@ class Pipeline:
         reply or error. Only the last queued command is joined, so commands still run in
         the order they were queued.
         """
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._rebind(loop)
+        loop = self._running()
         if self.pending:
             last, future = self.pending[-1]
             if (
@@ -211,6 +207,12 @@ class Pipeline:
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
+
+    def _running(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._rebind(loop)
+        return loop
 
     def _rebind(self, loop: asyncio.AbstractEventLoop) -> None:
         # A new event loop (a CLI call, a test's loop): the old connection belongs to
