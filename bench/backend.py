@@ -21,6 +21,15 @@ class Valkey:
         """Return the connection URL, e.g. ``redis://127.0.0.1:6390/0``."""
         return f"redis://127.0.0.1:{self._server.port}/0"
 
+    @property
+    def pid(self) -> int:
+        """The server's process id, as the server itself reports it."""
+        client = self._server.client()
+        try:
+            return int(client.info("server")["process_id"])
+        finally:
+            client.close()
+
     def flush(self) -> None:
         """Drop every key, so each scenario starts from an empty database."""
         client = self._server.client()

@@ -22,6 +22,7 @@ HEADER = (
     "cpu us/req",
     "cpu vs bare",
     "busy",
+    "valkey us/req",
     "errors",
 )
 TARGET_HEADER = ("target", "measured", "req/s", "status")
@@ -83,6 +84,7 @@ def row(
         MISSING if not cpu else f"{cpu:.0f}",
         MISSING if cpu_share is None else f"{cpu_share:.2f}",
         MISSING if not cpu else f"{busy(result.rps, cpu):.0%}",
+        MISSING if outcome.backend_us is None else f"{outcome.backend_us:.0f}",
         str(result.errors),
     )
 

@@ -20,6 +20,8 @@ class Settings:
     threads: int
     server_cpus: frozenset[int]
     env: Mapping[str, str]
+    # The shared Valkey server's process, whose CPU time per request is measured too.
+    backend_pid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,8 @@ class Outcome:
     # The server process's CPU time per request in the timed run (µs): steadier than req/s
     # on a shared machine, since waiting for a CPU costs no CPU time.
     cpu_us: float | None = None
+    # Valkey's CPU time per request in the same run (µs): the backend's share of the work.
+    backend_us: float | None = None
     # Every round's figures, in round order (interleaved runs only), so ratios can be taken
     # round by round: both sides of a pair ran minutes apart at most.
     rounds: tuple[Round, ...] = ()
@@ -58,16 +62,21 @@ class Round:
 
 def measure(
     generator: LoadGenerator, target: Target, settings: Settings, pid: int | None = None
-) -> tuple[LoadResult, float | None]:
-    """Warm the server up, then return the timed run and the server's CPU µs per request."""
+) -> tuple[LoadResult, float | None, float | None]:
+    """Warm the server up, then return the timed run and the server's and Valkey's CPU µs
+    per request."""
     if settings.warmup_s > 0:
         generator.run(target, settings.warmup_s, settings.threads)
-    before = server.cpu_seconds(pid) if pid is not None else None
+    pids = (pid, settings.backend_pid)
+    before = [server.cpu_seconds(p) if p is not None else None for p in pids]
     result = generator.run(target, settings.duration_s, settings.threads)
-    after = server.cpu_seconds(pid) if pid is not None else None
-    if before is None or after is None or not result.requests:
-        return result, None
-    return result, (after - before) / result.requests * 1e6
+    after = [server.cpu_seconds(p) if p is not None else None for p in pids]
+    server_us, backend_us = (
+        None if b is None or a is None or not result.requests
+        else (a - b) / result.requests * 1e6
+        for b, a in zip(before, after, strict=True)
+    )
+    return result, server_us, backend_us
 
 
 def run(scenario: Scenario, generator: LoadGenerator, settings: Settings) -> Outcome:
@@ -82,9 +91,9 @@ def run(scenario: Scenario, generator: LoadGenerator, settings: Settings) -> Out
                 scenario.connections or settings.connections,
                 scenario.unique_query,
             )
-            result, cpu_us = measure(generator, target, settings, running.pid)
+            result, cpu_us, backend_us = measure(generator, target, settings, running.pid)
     except server.ServerError as error:
         return Outcome(scenario.name, generator.name, None, str(error), error.log_tail)
     except LoadError as error:
         return Outcome(scenario.name, generator.name, None, str(error))
-    return Outcome(scenario.name, generator.name, result, cpu_us=cpu_us)
+    return Outcome(scenario.name, generator.name, result, cpu_us=cpu_us, backend_us=backend_us)

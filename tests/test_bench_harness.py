@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,13 +276,20 @@ def test_the_table_shows_cpu_per_request_against_bare() -> None:
     from bench import server
 
     rows = [
-        replace(ok("bare", 5000), cpu_us=200.0),
-        replace(ok("policyroute_full", 2500), cpu_us=400.0),
+        replace(ok("bare", 5000), cpu_us=200.0, backend_us=0.2),
+        replace(ok("policyroute_full", 2500), cpu_us=400.0, backend_us=47.6),
     ]
     text = report.table(rows)
-    assert "cpu us/req" in text and "cpu vs bare" in text
+    assert "cpu us/req" in text and "cpu vs bare" in text and "valkey us/req" in text
     full = next(line for line in text.splitlines() if line.startswith("policyroute_full"))
-    assert " 400 " in full and " 0.50 " in full
-    import os
-
+    assert " 400 " in full and " 0.50 " in full and " 48 " in full
     assert (server.cpu_seconds(os.getpid()) or 0) > 0  # this very process has used CPU
+
+
+def test_the_valkey_servers_cpu_time_is_read_from_its_own_process() -> None:
+    from bench import server
+    from bench.backend import valkey
+
+    with valkey() as backend:
+        assert backend.pid != os.getpid()
+        assert server.cpu_seconds(backend.pid) is not None
