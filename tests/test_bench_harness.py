@@ -293,3 +293,13 @@ def test_the_valkey_servers_cpu_time_is_read_from_its_own_process() -> None:
     with valkey() as backend:
         assert backend.pid != os.getpid()
         assert server.cpu_seconds(backend.pid) is not None
+
+
+def test_bench_lua_reports_valkeys_time_per_request(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import lua
+
+    assert lua.main(["limit", "--requests", "200", "--rounds", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    # One token bucket: one script call per request, and Valkey's CPU time measured.
+    assert line.startswith("limit: Valkey CPU ") and "1.00 script calls per request" in line
+    assert float(line.split("Valkey CPU ")[1].split()[0]) > 0
