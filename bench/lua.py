@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import os
 import statistics
@@ -32,6 +33,7 @@ from bench.backend import valkey as start_valkey
 from bench.scenarios import HEADERS
 from policyroute.credits import set_balance
 
+APP_MODULE = "bench.apps.policyroute_app"
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Any], Awaitable[None]]
 TASKS = 32
 
@@ -121,12 +123,30 @@ async def _drive(app: ASGIApp, scopes: Iterator[dict[str, Any]]) -> int:
     return ok
 
 
+@contextlib.contextmanager
+def _borrowed(env: dict[str, str], cpus: frozenset[int]) -> Iterator[None]:
+    """Set environment variables and pin this process for the block; put both back after."""
+    saved = {name: os.environ.get(name) for name in env}
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    os.environ.update(env)
+    cpu.pin_self(cpus)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+
+
 async def measure(policy: str, url: str, requests: int, rounds: int) -> list[Usage]:
     """Serve `policy` in process and return Valkey's usage for each round of requests."""
-    os.environ[VALKEY_URL_ENV] = url
     os.environ["BENCH_POLICY"] = policy
-    sys.modules.pop("bench.apps.policyroute_app", None)
-    module = importlib.import_module("bench.apps.policyroute_app")
+    sys.modules.pop(APP_MODULE, None)
+    module = importlib.import_module(APP_MODULE)
     app: ASGIApp = module.app
     client: Any = valkey.Valkey.from_url(url)
     found = []
@@ -148,6 +168,7 @@ async def measure(policy: str, url: str, requests: int, rounds: int) -> list[Usa
                     found.append(usage(client.info("commandstats"), requests, spent))
     finally:
         client.close()
+        sys.modules.pop(APP_MODULE, None)
     return found
 
 
@@ -160,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Valkey and this process share one CPU (the one a server under test leaves free):
     # Valkey's figures are its own CPU time, which waiting for the CPU does not add to.
-    cpu.pin_self(cpu.plan().others)
-    with start_valkey() as backend:
+    borrowed = {"BENCH_POLICY": "", VALKEY_URL_ENV: ""}  # both set below, put back after
+    with _borrowed(borrowed, cpu.plan().others), start_valkey() as backend:
+        os.environ[VALKEY_URL_ENV] = backend.url
         for policy in args.policies:
             backend.flush()
             found = asyncio.run(

@@ -298,7 +298,10 @@ def test_the_valkey_servers_cpu_time_is_read_from_its_own_process() -> None:
 def test_bench_lua_reports_valkeys_time_per_request(capsys: pytest.CaptureFixture[str]) -> None:
     from bench import lua
 
+    before = (os.sched_getaffinity(0), os.environ.get("POLICYROUTE_VALKEY_URL"))
     assert lua.main(["limit", "--requests", "200", "--rounds", "2"]) == 0
+    # The run pinned this process and set the URL; both are as they were again.
+    assert (os.sched_getaffinity(0), os.environ.get("POLICYROUTE_VALKEY_URL")) == before
     line = capsys.readouterr().out.strip()
     # One token bucket: one script call per request, and Valkey's CPU time measured.
     assert line.startswith("limit: Valkey CPU ") and "1.00 script calls per request" in line
