@@ -69,12 +69,13 @@ def _pack(args: Sequence[Arg]) -> bytes:
 class _Joined:
     """Calls of one script whose ops run in sequence, sent as one EVALSHA (`Pipeline.join`)."""
 
-    __slots__ = ("args", "keys", "sha")
+    __slots__ = ("args", "callers", "keys", "sha")
 
-    def __init__(self, sha: str, keys: Sequence[str], args: Sequence[Arg]) -> None:
+    def __init__(self, sha: str, keys: Sequence[str], args: Sequence[Arg], caller: object) -> None:
         self.sha = sha
         self.keys = list(keys)
         self.args = list(args)
+        self.callers = [caller]
 
     def pack(self) -> bytes:
         """The one EVALSHA that runs every joined call's ops in order."""
@@ -174,14 +175,17 @@ class Pipeline:
         self._queue(pack(args), future, loop)
         return future
 
-    def join(self, sha: str, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
+    def join(
+        self, sha: str, keys: Sequence[str], args: Sequence[Arg], caller: object
+    ) -> tuple[asyncio.Future[Any], list[object]]:
         """Queue a script call that may share one EVALSHA with the call queued just before.
 
         For scripts whose ops run one after another with nothing returned (`finish`): when
         the last queued command is a call of the same script, these keys and arguments are
-        appended to it and its future is returned, so every joined caller sees the one
-        reply or error. Only the last queued command is joined, so commands still run in
-        the order they were queued.
+        appended to it. Only the last queued command is joined, so commands still run in
+        the order they were queued. Returns the call's future (one reply or error for
+        every caller joined) and its callers so far: `caller` alone for a new call, so a
+        caller learns it is the first and one callback can serve them all.
         """
         loop = self._running()
         if self.pending:
@@ -193,10 +197,12 @@ class Pipeline:
             ):
                 last.keys.extend(keys)
                 last.args.extend(args)
-                return future
+                last.callers.append(caller)
+                return future, last.callers
         future = loop.create_future()
-        self._queue(_Joined(sha, keys, args), future, loop)
-        return future
+        joined = _Joined(sha, keys, args, caller)
+        self._queue(joined, future, loop)
+        return future, joined.callers
 
     def _queue(
         self, command: bytes | _Joined, future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop

@@ -169,14 +169,25 @@ class ValkeyStore:
         assert self.pipeline is not None
         sha, source = self._source(script)
         if joins:
-            future = self.pipeline.join(sha, keys, args)
-        else:
-            future = self.pipeline.execute("EVALSHA", sha, len(keys), *keys, *args)
+            future, callers = self.pipeline.join(sha, keys, args, (keys, args, operation, on_error))
+            if len(callers) == 1:  # the call's first caller: one callback serves every caller
+                future.add_done_callback(functools.partial(self._joined, source, sha, callers))
+            return
+        future = self.pipeline.execute("EVALSHA", sha, len(keys), *keys, *args)
         future.add_done_callback(
             functools.partial(
                 self._submitted, source, joins, sha, keys, args, operation, on_error
             )
         )
+
+    def _joined(
+        self, source: str, sha: str, callers: list[Any], future: asyncio.Future[Any]
+    ) -> None:
+        # A joined call's reply: nothing to do on success; on failure each caller in turn.
+        if future.cancelled() or future.exception() is None:
+            return
+        for keys, args, operation, on_error in callers:
+            self._submitted(source, True, sha, keys, args, operation, on_error, future)
 
     def _submitted(
         self,
