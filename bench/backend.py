@@ -21,14 +21,14 @@ class Valkey:
         """Return the connection URL, e.g. ``redis://127.0.0.1:6390/0``."""
         return f"redis://127.0.0.1:{self._server.port}/0"
 
-    @property
-    def pid(self) -> int:
-        """The server's process id, as the server itself reports it."""
+    def cpu_seconds(self) -> float:
+        """The CPU time the server has used so far, as it reports it (in µs steps)."""
         client = self._server.client()
         try:
-            return int(client.info("server")["process_id"])
+            info = client.info("cpu")
         finally:
             client.close()
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     def flush(self) -> None:
         """Drop every key, so each scenario starts from an empty database."""

@@ -144,7 +144,7 @@ def run_all(
             threads=min(MAX_GENERATOR_THREADS, max(1, len(plan.others))),
             server_cpus=plan.server,
             env={VALKEY_URL_ENV: backend.url},
-            backend_pid=backend.pid,
+            backend_cpu=backend.cpu_seconds,
         )
         log(f"valkey at {backend.url}; generator {generator.name}; cpus {plan.describe()}")
         rounds: dict[str, list[runner.Outcome]] = {s.name: [] for s in scenarios}

@@ -29,6 +29,7 @@ from asgi_lifespan import LifespanManager
 
 from bench import cpu
 from bench.apps import VALKEY_URL_ENV
+from bench.backend import Valkey
 from bench.backend import valkey as start_valkey
 from bench.scenarios import HEADERS
 from policyroute.credits import set_balance
@@ -67,12 +68,6 @@ def usage(stats: dict[str, Any], requests: int, cpu_s: float) -> Usage:
     """One round's usage from `INFO commandstats` and the process's CPU time."""
     row = stats.get("cmdstat_evalsha", {"calls": 0, "usec": 0})
     return Usage(requests, int(row["calls"]), int(row["usec"]), cpu_s)
-
-
-def cpu_seconds(client: Any) -> float:
-    """The CPU time Valkey has used so far (its own getrusage, in µs steps)."""
-    info = client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _headers() -> list[tuple[bytes, bytes]]:
@@ -142,13 +137,13 @@ def _borrowed(env: dict[str, str], cpus: frozenset[int]) -> Iterator[None]:
             os.sched_setaffinity(0, affinity)
 
 
-async def measure(policy: str, url: str, requests: int, rounds: int) -> list[Usage]:
+async def measure(policy: str, backend: Valkey, requests: int, rounds: int) -> list[Usage]:
     """Serve `policy` in process and return Valkey's usage for each round of requests."""
     os.environ["BENCH_POLICY"] = policy
     sys.modules.pop(APP_MODULE, None)
     module = importlib.import_module(APP_MODULE)
     app: ASGIApp = module.app
-    client: Any = valkey.Valkey.from_url(url)
+    client: Any = valkey.Valkey.from_url(backend.url)
     found = []
     try:
         async with LifespanManager(app):  # type: ignore[arg-type]
@@ -158,12 +153,12 @@ async def measure(policy: str, url: str, requests: int, rounds: int) -> list[Usa
                 client.flushall()
                 await set_balance(store, "bench-user", 10**12)
                 client.config_resetstat()
-                before = cpu_seconds(client)
+                before = backend.cpu_seconds()
                 answered = await _drive(app, _scopes("/ping", requests, number * requests))
                 if answered != requests:
                     raise RuntimeError(f"{policy}: {requests - answered} requests not 2xx")
                 await store.settle()
-                spent = cpu_seconds(client) - before
+                spent = backend.cpu_seconds() - before
                 if number:
                     found.append(usage(client.info("commandstats"), requests, spent))
     finally:
@@ -187,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         for policy in args.policies:
             backend.flush()
             found = asyncio.run(
-                measure(policy, backend.url, args.requests, args.rounds)
+                measure(policy, backend, args.requests, args.rounds)
             )
             cpus = [u.cpu_us for u in found]
             print(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from bench import server
@@ -20,8 +20,8 @@ class Settings:
     threads: int
     server_cpus: frozenset[int]
     env: Mapping[str, str]
-    # The shared Valkey server's process, whose CPU time per request is measured too.
-    backend_pid: int | None = None
+    # The shared Valkey server's CPU time so far, measured per request too.
+    backend_cpu: Callable[[], float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,16 +67,25 @@ def measure(
     per request."""
     if settings.warmup_s > 0:
         generator.run(target, settings.warmup_s, settings.threads)
-    pids = (pid, settings.backend_pid)
-    before = [server.cpu_seconds(p) if p is not None else None for p in pids]
+    before = _cpu_now(pid, settings.backend_cpu)
     result = generator.run(target, settings.duration_s, settings.threads)
-    after = [server.cpu_seconds(p) if p is not None else None for p in pids]
+    after = _cpu_now(pid, settings.backend_cpu)
     server_us, backend_us = (
         None if b is None or a is None or not result.requests
         else (a - b) / result.requests * 1e6
         for b, a in zip(before, after, strict=True)
     )
     return result, server_us, backend_us
+
+
+def _cpu_now(
+    pid: int | None, backend: Callable[[], float] | None
+) -> tuple[float | None, float | None]:
+    """CPU seconds used so far by the server under test and by Valkey (None: unknown)."""
+    return (
+        server.cpu_seconds(pid) if pid is not None else None,
+        backend() if backend is not None else None,
+    )
 
 
 def run(scenario: Scenario, generator: LoadGenerator, settings: Settings) -> Outcome:

@@ -136,10 +136,10 @@ class ValkeyStore:
             if self.pipeline is None:
                 return await self._script(script)(keys=list(keys), args=list(args))
             sha, source = self._source(script)
-            command = ("EVALSHA", sha, len(keys), *keys, *args)
             try:
-                return await self.pipeline.execute(*command)
-            except NoScriptError:  # a restarted or flushed server: load once, call again
+                return await self.pipeline.execute("EVALSHA", sha, len(keys), *keys, *args)
+            except NoScriptError:  # a flushed server: load once, call again
+                command = ("EVALSHA", sha, len(keys), *keys, *args)
                 return await self._reload_and_call(source, command)
         except (ValkeyError, OSError, TimeoutError) as exc:
             raise StorageError("valkey", operation, fail_open, exc) from exc
@@ -176,7 +176,7 @@ class ValkeyStore:
         future = self.pipeline.execute("EVALSHA", sha, len(keys), *keys, *args)
         future.add_done_callback(
             functools.partial(
-                self._submitted, source, joins, sha, keys, args, operation, on_error
+                self._submitted, source, False, sha, keys, args, operation, on_error
             )
         )
 
