@@ -6,15 +6,14 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, SupportsIndex
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._problem import CONTENT_TYPE, problem_bytes
@@ -22,10 +21,11 @@ from .chain import BoundChain, Chain
 from .compiler import Env, compile_all, deny_chain
 from .config import Settings
 from .errors import ConfigError, Denial, Finding, Location
+from .gate import Endpoint, endpoints, gate_router
 from .loader import PolicySet, RouteEntry, load_policies
 from .observability.hooks import observe, request_ids
 from .observability.requests import RequestIds
-from .policy import METHODS, normalize_path
+from .policy import normalize_path
 from .resilience import bind as bind_resilience
 from .services import default_services
 
@@ -34,82 +34,17 @@ log = logging.getLogger("policyroute")
 ServiceFactory = Callable[["Engine"], Mapping[str, Any]]
 
 
-@dataclass(frozen=True, slots=True)
-class Binding:
-    """One app route as the policy sees it: a path template and its methods."""
-
-    path: str
-    methods: tuple[str, ...]
-    websocket: bool = False
-
-    def unpolicied(self, policies: PolicySet) -> list[str]:
-        """Methods no policy governs (HEAD only when there is no GET: it follows GET)."""
-        return [
-            m
-            for m in self.methods
-            if policies.get(m, self.path) is None and not (m == "HEAD" and "GET" in self.methods)
-        ]
-
-
-def _binding_of(route: BaseRoute, prefix: str = "") -> Binding | None:
-    if isinstance(route, Route):
-        methods = tuple(sorted(route.methods)) if route.methods else METHODS
-        return Binding(prefix + route.path, methods)
-    if isinstance(route, WebSocketRoute):
-        return Binding(prefix + route.path, ("GET",), websocket=True)
-    if isinstance(route, Mount):
-        return Binding(prefix + route.path.rstrip("/") + "/{path:path}", METHODS)
-    return None
-
-
-def _included(route: BaseRoute) -> tuple[Any, str] | None:
-    """(router, prefix) of an included router entry (FastAPI keeps them unflattened)."""
-    router = getattr(route, "original_router", None)
-    context = getattr(route, "include_context", None)
-    if router is None or context is None:
-        return None
-    return router, str(getattr(context, "prefix", ""))
-
-
-def walk_routes(
-    routes: Iterable[BaseRoute], prefix: str = ""
-) -> Iterator[tuple[BaseRoute, Binding | None]]:
-    """Every route reachable from a route list, with its full path template."""
-    for route in list(routes):
-        nested = _included(route)
-        if nested is not None:
-            router, sub = nested
-            yield from walk_routes(router.routes, prefix + sub)
-            continue
-        yield route, _binding_of(route, prefix)
-
-
-def _effective_path(scope: Scope) -> str | None:
-    # Routes of an included router are shared by every inclusion; FastAPI records which
-    # inclusion (and so which full path template) matched in the scope.
-    context = scope.get("fastapi", {}).get("effective_route_context")
-    return getattr(context, "path", None) if context is not None else None
-
-
-class Gate:
-    """Replaces a route's `handle`: runs the current chain for METHOD + template first."""
-
-    __slots__ = ("binding", "engine", "handle", "route")
-
-    def __init__(self, engine: Engine, route: BaseRoute, binding: Binding, handle: ASGIApp) -> None:
-        self.engine = engine
-        self.route = route
-        self.binding = binding
-        self.handle = handle
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method = "GET" if scope["type"] == "websocket" else scope["method"]
-        if method not in self.binding.methods:
-            await self.handle(scope, receive, send)  # the route answers 405 itself
-            return
-        path = _effective_path(scope) or self.binding.path
-        bound = self.engine.snapshot.chain_for(method, path)
-        await bound(scope, receive, send, self.handle)
+def unpolicied(endpoint: Endpoint, policies: PolicySet) -> list[str]:
+    """Methods of an endpoint no policy governs (HEAD only when there is no GET: it follows
+    GET); every method of an endpoint the gate does not know."""
+    if not endpoint.known:
+        return list(endpoint.methods)
+    return [
+        m
+        for m in endpoint.methods
+        if policies.get(m, endpoint.path) is None
+        and not (m == "HEAD" and "GET" in endpoint.methods)
+    ]
 
 
 @dataclass(slots=True)
@@ -135,6 +70,14 @@ class Snapshot:
         }
         return cls(policies, chains, bound, ids)
 
+    def deny(self, method: str, path: str) -> BoundChain:
+        """The deny chain of an endpoint the gate does not know (bound once per key)."""
+        key = ("!" + method, path)
+        found = self.bound.get(key)
+        if found is None:
+            found = self.bound[key] = BoundChain(deny_chain(method, path), self.ids)
+        return found
+
     def chain_for(self, method: str, path: str) -> BoundChain:
         """The chain for METHOD + template: HEAD follows GET; no policy means deny."""
         found = self.bound.get((method, path))
@@ -149,28 +92,6 @@ class Snapshot:
                 found = BoundChain(deny_chain(method, path), self.ids)
             self.bound[(method, path)] = found
         return found
-
-
-class GatedRoutes(list[BaseRoute]):
-    """A router's route list; a route added after `install` is gated as it is added."""
-
-    engine: Engine
-    prefix: str = ""
-
-    def append(self, route: BaseRoute) -> None:
-        """Add a route and gate it."""
-        super().append(route)
-        self.engine.gate_all([route], self.prefix)
-
-    def insert(self, index: SupportsIndex, route: BaseRoute) -> None:
-        """Insert a route and gate it."""
-        super().insert(index, route)
-        self.engine.gate_all([route], self.prefix)
-
-    def extend(self, routes: Iterable[BaseRoute]) -> None:
-        """Add several routes and gate each."""
-        for route in routes:
-            self.append(route)
 
 
 class Engine:
@@ -189,7 +110,6 @@ class Engine:
         self.paths = paths
         self.config = config
         self.strict = strict
-        self.gates: list[Gate] = []
         self.last_reload_error: ConfigError | None = None
         policies = load_policies(*paths)
         self.services: Mapping[str, Any] = services(self) if services else {}
@@ -204,40 +124,33 @@ class Engine:
     def _build(self, policies: PolicySet) -> Snapshot:
         return Snapshot.build(policies, compile_all(policies, self.env(policies)), self.ids)
 
-    def gate_all(self, routes: Iterable[BaseRoute], prefix: str = "") -> list[str]:
-        """Gate every route reachable from `routes`; return the bindings with no policy."""
-        unbound: list[str] = []
-        for route in list(routes):
-            nested = _included(route)
-            if nested is not None:
-                router, sub = nested
-                self._gate_router(router, prefix + sub)
-                unbound.extend(self.gate_all(router.routes, prefix + sub))
-                continue
-            unbound.extend(self._gate_one(route, prefix))
-        if self.strict and unbound:
-            raise ConfigError([no_policy_finding(r) for r in unbound])
-        return unbound
+    def endpoints(self) -> list[Endpoint]:
+        """Every endpoint of the app, as the gate resolves them (lint and explain use these)."""
+        return list(endpoints(self.app.router))
 
-    def _gate_router(self, router: Any, prefix: str) -> None:
-        if not isinstance(router.routes, GatedRoutes):
-            gated = GatedRoutes(router.routes)
-            gated.engine = self
-            gated.prefix = prefix
-            router.routes = gated
+    def unpolicied(self) -> list[str]:
+        """METHOD + template of every endpoint no policy governs."""
+        policies = self.snapshot.policies
+        return [f"{m} {e.path}" for e in self.endpoints() for m in unpolicied(e, policies)]
 
-    def _gate_one(self, route: BaseRoute, prefix: str) -> list[str]:
-        current = route.__dict__.get("handle")
-        if isinstance(current, Gate):
-            return []
-        binding = _binding_of(route, prefix)
-        if binding is None:
-            log.warning("policyroute: unknown route type %s is denied", type(route).__name__)
-            binding = Binding(prefix + str(getattr(route, "path", "/")), METHODS)
-        gate = Gate(self, route, binding, route.handle)
-        route.handle = gate  # type: ignore[method-assign]
-        self.gates.append(gate)
-        return [f"{m} {binding.path}" for m in binding.unpolicied(self.snapshot.policies)]
+    def check_strict(self) -> None:
+        """Under `strict`, refuse an app that has an endpoint no policy governs."""
+        if self.strict:
+            missing = self.unpolicied()
+            if missing:
+                raise ConfigError([no_policy_finding(r) for r in missing])
+
+    async def decide(
+        self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, app: ASGIApp
+    ) -> None:
+        """Run the chain of the resolved endpoint around the router's dispatch."""
+        method = scope["method"] if scope["type"] == "http" else "GET"
+        bound = (
+            self.snapshot.chain_for(method, endpoint.path)
+            if endpoint.known
+            else (self.snapshot.deny(method, endpoint.path))
+        )
+        await bound(scope, receive, send, app)
 
     def reload(self) -> ConfigError | None:
         """Load, lint, compile and swap all chains at once; keep the old ones on any error."""
@@ -261,17 +174,14 @@ class Engine:
     def chains(self) -> list[Chain]:
         """Every compiled chain, then the deny chains of app routes no policy names."""
         out = list(self.snapshot.chains.values())
-        for _, binding in walk_routes(self.app.router.routes):
-            if binding is not None:
-                out.extend(
-                    deny_chain(m, binding.path) for m in binding.unpolicied(self.snapshot.policies)
-                )
+        policies = self.snapshot.policies
+        for endpoint in self.endpoints():
+            out.extend(deny_chain(m, endpoint.path) for m in unpolicied(endpoint, policies))
         return out
 
     def unmatched_policies(self) -> list[str]:
         """Policy routes that name no route of the app."""
-        bindings = [b for _, b in walk_routes(self.app.router.routes) if b is not None]
-        return [e.key for e in unmatched_entries(self.snapshot.policies, bindings)]
+        return [e.key for e in unmatched_entries(self.snapshot.policies, self.endpoints())]
 
 
 def no_policy_finding(route: str) -> Finding:
@@ -284,9 +194,9 @@ def no_policy_finding(route: str) -> Finding:
     )
 
 
-def unmatched_entries(policies: PolicySet, bindings: Iterable[Binding]) -> list[RouteEntry]:
-    """Policy routes that name no route among `bindings`."""
-    served = {(m, normalize_path(b.path)) for b in bindings for m in b.methods}
+def unmatched_entries(policies: PolicySet, found: Iterable[Endpoint]) -> list[RouteEntry]:
+    """Policy routes that name no endpoint among `found`."""
+    served = {(m, normalize_path(e.path)) for e in found if e.known for m in e.methods}
     return [e for k, e in policies.routes.items() if k not in served]
 
 
@@ -305,6 +215,7 @@ def _wrap_lifespan(app: FastAPI, engine: Engine) -> None:
 
     @contextlib.asynccontextmanager
     async def lifespan(inner: Any) -> AsyncIterator[Any]:
+        engine.check_strict()  # routes added between `install` and startup
         await engine_start(engine)
         try:
             async with original(inner) as state:
@@ -367,8 +278,8 @@ def install(
         services=services or default_services,
     )
     observe(app, engine, health=health, metrics=metrics)  # sanitized logs, health routes
-    engine._gate_router(app.router, "")
-    engine.gate_all(app.router.routes)
+    gate_router(app.router, engine.decide)
+    engine.check_strict()
     for key in engine.unmatched_policies():
         log.warning("policyroute: policy %s matches no route of the app", key)
     app.add_exception_handler(Denial, _denial_handler)

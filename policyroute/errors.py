@@ -79,6 +79,7 @@ class Problems:
     """The catalogue of problem types every denial uses."""
 
     NO_POLICY = ProblemType("no-policy", "No policy governs this route", 403)
+    METHOD_NOT_ALLOWED = ProblemType("method-not-allowed", "Method not allowed", 405)
     IP_NOT_ALLOWED = ProblemType("ip-not-allowed", "Client address not allowed", 403)
     UNAUTHENTICATED = ProblemType("unauthenticated", "Authentication required", 401)
     INVALID_TOKEN = ProblemType("invalid-token", "Invalid bearer token", 401)

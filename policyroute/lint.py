@@ -24,9 +24,10 @@ from fastapi import FastAPI
 from starlette.routing import BaseRoute
 
 from ._positions import Doc, KeyPath, read_docs
-from .binding import no_policy_finding, unmatched_entries, walk_routes
+from .binding import no_policy_finding, unmatched_entries, unpolicied
 from .compiler import unenforced
 from .errors import ConfigError, Finding, Location
+from .gate import endpoints
 from .loader import PolicySet, RouteEntry, load_policies, policy_files
 from .resilience import lint_findings as resilience_findings
 
@@ -46,6 +47,11 @@ RULES: Mapping[str, Rule] = {
     r.code: r
     for r in (
         Rule("no-policy", "error", "An app route has no policy, so every request is denied."),
+        Rule(
+            "unknown-route",
+            "error",
+            "An app route is of a type policyroute does not know, so every request is denied.",
+        ),
         Rule("unmatched-policy", "error", "A policy names no route of the app."),
         Rule("not-enforced", "error", "A policy key this version cannot enforce."),
         Rule("retry-unsafe", "error", "An unsafe method is retried without idempotency."),
@@ -122,8 +128,8 @@ def _of_app(findings: list[Finding], policies: PolicySet, app: FastAPI | None) -
 def _app_roots(app: FastAPI) -> list[Path]:
     """The directories (packages) of the modules that define the app's endpoints."""
     roots: set[Path] = set()
-    for route, _ in walk_routes(app.router.routes):
-        name = getattr(getattr(route, "endpoint", None), "__module__", None) or ""
+    for found in endpoints(app.router):
+        name = getattr(getattr(found.route, "endpoint", None), "__module__", None) or ""
         top = sys.modules.get(name.split(".")[0])
         file = getattr(top, "__file__", None)
         if file and not name.startswith(("fastapi.", "starlette.")):
@@ -281,15 +287,25 @@ def layer_path(label: str, route_key: str) -> KeyPath:
 def app_findings(policies: PolicySet, app: FastAPI) -> list[Finding]:
     """App routes without a policy, and policies that name no app route."""
     findings: list[Finding] = []
-    bindings = []
-    for route, binding in walk_routes(app.router.routes):
-        if binding is None:
-            continue
-        bindings.append(binding)
-        for method in binding.unpolicied(policies):
-            name = f"{method} {binding.path}"
+    found = list(endpoints(app.router))
+    for endpoint in found:
+        if not endpoint.known:
             findings.append(
-                _finding("no-policy", no_policy_finding(name).message, _source_of(route), ())
+                _finding(
+                    "unknown-route",
+                    f"app route {endpoint.path} is a {type(endpoint.route).__name__}, a route "
+                    "type policyroute does not know: every request to it is denied with 403",
+                    _source_of(endpoint.route),
+                    (),
+                )
+            )
+            continue
+        for method in unpolicied(endpoint, policies):
+            name = f"{method} {endpoint.path}"
+            findings.append(
+                _finding(
+                    "no-policy", no_policy_finding(name).message, _source_of(endpoint.route), ()
+                )
             )
     findings.extend(
         _finding(
@@ -299,7 +315,7 @@ def app_findings(policies: PolicySet, app: FastAPI) -> list[Finding]:
             entry.location,
             ("routes", entry.key),
         )
-        for entry in unmatched_entries(policies, bindings)
+        for entry in unmatched_entries(policies, found)
     )
     return findings
 

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 from fastapi import FastAPI
+from starlette.responses import PlainTextResponse
+from starlette.routing import BaseRoute, Match
+from starlette.types import Receive, Scope, Send
 
 from policyroute import compiler
 from policyroute.cli import main
@@ -50,6 +53,31 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 
 # --- routes of the app ------------------------------------------------------------------
+
+
+class OddRoute(BaseRoute):
+    """A route type policyroute does not know."""
+
+    path = "/odd"
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        """Match its own path."""
+        return (Match.FULL, {}) if scope.get("path") == self.path else (Match.NONE, {})
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve without asking anyone."""
+        await PlainTextResponse("odd")(scope, receive, send)
+
+
+def test_unknown_route_type_is_an_error_and_is_denied(policy_dir: Path) -> None:
+    write(
+        policy_dir,
+        "version: 1\nroutes:\n  GET /items: {public: true}\n  POST /items: {public: true}\n",
+    )
+    app = small_app()
+    app.router.routes.append(OddRoute())
+    [finding] = lint([policy_dir], app)
+    assert finding.code == "unknown-route" and "OddRoute" in finding.message
 
 
 def small_app() -> FastAPI:
@@ -348,7 +376,9 @@ def test_every_rule_fires_on_one_policy_set_each_with_a_fix(
     makers = [(keys, make) for keys, make in compiler.MAKERS if "breaker" not in keys]
     monkeypatch.setattr(compiler, "MAKERS", makers)
     write(policy_dir, ALL)
-    found = lint([policy_dir], small_app())
+    app = small_app()
+    app.router.routes.append(OddRoute())
+    found = lint([policy_dir], app)
     assert set(codes(found)) == set(RULES) - {"open-trusted-proxies", "inline-secret"}
     assert all(f.severity == RULES[f.code].severity for f in found)
     write(policy_dir, ALL.replace("[10.0.0.0/8]", '["*"]') + "    password: hunter2\n")

@@ -1,0 +1,459 @@
+"""The gate: every request that reaches an endpoint runs that endpoint's chain first.
+
+Why one gate in front of the router, not a gate on each route
+-------------------------------------------------------------
+An earlier design replaced `handle` on each route object it found at `install`. That
+governs only the objects it saw, in the ways it knew: FastAPI builds new route objects for
+included routers at request time; a `Mount` answers every method, where a `Route` answers
+405 for those it does not declare; a `Host` has no path of its own; a route list can be
+changed after `install` in more ways than a list subclass can observe. Each hole needed its
+own patch, and the next FastAPI release could open another.
+
+So the gate sits where every request must pass: at the top of the app's router
+(`Router.middleware_stack`, which `Router.__call__` always runs). For each HTTP and
+websocket request it resolves the endpoint the way the router is about to: it walks the
+live route lists in order and asks each route's own `matches` (FastAPI's included routers
+answer through their own matcher), descending into mounts and hosts whose app is a router.
+Then:
+
+- a known endpoint matched: the chain of METHOD + template runs, and the router then
+  dispatches the request as it always does (on a copy of the scope, so a retried handler is
+  dispatched afresh);
+- a route matched the path but not the method: 405 from the gate itself, nothing runs;
+- a method outside the seven the policy language names (extension methods such as
+  `PROPFIND`, invented ones, lowercase `get`): 405 from the gate, whatever the route, since no
+  policy can allow it;
+- a route type the gate does not know matched: 403, never passed through;
+- nothing matched: the router answers 404 or its slash redirect; no endpoint runs. A router
+  whose `default` is not the stock 404 is an endpoint of its own (`/{path:path}` under it).
+
+Resolution reads the live route lists on every request, so a route added after `install`
+by any means (append, slice assignment, `include_router`, `mount`, a replaced list) is
+governed from its first request: nothing is patched and no cache can be stale.
+`endpoints()` walks the same tree with the same classification (`_classify`) for lint,
+explain, strict mode and the OpenAPI document, so what lint lists is what the gate governs.
+
+Limits, written down: a route object's own attributes changed after `install` (its path
+regex, its methods) are seen as the router sees them, since the gate asks the route; an app
+reached through an object that is neither a router nor a known route (a mounted ASGI app
+with routing of its own) is one endpoint, `METHOD /prefix/{path:path}`.
+
+Hosts are named in the policy language in the network-path form of RFC 3986:
+`GET //admin.example.com/reports` is the route `/reports` of `app.host("admin.example.com",
+...)`, and `GET //{tenant}.example.com/{path:path}` a host whose app is not a router.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.routing import BaseRoute, Host, Match, Mount, Route, Router, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ._problem import send_problem
+from .errors import Denial, Problems
+from .policy import METHODS
+
+log = logging.getLogger("policyroute")
+
+ANY_METHOD: tuple[str, ...] = METHODS
+_STANDARD = frozenset(METHODS)
+# FastAPI's included-router entries (0.120+): the router they include and how.
+_INCLUDED = ("original_router", "include_context")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One endpoint as the policy sees it: METHOD + template, and what serves it."""
+
+    path: str
+    methods: tuple[str, ...]
+    kind: str = "http"  # http, websocket, mount, host, frontend, default, unknown
+    route: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def websocket(self) -> bool:
+        """Whether the endpoint speaks websocket (its policy key uses GET)."""
+        return self.kind == "websocket"
+
+    @property
+    def known(self) -> bool:
+        """Whether the gate knows what serves this endpoint (unknown types are denied)."""
+        return self.kind != "unknown"
+
+    def keys(self) -> list[str]:
+        """The policy keys (METHOD template) that govern this endpoint."""
+        return [f"{m} {self.path}" for m in self.methods]
+
+
+# --- the route tree ---------------------------------------------------------------------
+
+
+def _router_of(app: Any) -> Any | None:
+    """The router that routes `app` as it is: a Router, or a Starlette app with no middleware.
+
+    An app whose middleware runs before its router could rewrite the path, so the gate does
+    not guess what it routes to: it is one endpoint (`/prefix/{path:path}`).
+    """
+    if isinstance(app, Router):
+        return app
+    router = getattr(app, "router", None)
+    if isinstance(router, Router) and not getattr(app, "user_middleware", None):
+        return router
+    return None
+
+
+def _mount_app(route: Mount | Host) -> Any:
+    # Starlette keeps the app before the mount's middleware as `_base_app`.
+    return getattr(route, "_base_app", route.app)
+
+
+def _join(prefix: str, path: str) -> str:
+    return (prefix.rstrip("/") + path) if path.startswith("/") else prefix + "/" + path
+
+
+def _host_prefix(host: str) -> str:
+    return "//" + host
+
+
+def _classify(route: BaseRoute) -> str:
+    """The kind of a route entry; the one decision the gate and `endpoints` share."""
+    if all(hasattr(route, a) for a in _INCLUDED):
+        return "included"
+    if isinstance(route, Route):
+        return "http"
+    if isinstance(route, WebSocketRoute):
+        return "websocket"
+    if isinstance(route, Mount):
+        return "mount"
+    if isinstance(route, Host):
+        return "host"
+    return "unknown"
+
+
+def _default_is_stock(router: Any) -> bool:
+    default = getattr(router, "default", None)
+    return getattr(default, "__func__", None) is Router.not_found
+
+
+def _frontend_groups(router: Any) -> list[Any]:
+    return list(getattr(router, "_low_priority_routes", ()) or ())
+
+
+def _frontend_template(prefix: str, path: str) -> str:
+    return (
+        _join(prefix, path.rstrip("/") + "/{path:path}")
+        if path != "/"
+        else _join(prefix, "/{path:path}")
+    )
+
+
+def endpoints(router: Any, prefix: str = "") -> Iterator[Endpoint]:
+    """Every endpoint reachable from a router, with its full template, in routing order."""
+    yield from _walk(router.routes, prefix, 0)
+    for group in _frontend_groups(router):
+        yield from _frontend_endpoints(group, prefix)
+    if not _default_is_stock(router):
+        yield Endpoint(_join(prefix, "/{path:path}"), ANY_METHOD, "default", router)
+
+
+def _frontend_endpoints(group: Any, prefix: str) -> Iterator[Endpoint]:
+    for front in getattr(group, "routes", ()):
+        yield Endpoint(_frontend_template(prefix, front.path), ("GET", "HEAD"), "frontend", front)
+
+
+def _walk(routes: Iterable[BaseRoute], prefix: str, depth: int) -> Iterator[Endpoint]:
+    for route in list(routes):
+        kind = _classify(route)
+        if kind == "included":
+            context = route.include_context  # type: ignore[attr-defined]
+            inner = route.original_router  # type: ignore[attr-defined]
+            sub = _join(prefix, str(getattr(context, "prefix", ""))) if context.prefix else prefix
+            yield from _walk(inner.routes, sub, depth + 1)
+            for group in _frontend_groups(inner):
+                yield from _frontend_endpoints(group, sub)
+        elif kind == "http":
+            assert isinstance(route, Route)
+            methods = tuple(sorted(route.methods)) if route.methods else ANY_METHOD
+            yield Endpoint(_join(prefix, route.path), methods, "http", route)
+        elif kind == "websocket":
+            assert isinstance(route, WebSocketRoute)
+            yield Endpoint(_join(prefix, route.path), ("GET",), "websocket", route)
+        elif kind in ("mount", "host"):
+            assert isinstance(route, Mount | Host)
+            sub = (
+                _join(prefix, route.path.rstrip("/"))
+                if isinstance(route, Mount)
+                else _host_prefix(route.host)
+            )
+            inner = _router_of(_mount_app(route))
+            if inner is None or depth > 64:
+                yield Endpoint(_join(sub, "/{path:path}"), ANY_METHOD, kind, route)
+            else:
+                yield from endpoints(inner, sub)
+        else:
+            path = str(getattr(route, "path", "") or "")
+            yield Endpoint(_join(prefix, path) if path else prefix or "/", ANY_METHOD, kind, route)
+
+
+# --- resolving one request ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Resolved:
+    """What the router will dispatch a request to."""
+
+    match: Match
+    endpoint: Endpoint | None = None
+
+
+_NONE = Resolved(Match.NONE)
+
+
+def resolve(router: Any, scope: Scope, prefix: str = "", depth: int = 0) -> Resolved:
+    """Resolve a request the way `router` will: its routes' own `matches`, in order."""
+    found = _first(router.routes, scope, prefix, depth)
+    if found.match is Match.FULL:
+        return found
+    if found.match is Match.NONE:
+        low = _low_priority(router, scope, prefix)
+        if low.match is not Match.NONE:
+            return low
+        if not _default_is_stock(router):
+            return Resolved(
+                Match.FULL, Endpoint(_join(prefix, "/{path:path}"), ANY_METHOD, "default", router)
+            )
+    return found
+
+
+def _first(routes: Sequence[BaseRoute], scope: Scope, prefix: str, depth: int) -> Resolved:
+    partial: Resolved | None = None
+    for route in routes:
+        kind = _classify(route)
+        if kind == "included":
+            found = _included(route, scope, prefix, depth)
+        elif kind == "http" or kind == "websocket":
+            found = _leaf(route, scope, prefix, kind)
+        elif kind in ("mount", "host"):
+            found = _nested(route, scope, prefix, kind, depth)  # type: ignore[arg-type]
+        else:
+            found = _unknown(route, scope, prefix)
+        if found.match is Match.FULL:
+            return found
+        if found.match is Match.PARTIAL and partial is None:
+            partial = found
+    return partial or _NONE
+
+
+def _leaf(route: Any, scope: Scope, prefix: str, kind: str) -> Resolved:
+    match, _ = route.matches(scope)
+    if match is Match.NONE:
+        return _NONE
+    if kind == "websocket":
+        return Resolved(match, Endpoint(_join(prefix, route.path), ("GET",), kind, route))
+    methods = tuple(sorted(route.methods)) if route.methods else ANY_METHOD
+    return Resolved(match, Endpoint(_join(prefix, route.path), methods, kind, route))
+
+
+def _nested(route: Mount | Host, scope: Scope, prefix: str, kind: str, depth: int) -> Resolved:
+    match, child = route.matches(scope)
+    if match is Match.NONE:
+        return _NONE
+    sub = (
+        _join(prefix, route.path.rstrip("/"))
+        if isinstance(route, Mount)
+        else _host_prefix(route.host)
+    )
+    inner = _router_of(_mount_app(route))
+    if inner is None or depth > 64:
+        return Resolved(match, Endpoint(_join(sub, "/{path:path}"), ANY_METHOD, kind, route))
+    inner_scope = {**scope, **child}
+    found = resolve(inner, inner_scope, sub, depth + 1)
+    # A mount commits the router to it: nothing found inside means the inner router answers
+    # (404 or a redirect), so the outer router tries no later route. Same here.
+    return found if found.match is not Match.NONE else Resolved(Match.FULL, None)
+
+
+def _included(route: Any, scope: Scope, prefix: str, depth: int) -> Resolved:
+    """A FastAPI included router: its own matcher picks the route, its context the prefix."""
+    matcher = getattr(route, "_match", None)
+    if matcher is None:
+        return _unknown(route, scope, prefix)
+    match, child, picked, context = matcher(scope)
+    if match is Match.NONE or picked is None:
+        return _NONE
+    sub = _join(prefix, str(route.include_context.prefix or ""))
+    kind = _classify(picked)
+    if kind == "included":
+        return _included(picked, scope, prefix, depth + 1)
+    original = getattr(context, "original_route", picked)
+    okind = _classify(original)
+    if okind in ("http", "websocket"):
+        return _leaf_in(original, picked, match, sub, okind)
+    if okind == "host":
+        # FastAPI wraps a host of a prefixed router in a router that mounts the prefix.
+        return _nested(
+            getattr(context, "starlette_route", None) or picked, scope, prefix, okind, depth + 1
+        )
+    if okind == "mount":
+        return _nested_copy(original, scope, sub, match, child, depth)
+    return _unknown(original, scope, prefix)
+
+
+def _nested_copy(
+    original: Mount, scope: Scope, sub: str, match: Match, child: Scope, depth: int
+) -> Resolved:
+    """A mount inside an included router, matched through FastAPI's prefixed copy."""
+    template = _join(sub, original.path.rstrip("/"))
+    inner = _router_of(_mount_app(original))
+    if inner is None or depth > 64:
+        return Resolved(
+            match, Endpoint(_join(template, "/{path:path}"), ANY_METHOD, "mount", original)
+        )
+    found = resolve(inner, {**scope, **child}, template, depth + 1)
+    return found if found.match is not Match.NONE else Resolved(Match.FULL, None)
+
+
+def _leaf_in(original: Any, picked: Any, match: Match, sub: str, kind: str) -> Resolved:
+    if kind == "websocket":
+        return Resolved(match, Endpoint(_join(sub, original.path), ("GET",), kind, original))
+    methods = tuple(sorted(original.methods)) if original.methods else ANY_METHOD
+    return Resolved(match, Endpoint(_join(sub, original.path), methods, kind, original))
+
+
+def _low_priority(router: Any, scope: Scope, prefix: str) -> Resolved:
+    """FastAPI's frontend routes, tried after every other route."""
+    matcher = getattr(router, "_match_low_priority", None)
+    if matcher is None or (not _frontend_groups(router) and not _has_included(router)):
+        return _NONE
+    if scope["type"] != "http":
+        return _NONE
+    match, _, picked, context = matcher(scope)
+    if match is Match.NONE or picked is None:
+        return _NONE
+    front_prefix = str(getattr(context, "frontend_prefix", "") or "")
+    inner = getattr(picked, "_match", None)
+    template = _join(prefix, _join(front_prefix, "/{path:path}"))
+    if inner is not None:
+        _, _, front = inner(scope, prefix=front_prefix)
+        if front is not None:
+            template = _frontend_template(prefix, _join(front_prefix, front.path))
+    return Resolved(match, Endpoint(template, ("GET", "HEAD"), "frontend", picked))
+
+
+def _has_included(router: Any) -> bool:
+    return any(_classify(r) == "included" for r in router.routes)
+
+
+def _unknown(route: Any, scope: Scope, prefix: str) -> Resolved:
+    try:
+        match, _ = route.matches(scope)
+    except Exception:  # a route we do not know failed to match: it does not serve this
+        log.exception("policyroute: route %r failed to match; treated as no match", route)
+        return _NONE
+    if match is Match.NONE:
+        return _NONE
+    path = str(getattr(route, "path", "") or "")
+    return Resolved(
+        Match.FULL,
+        Endpoint(_join(prefix, path) if path else prefix or "/", ANY_METHOD, "unknown", route),
+    )
+
+
+# --- the gate ------------------------------------------------------------------------------
+
+
+Decide = Callable[[Scope, Receive, Send, Endpoint, ASGIApp], Any]
+
+
+def _not_allowed(methods: Sequence[str]) -> Denial:
+    allowed = ", ".join(m for m in METHODS if m in methods)
+    return Denial(
+        Problems.METHOD_NOT_ALLOWED,
+        f"this endpoint answers {allowed}",
+        headers={"Allow": allowed},
+    )
+
+
+class Dispatch:
+    """The router's own dispatch, run on a fresh copy of the request's scope each time."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: ASGIApp) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Dispatch once (a retry dispatches again from the scope as the gate saw it)."""
+        fresh = dict(scope)
+        fastapi = fresh.get("fastapi")
+        if isinstance(fastapi, dict):
+            fresh["fastapi"] = dict(fastapi)
+        await self.inner(fresh, receive, send)
+
+
+class RouterGate:
+    """Sits at the top of the app's router: resolves each request, runs its chain first."""
+
+    __slots__ = ("decide", "dispatch", "inner", "router", "warned")
+
+    def __init__(self, router: Any, inner: ASGIApp, decide: Decide) -> None:
+        self.router = router
+        self.inner = inner
+        self.dispatch = Dispatch(inner)
+        self.decide = decide
+        self.warned: set[type] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Resolve, refuse what no policy can allow, run the chain around the dispatch."""
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.inner(scope, receive, send)  # lifespan
+            return
+        found = resolve(self.router, scope)
+        endpoint = found.endpoint
+        if endpoint is None:
+            await self.inner(scope, receive, send)  # 404 or a slash redirect: no endpoint
+            return
+        method = scope["method"] if kind == "http" else "GET"
+        if kind == "http" and method not in _STANDARD:
+            await self._refuse(scope, send, _not_allowed(endpoint.methods))
+            return
+        if found.match is Match.PARTIAL:
+            if kind == "http":
+                await self._refuse(scope, send, _not_allowed(endpoint.methods))
+            else:
+                await send({"type": "websocket.close", "code": 1008, "reason": "no-policy"})
+            return
+        if not endpoint.known:
+            self._warn(endpoint)
+            endpoint = Endpoint(endpoint.path, (), "unknown", endpoint.route)
+        await self.decide(scope, receive, send, endpoint, self.dispatch)
+
+    async def _refuse(self, scope: Scope, send: Send, denial: Denial) -> None:
+        await send_problem(send, denial, instance=scope.get("path"), head=scope["method"] == "HEAD")
+
+    def _warn(self, endpoint: Endpoint) -> None:
+        kind = type(endpoint.route)
+        if kind not in self.warned:
+            self.warned.add(kind)
+            log.error(
+                "policyroute: a %s route matched %s; it is a route type policyroute does not "
+                "know, so every request to it is denied",
+                kind.__name__,
+                endpoint.path,
+            )
+
+
+def gate_router(router: Any, decide: Decide) -> RouterGate:
+    """Put a gate at the top of `router` (idempotent); return it."""
+    current = router.middleware_stack
+    if isinstance(current, RouterGate):
+        current.decide = decide
+        return current
+    gate = RouterGate(router, current, decide)
+    router.middleware_stack = gate
+    return gate
