@@ -115,8 +115,9 @@ def _join(prefix: str, path: str) -> str:
     return (prefix.rstrip("/") + path) if path.startswith("/") else prefix + "/" + path
 
 
-def _host_prefix(host: str) -> str:
-    return "//" + host
+def _host_prefix(host: str, prefix: str) -> str:
+    """`//host` then the path prefix the host is reached under (a mount's, an include's)."""
+    return "//" + host + (prefix.rstrip("/") if not prefix.startswith("//") else "")
 
 
 def _classify(route: BaseRoute) -> str:
@@ -151,9 +152,9 @@ def _frontend_template(prefix: str, path: str) -> str:
     )
 
 
-def endpoints(router: Any, prefix: str = "") -> Iterator[Endpoint]:
+def endpoints(router: Any, prefix: str = "", depth: int = 0) -> Iterator[Endpoint]:
     """Every endpoint reachable from a router, with its full template, in routing order."""
-    yield from _walk(router.routes, prefix, 0)
+    yield from _walk(router.routes, prefix, depth)
     for group in _frontend_groups(router):
         yield from _frontend_endpoints(group, prefix)
     if not _default_is_stock(router):
@@ -187,13 +188,13 @@ def _walk(routes: Iterable[BaseRoute], prefix: str, depth: int) -> Iterator[Endp
             sub = (
                 _join(prefix, route.path.rstrip("/"))
                 if isinstance(route, Mount)
-                else _host_prefix(route.host)
+                else _host_prefix(route.host, prefix)
             )
             inner = _router_of(_mount_app(route))
             if inner is None or depth > 64:
                 yield Endpoint(_join(sub, "/{path:path}"), ANY_METHOD, kind, route)
             else:
-                yield from endpoints(inner, sub)
+                yield from endpoints(inner, sub, depth + 1)
         else:
             path = str(getattr(route, "path", "") or "")
             yield Endpoint(_join(prefix, path) if path else prefix or "/", ANY_METHOD, kind, route)
@@ -265,7 +266,7 @@ def _nested(route: Mount | Host, scope: Scope, prefix: str, kind: str, depth: in
     sub = (
         _join(prefix, route.path.rstrip("/"))
         if isinstance(route, Mount)
-        else _host_prefix(route.host)
+        else _host_prefix(route.host, prefix)
     )
     inner = _router_of(_mount_app(route))
     if inner is None or depth > 64:

@@ -1,0 +1,344 @@
+"""The gate: no endpoint runs without its chain, whatever the route type, depth, method or
+the way the route was added.
+
+One table: route type x nesting depth x how the route was added; each cell sends every
+method to three endpoints (policy allows, policy denies, no policy) and checks the handler's
+side-effect counter. The templates are written here by hand, not asked of policyroute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute, APIWebSocketRoute
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import BaseRoute, Host, Mount, Route, Router
+from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+import policyroute
+from policyroute.lint import lint
+
+STANDARD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+ODD = ("TRACE", "PROPFIND", "QUERY", "SEARCH", "PURGE", "LOCK", "FOO", "get")
+NAMES = ("allow", "deny", "none")
+KINDS = ("api", "route", "websocket", "mount", "mount_router", "host")
+DEPTHS = (0, 1, 3, 10)
+MODES = (
+    "before",
+    "warm",  # FastAPI built its route caches (url_path_for, a request) before install
+    "append",
+    "insert",
+    "extend",
+    "iadd",
+    "slice",
+    "setitem",
+    "replace",
+    "helper",  # add_api_route / add_route / mount / host after install
+    "include_later",  # the routers are included after install
+)
+
+
+async def call(
+    app: Any, method: str, path: str, host: str = "testserver"
+) -> tuple[int, list[Message]]:
+    """One HTTP request straight into the ASGI app (any method, any case)."""
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", host.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    sent: list[Message] = []
+    asked = False
+
+    async def receive() -> Message:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    return (starts[0]["status"] if starts else 0), sent
+
+
+async def connect(app: Any, path: str, host: str = "testserver") -> list[Message]:
+    """Open a websocket straight into the ASGI app; what the app sent back."""
+    scope: Scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "ws",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", host.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "subprotocols": [],
+    }
+    inbox = [{"type": "websocket.connect"}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if inbox:
+            return inbox.pop(0)
+        await asyncio.sleep(0.05)
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+class Cell:
+    """One app of the table: three endpoints of one kind at one depth, added one way."""
+
+    def __init__(self, kind: str, depth: int, mode: str) -> None:
+        self.kind, self.depth, self.mode = kind, depth, mode
+        self.hits: Counter[str] = Counter()
+        self.prefix = "".join(f"/d{i}" for i in range(1, depth + 1))
+
+    # -- endpoints that count ---------------------------------------------------------------
+
+    def _http(self, name: str) -> Callable[..., Any]:
+        async def endpoint(request: Request) -> Response:
+            self.hits[name] += 1
+            return PlainTextResponse(name)
+
+        return endpoint
+
+    def _api(self, name: str) -> Callable[..., Any]:
+        async def endpoint() -> dict[str, str]:
+            self.hits[name] += 1
+            return {"name": name}
+
+        return endpoint
+
+    def _socket(self, name: str) -> Callable[..., Any]:
+        async def endpoint(websocket: WebSocket) -> None:
+            self.hits[name] += 1
+            await websocket.accept()
+            await websocket.send_text(name)
+            await websocket.close()
+
+        return endpoint
+
+    def _asgi(self, name: str) -> Any:
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            self.hits[name] += 1
+            await PlainTextResponse(name)(scope, receive, send)
+
+        return app
+
+    def route(self, name: str) -> BaseRoute:
+        """The route object of endpoint `name`."""
+        if self.kind == "api":
+            return APIRoute(f"/{name}", self._api(name), methods=["GET"])
+        if self.kind == "route":
+            return Route(f"/{name}", self._http(name), methods=["GET"])
+        if self.kind == "websocket":
+            return APIWebSocketRoute(f"/{name}", self._socket(name))
+        if self.kind == "mount":
+            return Mount(f"/{name}", app=self._asgi(name))
+        if self.kind == "mount_router":
+            return Mount(f"/{name}", routes=[Route("/leaf", self._http(name), methods=["GET"])])
+        return Host(f"{name}.internal", app=self._asgi(name))
+
+    def helper(self, router: APIRouter, name: str) -> None:
+        """Add endpoint `name` with the router's own method."""
+        if self.kind == "api":
+            router.add_api_route(f"/{name}", self._api(name), methods=["GET"])
+        elif self.kind == "route":
+            router.add_route(f"/{name}", self._http(name), methods=["GET"])
+        elif self.kind == "websocket":
+            router.add_api_websocket_route(f"/{name}", self._socket(name))
+        elif self.kind == "mount":
+            router.mount(f"/{name}", self._asgi(name))
+        elif self.kind == "mount_router":
+            router.mount(
+                f"/{name}", Router(routes=[Route("/leaf", self._http(name), methods=["GET"])])
+            )
+        else:
+            router.host(f"{name}.internal", self._asgi(name))
+
+    def template(self, name: str) -> str:
+        """The policy template of endpoint `name`, written out by hand."""
+        if self.kind == "mount":
+            return f"{self.prefix}/{name}/{{path:path}}"
+        if self.kind == "mount_router":
+            return f"{self.prefix}/{name}/leaf"
+        if self.kind == "host":
+            return f"//{name}.internal{self.prefix}/{{path:path}}"
+        return f"{self.prefix}/{name}"
+
+    def target(self, name: str) -> tuple[str, str]:
+        """(path, host) a request to endpoint `name` uses."""
+        if self.kind == "mount":
+            return f"{self.prefix}/{name}/x", "testserver"
+        if self.kind == "mount_router":
+            return f"{self.prefix}/{name}/leaf", "testserver"
+        if self.kind == "host":
+            return f"{self.prefix}/x", f"{name}.internal"
+        return f"{self.prefix}/{name}", "testserver"
+
+    def policy(self) -> str:
+        """allow is public, deny admits an address no test uses, none has no policy."""
+        return (
+            "version: 1\nroutes:\n"
+            f"  GET {self.template('allow')}: {{public: true}}\n"
+            f"  GET {self.template('deny')}: {{public: true, ip_allowlist: [10.9.9.9/32]}}\n"
+        )
+
+    # -- building the app ------------------------------------------------------------------
+
+    def build(self, policies: Path) -> FastAPI:
+        """The app, its routes added the cell's way around `install`."""
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        routers = [APIRouter() for _ in range(self.depth)]
+        leaf: APIRouter = routers[-1] if routers else app.router
+        placeholder = Route("/placeholder", self._http("placeholder"), methods=["GET"])
+        leaf.routes.append(placeholder)
+        if self.mode == "before" or self.mode == "warm":
+            for name in NAMES:
+                leaf.routes.append(self.route(name))
+
+        def include() -> None:
+            for i in range(self.depth - 1, 0, -1):
+                routers[i - 1].include_router(routers[i], prefix=f"/d{i + 1}")
+            if routers:
+                app.include_router(routers[0], prefix="/d1")
+
+        if self.mode != "include_later":
+            include()
+        if self.mode == "warm":
+            # FastAPI builds its included-route objects on the first lookup.
+            assert str(app.url_path_for("endpoint")).endswith("/placeholder")
+        (policies / "routes.yaml").write_text(self.policy())
+        policyroute.install(app, policies)
+        new = [self.route(n) for n in NAMES]
+        if self.mode == "append":
+            for r in new:
+                leaf.routes.append(r)
+        elif self.mode == "insert":
+            for r in new:
+                leaf.routes.insert(0, r)
+        elif self.mode == "extend":
+            leaf.routes.extend(new)
+        elif self.mode == "iadd":
+            routes = leaf.routes
+            routes += new
+            leaf.routes = routes
+        elif self.mode == "slice":
+            leaf.routes[len(leaf.routes) :] = new
+        elif self.mode == "setitem":
+            leaf.routes[leaf.routes.index(placeholder)] = new[0]
+            leaf.routes.extend(new[1:])
+        elif self.mode == "replace":
+            leaf.routes = [*leaf.routes, *new]
+        elif self.mode == "helper":
+            for name in NAMES:
+                self.helper(leaf, name)
+        elif self.mode == "include_later":
+            for name in NAMES:
+                leaf.routes.append(self.route(name))
+            include()
+        if self.depth and hasattr(leaf, "_mark_routes_changed"):
+            leaf._mark_routes_changed()  # what FastAPI's own helpers do after a change
+        return app
+
+
+CELLS = [
+    (k, d, m)
+    for k, d, m in itertools.product(KINDS, DEPTHS, MODES)
+    if not (d == 0 and m == "include_later")
+    # Starlette's Host is reached by header; FastAPI includes it under a prefix from 0.120.
+]
+
+
+def expected(cell: Cell, name: str, method: str) -> set[int]:
+    """The statuses a request may get: the handler runs only on an allowed GET or HEAD."""
+    if method not in STANDARD:
+        return {405}
+    any_method = cell.kind in ("mount", "host")
+    # FastAPI's APIRoute declares GET alone; Starlette's Route adds HEAD to GET.
+    declared = ("GET",) if cell.kind == "api" else ("GET", "HEAD")
+    if any_method and method not in declared:
+        return {403}
+    if method not in declared:
+        return {405}
+    return {200} if name == "allow" else {403}
+
+
+@pytest.mark.parametrize(("kind", "depth", "mode"), CELLS)
+async def test_no_handler_runs_without_its_chain(
+    kind: str, depth: int, mode: str, policy_dir: Path
+) -> None:
+    cell = Cell(kind, depth, mode)
+    app = cell.build(policy_dir)
+    if kind == "websocket":
+        for name in NAMES:
+            path, host = cell.target(name)
+            sent = await connect(app, path, host)
+            accepted = any(m["type"] == "websocket.accept" for m in sent)
+            assert accepted == (name == "allow"), (name, sent)
+            assert cell.hits[name] == (1 if name == "allow" else 0)
+        for method in ("GET", "POST", "FOO", "get"):  # HTTP to a websocket route
+            status, _ = await call(app, method, cell.target("allow")[0])
+            assert status in (404, 405), (method, status)
+        assert cell.hits["allow"] == 1
+        return
+    for name, method in itertools.product(NAMES, STANDARD + ODD):
+        before = cell.hits[name]
+        path, host = cell.target(name)
+        status, _ = await call(app, method, path, host)
+        ran = cell.hits[name] - before
+        assert status in expected(cell, name, method), (name, method, status)
+        assert ran == (1 if status == 200 else 0), (name, method, status, ran)
+    assert cell.hits["placeholder"] == 0
+
+
+@pytest.mark.parametrize("depth", [0, 1, 4])
+async def test_lint_lists_exactly_the_endpoints_the_gate_governs(
+    depth: int, policy_dir: Path
+) -> None:
+    """Every endpoint kind at once: lint's no-policy list names each endpoint's template."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    (policy_dir / "routes.yaml").write_text("version: 1\nroutes: {}\n")
+    names = []
+    for kind in KINDS:
+        cell = Cell(kind, depth, "before")
+        routers = [APIRouter() for _ in range(depth)]
+        leaf: APIRouter = routers[-1] if routers else app.router
+        leaf.routes.append(cell.route("allow"))
+        for i in range(depth - 1, 0, -1):
+            routers[i - 1].include_router(routers[i], prefix=f"/d{i + 1}")
+        if routers:
+            app.include_router(routers[0], prefix="/d1")
+        names.append(cell.template("allow"))
+    found = {f.message.split(" ")[3] for f in lint([policy_dir], app)}
+    assert found == set(names)
