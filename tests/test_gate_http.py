@@ -1,0 +1,205 @@
+"""The gate over real HTTP (uvicorn with h11 and with httptools), hosts and FastAPI frontends."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import APIRouter, FastAPI
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+import policyroute
+
+from .test_gate import call
+
+POLICY = """\
+version: 1
+routes:
+  GET /:
+    public: true
+  GET /api/page:
+    public: true
+  GET /api/files/{path:path}:
+    public: true
+  GET /metrics/{path:path}:
+    public: true
+  POST /metrics/{path:path}:
+    public: true
+    ip_allowlist: [10.9.9.9/32]
+"""
+
+
+def counting_app(hits: Counter[str], name: str) -> object:
+    """A raw ASGI app that answers 200 to every method and counts."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        hits[name] += 1
+        await PlainTextResponse(name)(scope, receive, send)
+
+    return app
+
+
+def build(policy_dir: Path, hits: Counter[str]) -> FastAPI:
+    """Mounts at the top and inside an included router, a Starlette route in the router."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.get("/")
+    async def home() -> dict[str, str]:
+        return {"home": "yes"}
+
+    async def page(request: Request) -> Response:
+        hits["page"] += 1
+        return PlainTextResponse("page")
+
+    router = APIRouter()
+    router.add_route("/page", page, methods=["GET"])
+    router.mount("/files", counting_app(hits, "files"))  # type: ignore[arg-type]
+    app.include_router(router, prefix="/api")
+    app.mount("/metrics", counting_app(hits, "metrics"))  # type: ignore[arg-type]
+    app.host("admin.internal", counting_app(hits, "admin"))  # type: ignore[arg-type]
+    (policy_dir / "routes.yaml").write_text(POLICY)
+    policyroute.install(app, policy_dir)
+    return app
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def serving(app: FastAPI, http: str) -> Iterator[int]:
+    """uvicorn serving `app` in a thread with the given HTTP implementation; its port."""
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=http,
+        loop="asyncio",
+        lifespan="off",
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def request(port: int, method: str, path: str, host: str = "localhost") -> int:
+    """Send one raw HTTP/1.1 request (the method exactly as given); the status, 0 if refused."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    if not data.startswith(b"HTTP/1.1 "):
+        return 0
+    return int(data[9:12])
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
+ODD = ("TRACE", "PROPFIND", "QUERY", "SEARCH", "PURGE", "LOCK", "FOO", "get")
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_over_http_no_mount_or_router_route_answers_a_method_no_policy_allows(
+    http: str, policy_dir: Path
+) -> None:
+    hits: Counter[str] = Counter()
+    app = build(policy_dir, hits)
+    with serving(app, http) as port:
+        for method in METHODS + ODD:
+            for path, name, host in [
+                ("/metrics/x", "metrics", "localhost"),
+                ("/api/files/x", "files", "localhost"),
+                ("/api/page", "page", "localhost"),
+                ("/secret", "admin", "admin.internal"),
+            ]:
+                before = hits[name]
+                status = request(port, method, path, host)
+                allowed = method in ("GET", "HEAD") and name != "admin"
+                if allowed:
+                    assert status == 200, (method, path, status)
+                else:
+                    assert status in (0, 400, 403, 405, 501), (method, path, status)
+                assert hits[name] - before == (1 if status == 200 else 0), (method, path)
+
+
+async def test_a_host_is_governed_by_its_own_policy_not_by_the_root_route(
+    policy_dir: Path,
+) -> None:
+    hits: Counter[str] = Counter()
+    app = build(policy_dir, hits)
+    status, _ = await call(app, "GET", "/secret", host="admin.internal")
+    assert status == 403 and hits["admin"] == 0
+    status, _ = await call(app, "GET", "/", host="localhost")
+    assert status == 200
+    (policy_dir / "routes.yaml").write_text(
+        POLICY + "  GET //admin.internal/{path:path}:\n    public: true\n"
+    )
+    engine = app.state.policyroute
+    assert engine.reload() is None
+    status, _ = await call(app, "GET", "/secret", host="admin.internal")
+    assert status == 200 and hits["admin"] == 1
+
+
+async def test_a_frontend_is_governed_and_listed(policy_dir: Path, tmp_path: Path) -> None:
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    if not hasattr(app, "frontend"):
+        pytest.skip("this FastAPI has no frontend()")
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / "index.html").write_text("<p>ui</p>")
+    app.frontend("/ui", directory=dist)
+    (policy_dir / "routes.yaml").write_text("version: 1\nroutes: {}\n")
+    with pytest.raises(policyroute.ConfigError, match=r"GET /ui/\{path:path\}"):
+        policyroute.install(app, policy_dir, strict=True)
+    policyroute.install(app, policy_dir)
+    status, _ = await call(app, "GET", "/ui/index.html")
+    assert status == 403
+    (policy_dir / "routes.yaml").write_text(
+        "version: 1\nroutes:\n  GET /ui/{path:path}: {public: true}\n"
+    )
+    assert app.state.policyroute.reload() is None
+    status, sent = await call(app, "GET", "/ui/index.html")
+    assert status == 200 and b"ui" in b"".join(m.get("body", b"") for m in sent)
+
+
+async def test_strict_refuses_a_route_added_after_install_at_startup(policy_dir: Path) -> None:
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    (policy_dir / "routes.yaml").write_text("version: 1\nroutes: {}\n")
+    policyroute.install(app, policy_dir, strict=True)
+
+    async def late(request: Request) -> Response:
+        return PlainTextResponse("late")
+
+    app.router.routes[:] = [Route("/late", late)]
+    with pytest.raises(policyroute.ConfigError, match="GET /late"):
+        async with app.router.lifespan_context(app):
+            pass
+    status, _ = await call(app, "GET", "/late")
+    assert status == 403
