@@ -81,6 +81,9 @@ class Problems:
     NO_POLICY = ProblemType("no-policy", "No policy governs this route", 403)
     METHOD_NOT_ALLOWED = ProblemType("method-not-allowed", "Method not allowed", 405)
     IP_NOT_ALLOWED = ProblemType("ip-not-allowed", "Client address not allowed", 403)
+    CLIENT_ADDRESS_REWRITTEN = ProblemType(
+        "client-address-rewritten", "The server rewrote the client address", 403
+    )
     UNAUTHENTICATED = ProblemType("unauthenticated", "Authentication required", 401)
     INVALID_TOKEN = ProblemType("invalid-token", "Invalid bearer token", 401)
     INVALID_REQUEST = ProblemType("invalid-request", "Malformed authentication request", 400)

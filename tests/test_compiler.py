@@ -39,7 +39,16 @@ def test_steps_follow_the_request_path_even_when_imported_out_of_order(
     policy_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (policy_dir / "p.yaml").write_text(POLICY)
-    expected = ["ip_allowlist", "auth", "scopes", "state", "fields", "events", "resilience"]
+    expected = [
+        "client",
+        "ip_allowlist",
+        "auth",
+        "scopes",
+        "state",
+        "fields",
+        "events",
+        "resilience",
+    ]
     assert _step_names(explain([policy_dir]))[: len(expected)] == expected
     # A fresh registry filled in the worst order: the last step module imported first.
     monkeypatch.setattr(compiler, "MAKERS", [])

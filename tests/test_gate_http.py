@@ -81,7 +81,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(app: FastAPI, http: str) -> Iterator[int]:
+def serving(app: FastAPI, http: str, *, proxy_headers: bool = True) -> Iterator[int]:
     """uvicorn serving `app` in a thread with the given HTTP implementation; its port."""
     port = free_port()
     config = uvicorn.Config(
@@ -91,6 +91,7 @@ def serving(app: FastAPI, http: str) -> Iterator[int]:
         http=http,
         loop="asyncio",
         lifespan="off",
+        proxy_headers=proxy_headers,
         log_level="warning",
     )
     server = uvicorn.Server(config)
@@ -107,11 +108,11 @@ def serving(app: FastAPI, http: str) -> Iterator[int]:
         thread.join(10)
 
 
-def request(port: int, method: str, path: str, host: str = "localhost") -> int:
+def request(port: int, method: str, path: str, host: str = "localhost", extra: str = "") -> int:
     """Send one raw HTTP/1.1 request (the method exactly as given); the status, 0 if refused."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(
-            f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n".encode()
         )
         data = b""
         while chunk := sock.recv(65536):
@@ -203,3 +204,93 @@ async def test_strict_refuses_a_route_added_after_install_at_startup(policy_dir:
             pass
     status, _ = await call(app, "GET", "/late")
     assert status == 403
+
+
+INTERNAL = """\
+version: 1
+settings:
+  trusted_proxies: [TRUSTED]
+routes:
+  GET /internal:
+    public: true
+    ip_allowlist: [10.0.0.0/8]
+"""
+
+
+def internal_app(policy_dir: Path, trusted: str) -> FastAPI:
+    """A route only the 10/8 network may call."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.get("/internal")
+    async def internal() -> dict[str, str]:
+        return {"internal": "yes"}
+
+    (policy_dir / "routes.yaml").write_text(INTERNAL.replace("TRUSTED", trusted))
+    policyroute.install(app, policy_dir)
+    return app
+
+
+def test_an_address_the_server_rewrote_from_x_forwarded_for_is_refused_not_trusted(
+    policy_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The policy trusts no loopback proxy; uvicorn's default (proxy headers on, trusting
+    # 127.0.0.1) would let any local caller claim 10.1.2.3.
+    app = internal_app(policy_dir, "192.0.2.1/32")
+    forged = "X-Forwarded-For: 10.1.2.3\r\n"
+    with serving(app, "h11") as port:
+        assert request(port, "GET", "/internal", extra=forged) == 403
+        assert request(port, "GET", "/internal", extra=forged) == 403
+        assert request(port, "GET", "/internal") == 403  # no header: the peer, not allowed
+    errors = [r for r in caplog.records if "--no-proxy-headers" in r.getMessage()]
+    assert len(errors) <= 1  # once per process (an earlier test may have logged it)
+    with serving(app, "h11", proxy_headers=False) as port:
+        assert request(port, "GET", "/internal", extra=forged) == 403  # 127.0.0.1 is not 10/8
+
+
+def test_with_proxy_headers_off_the_policy_decides_whom_to_trust(policy_dir: Path) -> None:
+    app = internal_app(policy_dir, "127.0.0.1/32")
+    forged = "X-Forwarded-For: 10.1.2.3\r\n"
+    with serving(app, "httptools", proxy_headers=False) as port:
+        assert request(port, "GET", "/internal", extra=forged) == 200
+        assert request(port, "GET", "/internal") == 403
+
+
+async def test_the_refusal_names_the_cause_and_the_fix(policy_dir: Path) -> None:
+    app = internal_app(policy_dir, "192.0.2.1/32")
+    headers = [(b"x-forwarded-for", b"10.1.2.3")]
+    status, sent = await call_with(app, ("10.1.2.3", 0), headers)
+    body = b"".join(m["body"] for m in sent if isinstance(m.get("body"), bytes))  # type: ignore[misc]
+    assert status == 403 and b"client-address-rewritten" in body and b"--no-proxy-headers" in body
+    status, _ = await call_with(app, ("10.1.2.3", 41000), [])  # a real 10/8 peer
+    assert status == 200
+
+
+async def call_with(
+    app: FastAPI, client: tuple[str, int], headers: list[tuple[bytes, bytes]]
+) -> tuple[int, list[dict[str, object]]]:
+    """GET /internal from `client` with extra headers, straight into the app."""
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/internal",
+        "raw_path": b"/internal",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"x"), *headers],
+        "client": client,
+        "server": ("x", 80),
+    }
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return int(status), sent  # type: ignore[call-overload]

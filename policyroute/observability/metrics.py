@@ -177,6 +177,8 @@ STATUS_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 STEP_OF_PROBLEM = {
     "no-policy": "deny",
     "ip-not-allowed": "ip_allowlist",
+    "client-address-rewritten": "client",
+    "method-not-allowed": "gate",
     "unauthenticated": "auth",
     "invalid-token": "auth",
     "invalid-request": "auth",
