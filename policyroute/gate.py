@@ -120,8 +120,18 @@ def _host_prefix(host: str, prefix: str) -> str:
     return "//" + host + (prefix.rstrip("/") if not prefix.startswith("//") else "")
 
 
+_KIND_OF_TYPE: dict[type, str] = {}
+
+
 def _classify(route: BaseRoute) -> str:
     """The kind of a route entry; the one decision the gate and `endpoints` share."""
+    kind = _KIND_OF_TYPE.get(type(route))
+    if kind is None:
+        kind = _KIND_OF_TYPE[type(route)] = _kind_of(route)
+    return kind
+
+
+def _kind_of(route: BaseRoute) -> str:
     if all(hasattr(route, a) for a in _INCLUDED):
         return "included"
     if isinstance(route, Route):
@@ -205,10 +215,12 @@ def _walk(routes: Iterable[BaseRoute], prefix: str, depth: int) -> Iterator[Endp
 
 @dataclass(slots=True)
 class Resolved:
-    """What the router will dispatch a request to."""
+    """What the router will dispatch a request to, and the top route it dispatches through."""
 
     match: Match
     endpoint: Endpoint | None = None
+    top: Any = None  # the entry of the top router's list that matched, and its child scope
+    child: Scope | None = None
 
 
 _NONE = Resolved(Match.NONE)
@@ -236,33 +248,56 @@ def _first(routes: Sequence[BaseRoute], scope: Scope, prefix: str, depth: int) -
         kind = _classify(route)
         if kind == "included":
             found = _included(route, scope, prefix, depth)
+            child: Scope = {}
         elif kind == "http" or kind == "websocket":
-            found = _leaf(route, scope, prefix, kind)
+            found, child = _leaf(route, scope, prefix, kind)
         elif kind in ("mount", "host"):
-            found = _nested(route, scope, prefix, kind, depth)  # type: ignore[arg-type]
+            found, child = _nested(route, scope, prefix, kind, depth)  # type: ignore[arg-type]
         else:
             found = _unknown(route, scope, prefix)
+            child = {}
         if found.match is Match.FULL:
+            found.top, found.child = route, child
             return found
         if found.match is Match.PARTIAL and partial is None:
             partial = found
     return partial or _NONE
 
 
-def _leaf(route: Any, scope: Scope, prefix: str, kind: str) -> Resolved:
-    match, _ = route.matches(scope)
-    if match is Match.NONE:
-        return _NONE
+_ENDPOINTS: dict[tuple[int, str], tuple[Any, Endpoint]] = {}
+_MAX_ENDPOINTS = 4096
+
+
+def _endpoint_of(route: Any, prefix: str, kind: str) -> Endpoint:
+    """The endpoint of a leaf route under a prefix, made once (keyed by the route object)."""
+    key = (id(route), prefix)
+    cached = _ENDPOINTS.get(key)
+    if cached is not None and cached[0] is route:
+        return cached[1]
     if kind == "websocket":
-        return Resolved(match, Endpoint(_join(prefix, route.path), ("GET",), kind, route))
-    methods = tuple(sorted(route.methods)) if route.methods else ANY_METHOD
-    return Resolved(match, Endpoint(_join(prefix, route.path), methods, kind, route))
+        methods: tuple[str, ...] = ("GET",)
+    else:
+        methods = tuple(sorted(route.methods)) if route.methods else ANY_METHOD
+    endpoint = Endpoint(_join(prefix, route.path), methods, kind, route)
+    if len(_ENDPOINTS) >= _MAX_ENDPOINTS:
+        _ENDPOINTS.clear()  # routes replaced many times over: start again
+    _ENDPOINTS[key] = (route, endpoint)
+    return endpoint
 
 
-def _nested(route: Mount | Host, scope: Scope, prefix: str, kind: str, depth: int) -> Resolved:
+def _leaf(route: Any, scope: Scope, prefix: str, kind: str) -> tuple[Resolved, Scope]:
     match, child = route.matches(scope)
     if match is Match.NONE:
-        return _NONE
+        return _NONE, child
+    return Resolved(match, _endpoint_of(route, prefix, kind)), child
+
+
+def _nested(
+    route: Mount | Host, scope: Scope, prefix: str, kind: str, depth: int
+) -> tuple[Resolved, Scope]:
+    match, child = route.matches(scope)
+    if match is Match.NONE:
+        return _NONE, child
     sub = (
         _join(prefix, route.path.rstrip("/"))
         if isinstance(route, Mount)
@@ -270,12 +305,12 @@ def _nested(route: Mount | Host, scope: Scope, prefix: str, kind: str, depth: in
     )
     inner = _router_of(_mount_app(route))
     if inner is None or depth > 64:
-        return Resolved(match, Endpoint(_join(sub, "/{path:path}"), ANY_METHOD, kind, route))
-    inner_scope = {**scope, **child}
-    found = resolve(inner, inner_scope, sub, depth + 1)
+        endpoint = Endpoint(_join(sub, "/{path:path}"), ANY_METHOD, kind, route)
+        return Resolved(match, endpoint), child
+    found = resolve(inner, {**scope, **child}, sub, depth + 1)
     # A mount commits the router to it: nothing found inside means the inner router answers
     # (404 or a redirect), so the outer router tries no later route. Same here.
-    return found if found.match is not Match.NONE else Resolved(Match.FULL, None)
+    return (found if found.match is not Match.NONE else Resolved(Match.FULL, None)), child
 
 
 def _included(route: Any, scope: Scope, prefix: str, depth: int) -> Resolved:
@@ -293,12 +328,11 @@ def _included(route: Any, scope: Scope, prefix: str, depth: int) -> Resolved:
     original = getattr(context, "original_route", picked)
     okind = _classify(original)
     if okind in ("http", "websocket"):
-        return _leaf_in(original, picked, match, sub, okind)
+        return Resolved(match, _endpoint_of(original, sub, okind))
     if okind == "host":
         # FastAPI wraps a host of a prefixed router in a router that mounts the prefix.
-        return _nested(
-            getattr(context, "starlette_route", None) or picked, scope, prefix, okind, depth + 1
-        )
+        effective = getattr(context, "starlette_route", None) or picked
+        return _nested(effective, scope, prefix, okind, depth + 1)[0]
     if okind == "mount":
         return _nested_copy(original, scope, sub, match, child, depth)
     return _unknown(original, scope, prefix)
@@ -316,13 +350,6 @@ def _nested_copy(
         )
     found = resolve(inner, {**scope, **child}, template, depth + 1)
     return found if found.match is not Match.NONE else Resolved(Match.FULL, None)
-
-
-def _leaf_in(original: Any, picked: Any, match: Match, sub: str, kind: str) -> Resolved:
-    if kind == "websocket":
-        return Resolved(match, Endpoint(_join(sub, original.path), ("GET",), kind, original))
-    methods = tuple(sorted(original.methods)) if original.methods else ANY_METHOD
-    return Resolved(match, Endpoint(_join(sub, original.path), methods, kind, original))
 
 
 def _low_priority(router: Any, scope: Scope, prefix: str) -> Resolved:
@@ -379,6 +406,15 @@ def _not_allowed(methods: Sequence[str]) -> Denial:
     )
 
 
+def _fresh(scope: Scope) -> Scope:
+    """A copy of the scope as the gate saw it, so a retried handler is dispatched afresh."""
+    fresh = dict(scope)
+    fastapi = fresh.get("fastapi")
+    if isinstance(fastapi, dict):
+        fresh["fastapi"] = dict(fastapi)
+    return fresh
+
+
 class Dispatch:
     """The router's own dispatch, run on a fresh copy of the request's scope each time."""
 
@@ -389,22 +425,92 @@ class Dispatch:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch once (a retry dispatches again from the scope as the gate saw it)."""
-        fresh = dict(scope)
-        fastapi = fresh.get("fastapi")
-        if isinstance(fastapi, dict):
-            fresh["fastapi"] = dict(fastapi)
-        await self.inner(fresh, receive, send)
+        await self.inner(_fresh(scope), receive, send)
+
+
+def _starlette_select(router: Any, scope: Scope, route: Any, child: Scope) -> None:
+    # Starlette's `Router.app` on a full match.
+    scope.setdefault("router", router)
+    scope["route"] = route
+    scope.update(child)
+
+
+def _fastapi_select() -> Callable[[Any, Scope, Any, Scope], None] | None:
+    """FastAPI's `APIRouter.app` on a full match, where this FastAPI routes that way."""
+    try:
+        from fastapi import routing
+        from fastapi.telemetry._api import _route_selected
+    except ImportError:
+        return None
+    update = getattr(routing, "_update_scope", None)
+    limits = getattr(routing, "_apply_router_form_limits", None)
+    if update is None or limits is None:
+        return None
+
+    def select(router: Any, scope: Scope, route: Any, child: Scope) -> None:
+        limits(scope, router.form_limits)
+        scope.setdefault("router", router)
+        update(scope, child)
+        _route_selected(
+            scope=scope, path=getattr(route, "path_format", None), mount=isinstance(route, Mount)
+        )
+
+    return select
+
+
+def _selector(router: Any, inner: ASGIApp) -> Callable[[Any, Scope, Any, Scope], None] | None:
+    """How `router` selects a matched route, when the gate can do it in its place.
+
+    The gate has already matched the route; doing the router's few lines for a full match
+    here spares matching every route again. Only for the two router classes whose `app` is
+    known, and only when nothing (router middleware, a body limit) sits between the gate and
+    `router.app`; otherwise the router dispatches itself.
+    """
+    if getattr(inner, "__self__", None) is not router or getattr(inner, "__func__", None) is None:
+        return None
+    app = getattr(type(router), "app", None)
+    if app is Router.app:
+        return _starlette_select
+    try:
+        from fastapi.routing import APIRouter
+    except ImportError:  # pragma: no cover - fastapi is a dependency
+        return None
+    if app is APIRouter.app and "app" in APIRouter.__dict__:
+        return _fastapi_select()
+    return None
+
+
+class Handoff:
+    """The rest of the router's dispatch for a route the gate matched: select it, handle it."""
+
+    __slots__ = ("child", "route", "router", "select")
+
+    def __init__(
+        self,
+        router: Any,
+        route: Any,
+        child: Scope,
+        select: Callable[[Any, Scope, Any, Scope], None],
+    ) -> None:
+        self.router, self.route, self.child, self.select = router, route, child, select
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Select the route as the router would, on a fresh scope, and let it handle."""
+        fresh = _fresh(scope)
+        self.select(self.router, fresh, self.route, self.child)
+        await self.route.handle(fresh, receive, send)
 
 
 class RouterGate:
     """Sits at the top of the app's router: resolves each request, runs its chain first."""
 
-    __slots__ = ("decide", "dispatch", "inner", "router", "warned")
+    __slots__ = ("decide", "dispatch", "inner", "router", "select", "warned")
 
     def __init__(self, router: Any, inner: ASGIApp, decide: Decide) -> None:
         self.router = router
         self.inner = inner
         self.dispatch = Dispatch(inner)
+        self.select = _selector(router, inner)
         self.decide = decide
         self.warned: set[type] = set()
 
@@ -432,7 +538,12 @@ class RouterGate:
         if not endpoint.known:
             self._warn(endpoint)
             endpoint = Endpoint(endpoint.path, (), "unknown", endpoint.route)
-        await self.decide(scope, receive, send, endpoint, self.dispatch)
+        select = self.select
+        if select is None or found.top is None or found.child is None:
+            app: ASGIApp = self.dispatch
+        else:
+            app = Handoff(self.router, found.top, found.child, select)
+        await self.decide(scope, receive, send, endpoint, app)
 
     async def _refuse(self, scope: Scope, send: Send, denial: Denial) -> None:
         await send_problem(send, denial, instance=scope.get("path"), head=scope["method"] == "HEAD")
