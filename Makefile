@@ -4,7 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run demo test lint unit bench schema clean
+# The oldest FastAPI of the range pyproject.toml supports; the main venv has the newest.
+FASTAPI_OLDEST ?= 0.115.0
+COMPAT ?= .venv-compat
+
+.PHONY: install run demo test test-compat lint unit bench schema clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +35,14 @@ unit: $(STAMP)
 
 test: lint unit  ## lint, then the whole suite against real servers it starts itself
 
+test-compat: $(STAMP)  ## the gate's test table against the oldest FastAPI of the supported range
+	@test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q -e '.[dev]' 'fastapi==$(FASTAPI_OLDEST)'
+	@$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests/test_gate.py tests/test_gate_http.py \
+	  tests/test_binding.py; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-compat: pytest collected NO tests - failing loudly" >&2; exit 1; fi; \
+	exit $$rc
+
 bench: $(STAMP)  ## ratios against bare FastAPI, slowapi and fastapi-limiter; lint and reload timings
 	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1; } || \
@@ -41,4 +53,4 @@ schema: $(STAMP)  ## regenerate the committed JSON Schema of the policy language
 	$(VENV)/bin/policyroute schema -o policies/schema.json
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(COMPAT) .mypy_cache .ruff_cache .pytest_cache

@@ -134,7 +134,7 @@ def measure() -> list[tuple[str, float, float, float]]:
         router = app.router
         scope = _scope(path)
 
-        def gate_work() -> None:
+        def gate_work(router: Any = router, scope: Scope = scope) -> None:
             resolve(router, scope)
             dict(scope)
 
@@ -164,7 +164,7 @@ def main() -> int:
         print(f"| {name} | {gate:.2f} | {bare:.1f} | {full:.1f} |")
     worst = max(r[1] for r in rows)
     verdict = "met" if worst <= TARGET_US else "MISS"
-    print(f"\ntarget: the gate at most {TARGET_US:g} us a request: worst {worst:.2f} us ({verdict})")
+    print(f"\ntarget: the gate at most {TARGET_US:g} us a request: worst {worst:.2f} us", verdict)
     return 0
 
 

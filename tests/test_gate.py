@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fastapi.routing
 import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute, APIWebSocketRoute
@@ -216,7 +217,7 @@ class Cell:
 
     # -- building the app ------------------------------------------------------------------
 
-    def build(self, policies: Path) -> FastAPI:
+    def build(self, policies: Path, install: bool = True) -> FastAPI:
         """The app, its routes added the cell's way around `install`."""
         app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
         routers = [APIRouter() for _ in range(self.depth)]
@@ -239,7 +240,8 @@ class Cell:
             # FastAPI builds its included-route objects on the first lookup.
             assert str(app.url_path_for("endpoint")).endswith("/placeholder")
         (policies / "routes.yaml").write_text(self.policy())
-        policyroute.install(app, policies)
+        if install:
+            policyroute.install(app, policies)
         new = [self.route(n) for n in NAMES]
         if self.mode == "append":
             for r in new:
@@ -301,22 +303,35 @@ async def test_no_handler_runs_without_its_chain(
     cell = Cell(kind, depth, mode)
     app = cell.build(policy_dir)
     if kind == "websocket":
+        served = 1
         for name in NAMES:
             path, host = cell.target(name)
             sent = await connect(app, path, host)
             accepted = any(m["type"] == "websocket.accept" for m in sent)
+            if not accepted and name == "allow":  # served by this FastAPI at all?
+                plain = Cell(kind, depth, mode).build(policy_dir, install=False)
+                assert not any(m["type"] == "websocket.accept" for m in await connect(plain, path))
+                served = 0
+                continue
             assert accepted == (name == "allow"), (name, sent)
             assert cell.hits[name] == (1 if name == "allow" else 0)
         for method in ("GET", "POST", "FOO", "get"):  # HTTP to a websocket route
             status, _ = await call(app, method, cell.target("allow")[0])
             assert status in (404, 405), (method, status)
-        assert cell.hits["allow"] == 1
+        assert cell.hits["allow"] == served
         return
     for name, method in itertools.product(NAMES, STANDARD + ODD):
         before = cell.hits[name]
         path, host = cell.target(name)
         status, _ = await call(app, method, path, host)
         ran = cell.hits[name] - before
+        if status == 404 and not ran:
+            # Older FastAPI copies routes at include time and drops mounts and hosts of an
+            # included router: then plain FastAPI does not serve the route either.
+            control = Cell(kind, depth, mode)
+            plain = control.build(policy_dir, install=False)
+            assert (await call(plain, "GET", path, host))[0] == 404, (name, method)
+            continue
         assert status in expected(cell, name, method), (name, method, status)
         assert ran == (1 if status == 200 else 0), (name, method, status, ran)
     assert cell.hits["placeholder"] == 0
@@ -341,4 +356,7 @@ async def test_lint_lists_exactly_the_endpoints_the_gate_governs(
             app.include_router(routers[0], prefix="/d1")
         names.append(cell.template("allow"))
     found = {f.message.split(" ")[3] for f in lint([policy_dir], app)}
+    if depth and not hasattr(fastapi.routing, "_IncludedRouter"):
+        # Older FastAPI drops the mounts and hosts of an included router: nothing to serve.
+        names = [n for n in names if "{path:path}" not in n and "/leaf" not in n]
     assert found == set(names)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import fastapi.routing
 import pytest
 import uvicorn
 from fastapi import APIRouter, FastAPI
@@ -142,6 +143,9 @@ def test_over_http_no_mount_or_router_route_answers_a_method_no_policy_allows(
             ]:
                 before = hits[name]
                 status = request(port, method, path, host)
+                if name == "files" and not hasattr(fastapi.routing, "_IncludedRouter"):
+                    assert status in (0, 400, 404, 405) and hits[name] == before  # dropped
+                    continue
                 allowed = method in ("GET", "HEAD") and name != "admin"
                 if allowed:
                     assert status == 200, (method, path, status)
