@@ -1,7 +1,8 @@
 """Entry point for ``python -m bench``."""
 
 from bench.cli import main
+from bench.gate import main as gate
 from bench.workflow import main as workflow
 
 status = main()
-raise SystemExit(workflow() or status)
+raise SystemExit(workflow() or gate() or status)
