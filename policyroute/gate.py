@@ -16,10 +16,13 @@ live route lists in order and asks each route's own `matches` (FastAPI's include
 answer through their own matcher), descending into mounts and hosts whose app is a router.
 Then:
 
-- a known endpoint matched: the chain of METHOD + template runs, and the router then
-  dispatches the request as it always does (on a copy of the scope, so a retried handler is
-  dispatched afresh);
-- a route matched the path but not the method: 405 from the gate itself, nothing runs;
+- a known endpoint matched: the chain of METHOD + template runs, then the top-level route
+  the gate matched is handed to the router's own selection code (`Handoff`), so it is not
+  matched twice; a router the gate does not know dispatches itself (`Dispatch`). Either runs
+  on a copy of the scope, so a retried handler is dispatched afresh;
+- a route matched the path but not the method: 405 from the gate itself, nothing runs
+  (inside a mount or host too: the router has committed to the mount and tries no later
+  route);
 - a method outside the seven the policy language names (extension methods such as
   `PROPFIND`, invented ones, lowercase `get`): 405 from the gate, whatever the route, since no
   policy can allow it;
@@ -31,10 +34,11 @@ Resolution reads the live route lists on every request, so a route added after `
 by any means (append, slice assignment, `include_router`, `mount`, a replaced list) is
 governed from its first request: nothing is patched and no cache can be stale.
 `endpoints()` walks the same tree with the same classification (`_classify`) for lint,
-explain, strict mode and the OpenAPI document, so what lint lists is what the gate governs.
+explain and strict mode, so what lint lists is what the gate governs.
 
-Limits, written down: a route object's own attributes changed after `install` (its path
-regex, its methods) are seen as the router sees them, since the gate asks the route; an app
+Limits, written down: whether a route matches is always asked of the route, but the template
+and methods of a route object are read once (a route whose `path` is reassigned after its
+first request keeps its first template: replace the route instead); an app
 reached through an object that is neither a router nor a known route (a mounted ASGI app
 with routing of its own) is one endpoint, `METHOD /prefix/{path:path}`.
 
@@ -63,6 +67,7 @@ ANY_METHOD: tuple[str, ...] = METHODS
 _STANDARD = frozenset(METHODS)
 # FastAPI's included-router entries (0.120+): the router they include and how.
 _INCLUDED = ("original_router", "include_context")
+_MAX_DEPTH = 64  # mounts within mounts: past this, a mount is served whole (a cycle ends)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,18 +80,9 @@ class Endpoint:
     route: Any = field(default=None, compare=False, repr=False)
 
     @property
-    def websocket(self) -> bool:
-        """Whether the endpoint speaks websocket (its policy key uses GET)."""
-        return self.kind == "websocket"
-
-    @property
     def known(self) -> bool:
         """Whether the gate knows what serves this endpoint (unknown types are denied)."""
         return self.kind != "unknown"
-
-    def keys(self) -> list[str]:
-        """The policy keys (METHOD template) that govern this endpoint."""
-        return [f"{m} {self.path}" for m in self.methods]
 
 
 # --- the route tree ---------------------------------------------------------------------
@@ -118,6 +114,18 @@ def _join(prefix: str, path: str) -> str:
 def _host_prefix(host: str, prefix: str) -> str:
     """`//host` then the path prefix the host is reached under (a mount's, an include's)."""
     return "//" + host + (prefix.rstrip("/") if not prefix.startswith("//") else "")
+
+
+def _sub(route: Mount | Host, prefix: str) -> str:
+    """The template prefix of what a mount or a host serves."""
+    if isinstance(route, Mount):
+        return _join(prefix, route.path.rstrip("/"))
+    return _host_prefix(route.host, prefix)
+
+
+def _served_whole(route: Mount | Host, sub: str, kind: str) -> Endpoint:
+    """A mount or host whose app is not a router: one endpoint, any path below it."""
+    return Endpoint(_join(sub, "/{path:path}"), ANY_METHOD, kind, route)
 
 
 _KIND_OF_TYPE: dict[type, str] = {}
@@ -186,23 +194,14 @@ def _walk(routes: Iterable[BaseRoute], prefix: str, depth: int) -> Iterator[Endp
             yield from _walk(inner.routes, sub, depth + 1)
             for group in _frontend_groups(inner):
                 yield from _frontend_endpoints(group, sub)
-        elif kind == "http":
-            assert isinstance(route, Route)
-            methods = tuple(sorted(route.methods)) if route.methods else ANY_METHOD
-            yield Endpoint(_join(prefix, route.path), methods, "http", route)
-        elif kind == "websocket":
-            assert isinstance(route, WebSocketRoute)
-            yield Endpoint(_join(prefix, route.path), ("GET",), "websocket", route)
+        elif kind == "http" or kind == "websocket":
+            yield _endpoint_of(route, prefix, kind)
         elif kind in ("mount", "host"):
             assert isinstance(route, Mount | Host)
-            sub = (
-                _join(prefix, route.path.rstrip("/"))
-                if isinstance(route, Mount)
-                else _host_prefix(route.host, prefix)
-            )
+            sub = _sub(route, prefix)
             inner = _router_of(_mount_app(route))
-            if inner is None or depth > 64:
-                yield Endpoint(_join(sub, "/{path:path}"), ANY_METHOD, kind, route)
+            if inner is None or depth > _MAX_DEPTH:
+                yield _served_whole(route, sub, kind)
             else:
                 yield from endpoints(inner, sub, depth + 1)
         else:
@@ -221,6 +220,9 @@ class Resolved:
     endpoint: Endpoint | None = None
     top: Any = None  # the entry of the top router's list that matched, and its child scope
     child: Scope | None = None
+    # A partial match inside a mount or host: the router has committed to the mount, so no
+    # later route is tried (the mounted router answers 405).
+    final: bool = False
 
 
 _NONE = Resolved(Match.NONE)
@@ -259,8 +261,11 @@ def _first(routes: Sequence[BaseRoute], scope: Scope, prefix: str, depth: int) -
         if found.match is Match.FULL:
             found.top, found.child = route, child
             return found
-        if found.match is Match.PARTIAL and partial is None:
-            partial = found
+        if found.match is Match.PARTIAL:
+            if found.final:
+                return found
+            if partial is None:
+                partial = found
     return partial or _NONE
 
 
@@ -298,19 +303,23 @@ def _nested(
     match, child = route.matches(scope)
     if match is Match.NONE:
         return _NONE, child
-    sub = (
-        _join(prefix, route.path.rstrip("/"))
-        if isinstance(route, Mount)
-        else _host_prefix(route.host, prefix)
-    )
+    return _inside(route, kind, _sub(route, prefix), match, {**scope, **child}, depth), child
+
+
+def _inside(
+    route: Mount | Host, kind: str, sub: str, match: Match, scope: Scope, depth: int
+) -> Resolved:
+    """What a matched mount or host serves, resolved in its own router if it has one."""
     inner = _router_of(_mount_app(route))
-    if inner is None or depth > 64:
-        endpoint = Endpoint(_join(sub, "/{path:path}"), ANY_METHOD, kind, route)
-        return Resolved(match, endpoint), child
-    found = resolve(inner, {**scope, **child}, sub, depth + 1)
-    # A mount commits the router to it: nothing found inside means the inner router answers
-    # (404 or a redirect), so the outer router tries no later route. Same here.
-    return (found if found.match is not Match.NONE else Resolved(Match.FULL, None)), child
+    if inner is None or depth > _MAX_DEPTH:
+        return Resolved(match, _served_whole(route, sub, kind))
+    found = resolve(inner, scope, sub, depth + 1)
+    if found.match is Match.NONE:
+        # The router is committed to the mount: the inner router answers (404 or a slash
+        # redirect) and no later route is tried. Same here.
+        return Resolved(Match.FULL, None)
+    found.final = True
+    return found
 
 
 def _included(route: Any, scope: Scope, prefix: str, depth: int) -> Resolved:
@@ -334,22 +343,9 @@ def _included(route: Any, scope: Scope, prefix: str, depth: int) -> Resolved:
         effective = getattr(context, "starlette_route", None) or picked
         return _nested(effective, scope, prefix, okind, depth + 1)[0]
     if okind == "mount":
-        return _nested_copy(original, scope, sub, match, child, depth)
+        # FastAPI matched its prefixed copy of the mount; `child` is that copy's child scope.
+        return _inside(original, okind, _sub(original, sub), match, {**scope, **child}, depth)
     return _unknown(original, scope, prefix)
-
-
-def _nested_copy(
-    original: Mount, scope: Scope, sub: str, match: Match, child: Scope, depth: int
-) -> Resolved:
-    """A mount inside an included router, matched through FastAPI's prefixed copy."""
-    template = _join(sub, original.path.rstrip("/"))
-    inner = _router_of(_mount_app(original))
-    if inner is None or depth > 64:
-        return Resolved(
-            match, Endpoint(_join(template, "/{path:path}"), ANY_METHOD, "mount", original)
-        )
-    found = resolve(inner, {**scope, **child}, template, depth + 1)
-    return found if found.match is not Match.NONE else Resolved(Match.FULL, None)
 
 
 def _low_priority(router: Any, scope: Scope, prefix: str) -> Resolved:
@@ -536,8 +532,7 @@ class RouterGate:
                 await send({"type": "websocket.close", "code": 1008, "reason": "no-policy"})
             return
         if not endpoint.known:
-            self._warn(endpoint)
-            endpoint = Endpoint(endpoint.path, (), "unknown", endpoint.route)
+            self._warn(endpoint)  # `decide` denies it
         select = self.select
         if select is None or found.top is None or found.child is None:
             app: ASGIApp = self.dispatch

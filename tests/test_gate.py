@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,24 +48,40 @@ MODES = (
 )
 
 
-async def call(
-    app: Any, method: str, path: str, host: str = "testserver"
-) -> tuple[int, list[Message]]:
-    """One HTTP request straight into the ASGI app (any method, any case)."""
-    scope: Scope = {
-        "type": "http",
+def scope_of(
+    kind: str,
+    path: str,
+    host: str = "testserver",
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    client: tuple[str, int] = ("127.0.0.1", 50000),
+    **extra: Any,
+) -> Scope:
+    """An HTTP or websocket scope as a server would build it."""
+    return {
+        "type": kind,
         "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
+        "scheme": "http" if kind == "http" else "ws",
         "path": path,
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", host.encode())],
-        "client": ("127.0.0.1", 50000),
+        "headers": [(b"host", host.encode()), *headers],
+        "client": client,
         "server": ("testserver", 80),
+        **extra,
     }
+
+
+async def call(
+    app: Any,
+    method: str,
+    path: str,
+    host: str = "testserver",
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    client: tuple[str, int] = ("127.0.0.1", 50000),
+) -> tuple[int, list[Message]]:
+    """One HTTP request straight into the ASGI app (any method, any case)."""
+    scope = scope_of("http", path, host, headers, client, http_version="1.1", method=method)
     sent: list[Message] = []
     asked = False
 
@@ -87,19 +103,7 @@ async def call(
 
 async def connect(app: Any, path: str, host: str = "testserver") -> list[Message]:
     """Open a websocket straight into the ASGI app; what the app sent back."""
-    scope: Scope = {
-        "type": "websocket",
-        "asgi": {"version": "3.0"},
-        "scheme": "ws",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", host.encode())],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "subprotocols": [],
-    }
+    scope = scope_of("websocket", path, host, subprotocols=[])
     inbox = [{"type": "websocket.connect"}]
     sent: list[Message] = []
 
@@ -360,3 +364,51 @@ async def test_lint_lists_exactly_the_endpoints_the_gate_governs(
         # Older FastAPI drops the mounts and hosts of an included router: nothing to serve.
         names = [n for n in names if "{path:path}" not in n and "/leaf" not in n]
     assert found == set(names)
+
+
+@pytest.mark.parametrize("where", ["app", "included"])
+async def test_a_partial_match_inside_a_mount_is_final_as_the_router_makes_it(
+    where: str, policy_dir: Path
+) -> None:
+    """The router commits to a mount: a method its inner route lacks is 405, never a later
+    route of the outer router (which the router would not reach)."""
+    if where == "included" and not hasattr(fastapi.routing, "_IncludedRouter"):
+        pytest.skip("this FastAPI drops the mounts of an included router")
+    hits: Counter[str] = Counter()
+
+    async def inner(request: Request) -> Response:
+        hits["inner"] += 1
+        return PlainTextResponse("inner")
+
+    def build(install: bool) -> FastAPI:
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        mount = Mount("/a", routes=[Route("/x", inner, methods=["POST"])])
+        if where == "app":
+            app.router.routes.append(mount)
+        else:
+            router = APIRouter()
+            router.routes.append(mount)
+            app.include_router(router, prefix="/p")
+
+        @app.get("/a/x" if where == "app" else "/p/a/x")
+        async def later() -> dict[str, str]:
+            hits["later"] += 1
+            return {"later": "yes"}
+
+        if install:
+            prefix = "" if where == "app" else "/p"
+            (policy_dir / "routes.yaml").write_text(
+                "version: 1\nroutes:\n"
+                f"  GET {prefix}/a/x: {{public: true}}\n  POST {prefix}/a/x: {{public: true}}\n"
+            )
+            policyroute.install(app, policy_dir)
+        return app
+
+    path = "/a/x" if where == "app" else "/p/a/x"
+    assert (await call(build(install=False), "GET", path))[0] == 405  # what the router does
+    hits.clear()
+    app = build(install=True)
+    status, _ = await call(app, "GET", path)
+    assert status == 405 and hits["later"] == 0 and hits["inner"] == 0
+    status, _ = await call(app, "POST", path)
+    assert status == 200 and hits["inner"] == 1
