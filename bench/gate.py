@@ -2,17 +2,19 @@
 
     .venv/bin/python -m bench.gate      # alone (also run by `python -m bench`)
 
-The gate resolves every request with the routes' own `matches` before the router matches
-it again to dispatch; that second match is what the gate adds over a gate on each route
-object. Measured here: `resolve()` plus the scope copy the dispatch makes, per request, for
-the layouts users build (the target first among few routes, last among 20, behind included
-routers three deep, under a mount), against the whole in-process request of a public route
-with and without policyroute. Target: the gate's share at most 2 us a request.
+The gate resolves every request with the routes' own `matches` and hands the matched
+top-level route to the router's selection, so top-level routes are matched once. Measured
+here, per request, for the layouts users build (the target first among few routes, last
+among 20, behind included routers three deep, under a mount): a public route's whole
+in-process request with and without policyroute, and `resolve()` alone. Target: the gate
+adds at most 2 us a request over the design before it (run `--requests` from that checkout,
+which prints the same columns without `resolve`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import statistics
 import sys
 import tempfile
@@ -119,9 +121,13 @@ def _request_us(app: FastAPI, path: str) -> float:
     return statistics.median(samples) * 1e6
 
 
-def measure() -> list[tuple[str, float, float, float]]:
-    """(layout, gate us, bare request us, policyroute request us) for each layout."""
-    rows = []
+def measure(resolution: bool = True) -> list[tuple[str, float, float, float | None]]:
+    """(layout, bare us, policyroute us, resolve us or None) per request, for each layout.
+
+    With `resolution=False` nothing of `policyroute.gate` is imported, so the same figures
+    can be taken from a checkout of the design before the gate.
+    """
+    rows: list[tuple[str, float, float, float | None]] = []
     work = Path(tempfile.mkdtemp(prefix="policyroute-gate-"))
     for name, (app, path, template) in _layouts().items():
         bare = _request_us(app, path)
@@ -129,47 +135,30 @@ def measure() -> list[tuple[str, float, float, float]]:
         policy.mkdir()
         (policy / "p.yaml").write_text(f"version: 1\nroutes:\n  GET {template}: {{public: true}}\n")
         policyroute.install(app, policy)
-        from policyroute.gate import resolve
+        resolved: float | None = None
+        if resolution:
+            from policyroute.gate import resolve
 
-        router = app.router
-        scope = _scope(path)
-
-        def gate_work(router: Any = router, scope: Scope = scope) -> None:
-            resolve(router, scope)
-            dict(scope)
-
-        rows.append((name, _per_call(gate_work), bare, _request_us(app, path)))
+            resolved = _per_call(functools.partial(resolve, app.router, _scope(path)))
+        rows.append((name, bare, _request_us(app, path), resolved))
     return rows
 
 
-def _request_only() -> None:
-    """Print whole-request figures alone (runs against any version of policyroute)."""
-    work = Path(tempfile.mkdtemp(prefix="policyroute-gate-"))
-    for name, (app, path, template) in _layouts().items():
-        bare = _request_us(app, path)
-        policy = work / name.replace(" ", "-")
-        policy.mkdir()
-        (policy / "p.yaml").write_text(f"version: 1\nroutes:\n  GET {template}: {{public: true}}\n")
-        policyroute.install(app, policy)
-        print(f"| {name} | {bare:.1f} | {_request_us(app, path):.1f} |")
-
-
-def main() -> int:
-    """Print the table and the target; a miss is reported, not fatal."""
-    print("[bench] gate: the gate's own cost in process", file=sys.stderr, flush=True)
-    rows = measure()
-    print("\n| layout | gate us/req | bare FastAPI us/req | policyroute (public) us/req |")
-    print("|---|---|---|---|")
-    for name, gate, bare, full in rows:
-        print(f"| {name} | {gate:.2f} | {bare:.1f} | {full:.1f} |")
-    worst = max(r[1] for r in rows)
-    verdict = "met" if worst <= TARGET_US else "MISS"
-    print(f"\ntarget: the gate at most {TARGET_US:g} us a request: worst {worst:.2f} us", verdict)
+def main(resolution: bool = True) -> int:
+    """Print the table; the gate's share is the extra over the design before it."""
+    print("[bench] gate: whole requests in process", file=sys.stderr, flush=True)
+    print("\n| layout | bare FastAPI us/req | policyroute (public) us/req | extra | resolve us |")
+    print("|---|---|---|---|---|")
+    for name, bare, full, resolved in measure(resolution):
+        shown = f"{resolved:.2f}" if resolved is not None else "-"
+        print(f"| {name} | {bare:.1f} | {full:.1f} | {full - bare:+.1f} | {shown} |")
+    print(
+        f"\ntarget: the gate adds at most {TARGET_US:g} us a request over the design before it "
+        "(compare `extra` with `python -m bench.gate --requests` from that checkout); "
+        "`resolve` replaces the router's own match of the top-level routes"
+    )
     return 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--requests"]:
-        _request_only()
-        sys.exit(0)
-    sys.exit(main())
+    sys.exit(main(resolution=sys.argv[1:] != ["--requests"]))

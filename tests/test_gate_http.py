@@ -262,39 +262,8 @@ def test_with_proxy_headers_off_the_policy_decides_whom_to_trust(policy_dir: Pat
 async def test_the_refusal_names_the_cause_and_the_fix(policy_dir: Path) -> None:
     app = internal_app(policy_dir, "192.0.2.1/32")
     headers = [(b"x-forwarded-for", b"10.1.2.3")]
-    status, sent = await call_with(app, ("10.1.2.3", 0), headers)
-    body = b"".join(m["body"] for m in sent if isinstance(m.get("body"), bytes))  # type: ignore[misc]
+    status, sent = await call(app, "GET", "/internal", headers=headers, client=("10.1.2.3", 0))
+    body = b"".join(m["body"] for m in sent if isinstance(m.get("body"), bytes))
     assert status == 403 and b"client-address-rewritten" in body and b"--no-proxy-headers" in body
-    status, _ = await call_with(app, ("10.1.2.3", 41000), [])  # a real 10/8 peer
+    status, _ = await call(app, "GET", "/internal", client=("10.1.2.3", 41000))  # a 10/8 peer
     assert status == 200
-
-
-async def call_with(
-    app: FastAPI, client: tuple[str, int], headers: list[tuple[bytes, bytes]]
-) -> tuple[int, list[dict[str, object]]]:
-    """GET /internal from `client` with extra headers, straight into the app."""
-    sent: list[dict[str, object]] = []
-
-    async def receive() -> dict[str, object]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, object]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/internal",
-        "raw_path": b"/internal",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"x"), *headers],
-        "client": client,
-        "server": ("x", 80),
-    }
-    await app(scope, receive, send)  # type: ignore[arg-type]
-    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-    return int(status), sent  # type: ignore[call-overload]
