@@ -246,13 +246,18 @@ def resolve(router: Any, scope: Scope, prefix: str = "", depth: int = 0) -> Reso
 
 def _first(routes: Sequence[BaseRoute], scope: Scope, prefix: str, depth: int) -> Resolved:
     partial: Resolved | None = None
+    kinds = _KIND_OF_TYPE
     for route in routes:
-        kind = _classify(route)
-        if kind == "included":
+        kind = kinds.get(type(route)) or _classify(route)
+        if kind == "http" or kind == "websocket":
+            # Inline: this branch runs once for every route of the list a request passes.
+            match, child = route.matches(scope)
+            if match is Match.NONE:
+                continue
+            found = Resolved(match, _endpoint_of(route, prefix, kind))
+        elif kind == "included":
             found = _included(route, scope, prefix, depth)
-            child: Scope = {}
-        elif kind == "http" or kind == "websocket":
-            found, child = _leaf(route, scope, prefix, kind)
+            child = {}
         elif kind in ("mount", "host"):
             found, child = _nested(route, scope, prefix, kind, depth)  # type: ignore[arg-type]
         else:
@@ -288,13 +293,6 @@ def _endpoint_of(route: Any, prefix: str, kind: str) -> Endpoint:
         _ENDPOINTS.clear()  # routes replaced many times over: start again
     _ENDPOINTS[key] = (route, endpoint)
     return endpoint
-
-
-def _leaf(route: Any, scope: Scope, prefix: str, kind: str) -> tuple[Resolved, Scope]:
-    match, child = route.matches(scope)
-    if match is Match.NONE:
-        return _NONE, child
-    return Resolved(match, _endpoint_of(route, prefix, kind)), child
 
 
 def _nested(
