@@ -26,6 +26,11 @@ class EmbeddedValkey:
         """redis:// URL of the server."""
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (fault tests pause and kill it)."""
+        return int(self.server._process.pid)
+
     def stop(self) -> None:
         """Stop the server."""
         self.server.stop()

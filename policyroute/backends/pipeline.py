@@ -4,9 +4,19 @@ Concurrent requests each need one script call before their handler. Sent one by 
 through a connection pool, each call pays a pool checkout, a write syscall and a read
 wake-up. Here commands queue until the end of the current tick, go out as one write on
 one connection, and replies are matched to callers in order as they are parsed
-(libvalkey's reader, fed from an asyncio protocol: no task per read). A batch that gets
-no full reply within the timeout fails every caller still waiting and resets the
-connection, so a late reply can never be matched to the wrong caller.
+(libvalkey's reader, fed from an asyncio protocol: no task per read).
+
+Replies reach their callers by construction, whatever the timing:
+- each connection has its own queue of callers, in the order their commands were
+  written; a reply is only ever matched against the queue of the connection it came on;
+- nothing is written on a connection before its handshake (AUTH, SELECT, script loads)
+  has completed: commands wait in `pending` meanwhile;
+- a connection that fails (closed, reset, a reply nobody on it waits for, no reply within
+  the timeout) fails every caller in its queue at once with a retriable connection error
+  and is never used again; bytes it receives later go nowhere.
+A connection counts as stalled when its oldest unanswered command has waited `timeout`
+with no reply at all (large writes get time in proportion to their size), so a slow but
+moving stream is not mistaken for a dead server.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from typing import Any, cast
 import libvalkey
 from valkey.asyncio.connection import SSLConnection, parse_url
 from valkey.exceptions import ConnectionError as ValkeyConnectionError
-from valkey.exceptions import InvalidResponse, NoScriptError, ResponseError
+from valkey.exceptions import InvalidResponse, NoScriptError, ResponseError, ValkeyError
 from valkey.exceptions import TimeoutError as ValkeyTimeoutError
 
 Arg = str | bytes | int | float
@@ -38,6 +48,16 @@ EARLY_WRITE = 32
 # Arguments one joined script call may carry (`Pipeline.join`): a bound on the time one
 # call holds the server.
 JOIN_ARGS = 512
+
+# A write larger than this gives its commands extra time before the connection counts as
+# stalled: one second per BYTES_PER_SECOND bytes (far below loopback's rate), so a large
+# record is not mistaken for a dead server and the commands behind it are not failed.
+LARGE_WRITE = 64 * 1024
+BYTES_PER_SECOND = 20_000_000
+
+# An overdue connection is failed only if it is still overdue this long after the event
+# loop next ran: a blocked loop (a long CPU step) must not look like a dead server.
+GRACE = 0.005
 
 
 def parse_error(text: str) -> ResponseError:
@@ -82,48 +102,134 @@ class _Joined:
         return pack(("EVALSHA", self.sha, len(self.keys), *self.keys, *self.args))
 
 
-class _Protocol(asyncio.Protocol):
-    """Feeds bytes to the reader and resolves waiting callers in order."""
+class _Connection(asyncio.Protocol):
+    """One TCP connection: its own reader and its own queue of callers awaiting replies.
 
-    def __init__(self, owner: Pipeline) -> None:
+    A reply can only reach a caller whose command was written on this connection, in the
+    order written: the queue lives and dies with the connection. When the connection
+    fails (closed, reset, out of step, no progress within the timeout) every caller still
+    in its queue gets a retriable connection error at once, and bytes that arrive later
+    go nowhere.
+    """
+
+    def __init__(self, owner: Pipeline, loop: asyncio.AbstractEventLoop, generation: int) -> None:
         self.owner = owner
+        self.loop = loop
+        self.generation = generation
         self.reader = libvalkey.Reader(
             protocolError=InvalidResponse,
             replyError=parse_error,
             notEnoughData=_NOT_ENOUGH,
         )
         self.transport: asyncio.Transport | None = None
-        self.closed = False
+        self.inflight: deque[asyncio.Future[Any]] = deque()
+        # Extra seconds the head of the queue may take when it belongs to a large write.
+        self.extra: dict[asyncio.Future[Any], float] = {}
+        self.dead: Exception | None = None
+        self.since = 0.0  # when the head of `inflight` became the head
+        self._timer: asyncio.TimerHandle | None = None
+        self._checked = -1.0  # `since` at the last overdue check (see `_check`)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though not always an asyncio.Transport subclass (uvloop's).
         self.transport = cast(asyncio.Transport, transport)
 
+    def send(self, data: bytes, futures: list[asyncio.Future[Any]]) -> None:
+        """Write commands; their callers wait for replies in this order."""
+        if self.dead is not None:
+            raise self.dead
+        assert self.transport is not None
+        inflight = self.inflight
+        if not inflight:
+            self.since = self.loop.time()
+        inflight.extend(futures)
+        if len(data) > LARGE_WRITE:
+            extra = len(data) / BYTES_PER_SECOND
+            for future in futures:
+                self.extra[future] = extra
+        self.transport.write(data)
+        if self._timer is None:
+            self._arm()
+
     def data_received(self, data: bytes) -> None:
+        if self.dead is not None:
+            return  # the connection failed; its callers have their errors already
         self.reader.feed(data)
-        inflight = self.owner.inflight
+        inflight = self.inflight
+        answered = False
         while True:
             try:
                 reply = self.reader.gets()
             except InvalidResponse as exc:
-                self.owner.reset(exc)
+                self.fail(exc)
                 return
             if reply is _NOT_ENOUGH:
-                return
+                break
             if not inflight:
-                # A reply nobody waits for: the stream is out of step; start over.
-                self.owner.reset(InvalidResponse("unexpected reply from Valkey"))
+                # Nothing on this connection waits for a reply: the stream is out of step.
+                # The connection fails; no caller is ever handed this reply.
+                self.fail(InvalidResponse("a reply from Valkey that no command waits for"))
                 return
             future = inflight.popleft()
+            answered = True
+            if self.extra:
+                self.extra.pop(future, None)
             if not future.done():
                 if isinstance(reply, ResponseError):
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
+        if answered:
+            self.since = self.loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.owner.lost(self, exc)
+        error = ValkeyConnectionError(
+            f"connection to {self.owner.host}:{self.owner.port} lost"
+        )
+        error.__cause__ = exc
+        self.fail(error)
+
+    def fail(self, error: Exception) -> None:
+        """Close the connection; every caller still waiting on it gets `error`."""
+        if self.dead is None:
+            self.dead = error
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting = list(self.inflight)
+        self.inflight.clear()
+        self.extra.clear()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            with contextlib.suppress(RuntimeError):  # its event loop is already closed
+                transport.abort()
+        self.owner.lost(self)
+        _fail(waiting, error)
+
+    def _arm(self) -> None:
+        self._timer = self.loop.call_at(self._due(), self._check)
+
+    def _due(self) -> float:
+        head = self.inflight[0]
+        return self.since + self.owner.timeout + (self.extra.get(head, 0.0) if self.extra else 0.0)
+
+    def _check(self) -> None:
+        # One timer per connection, moved forward lazily: replies only note the time.
+        self._timer = None
+        if self.dead is not None or not self.inflight:
+            return
+        due = self._due()
+        if self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._check)
+            return
+        if self._checked != self.since:
+            # Overdue, but a blocked event loop looks the same: read what has arrived
+            # first, and fail only if the head is still unanswered a moment later.
+            self._checked = self.since
+            self._timer = self.loop.call_later(GRACE, self._check)
+            return
+        owner = self.owner
+        self.fail(ValkeyTimeoutError(f"Timeout reading from {owner.host}:{owner.port}"))
 
 
 class Pipeline:
@@ -146,9 +252,11 @@ class Pipeline:
         self.tls = options.get("connection_class") is SSLConnection
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        # Commands not yet written: they wait here until the end of the tick, and while a
+        # connection is being made (nothing is written before its handshake completed).
         self.pending: list[tuple[bytes | _Joined, asyncio.Future[Any]]] = []
-        self.inflight: deque[asyncio.Future[Any]] = deque()
-        self._protocol: _Protocol | None = None
+        self._conn: _Connection | None = None  # the ready connection, if any
+        self._generation = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._flush_scheduled = False
@@ -160,12 +268,18 @@ class Pipeline:
         # (its retry would land behind commands queued after it).
         self.scripts: dict[str, str] = {}
 
+    @property
+    def generation(self) -> int:
+        """How many connections this pipeline has opened (the current one's number)."""
+        return self._generation
+
     def register(self, sha: str, source: str) -> None:
         """Load a script ahead of every later command, now and on each new connection."""
         if sha in self.scripts:
             return
         self.scripts[sha] = source
-        if self._protocol is not None:  # connected (or connecting): queue it now, in order
+        if self._conn is not None or self._connecting is not None:
+            # A connection whose handshake has begun may not load it: queue it, in order.
             self.execute("SCRIPT", "LOAD", source).add_done_callback(_ignore_load)
 
     def execute(self, *args: Arg) -> asyncio.Future[Any]:
@@ -221,9 +335,10 @@ class Pipeline:
         return loop
 
     def _rebind(self, loop: asyncio.AbstractEventLoop) -> None:
-        # A new event loop (a CLI call, a test's loop): the old connection belongs to
-        # another loop and cannot be used from this one.
+        # A new event loop (a CLI call, a test's loop): the old connection and whatever
+        # was queued belong to another loop and cannot be used from this one.
         self._drop(ValkeyConnectionError("event loop changed"))
+        self._connecting = None
         self._loop = loop
         self._flush_scheduled = False
 
@@ -231,50 +346,46 @@ class Pipeline:
         self._flush_scheduled = False
         if not self.pending:
             return
-        protocol = self._protocol
-        if protocol is None or protocol.closed or protocol.transport is None:
+        conn = self._conn
+        if conn is None:
             if self._connecting is None:
                 assert self._loop is not None
                 self._connecting = self._loop.create_task(self._connect())
             return
         batch, self.pending = self.pending, []
-        futures = [f for _, f in batch]
-        self.inflight.extend(futures)
-        protocol.transport.write(
-            b"".join([cmd if isinstance(cmd, bytes) else cmd.pack() for cmd, _ in batch])
+        conn.send(
+            b"".join([cmd if isinstance(cmd, bytes) else cmd.pack() for cmd, _ in batch]),
+            [f for _, f in batch],
         )
         self.writes += 1
         self.commands += len(batch)
-        assert self._loop is not None
-        self._loop.call_later(self.timeout, self._expire, protocol, futures[-1])
-
-    def _expire(self, protocol: _Protocol, last: asyncio.Future[Any]) -> None:
-        if not last.done() and protocol is self._protocol:
-            self.reset(ValkeyTimeoutError(f"Timeout reading from {self.host}:{self.port}"))
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        protocol = _Protocol(self)
+        self._generation += 1
+        conn = _Connection(self, loop, self._generation)
         try:
             context = ssl.create_default_context() if self.tls else None
             async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(lambda: protocol, self.host, self.port, ssl=context)
-                self._protocol = protocol
-                await self._handshake(protocol)
-        except (OSError, TimeoutError, ResponseError) as exc:
+                await loop.create_connection(lambda: conn, self.host, self.port, ssl=context)
+                await self._handshake(conn)
+        except BaseException as exc:
             self._connecting = None
-            if protocol.transport is not None:
-                protocol.transport.abort()
-            self._protocol = None
             error = ValkeyConnectionError(f"cannot connect to Valkey at {self.host}:{self.port}")
             error.__cause__ = exc
-            self._fail(self.pending, error)
-            self.pending = []
+            conn.fail(error)
+            if self._loop is loop:  # callers queued meanwhile on this loop: they heard no reply
+                self._fail(self.pending, error)
+                self.pending = []
+            if not isinstance(exc, (OSError, TimeoutError, ValkeyError)):
+                raise
             return
         self._connecting = None
+        if conn.dead is None:
+            self._conn = conn
         self._flush()
 
-    async def _handshake(self, protocol: _Protocol) -> None:
+    async def _handshake(self, conn: _Connection) -> None:
         setup: list[tuple[Arg, ...]] = []
         if self.password is not None:
             setup.append(
@@ -285,33 +396,32 @@ class Pipeline:
         setup.extend(("SCRIPT", "LOAD", source) for source in self.scripts.values())
         if not setup:
             return
-        assert protocol.transport is not None
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in setup]
-        self.inflight.extend(futures)
-        protocol.transport.write(b"".join(pack(cmd) for cmd in setup))
-        for future in futures:
-            await future
+        futures = [conn.loop.create_future() for _ in setup]
+        conn.send(b"".join(pack(cmd) for cmd in setup), futures)
+        await asyncio.gather(*futures)
 
     def reset(self, error: Exception) -> None:
-        """Fail every waiting caller and drop the connection (it is out of step)."""
-        self._drop(error)
+        """Fail every caller waiting on the current connection and drop it."""
+        if self._conn is not None:
+            self._conn.fail(error)
 
-    def lost(self, protocol: _Protocol, exc: Exception | None) -> None:
-        """The connection closed: callers still waiting get a connection error."""
-        if protocol is self._protocol:
-            error = ValkeyConnectionError(f"connection to {self.host}:{self.port} lost")
-            error.__cause__ = exc
-            self._drop(error)
+    def lost(self, conn: _Connection) -> None:
+        """A connection failed (its own callers have their errors); forget it if current."""
+        if conn is self._conn:
+            self._conn = None
+            if self.pending and not self._flush_scheduled and self._loop is not None:
+                # Commands queued for it this tick go out on a new connection.
+                self._flush_scheduled = True
+                with contextlib.suppress(RuntimeError):  # its event loop is closed
+                    self._loop.call_soon(self._flush)
 
     def _drop(self, error: Exception) -> None:
-        protocol, self._protocol = self._protocol, None
-        waiting = list(self.inflight)
-        self.inflight.clear()
-        if protocol is not None and protocol.transport is not None and not protocol.closed:
-            with contextlib.suppress(RuntimeError):  # its event loop is already closed
-                protocol.transport.abort()
-        _fail(waiting, error)
+        # Everything of the current loop: the connection, its callers and queued commands.
+        if self._conn is not None:
+            self._conn.fail(error)
+        self._conn = None
+        pending, self.pending = self.pending, []
+        self._fail(pending, error)
 
     @staticmethod
     def _fail(batch: list[tuple[bytes | _Joined, asyncio.Future[Any]]], error: Exception) -> None:
@@ -320,21 +430,24 @@ class Pipeline:
     async def settle(self) -> None:
         """Wait until every command queued so far (on this loop) has its reply or error.
 
-        Bounded: a batch without its reply fails at the read timeout, a connection that
-        cannot be made at the connect timeout.
+        Bounded: a connection without progress fails at the read timeout, one that cannot
+        be made at the connect timeout.
         """
         loop = asyncio.get_running_loop()
-        queued = (*(f for _, f in self.pending), *self.inflight)
+        inflight = self._conn.inflight if self._conn is not None else ()
+        queued = (*(f for _, f in self.pending), *inflight)
         waiting = [f for f in queued if not f.done() and f.get_loop() is loop]
         if waiting:
             await asyncio.wait(waiting)
 
     async def close(self) -> None:
         """Close the connection; callers still waiting get a connection error."""
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
         self._drop(ValkeyConnectionError("pipeline closed"))
-        if self._connecting is not None:
-            self._connecting.cancel()
-            self._connecting = None
 
 
 def _ignore_load(future: asyncio.Future[Any]) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 import uuid
 
 import pytest
 import valkey.asyncio as avalkey
+from valkey.exceptions import ValkeyError
 
 from policyroute.backends.pipeline import Pipeline
 from policyroute.backends.valkey import ValkeyStore
@@ -307,3 +311,71 @@ async def test_one_callers_bad_key_costs_no_other_joined_caller_its_ops(valkey_u
         assert "WRONGTYPE" in str(errors[0])
     finally:
         await store.stop()
+
+
+
+async def _arrivals(pipeline: Pipeline, seconds: float, pause: tuple[float, float], pid: int) -> tuple[int, int, int]:
+    """One-shot callers arriving every 2 ms (as requests do), each an ECHO of its own name.
+
+    The server is paused (SIGSTOP) from `pause[0]` to `pause[1]` seconds in. Returns
+    (own replies, errors, another caller's replies).
+    """
+    counts = [0, 0, 0]
+
+    async def one(name: str) -> None:
+        try:
+            reply = await asyncio.wait_for(pipeline.execute("ECHO", name), 3)
+        except (OSError, TimeoutError, ValkeyError):
+            counts[1] += 1
+            return
+        counts[0 if reply == name.encode() else 2] += 1
+
+    callers = []
+    start = time.monotonic()
+    stopped = resumed = False
+    n = 0
+    while (elapsed := time.monotonic() - start) < seconds:
+        if elapsed > pause[0] and not stopped:
+            os.kill(pid, signal.SIGSTOP)
+            stopped = True
+        if elapsed > pause[1] and not resumed:
+            os.kill(pid, signal.SIGCONT)
+            resumed = True
+        n += 1
+        callers.append(asyncio.ensure_future(one(f"r{n}")))
+        await asyncio.sleep(0.002)
+    await asyncio.gather(*callers)
+    return counts[0], counts[1], counts[2]
+
+
+@pytest.mark.parametrize("scripts", [False, True], ids=["bare", "with-handshake"])
+async def test_a_paused_server_never_hands_a_caller_another_callers_reply(scripts: bool) -> None:
+    # SIGSTOP for 0.6 s while requests keep arriving (a GC pause, a slow fsync, a stalled
+    # network look the same): reconnects meet a server that accepts but does not answer,
+    # so handshakes time out while other callers queue commands. Every caller gets its
+    # own reply or an error, never another caller's, and the pipeline serves normally
+    # within 2 s of the resume.
+    server = start_valkey()
+    pipeline = Pipeline(server.url)
+    if scripts:  # a script to load makes every reconnect start with a handshake
+        pipeline.register("e0a1fb4f1e1a7a0c3d1b6c7b8d9e0f1a2b3c4d5e", "return 1")
+    try:
+        assert await pipeline.execute("ECHO", "warm") == b"warm"
+        own, errors, wrong = await _arrivals(pipeline, 2.5, (0.3, 0.9), server.pid)
+        assert wrong == 0, f"{wrong} of {own + errors + wrong} callers got another caller's reply"
+        assert errors > 0 and own > 0  # the pause was felt, and calls got through around it
+        resumed = time.monotonic()
+        while True:
+            try:
+                assert await pipeline.execute("ECHO", "after") == b"after"
+                break
+            except (OSError, TimeoutError, ValkeyError):
+                assert time.monotonic() - resumed < 2
+                await asyncio.sleep(0.02)
+        replies = await asyncio.gather(*(pipeline.execute("ECHO", f"x{i}") for i in range(200)))
+        assert replies == [f"x{i}".encode() for i in range(200)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signal.SIGCONT)
+        await pipeline.close()
+        server.stop()
