@@ -284,6 +284,8 @@ class Pipeline:
 
     def execute(self, *args: Arg) -> asyncio.Future[Any]:
         """Queue one command; the future resolves to its reply (or its error)."""
+        if args[0] in _GUARDED:
+            _refuse_unpaired(args)
         loop = self._running()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue(pack(args), future, loop)
@@ -448,6 +450,22 @@ class Pipeline:
             with contextlib.suppress(BaseException):
                 await connecting
         self._drop(ValkeyConnectionError("pipeline closed"))
+
+
+# Commands that answer with more or fewer replies than one, or change how the connection
+# answers (CLIENT REPLY OFF, a RESP3 HELLO): one would shift every later reply onto the
+# wrong caller. `execute` refuses them (upper- or lower-case names; CLIENT only as REPLY).
+_UNPAIRED = (
+    "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE",
+    "MONITOR", "HELLO", "RESET", "QUIT", "SYNC", "PSYNC", "CLIENT",
+)
+_GUARDED = frozenset((*_UNPAIRED, *(name.lower() for name in _UNPAIRED)))
+
+
+def _refuse_unpaired(args: tuple[Arg, ...]) -> None:
+    name = str(args[0]).upper()
+    if name != "CLIENT" or (len(args) > 1 and str(args[1]).upper() == "REPLY"):
+        raise ValueError(f"{name} does not answer with exactly one reply: not pipelined")
 
 
 def _ignore_load(future: asyncio.Future[Any]) -> None:

@@ -379,3 +379,45 @@ async def test_a_paused_server_never_hands_a_caller_another_callers_reply(script
             os.kill(server.pid, signal.SIGCONT)
         await pipeline.close()
         server.stop()
+
+
+async def test_a_large_write_does_not_time_out_the_commands_queued_behind_it(
+    valkey_url: str,
+) -> None:
+    # Ten 10 MB records at once take the server a while to read; the small commands queued
+    # behind them on the shared connection wait but are not failed as if the server were dead.
+    pipeline = Pipeline(valkey_url)
+    keys = ["big-" + uuid.uuid4().hex for _ in range(10)]
+    record = b"x" * 10_000_000
+    try:
+        await pipeline.execute("PING")
+        for new in (1, 0):  # HSET answers how many fields it added
+            big = [pipeline.execute("EVAL", _HSET, 1, key, record) for key in keys]
+            await asyncio.sleep(0)  # the records leave in a write of their own
+            small = [pipeline.execute("ECHO", f"s{i}") for i in range(50)]
+            assert await asyncio.gather(*big) == [new] * 10
+            assert await asyncio.gather(*small) == [f"s{i}".encode() for i in range(50)]
+        assert await pipeline.execute("HSTRLEN", keys[-1], "bd") == 10_000_000
+    finally:
+        await pipeline.execute("DEL", *keys)
+        await pipeline.close()
+
+
+_HSET = "return redis.call('HSET', KEYS[1], 'bd', ARGV[1])"
+
+
+@pytest.mark.parametrize(
+    "command", [("SUBSCRIBE", "a", "b"), ("monitor",), ("CLIENT", "REPLY", "OFF"), ("HELLO", "3")]
+)
+async def test_commands_without_exactly_one_reply_are_refused(
+    valkey_url: str, command: tuple[str, ...]
+) -> None:
+    # One of these would shift every later reply onto the next caller in line.
+    pipeline = Pipeline(valkey_url)
+    try:
+        with pytest.raises(ValueError, match="exactly one reply"):
+            pipeline.execute(*command)
+        assert await pipeline.execute("CLIENT", "SETNAME", "ok") == b"OK"
+        assert await pipeline.execute("ECHO", "still-paired") == b"still-paired"
+    finally:
+        await pipeline.close()
