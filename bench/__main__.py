@@ -2,7 +2,8 @@
 
 from bench.cli import main
 from bench.gate import main as gate
+from bench.pipeline import main as pipeline
 from bench.workflow import main as workflow
 
 status = main()
-raise SystemExit(workflow() or gate() or status)
+raise SystemExit(workflow() or gate() or pipeline() or status)
