@@ -150,7 +150,7 @@ class Engine:
             if endpoint.known
             else (self.snapshot.deny(method, endpoint.path))
         )
-        await bound(scope, receive, send, app)
+        await bound(scope, receive, send, app, endpoint.marks_entry)
 
     def reload(self) -> ConfigError | None:
         """Load, lint, compile and swap all chains at once; keep the old ones on any error."""

@@ -188,13 +188,18 @@ class BoundChain:
         self.traced_handler = _fold(arounds, traced=True)
         self.meter = RouteMeter(chain.route, _kinds(chain.steps))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, marks_entry: bool = False
+    ) -> None:
         """Run the chain for one request, then (if allowed) `app`."""
+        # `marks_entry`: the endpoint marks when it is called (a FastAPI route, which may
+        # refuse a request without calling it), so the steps learn whether it ran.
         if scope["type"] != "http":
             await self._socket(scope, receive, send, app)
             return
         started = time.perf_counter()
         ctx = Context(scope, receive, send, self.chain.route, app)
+        ctx.marks_entry = marks_entry
         ctx.request_id = request_id = self.ids.of(scope)
         sent = [0]  # the response status, once started
         ctx.send = out = self.ids.echo(send, request_id, sent)

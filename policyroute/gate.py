@@ -51,12 +51,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.routing import BaseRoute, Host, Match, Mount, Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ._entry import arm
 from ._problem import send_problem
 from .errors import Denial, Problems
 from .policy import METHODS
@@ -78,6 +79,9 @@ class Endpoint:
     methods: tuple[str, ...]
     kind: str = "http"  # http, websocket, mount, host, frontend, default, unknown
     route: Any = field(default=None, compare=False, repr=False)
+    # Whether the endpoint function marks its entry (a FastAPI route, which can answer a
+    # request it refuses without calling it; see `_entry.py`).
+    marks_entry: bool = field(default=False, compare=False, repr=False)
 
     @property
     def known(self) -> bool:
@@ -288,7 +292,8 @@ def _endpoint_of(route: Any, prefix: str, kind: str) -> Endpoint:
         methods: tuple[str, ...] = ("GET",)
     else:
         methods = tuple(sorted(route.methods)) if route.methods else ANY_METHOD
-    endpoint = Endpoint(_join(prefix, route.path), methods, kind, route)
+    marks = kind == "http" and arm(route)
+    endpoint = Endpoint(_join(prefix, route.path), methods, kind, route, marks)
     if len(_ENDPOINTS) >= _MAX_ENDPOINTS:
         _ENDPOINTS.clear()  # routes replaced many times over: start again
     _ENDPOINTS[key] = (route, endpoint)
@@ -335,7 +340,11 @@ def _included(route: Any, scope: Scope, prefix: str, depth: int) -> Resolved:
     original = getattr(context, "original_route", picked)
     okind = _classify(original)
     if okind in ("http", "websocket"):
-        return Resolved(match, _endpoint_of(original, sub, okind))
+        endpoint = _endpoint_of(original, sub, okind)
+        # The handler of an included route is built on the inclusion's own dependant.
+        if endpoint.marks_entry and not arm(context if context is not None else picked):
+            endpoint = replace(endpoint, marks_entry=False)
+        return Resolved(match, endpoint)
     if okind == "host":
         # FastAPI wraps a host of a prefixed router in a router that mounts the prefix.
         effective = getattr(context, "starlette_route", None) or picked

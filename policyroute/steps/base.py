@@ -54,6 +54,7 @@ class Context:
         "app",
         "client",
         "denied_by",
+        "marks_entry",
         "meter",
         "method",
         "principal",
@@ -92,6 +93,8 @@ class Context:
         self.root: Span | None = None  # the request's span, only while a span records
         self.denied_by: str | None = None  # the guard that refused the request
         self.shadowed: str | None = None  # the first denial a shadowed step did not enforce
+        # Whether the endpoint marks its entry (`_entry.py`); else it runs whenever called.
+        self.marks_entry = False
 
     @property
     def headers(self) -> dict[str, str]:

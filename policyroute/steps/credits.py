@@ -120,7 +120,12 @@ class CreditsStep(Part):
 
     def refund(self, outcome: Outcome) -> bool:
         """Whether the reserved credits go back: no charge without a handler's response."""
-        if not outcome.handler_ran or not outcome.started:
+        if not outcome.started:
+            return True
+        # A request the route refused before its endpoint ran (FastAPI's 422 or 400, a
+        # dependency's error) is not charged. Only the endpoint answers 2xx, so a 2xx counts
+        # as run even if the endpoint could not mark its entry.
+        if not outcome.handler_ran and not 200 <= outcome.status < 300:
             return True
         on = self.refund_on
         if not outcome.done:

@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 from starlette.types import Message, Receive, Send
 
+from .._entry import ENTERED
 from .._ids import IDS
 from ..backends.valkey import Arg, Store
 from ..compiler import Env, register
@@ -363,7 +364,11 @@ class StateStep(Step):
             keep=True,
             before_last=(lambda: self._finish(req, outcome)) if settle_first else None,
         )
-        outcome.handler_ran = True
+        # A FastAPI endpoint marks `outcome` when it is called: validation may refuse the
+        # request (422, 400) inside the route without calling it. Any other runs when called.
+        entered = ENTERED.set(outcome) if ctx.marks_entry else None
+        if entered is None:
+            outcome.handler_ran = True
         try:
             if self.watch and _buffered(ctx):
                 await self._watched(ctx, call_next, outcome)
@@ -371,6 +376,8 @@ class StateStep(Step):
                 await call_next(ctx)
         finally:
             ctx.send = original
+            if entered is not None:
+                ENTERED.reset(entered)
 
     async def _watched(self, ctx: Context, call_next: Handler, outcome: Outcome) -> None:
         """Run the handler, cancelling it when the client goes away before the response.

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.routing import Route
 
+import policyroute
 from policyroute import credits
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.cli import main
@@ -124,3 +130,126 @@ def test_cli_grants_and_shows(
 def test_cli_without_valkey_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("POLICYROUTE_VALKEY_URL", raising=False)
     assert main(["credits", "show", "alice"]) == 2
+
+
+class Item(BaseModel):
+    """The body the validated routes expect."""
+
+    n: int
+
+
+UNRUN_POLICY = """\
+version: 1
+routes:
+  POST /items:
+    public: true
+    credits: {cost: 1}
+  POST /sync-items:
+    public: true
+    credits: {cost: 1}
+  POST /v1/included:
+    public: true
+    credits: {cost: 1}
+  GET /guarded:
+    public: true
+    credits: {cost: 1}
+  GET /plain:
+    public: true
+    credits: {cost: 1}
+  GET /owned:
+    public: true
+    credits: {cost: 1, refund_on: [4xx]}
+"""
+
+
+def validating_app(calls: Counter[str]) -> FastAPI:
+    """FastAPI routes that validate before their endpoint runs, and a plain Starlette route."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.post("/items")
+    async def items(item: Item, q: int = 0, status: int = 200) -> Response:
+        calls["items"] += 1
+        return JSONResponse({"n": item.n}, status_code=status)
+
+    @app.post("/sync-items")
+    def sync_items(item: Item, status: int = 200) -> Response:
+        calls["sync-items"] += 1
+        return JSONResponse({"n": item.n}, status_code=status)
+
+    router = APIRouter(prefix="/v1")
+
+    @router.post("/included")
+    async def included(item: Item, status: int = 200) -> Response:
+        calls["included"] += 1
+        return JSONResponse({"n": item.n}, status_code=status)
+
+    app.include_router(router)
+
+    def refuse(allow: bool = False) -> None:
+        if not allow:
+            raise HTTPException(403, "refused by a dependency")
+
+    @app.get("/guarded", dependencies=[Depends(refuse)])
+    async def guarded() -> dict[str, bool]:
+        calls["guarded"] += 1
+        return {"ok": True}
+
+    @app.get("/owned")
+    async def owned(status: int = 200) -> Response:
+        calls["owned"] += 1
+        return JSONResponse({}, status_code=status)
+
+    async def plain(request: Request) -> Response:
+        calls["plain"] += 1
+        return PlainTextResponse("gone", status_code=int(request.query_params.get("status", 200)))
+
+    app.router.routes.append(Route("/plain", plain, methods=["GET"]))
+    return app
+
+
+async def test_a_request_refused_before_the_endpoint_ran_is_not_charged(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    (policy_dir / "routes.yaml").write_text(UNRUN_POLICY)
+    calls: Counter[str] = Counter()
+    app = validating_app(calls)
+    settings = policyroute.Settings(valkey_url=valkey_url, key_prefix="t" + uuid.uuid4().hex[:10])
+    policyroute.install(app, policy_dir, settings=settings)
+    json_type = {"content-type": "application/json"}
+    async with running(app) as c:
+        store = store_of(app)
+        await credits.grant(store, "127.0.0.1", 20, ip=True)
+
+        async def balance() -> int:
+            return (await credits.show(store, "127.0.0.1", ip=True)).total
+
+        refused = [
+            await c.post("/items", content=b'{"n": "x"}', headers=json_type),  # bad field
+            await c.post("/items", content=b'{"n":', headers=json_type),  # JSON cut short
+            await c.post("/items", json={"n": 1}, params={"q": "x"}),  # bad query parameter
+            await c.post("/items", content=b'{"n": "\xff"}', headers=json_type),  # not UTF-8
+            await c.post("/sync-items", content=b'{"n": "x"}', headers=json_type),
+            await c.post("/v1/included", content=b"{}", headers=json_type),
+            await c.get("/guarded"),  # a dependency refused it
+        ]
+        assert [r.status_code for r in refused] == [422, 422, 422, 400, 422, 422, 403]
+        assert await balance() == 20
+        assert sum(calls.values()) == 0
+
+        # Endpoints that ran are charged, whatever they answered (4xx is not in refund_on).
+        assert (await c.post("/items", json={"n": 1})).status_code == 200
+        assert (await c.post("/items?status=404", json={"n": 1})).status_code == 404
+        assert (await c.post("/sync-items", json={"n": 1})).status_code == 200
+        assert (await c.post("/sync-items?status=409", json={"n": 1})).status_code == 409
+        assert (await c.post("/v1/included", json={"n": 1})).status_code == 200
+        assert (await c.post("/v1/included?status=404", json={"n": 1})).status_code == 404
+        assert (await c.get("/guarded?allow=true")).status_code == 200
+        assert (await c.get("/plain?status=404")).status_code == 404  # a Starlette route
+        assert (await c.get("/plain")).status_code == 200
+        assert await balance() == 11
+        assert (await c.get("/owned?status=404")).status_code == 404  # refund_on lists 4xx
+        assert (await c.get("/owned")).status_code == 200
+        assert await balance() == 10
+    assert calls == Counter(
+        {"items": 2, "sync-items": 2, "included": 2, "guarded": 1, "plain": 2, "owned": 2}
+    )
