@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import importlib.resources
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import valkey.asyncio as avalkey
@@ -58,6 +61,28 @@ class Store(Protocol):
         ...
 
 
+# Submitted calls waiting to be sent again at most (past it, a failure is given up at once),
+# and the longest wait between two tries (the first is RETRY_FIRST, doubling).
+RETRY_LIMIT = 10_000
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+
+
+@dataclass(slots=True)
+class _Call:
+    """A submitted script call: what to send again, and whom to tell if it is given up."""
+
+    sha: str
+    source: str
+    keys: Sequence[str]
+    args: Sequence[Arg]
+    operation: str
+    on_error: Callable[[StorageError], None]
+    reloaded: bool = False  # sent again after NOSCRIPT, or alone after a joined call failed
+    deadline: float = 0.0  # set at the first failure: then + retry_for
+    delay: float = RETRY_FIRST
+
+
 def lua_source(name: str) -> str:
     """The text of `policyroute/lua/<name>.lua`, with the files it includes prepended.
 
@@ -90,6 +115,8 @@ class ValkeyStore:
         cluster: bool = False,
         timeout: float = 0.25,
         max_connections: int = 64,
+        retry_for: float = 30.0,
+        stop_wait: float = 2.0,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -110,6 +137,20 @@ class ValkeyStore:
         )
         self.queues_first = self.pipeline is not None
         self._retries: set[asyncio.Future[Any]] = set()
+        self.retry_for = retry_for
+        self.stop_wait = stop_wait
+        self._closing = False
+        self._closed_future: asyncio.Future[None] | None = None
+
+    @property
+    def _closed(self) -> asyncio.Future[None]:
+        # Done once stop() began: retries waiting out their backoff go at once.
+        loop = asyncio.get_running_loop()
+        if self._closed_future is None or self._closed_future.get_loop() is not loop:
+            self._closed_future = loop.create_future()
+            if self._closing:
+                self._closed_future.set_result(None)
+        return self._closed_future
 
     def key(self, tag: str, *parts: str) -> str:
         """`<prefix>:{<tag>}:<part>:...`; the tag is a cluster hash tag."""
@@ -165,73 +206,74 @@ class ValkeyStore:
         (`run`, `command`, `stop`) are sent after it on the same connection, so they see
         what it wrote. With `joins` (a script of independent ops run in sequence, such as
         `finish`) it may share one EVALSHA with the call submitted just before it.
+
+        A call that meets no server (a stalled, restarting or unreachable Valkey) is sent
+        again with backoff for up to `retry_for` seconds, so a fault shorter than that
+        loses no commit, refund or release (the submitted scripts' ops are safe to run
+        twice); `on_error` hears of it only when it is given up.
         """
         assert self.pipeline is not None
         sha, source = self._source(script)
+        call = _Call(sha, source, keys, args, operation, on_error)
         if joins:
-            future, callers = self.pipeline.join(sha, keys, args, (keys, args, operation, on_error))
+            future, callers = self.pipeline.join(sha, keys, args, call)
             if len(callers) == 1:  # the call's first caller: one callback serves every caller
-                future.add_done_callback(functools.partial(self._joined, source, sha, callers))
+                future.add_done_callback(functools.partial(self._joined, callers))
             return
-        future = self.pipeline.execute("EVALSHA", sha, len(keys), *keys, *args)
-        future.add_done_callback(
-            functools.partial(
-                self._submitted, source, False, sha, keys, args, operation, on_error
-            )
-        )
+        self._send(call).add_done_callback(functools.partial(self._settled, call, False))
 
-    def _joined(
-        self, source: str, sha: str, callers: list[Any], future: asyncio.Future[Any]
-    ) -> None:
+    def _send(self, call: _Call) -> asyncio.Future[Any]:
+        assert self.pipeline is not None
+        return self.pipeline.execute("EVALSHA", call.sha, len(call.keys), *call.keys, *call.args)
+
+    def _joined(self, callers: list[Any], future: asyncio.Future[Any]) -> None:
         # A joined call's reply: nothing to do on success; on failure each caller in turn.
         if future.cancelled() or future.exception() is None:
             return
-        for keys, args, operation, on_error in callers:
-            self._submitted(source, True, sha, keys, args, operation, on_error, future)
+        for call in callers:
+            self._settled(call, True, future)
 
-    def _submitted(
-        self,
-        source: str | None,
-        joined: bool,
-        sha: str,
-        keys: Sequence[str],
-        args: Sequence[Arg],
-        operation: str,
-        on_error: Callable[[StorageError], None],
-        future: asyncio.Future[Any],
-    ) -> None:
-        # `source` is None for a call sent again: it is not sent a third time.
+    def _settled(self, call: _Call, joined: bool, future: asyncio.Future[Any]) -> None:
         self._retries.discard(future)
         if future.cancelled() or (exc := future.exception()) is None:
             return
-        if source is not None and isinstance(exc, ResponseError):
-            command = ("EVALSHA", sha, len(keys), *keys, *args)
-            retry: asyncio.Future[Any]
-            if isinstance(exc, NoScriptError):  # load, send again
-                retry = asyncio.ensure_future(self._reload_and_call(source, command))
-            elif joined:
-                # A script error in one caller's ops stopped a joined call part way: each
-                # caller sends its own ops alone (joined scripts' ops may run twice), so
-                # one bad key costs no other request its commit, refund or release.
-                assert self.pipeline is not None
-                retry = self.pipeline.execute(*command)
-            else:
-                on_error(StorageError("valkey", operation, True, exc))
-                return
-            self._retries.add(retry)
-            retry.add_done_callback(
-                functools.partial(
-                    self._submitted, None, False, sha, keys, args, operation, on_error
-                )
-            )
-            return
-        on_error(StorageError("valkey", operation, True, exc))
+        if isinstance(exc, NoScriptError) and not call.reloaded:
+            call.reloaded = True  # load, send again (once)
+            command = ("EVALSHA", call.sha, len(call.keys), *call.keys, *call.args)
+            self._track(call, asyncio.ensure_future(self._reload_and_call(call.source, command)))
+        elif isinstance(exc, ResponseError) and joined:
+            # A script error in one caller's ops stopped a joined call part way: each caller
+            # sends its own ops alone (joined scripts' ops may run twice), so one bad key
+            # costs no other request its commit, refund or release.
+            call.reloaded = True
+            self._track(call, self._send(call))
+        elif not isinstance(exc, ResponseError) and self._may_retry(call):
+            self._track(call, asyncio.ensure_future(self._later(call)))
+        else:
+            call.on_error(StorageError("valkey", call.operation, True, exc))
+
+    def _may_retry(self, call: _Call) -> bool:
+        now = time.monotonic()
+        if call.deadline == 0.0:
+            call.deadline = now + self.retry_for
+        return not self._closing and now < call.deadline and len(self._retries) < RETRY_LIMIT
+
+    async def _later(self, call: _Call) -> Any:
+        # The next try of a call that met no server; stop() cuts the wait short.
+        delay, call.delay = call.delay, min(call.delay * 2, RETRY_MAX)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._closed), delay)
+        return await self._send(call)
+
+    def _track(self, call: _Call, future: asyncio.Future[Any]) -> None:
+        self._retries.add(future)
+        future.add_done_callback(functools.partial(self._settled, call, False))
 
     async def settle(self) -> None:
-        """Wait until every call submitted so far has its reply (or its error)."""
+        """Wait until every call submitted so far has its reply, or has been given up."""
         if self.pipeline is not None:
             await self.pipeline.settle()
-        if self._retries:
+        while self._retries:
             await asyncio.wait(list(self._retries))
 
     def _source(self, name: str) -> tuple[str, str]:
@@ -265,8 +307,18 @@ class ValkeyStore:
             return False
 
     async def stop(self) -> None:
-        """Close every connection, once the calls submitted so far have their replies."""
+        """Close every connection, once the calls submitted so far have their replies.
+
+        Calls waiting to be sent again get one last try at once; whatever has no reply
+        within `stop_wait` seconds is given up (its `on_error` is told), so a process
+        stops in bounded time even while Valkey is away.
+        """
         if self.pipeline is not None:
-            await self.settle()
+            self._closing = True
+            closed = self._closed
+            if not closed.done():
+                closed.set_result(None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.settle(), self.stop_wait)
             await self.pipeline.close()
         await self.client.aclose()

@@ -190,7 +190,7 @@ async def test_submitted_calls_keep_their_order_on_a_server_that_lacks_the_scrip
 
 async def test_a_submitted_call_that_fails_reaches_its_error_callback() -> None:
     server = start_valkey()
-    store = _store(server.url)
+    store = ValkeyStore(server.url, prefix="p" + uuid.uuid4().hex[:8], retry_for=0.0)
     keys = [store.key("s:dave", "rl", "r", "0")]
     errors: list[StorageError] = []
     try:
@@ -204,6 +204,49 @@ async def test_a_submitted_call_that_fails_reaches_its_error_callback() -> None:
         assert errors[0].fail_open and "the finish" in str(errors[0])
     finally:
         await store.stop()
+
+
+async def test_a_submitted_call_that_meets_a_paused_server_lands_after_the_resume() -> None:
+    # A commit, refund or release queued while Valkey is stalled is sent again until it
+    # lands: the response has gone, so nothing else would ever settle it.
+    server = start_valkey()
+    store = _store(server.url)
+    errors: list[StorageError] = []
+    try:
+        keys = await _locks(store, 6)
+        os.kill(server.pid, signal.SIGSTOP)
+        for i, key in enumerate(keys):
+            _unlock(store, key, str(i), errors)
+        await asyncio.sleep(0.8)  # the connection fails at its timeout; the calls wait
+        os.kill(server.pid, signal.SIGCONT)
+        await store.settle()
+        assert errors == []
+        assert await store.command("EXISTS", *keys, operation="t") == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signal.SIGCONT)
+        await store.stop()
+        server.stop()
+
+
+async def test_stop_gives_up_on_an_unreachable_server_in_bounded_time() -> None:
+    server = start_valkey()
+    store = ValkeyStore(server.url, prefix="p" + uuid.uuid4().hex[:8], stop_wait=0.5)
+    keys = [store.key("s:gus", "rl", "r", "0")]
+    errors: list[StorageError] = []
+    try:
+        assert await _tokens_left(store, keys) == 99
+        server.stop()
+        store.submit("state", keys, BUCKET, operation="the release", on_error=errors.append)
+        await asyncio.sleep(0.4)  # failed once, waiting to be sent again
+        assert errors == []
+        started = time.monotonic()
+        await store.stop()
+        assert time.monotonic() - started < 1.0
+        assert len(errors) == 1 and "the release" in str(errors[0])
+    finally:
+        with contextlib.suppress(Exception):
+            server.stop()
 
 
 async def test_stop_sends_and_settles_every_submitted_call_first(valkey_url: str) -> None:
@@ -275,7 +318,7 @@ async def test_a_joined_call_stays_within_its_argument_bound(valkey_url: str) ->
 
 async def test_every_joined_caller_hears_of_a_failure_and_a_flush_is_recovered() -> None:
     server = start_valkey()
-    store = _store(server.url)
+    store = ValkeyStore(server.url, prefix="p" + uuid.uuid4().hex[:8], retry_for=0.3)
     errors: list[StorageError] = []
     try:
         keys = await _locks(store, 4)
