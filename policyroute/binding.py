@@ -55,6 +55,7 @@ class Snapshot:
     chains: Mapping[tuple[str, str], Chain]
     bound: dict[tuple[str, str], BoundChain]
     ids: RequestIds | None = None
+    header_limit: int = 0  # Settings.max_header_bytes: larger header values answer 431
 
     @classmethod
     def build(
@@ -62,20 +63,25 @@ class Snapshot:
         policies: PolicySet,
         chains: Mapping[tuple[str, str], Chain],
         ids: RequestIds | None = None,
+        header_limit: int = 0,
     ) -> Snapshot:
         """Bind every compiled chain once (with its route's metrics and shadow mode)."""
         entry = policies.routes.get
         bound = {
-            k: BoundChain(c, ids, getattr(entry(k), "policy", None)) for k, c in chains.items()
+            k: BoundChain(c, ids, getattr(entry(k), "policy", None), header_limit)
+            for k, c in chains.items()
         }
-        return cls(policies, chains, bound, ids)
+        return cls(policies, chains, bound, ids, header_limit)
+
+    def _deny_chain(self, method: str, path: str) -> BoundChain:
+        return BoundChain(deny_chain(method, path), self.ids, header_limit=self.header_limit)
 
     def deny(self, method: str, path: str) -> BoundChain:
         """The deny chain of an endpoint the gate does not know (bound once per key)."""
         key = ("!" + method, path)
         found = self.bound.get(key)
         if found is None:
-            found = self.bound[key] = BoundChain(deny_chain(method, path), self.ids)
+            found = self.bound[key] = self._deny_chain(method, path)
         return found
 
     def chain_for(self, method: str, path: str) -> BoundChain:
@@ -89,7 +95,7 @@ class Snapshot:
             if found is None and method == "HEAD":
                 found = self.bound.get(("GET", norm))
             if found is None:
-                found = BoundChain(deny_chain(method, path), self.ids)
+                found = self._deny_chain(method, path)
             self.bound[(method, path)] = found
         return found
 
@@ -122,7 +128,8 @@ class Engine:
         return Env(policies.settings, self.config, bind_resilience(self, policies))
 
     def _build(self, policies: PolicySet) -> Snapshot:
-        return Snapshot.build(policies, compile_all(policies, self.env(policies)), self.ids)
+        chains = compile_all(policies, self.env(policies))
+        return Snapshot.build(policies, chains, self.ids, self.config.max_header_bytes)
 
     def endpoints(self) -> list[Endpoint]:
         """Every endpoint of the app, as the gate resolves them (lint and explain use these)."""

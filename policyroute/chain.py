@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._problem import send_problem
-from .errors import Denial, Location
+from .errors import Denial, Location, Problems
 from .observability.logs import CURRENT, Current
 from .observability.metrics import STEP_OF_PROBLEM, RouteMeter
 from .observability.requests import RequestIds
@@ -159,16 +159,45 @@ def _kinds(steps: Sequence[Step]) -> frozenset[str]:
     return frozenset(names)
 
 
+_SHOWN_NAME = 64  # a longer header name is not repeated in the answer
+
+
+def oversized(headers: Sequence[tuple[bytes, bytes]], limit: int) -> Denial | None:
+    """431 when a header field's value is over `limit` bytes, its repeated fields joined."""
+    # Steps read a header repeated on several lines as one value joined with ", " (RFC 9110),
+    # so that joined value is what the limit applies to. Only values count, not names.
+    sizes: dict[bytes, int] = {}
+    for name, value in headers:
+        key = name.lower()
+        sizes[key] = sizes.get(key, -2) + 2 + len(value)
+    for key, size in sizes.items():
+        if size > limit:
+            named = f"the {key.decode('latin-1')} header" if len(key) <= _SHOWN_NAME else "a header"
+            return Denial(
+                Problems.HEADER_TOO_LARGE,
+                f"{named} is {size} bytes; this server reads header values of at most "
+                f"{limit} bytes",
+                extra={"limit": limit},
+            )
+    return None
+
+
 class BoundChain:
     """Guards in order, then the around-steps folded over the route's own app."""
 
-    __slots__ = ("chain", "guards", "handler", "ids", "meter", "traced_handler")
+    __slots__ = ("chain", "guards", "handler", "header_limit", "ids", "meter", "traced_handler")
 
     def __init__(
-        self, chain: Chain, ids: RequestIds | None = None, policy: RoutePolicy | None = None
+        self,
+        chain: Chain,
+        ids: RequestIds | None = None,
+        policy: RoutePolicy | None = None,
+        header_limit: int = 0,
     ) -> None:
         self.chain = chain
         self.ids = ids or DEFAULT_IDS
+        # Largest header field value the steps may read (0: no limit); see `oversized`.
+        self.header_limit = header_limit
         enforced = policy.enforce if policy is not None else True
         self.guards = tuple(
             (
@@ -200,16 +229,28 @@ class BoundChain:
         started = time.perf_counter()
         ctx = Context(scope, receive, send, self.chain.route, app)
         ctx.marks_entry = marks_entry
-        ctx.request_id = request_id = self.ids.of(scope)
+        headers = scope["headers"]
+        raw_id, size = self.ids.scan(headers)  # one pass: the caller's id and the sizes
+        limit = self.header_limit
+        # The values of all fields together (with room for the joins) bound any one of them.
+        big = limit and size + 2 * len(headers) > limit
+        too_large = oversized(headers, limit) if big else None
+        if too_large is None:
+            ctx.request_id = request_id = self.ids.accept(raw_id)
+        else:
+            ctx.request_id = request_id = self.ids.accept(None)
+            headers = ()  # nothing reads the headers of a refused request, logs included
         sent = [0]  # the response status, once started
         ctx.send = out = self.ids.echo(send, request_id, sent)
         ctx.meter = self.meter
-        token = CURRENT.set(Current(request_id, scope["headers"]))
+        token = CURRENT.set(Current(request_id, headers))
         reason: str | None = None
         outcome = "error"
         try:
-            tracer = active()
-            if tracer is None:
+            if too_large is not None:
+                ctx.denied_by = "gate"
+                reason = await self._deny(ctx, out, too_large)
+            elif (tracer := active()) is None:
                 reason = await self._run(ctx, out)
             else:
                 reason = await self._traced(ctx, out, tracer, sent)
@@ -332,7 +373,13 @@ class BoundChain:
         """A websocket: the guards and steps, and a policy close (1008) when refused."""
         ctx = Context(scope, receive, send, self.chain.route, app)
         ctx.meter = self.meter
+        limit = self.header_limit
         try:
+            if limit:
+                too_large = oversized(scope["headers"], limit)
+                if too_large is not None:
+                    ctx.denied_by = "gate"
+                    raise too_large
             await self._guarded(ctx)
         except Denial as denial:
             slug = denial.problem.slug

@@ -26,7 +26,13 @@ class Settings(BaseSettings):
     request_id_header: str = Field(
         default="x-request-id", description="Header carrying a request id."
     )
-    max_header_bytes: int = Field(default=16384, ge=1024, description="Largest header value read.")
+    max_header_bytes: int = Field(
+        default=16384,
+        ge=1024,
+        description="Largest header value read, a field repeated on several lines counted "
+        "joined: a request with a larger one is answered 431 (header-too-large) before any "
+        "step runs.",
+    )
     events_queue_size: int = Field(
         default=10_000,
         ge=1,

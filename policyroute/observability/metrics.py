@@ -179,6 +179,7 @@ STEP_OF_PROBLEM = {
     "ip-not-allowed": "ip_allowlist",
     "client-address-rewritten": "client",
     "method-not-allowed": "gate",
+    "header-too-large": "gate",
     "unauthenticated": "auth",
     "invalid-token": "auth",
     "invalid-request": "auth",

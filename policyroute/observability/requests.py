@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from starlette.types import Message, Scope, Send
 
@@ -10,6 +11,7 @@ from .._ids import IDS
 
 # Printable, short, and no room for log injection (no spaces, quotes or control bytes).
 _SANE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}")
+MAX_ID = 128
 
 
 def sane(value: str) -> bool:
@@ -30,12 +32,25 @@ class RequestIds:
 
     def of(self, scope: Scope) -> str:
         """The caller's id from the configured header when sane, else a new one."""
+        return self.accept(self.scan(scope.get("headers", ()))[0])
+
+    def scan(self, headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, int]:
+        """The caller's raw id (the first such header) and the bytes of all header values."""
         name = self.header
-        for key, value in scope.get("headers", ()):
-            if key == name:
-                text = value.decode("latin-1")
-                return text if sane(text) else IDS.next()
-        return IDS.next()
+        found: bytes | None = None
+        size = 0
+        for key, value in headers:
+            size += len(value)
+            if key == name and found is None:
+                found = value
+        return found, size
+
+    def accept(self, raw: bytes | None) -> str:
+        """A caller's raw id when sane, else a new one (a long value is never decoded)."""
+        if raw is None or len(raw) > MAX_ID:
+            return IDS.next()
+        text = raw.decode("latin-1")
+        return text if sane(text) else IDS.next()
 
     def echo(self, send: Send, request_id: str, status: list[int]) -> Send:
         """A `send` that adds the request id header and notes the status in `status[0]`.

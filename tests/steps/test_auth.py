@@ -259,7 +259,8 @@ ATTACKS = [
     Attack("wrong typ", lambda _: _compact(_header(typ="JWT"), _claims(), _rs256(dev_key()))),
     Attack("no exp", lambda _: _compact(
         _header(), {k: v for k, v in _claims().items() if k != "exp"}, _rs256(dev_key()))),
-    Attack("1 MB token", lambda _: "A" * 1_000_000),
+    # The largest the default max_header_bytes (16384) lets through; larger ones are 431.
+    Attack("16 KB token", lambda _: "A" * (16384 - len("Bearer "))),
 ]
 
 
@@ -315,6 +316,20 @@ async def test_attack_is_401_invalid_token_without_any_fetch(
         r = await c.get("/me", headers={"Authorization": f"Bearer {attack.build(url)}"})
     _assert_invalid_token(r)
     assert fetch.calls == [JWKS_URL]  # the attack caused no fetch
+    assert _no_connection(sock)
+
+
+async def test_a_token_over_the_header_limit_is_431_and_never_read(
+    policy_dir: Path, listener: tuple[socket.socket, str]
+) -> None:
+    sock, _ = listener
+    fetch = CountingFetch()
+    write_policies(policy_dir, ROUTES, URL_SETTINGS)
+    async with serve(policy_dir, extra_services={"jwks_fetcher": fetch}) as c:
+        r = await c.get("/me", headers={"Authorization": "Bearer " + "A" * 1_000_000})
+    assert r.status_code == 431 and problem_type(r) == "header-too-large"
+    assert "www-authenticate" not in r.headers
+    assert fetch.calls == []
     assert _no_connection(sock)
 
 
