@@ -24,6 +24,7 @@ from .errors import ConfigError, Denial, Finding, Location
 from .gate import Endpoint, endpoints, gate_router
 from .loader import PolicySet, RouteEntry, load_policies
 from .observability.hooks import observe, request_ids
+from .observability.repeats import BACKEND as BACKEND_WARNINGS
 from .observability.requests import RequestIds
 from .policy import normalize_path
 from .resilience import bind as bind_resilience
@@ -257,6 +258,7 @@ async def engine_stop(engine: Engine) -> None:
         stop = getattr(service, "stop", None)
         if stop is not None:
             await stop()
+    BACKEND_WARNINGS.flush()  # counts of repeated warnings not logged yet
 
 
 def install(

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems, StorageError
 from ..observability.metrics import backend_error
+from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
 from ..policy import Credits, RoutePolicy
 from .state import ClientGone, Outcome, Part, Request, Vault, principal_tag
-
-log = logging.getLogger("policyroute")
 
 
 def hold_keys(store: Store, tag: str) -> tuple[str, str]:
@@ -79,7 +77,7 @@ class CreditsStep(Part):
                 )
             except StorageError as exc:
                 backend_error(route, exc)
-                log.warning("policyroute: %s", exc)
+                backend_warning(route, exc)
                 return
             req.data["crs_balance"] = int(balance)
 

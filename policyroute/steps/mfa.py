@@ -14,6 +14,7 @@ from ..identity.totp import (
     TotpGuard,
 )
 from ..observability.metrics import backend_error
+from ..observability.repeats import backend_warning
 from ..policy import RoutePolicy, StepUp
 from ..principal import Principal
 from .base import Context, Step
@@ -77,7 +78,7 @@ class MfaStep(Step):
             result = await self.totp.check(subject, code)
         except StorageError as exc:
             backend_error(route, exc)
-            log.warning("policyroute: one-time codes cannot be checked: %s", exc)
+            backend_warning(route, exc, "one-time codes cannot be checked: ", log)
             raise Denial(Problems.BACKEND_UNAVAILABLE,
                          "the one-time code cannot be checked right now; try again shortly",
                          headers={"Retry-After": "5"}) from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Callable
@@ -12,13 +11,12 @@ from typing import Any
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems, StorageError
 from ..observability.metrics import backend_error
+from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
 from ..policy import RateLimit, RoutePolicy
 from .base import Context
 from .slots import run_state
 from .state import Header, Outcome, Part, Request, Vault, digest, principal_tag, route_id
-
-log = logging.getLogger("policyroute")
 
 # How long a concurrency slot outlives a process that died holding it (unless `lease`).
 CONCURRENCY_LEASE_MS = 300_000
@@ -173,7 +171,7 @@ class RateLimitStep(Part):
                 reply = await run_state(store, sub, "rate_limit (shadow)", True)
             except StorageError as exc:
                 backend_error(ctx.route, exc)
-                log.warning("policyroute: %s", exc)
+                backend_warning(ctx.route, exc)
                 return
             req.absorb(sub)  # on a cluster: tokens to give back when another tag refused
             req.data["rls_rows"] = reply[1]

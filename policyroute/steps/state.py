@@ -12,7 +12,6 @@ import asyncio
 import functools
 import hashlib
 import json
-import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,11 +27,10 @@ from ..compiler import Env, register
 from ..crypto import Keyring
 from ..errors import Denial, Problems, StorageError
 from ..observability.metrics import backend_error
+from ..observability.repeats import backend_warning
 from ..policy import RoutePolicy
 from .base import Context, Handler, Step
 from .slots import run_finish, run_state
-
-log = logging.getLogger("policyroute")
 
 # Requests that went on without a policy backend (a step configured `on_backend_error: open`).
 BACKEND_FAILED_OPEN: Counter[str] = Counter()
@@ -449,14 +447,14 @@ class StateStep(Step):
             ) from exc
         for part in self.parts:
             BACKEND_FAILED_OPEN[part.name] += 1
-        log.warning("policyroute: %s", exc)
+        backend_warning(ctx.route, exc)  # one line an interval; the metric counts each
         await call_next(ctx)
 
 
 def _finish_failed(route: str, exc: StorageError) -> None:
     """An after-handler call failed: count it and say so (the response has gone)."""
     backend_error(route, exc)
-    log.warning("policyroute: %s", exc)
+    backend_warning(route, exc)
 
 
 def _recording(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -14,8 +15,10 @@ import valkey.asyncio as avalkey
 from policyroute import credits
 from policyroute.embedded import EmbeddedValkey, start_valkey
 from policyroute.errors import Problems
+from policyroute.observability.repeats import BACKEND as REPEATS
 from policyroute.steps.state import BACKEND_FAILED_OPEN
 
+from ..observability.kit import sample
 from .stateful import engine, install, running
 
 POLICY = """\
@@ -202,3 +205,59 @@ async def test_valkey_stopped_and_restarted_under_load(
     late = [a for a in answers if a[0] > 2.2]
     assert late and all(a[2] == 200 and a[3] for a in late)  # recovered, limits enforced again
     assert any(not a[3] for a in limited)  # the outage was seen (no RateLimit headers then)
+
+
+async def test_an_outage_logs_a_line_per_route_with_a_count_and_meters_each_request(
+    policy_dir: Path,
+    own_valkey: EmbeddedValkey,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests failing open in an outage: one WARNING at once, then one with their count."""
+    interval = 2.0
+    monkeypatch.setattr(REPEATS, "interval", interval)
+    monkeypatch.setattr(REPEATS, "seen", {})  # nothing logged before this test counts
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, POLICY, own_valkey.url, calls)
+
+    def failed_open(route: str) -> float:
+        return sample("policyroute_backend_errors_total", backend="valkey", route=route,
+                      outcome="open")
+
+    # route -> the operation its lines name
+    routes = {"GET /limited": "rate_limit", "GET /cached/{item}": "cache"}
+
+    def lines(route: str) -> list[logging.LogRecord]:
+        during = f"valkey error during {routes[route]} (failed open)"
+        return [
+            r for r in caplog.records
+            if r.name == "policyroute" and r.levelno == logging.WARNING and during in r.message
+        ]
+    async with running(app) as c:
+        assert (await c.get("/limited")).status_code == 200
+        own_valkey.stop()
+        before = {r: failed_open(r) for r in routes}
+        with caplog.at_level(logging.WARNING, logger="policyroute"):
+            started = time.monotonic()
+            answers = await asyncio.gather(
+                *(c.get("/limited") for _ in range(150)), *(c.get("/cached/a") for _ in range(50))
+            )
+            took = time.monotonic() - started
+            at_once = {r: len(lines(r)) for r in routes}
+            await asyncio.sleep(interval + 0.5)  # the interval ends: the count is logged
+        own_valkey.restart()
+    assert {a.status_code for a in answers} == {200}  # both fail open
+    assert calls["limited"] == 151 and calls["cached"] == 50
+    # The metric counts every request that failed open.
+    assert failed_open("GET /limited") == before["GET /limited"] + 150
+    assert failed_open("GET /cached/{item}") == before["GET /cached/{item}"] + 50
+    assert took < interval  # (else the lines below are more, with the same total)
+    for route, total in (("GET /limited", 150), ("GET /cached/{item}", 50)):
+        logged = lines(route)
+        assert at_once[route] == 1  # the first request's line, straight away
+        assert len(logged) == 2
+        first, counted = logged
+        assert first.getMessage().startswith(f"policyroute: {route}: valkey error during")
+        assert f"repeats on this route are logged every {interval:g}s" in first.getMessage()
+        assert getattr(counted, "repeats", None) == total - 1
+        assert f"({total - 1} times on this route in the last" in counted.getMessage()
