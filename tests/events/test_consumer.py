@@ -69,6 +69,45 @@ async def test_a_poison_message_reaches_the_dlq_after_max_redeliveries(pulsar_ur
     assert [data for data, _ in seen].count(b"good") == 1  # acknowledged once, not redelivered
 
 
+async def test_without_a_dlq_topic_dead_letters_go_to_pulsars_default_topic(
+    pulsar_url: str,
+) -> None:
+    t = topic("refunds")
+    worker = Worker()
+
+    @worker.consumer(
+        t, subscription="s", max_redeliveries=1, retry_delay="100ms", initial_position="earliest"
+    )
+    async def refund(message: Message) -> None:
+        raise ValueError("never")
+
+    async with Listener(pulsar_url, f"{t}-s-DLQ") as dead:
+        await worker.start(pulsar_url)
+        try:
+            await _publish(pulsar_url, t, b"poison")
+            [message] = await dead.take(1, wait=10.0)
+        finally:
+            await worker.stop()
+    assert message.data() == b"poison"
+    assert message.properties()["event_id"] == "poison"
+    assert message.properties()["REAL_TOPIC"] == t
+
+
+def test_a_worker_remembers_a_bounded_number_of_batched_messages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys.modules[Worker.__module__], "SETTLED_MAX", 10)
+    worker = Worker()
+    for entry in range(6):
+        for index in range(4):
+            worker._settle(("s@t", -1, 1, entry), index)
+    # the oldest batches go first, whole
+    assert list(worker._settled) == [("s@t", -1, 1, 4), ("s@t", -1, 1, 5)]
+    assert worker._settled_count == 8
+    worker._settle(None, -1)  # an unbatched message: nothing to remember
+    assert worker._settled_count == 8
+
+
 def test_consumer_settings_are_checked_when_registered() -> None:
     worker = Worker()
     with pytest.raises(ValueError, match="invalid Pulsar topic"):
