@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from starlette.routing import Match, Mount, Route
+from starlette.routing import Match, Mount, Route, Router
 from starlette.types import Message, Scope
 
 import policyroute
@@ -82,7 +82,7 @@ def _layouts() -> dict[str, tuple[FastAPI, str, str]]:
 
         return PlainTextResponse("ok")
 
-    mounted.mount("/m", Mount("", routes=[Route("/probe", page)]))
+    mounted.mount("/m", Router(routes=[Route("/probe", page)]))
     out["mounted router"] = (mounted, "/m/probe", "/m/probe")
     return out
 
@@ -145,20 +145,28 @@ def measure(resolution: bool = True) -> list[tuple[str, float, float, float | No
 
 
 def _router_match(routes: list[Any], scope: Scope) -> None:
-    """What the router's own loop does to pick a top-level route (and no longer needs to)."""
+    """What the routers' own loops do to pick a route, and no longer need to.
+
+    The top-level loop, and the loop of each router mounted (as itself) on the way down.
+    """
     for route in routes:
-        match, _ = route.matches(scope)
+        match, child = route.matches(scope)
         if match is Match.FULL:
+            if isinstance(route, Mount) and isinstance(route.app, Router):
+                _router_match(route.app.routes, {**scope, **child})
             return
 
 
 def _gate_match(router: Any, scope: Scope) -> None:
     """What the gate does instead: resolve to the endpoint, hand the route over, copy the scope."""
-    from policyroute.gate import Handoff, _fresh, resolve
+    from policyroute.gate import Handoff, _fresh, _select_of, resolve
 
     found = resolve(router, scope)
-    Handoff(router, found.top, found.child, _router_match)  # type: ignore[arg-type]
-    _fresh(scope)
+    fresh = _fresh(scope)
+    Handoff(router, found.top, found.child, _router_match, found.hops)  # type: ignore[arg-type]
+    for inner, _, child in found.hops or ():
+        _select_of(inner)
+        fresh.update(child)
 
 
 def main(resolution: bool = True) -> int:

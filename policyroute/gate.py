@@ -227,6 +227,10 @@ class Resolved:
     # A partial match inside a mount or host: the router has committed to the mount, so no
     # later route is tried (the mounted router answers 405).
     final: bool = False
+    # Below `top`, the selections the routers of plain mounts and hosts will make, innermost
+    # first: (router, route, child scope). `Handoff` makes them itself, so no router inside
+    # a mount matches its routes again; the chain stops at the first mount it cannot skip.
+    hops: list[tuple[Any, Any, Scope]] | None = None
 
 
 _NONE = Resolved(Match.NONE)
@@ -322,7 +326,24 @@ def _inside(
         # redirect) and no later route is tried. Same here.
         return Resolved(Match.FULL, None)
     found.final = True
+    if found.match is Match.FULL:
+        if found.top is not None and found.child is not None and _skippable(route, inner):
+            if found.hops is None:
+                found.hops = []
+            found.hops.append((inner, found.top, found.child))
+        else:
+            found.hops = None  # the handoff stops at this mount: it dispatches itself
     return found
+
+
+def _skippable(route: Mount | Host, inner: Any) -> bool:
+    """Whether handing over may skip `route.handle` and `inner`'s dispatch (both stock)."""
+    stock = Mount.handle if isinstance(route, Mount) else Host.handle
+    return (
+        type(route).handle is stock
+        and route.app is inner
+        and _select_of(inner) is not None
+    )
 
 
 def _included(route: Any, scope: Scope, prefix: str, depth: int) -> Resolved:
@@ -483,25 +504,54 @@ def _selector(router: Any, inner: ASGIApp) -> Callable[[Any, Scope, Any, Scope],
     return None
 
 
-class Handoff:
-    """The rest of the router's dispatch for a route the gate matched: select it, handle it."""
+Select = Callable[[Any, Scope, Any, Scope], None]
+_SELECTS: dict[int, tuple[Any, Any, Select | None]] = {}
 
-    __slots__ = ("child", "route", "router", "select")
+
+def _select_of(router: Any) -> Select | None:
+    """`_selector` for a router as it is now, remembered per router and middleware stack."""
+    stack = router.middleware_stack
+    cached = _SELECTS.get(id(router))
+    if cached is not None and cached[0] is router and cached[1] is stack:
+        return cached[2]
+    select = _selector(router, stack)
+    if len(_SELECTS) >= _MAX_ENDPOINTS:
+        _SELECTS.clear()
+    _SELECTS[id(router)] = (router, stack, select)
+    return select
+
+
+class Handoff:
+    """The rest of the router's dispatch for a route the gate matched: select it, handle it.
+
+    Through plain mounts and hosts, each inner router's selection too (`Resolved.hops`),
+    down to the route that handles the request.
+    """
+
+    __slots__ = ("child", "hops", "route", "router", "select")
 
     def __init__(
         self,
         router: Any,
         route: Any,
         child: Scope,
-        select: Callable[[Any, Scope, Any, Scope], None],
+        select: Select,
+        hops: list[tuple[Any, Any, Scope]] | None = None,
     ) -> None:
         self.router, self.route, self.child, self.select = router, route, child, select
+        self.hops = hops
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Select the route as the router would, on a fresh scope, and let it handle."""
+        """Select the route as the routers would, on a fresh scope, and let it handle."""
         fresh = _fresh(scope)
         self.select(self.router, fresh, self.route, self.child)
-        await self.route.handle(fresh, receive, send)
+        route = self.route
+        if self.hops:
+            for router, route, child in reversed(self.hops):
+                select = _select_of(router)
+                assert select is not None  # checked when resolved
+                select(router, fresh, route, child)
+        await route.handle(fresh, receive, send)
 
 
 class RouterGate:
@@ -544,7 +594,7 @@ class RouterGate:
         if select is None or found.top is None or found.child is None:
             app: ASGIApp = self.dispatch
         else:
-            app = Handoff(self.router, found.top, found.child, select)
+            app = Handoff(self.router, found.top, found.child, select, found.hops)
         await self.decide(scope, receive, send, endpoint, app)
 
     async def _refuse(self, scope: Scope, send: Send, denial: Denial) -> None:

@@ -412,3 +412,66 @@ async def test_a_partial_match_inside_a_mount_is_final_as_the_router_makes_it(
     assert status == 405 and hits["later"] == 0 and hits["inner"] == 0
     status, _ = await call(app, "POST", path)
     assert status == 200 and hits["inner"] == 1
+
+
+class _Counted(Route):
+    """A route that counts how often it is asked whether it matches."""
+
+    asked = 0
+
+    def matches(self, scope: Scope) -> tuple[Any, Scope]:
+        _Counted.asked += 1
+        return super().matches(scope)
+
+
+@pytest.mark.parametrize("inner_router", ["starlette", "fastapi"])
+async def test_inside_plain_mounts_and_hosts_the_endpoint_sees_the_routers_scope_once_matched(
+    inner_router: str, policy_dir: Path
+) -> None:
+    """Through mounts of routers and a host, the gate makes each router's selection itself:
+    the endpoint sees the scope the routers would make (root path, path parameters, route,
+    router) and no route inside is asked to match twice."""
+    seen: list[dict[str, Any]] = []
+
+    async def leaf(request: Request) -> Response:
+        scope = request.scope
+        seen.append({
+            "root_path": scope["root_path"],
+            "path": scope["path"],
+            "path_params": dict(scope["path_params"]),
+            "top_router": scope["router"] is app_router[0],
+        })
+        routes.append(getattr(scope.get("route"), "path", None))
+        return PlainTextResponse("ok")
+
+    app_router: list[Any] = []
+    routes: list[str | None] = []  # the selected route, where this Starlette records it
+
+    def build(install: bool) -> FastAPI:
+        inner = APIRouter() if inner_router == "fastapi" else Router()
+        inner.routes.append(_Counted("/leaf/{item}", leaf, methods=["GET"]))
+        middle = Router(routes=[Mount("/m2/{b}", app=inner)])
+        hosted = Router(routes=[Mount("/h", app=Router(routes=[_Counted("/x", leaf)]))])
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        app.router.routes.append(Mount("/m1/{a}", app=middle))
+        app.router.routes.append(Host("api.test", app=hosted))
+        app_router[:] = [app.router]
+        if install:
+            (policy_dir / "routes.yaml").write_text(
+                "version: 1\nroutes:\n"
+                "  GET /m1/{a}/m2/{b}/leaf/{item}: {public: true}\n"
+                "  GET //api.test/h/x: {public: true}\n"
+            )
+            policyroute.install(app, policy_dir)
+        return app
+
+    requests = [("/m1/one/m2/two/leaf/3", "testserver"), ("/h/x", "api.test")]
+    for install in (False, True):
+        app = build(install)
+        _Counted.asked = 0
+        for path, host in requests:
+            assert (await call(app, "GET", path, host))[0] == 200
+        assert _Counted.asked == 2  # one question to each leaf route, by whoever routes
+    assert seen[:2] == seen[2:]  # the same scope with the gate as without it
+    assert routes[:2] in (routes[2:], [None, None])  # older Starlette sets no route
+    assert seen[0]["path_params"] == {"a": "one", "b": "two", "item": "3"}
