@@ -439,6 +439,8 @@ def parse_route_key(key: str) -> tuple[str, str]:
         upper = method.upper()
         hint = f"; did you mean {upper!r}?" if upper in METHODS else ""
         raise ValueError(f"unknown HTTP method {method!r} (use one of {', '.join(METHODS)}){hint}")
+    if path.startswith("//"):
+        _check_host(path)
     if not _PATH.match(path) or "?" in path or "#" in path:
         raise ValueError(f"invalid path {path!r}: a path template starts with '/' and has no query")
     stripped = _PARAM.sub("", path)
@@ -448,6 +450,39 @@ def parse_route_key(key: str) -> tuple[str, str]:
     if len(names) != len(set(names)):
         raise ValueError(f"path template {path!r} repeats a parameter name")
     return method, path
+
+
+# One label of a host template: a DNS label, a `{param}`, or a label with params in it.
+_HOST_LABEL = re.compile(r"^(?!-)(?:[a-z0-9-]|\{[A-Za-z_][A-Za-z0-9_]*\})+(?<!-)$")
+
+
+def _check_host(path: str) -> None:
+    """A host route key, `//host/path`: a lower-case host template, then a path from `/`."""
+    host, slash, rest = path[2:].partition("/")
+    example = "e.g. 'GET //admin.example.com/reports'"
+    if not host:
+        raise ValueError(f"invalid host route {path!r}: name the host after '//', {example}")
+    if not slash:
+        raise ValueError(
+            f"invalid host route {path!r}: the host's path follows it from '/' "
+            f"('{path}/' for its root), {example}"
+        )
+    if ":" in host and "{" not in host.split(":", 1)[1]:
+        raise ValueError(
+            f"invalid host route {path!r}: a host route matches the name without the port; "
+            f"drop ':{host.split(':', 1)[1]}'"
+        )
+    if host != host.lower():
+        raise ValueError(
+            f"invalid host route {path!r}: the Host header is compared as clients send it, "
+            f"in lower case; "
+            f"write '//{host.lower()}/{rest}'"
+        )
+    if not all(_HOST_LABEL.match(label) for label in host.split(".")):
+        raise ValueError(
+            f"invalid host route {path!r}: {host!r} is not a host name (dot-separated "
+            f"labels of letters, digits and '-', or {{param}} parts)"
+        )
 
 
 def normalize_path(path: str) -> str:

@@ -62,6 +62,13 @@ BROKEN: dict[str, tuple[dict[str, str], tuple[str, int, int, str]]] = {
         },
         ("a.yaml", 5, 3, "bad-route-key"),
     ),
+    **{
+        f"host route key {key}": (
+            {"a.yaml": f"version: 1\nroutes:\n  GET /ok:\n    public: true\n  GET {key}:\n    public: true\n"},
+            ("a.yaml", 5, 3, "bad-route-key"),
+        )
+        for key in ("//", "//admin.test", "//Admin.test/x", "//admin.test:8443/x", "//a..b/x", "//-a.test/")
+    },
 }
 
 
@@ -89,6 +96,15 @@ def test_each_broken_file_gives_exactly_one_error_at_its_position(
         found.code,
     ) == (file, line, column, code), str(found)
     assert str(found).startswith(f"{policy_dir / file}:{line}:{column}: error[{code}]")
+
+
+def test_host_route_keys_name_a_host_then_a_path(policy_dir: Path) -> None:
+    keys = ["//admin.test/", "//admin.test/reports", "//{tenant}.test/{path:path}", "//api-{v}.test/x"]
+    routes = "".join(f"  GET {key}:\n    public: true\n" for key in keys)
+    write(policy_dir, {"a.yaml": f"version: 1\nroutes:\n{routes}"})
+    assert [path for _, path in load_policies(policy_dir).routes] == [
+        "//admin.test/", "//admin.test/reports", "//{tenant}.test/{path}", "//api-{v}.test/x"
+    ]  # converters dropped for matching
 
 
 def test_misspelled_key_suggests_the_right_one(policy_dir: Path) -> None:
