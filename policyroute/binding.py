@@ -29,6 +29,7 @@ from .observability.requests import RequestIds
 from .policy import normalize_path
 from .resilience import bind as bind_resilience
 from .services import default_services
+from .steps.base import Step
 
 log = logging.getLogger("policyroute")
 
@@ -234,12 +235,20 @@ def _wrap_lifespan(app: FastAPI, engine: Engine) -> None:
     app.router.lifespan_context = lifespan
 
 
+def _steps(engine: Engine) -> list[Step]:
+    """Every step of the current chains, once (routes share some, e.g. an authenticator's)."""
+    found = {id(s): s for chain in engine.snapshot.chains.values() for s in chain.steps}
+    return list(found.values())
+
+
 async def engine_start(engine: Engine) -> None:
-    """Start every service that has a `start` coroutine, then settle the heap."""
+    """Start the services that have a `start` coroutine and the steps' background work."""
     for service in engine.services.values():
         start = getattr(service, "start", None)
         if start is not None:
             await start()
+    for step in _steps(engine):
+        step.start()
     if engine.config.gc_freeze:
         # Everything alive now (modules, compiled chains, clients) lives as long as the
         # process; freezing it keeps the collector from rescanning it under load, where
@@ -253,7 +262,9 @@ async def engine_start(engine: Engine) -> None:
 
 
 async def engine_stop(engine: Engine) -> None:
-    """Stop every service that has a `stop` coroutine, in reverse order."""
+    """Stop the steps' background work, then every service's `stop`, in reverse order."""
+    for step in _steps(engine):
+        await step.stop()
     for service in reversed(list(engine.services.values())):
         stop = getattr(service, "stop", None)
         if stop is not None:

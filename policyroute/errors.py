@@ -109,6 +109,9 @@ class Problems:
     )
     CIRCUIT_OPEN = ProblemType("circuit-open", "Service temporarily unavailable", 503)
     BACKEND_UNAVAILABLE = ProblemType("backend-unavailable", "A policy backend is unavailable", 503)
+    KEYS_UNAVAILABLE = ProblemType(
+        "keys-unavailable", "The token issuer's keys cannot be obtained", 503
+    )
     HEADER_TOO_LARGE = ProblemType("header-too-large", "Request header too large", 431)
     UPSTREAM_TIMEOUT = ProblemType("handler-timeout", "The handler did not finish in time", 504)
     RECORD_UNREADABLE = ProblemType("record-unreadable", "A stored record cannot be read", 500)

@@ -82,6 +82,9 @@ def outcomes(policy: RoutePolicy | None, policies: PolicySet) -> dict[int, Outco
         add(Problems.UNAUTHENTICATED, "WWW-Authenticate")
         add(Problems.INVALID_TOKEN, "WWW-Authenticate")
         add(Problems.INVALID_REQUEST, "WWW-Authenticate")
+        issuers = policies.settings.auth.issuers
+        if any(i.jwks is not None and i.jwks.startswith("https://") for i in issuers):
+            add(Problems.KEYS_UNAVAILABLE, "Retry-After")  # no key set fetched yet
     if policy.scopes:
         add(Problems.INSUFFICIENT_SCOPE, "WWW-Authenticate")
     if policy.roles:

@@ -30,6 +30,11 @@ def _as_mode(value: Any) -> Any:
     return {"mode": value} if isinstance(value, str) else value
 
 
+def _as_bounds(value: Any) -> Any:
+    """Accept one duration as shorthand for `{min: it, max: it}` (a fixed interval)."""
+    return {"min": value, "max": value} if isinstance(value, str | int | float) else value
+
+
 OnBackendError = Literal["open", "closed"]
 Algorithm = Literal[
     "RS256",
@@ -50,17 +55,50 @@ MfaMethod = Literal["step_up", "totp"]
 RefundOn = Literal["5xx", "4xx", "timeout", "error", "disconnect"]
 
 
+class JwksRefresh(Model):
+    """When a JWKS URL is fetched again: when its Cache-Control max-age runs out, bounded."""
+
+    min: Duration = Field(
+        default=30.0,
+        gt=0,
+        description="Never fetch sooner than this after the last fetch: a shorter max-age, "
+        "no-cache, or a token naming an unknown kid wait for it. After a failed fetch, "
+        "retries come after 1s, 2s, 4s... up to this.",
+    )
+    max: Duration = Field(
+        default=600.0,
+        gt=0,
+        description="Fetch again at the latest this long after the last fetch: without a "
+        "max-age, or with a longer one. A key removed from the JWKS is refused by then.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> JwksRefresh:
+        if self.max < self.min:
+            raise ValueError(f"`max` ({self.max}s) is shorter than `min` ({self.min}s)")
+        return self
+
+
 class Issuer(Model):
     """A trusted token issuer."""
 
     issuer: str = Field(min_length=1)
     audience: str | list[str]
-    jwks: str | None = None
+    jwks: str | None = Field(
+        default=None,
+        description="An https URL or a file of the issuer's JWKS. A URL is fetched on "
+        "first use and again on the `jwks_refresh` schedule; a file is read at startup and "
+        "again whenever it changes (checked every second).",
+    )
     secret_env: str | None = None
     algorithms: list[Algorithm] = Field(
         default_factory=lambda: list[Algorithm](["RS256"]), min_length=1
     )
-    jwks_refresh: Duration = 300.0
+    jwks_refresh: Annotated[JwksRefresh, BeforeValidator(_as_bounds)] = Field(
+        default=JwksRefresh(),
+        description="{min, max} bounds of the refresh of a JWKS URL (default 30s and 10m); "
+        "one duration fixes the interval.",
+    )
 
     @model_validator(mode="after")
     def _one_key_source(self) -> Issuer:

@@ -26,6 +26,10 @@ def policy_schema() -> dict[str, Any]:
         "description": "One limit or a list of limits.",
     }
     route["mfa"] = {"anyOf": [{"const": "required"}, {"$ref": "#/$defs/Mfa"}, {"type": "null"}]}
+    # One duration for `jwks_refresh` fixes the interval (min = max).
+    refresh = defs["Issuer"]["properties"]["jwks_refresh"]
+    duration = defs["JwksRefresh"]["properties"]["min"]["anyOf"]
+    refresh["anyOf"] = [{"$ref": refresh.pop("$ref")}, *duration]
     schema["properties"]["routes"]["propertyNames"] = {"pattern": ROUTE_KEY_PATTERN}
     _allow_null_removal(route)
     return schema

@@ -127,6 +127,15 @@ def test_read_route_and_public_and_unpolicied_routes(policy_dir: Path, valkey_ur
     assert "no-policy" in forgotten["responses"]["403"]["description"]
 
 
+def test_an_issuer_with_a_jwks_url_adds_keys_unavailable(policy_dir: Path, valkey_url: str) -> None:
+    policy = POLICY.replace(f"jwks: {JWKS}", "jwks: https://auth.example.com/jwks.json")
+    doc = installed(policy_dir, valkey_url, policy).openapi()
+    read = doc["paths"]["/jobs/{job_id}"]["get"]
+    assert problem_statuses(read) == ["400", "401", "403", "503"]
+    assert "keys-unavailable" in read["responses"]["503"]["description"]
+    assert set(read["responses"]["503"]["headers"]) == {"Retry-After"}
+
+
 async def test_the_problem_schema_describes_a_real_denial(
     policy_dir: Path, valkey_url: str
 ) -> None:

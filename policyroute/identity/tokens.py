@@ -10,8 +10,8 @@ import json
 import math
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -83,7 +83,8 @@ class IssuerVerifier:
         if issuer.jwks is None:
             self.static = _secret_key(issuer)
         else:
-            self.source = KeySource(issuer.jwks, issuer.jwks_refresh, fetch)
+            refresh = issuer.jwks_refresh
+            self.source = KeySource(issuer.jwks, refresh.min, refresh.max, fetch)
             if not issuer.jwks.startswith("https://"):
                 self.source.load_now()  # a bad file stops the start, not the first request
 
@@ -111,7 +112,7 @@ class IssuerVerifier:
         kid = header.get("kid")
         if (kid is not None and not isinstance(kid, str)) or self.source is None:
             return None
-        return await self.source.get(kid)
+        return await self.source.get(kid)  # KeysUnavailableError when no set was ever obtained
 
     def check_signature(self, obj: jws.CompactSignature, key: Key) -> None:
         """Verify the signature with joserfc; raise TokenError when it does not hold."""
@@ -129,42 +130,53 @@ class TokenCache:
     """Verified tokens until their `exp`, at most `size` of them (the oldest out first).
 
     A plain dict: a repeat token is one lookup and one clock read on every request.
-    Tokens without `exp` are not kept.
+    Each entry remembers the key that verified it, so a key leaving its JWKS takes its
+    tokens out (`forget`). Tokens without `exp` are not kept.
     """
 
     __slots__ = ("entries", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.entries: dict[str, Principal] = {}
+        self.entries: dict[str, tuple[Principal, Key]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def get(self, token: str) -> Principal | None:
         """The principal of `token` while it has not expired."""
-        principal = self.entries.get(token)
-        if principal is None:
+        entry = self.entries.get(token)
+        if entry is None:
             return None
+        principal = entry[0]
         if (principal.expires_at or 0.0) > time.time():
             return principal
         self.entries.pop(token, None)
         return None
 
-    def put(self, token: str, principal: Principal) -> None:
+    def put(self, token: str, principal: Principal, key: Key) -> None:
         """Keep `principal` until its token expires; when full, the oldest entry leaves."""
         if not principal.expires_at or principal.expires_at <= time.time():
             return
         entries = self.entries
         while token not in entries and len(entries) >= self.size:
             del entries[next(iter(entries))]  # the oldest (an expired one is dropped on read)
-        entries[token] = principal
+        entries[token] = (principal, key)
+
+    def forget(self, keys: Sequence[Key]) -> None:
+        """Drop every token verified with one of `keys` (they left their issuer's JWKS)."""
+        gone = {id(k) for k in keys}
+        entries = self.entries
+        for token in [t for t, (_, key) in entries.items() if id(key) in gone]:
+            del entries[token]
 
 
 class Authenticator:
     """Verifies bearer tokens of the configured issuers; remembers verified ones until `exp`."""
 
     def __init__(self, auth: AuthSettings, fetch: Fetch = fetch_jwks) -> None:
+        self.settings = auth
+        self.fetch = fetch
         self.max_bytes = auth.max_token_bytes
         self.issuers = {i.issuer: IssuerVerifier(i, auth.leeway, fetch) for i in auth.issuers}
         self.typ = _media_type(auth.require_typ) if auth.require_typ else None
@@ -172,6 +184,23 @@ class Authenticator:
         self._roles = claim_reader(auth.roles_claim, split=False)
         self._amr = claim_reader("amr", split=False)
         self.cache = TokenCache(auth.token_cache_size) if auth.token_cache_size else None
+        for source in self.sources():
+            if self.cache is not None:
+                source.on_removed = self.cache.forget
+
+    def sources(self) -> list[KeySource]:
+        """The JWKS of every issuer that has one."""
+        return [v.source for v in self.issuers.values() if v.source is not None]
+
+    def start(self) -> None:
+        """Keep every loaded JWKS fresh in the background of the running loop."""
+        for source in self.sources():
+            source.start()
+
+    async def stop(self) -> None:
+        """Stop the background refreshes."""
+        for source in self.sources():
+            await source.stop()
 
     def cached(self, token: str) -> Principal | None:
         """The principal of a token verified before and not expired yet."""
@@ -181,12 +210,12 @@ class Authenticator:
         """The principal of a valid token; raise TokenError otherwise."""
         principal = self.cached(token)
         if principal is None:
-            principal = await self._verify(token, client)
+            principal, key = await self._verify(token, client)
             if self.cache is not None:
-                self.cache.put(token, principal)
+                self.cache.put(token, principal, key)
         return principal
 
-    async def _verify(self, token: str, client: str | None) -> Principal:
+    async def _verify(self, token: str, client: str | None) -> tuple[Principal, Key]:
         if len(token) > self.max_bytes:
             raise TokenError(f"the token is larger than {self.max_bytes} bytes")
         try:
@@ -207,7 +236,7 @@ class Authenticator:
         if key is None:
             raise TokenError("no trusted key matches the token")
         verifier.check_signature(obj, key)
-        return self._principal(claims, verifier.name, client)
+        return self._principal(claims, verifier.name, client), key
 
     def _check_header(self, header: Mapping[str, Any]) -> None:
         if any(name in header for name in _FORBIDDEN_HEADERS):
@@ -237,19 +266,18 @@ class Authenticator:
         )
 
 
-_SHARED: OrderedDict[tuple[int, int], tuple[AuthSettings, Fetch, Authenticator]] = OrderedDict()
-_SHARED_MAX = 8
+# Weak: an authenticator lives as long as the chains that use it (a reload drops it, and
+# its background refreshes end); while it lives it holds its settings, so ids stay unique.
+_SHARED: weakref.WeakValueDictionary[tuple[int, int], Authenticator] = (
+    weakref.WeakValueDictionary())
 
 
 def shared_authenticator(auth: AuthSettings, fetch: Fetch = fetch_jwks) -> Authenticator:
     """One authenticator per settings object: the routes of a policy set share keys and cache."""
     memo_key = (id(auth), id(fetch))
     found = _SHARED.get(memo_key)
-    if found is not None and found[0] is auth and found[1] is fetch:
-        _SHARED.move_to_end(memo_key)
-        return found[2]
+    if found is not None and found.settings is auth and found.fetch is fetch:
+        return found
     authenticator = Authenticator(auth, fetch)
-    _SHARED[memo_key] = (auth, fetch, authenticator)
-    while len(_SHARED) > _SHARED_MAX:
-        _SHARED.popitem(last=False)
+    _SHARED[memo_key] = authenticator
     return authenticator

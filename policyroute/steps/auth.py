@@ -11,7 +11,7 @@ from urllib.parse import unquote_to_bytes
 from ..compiler import Env, register
 from ..errors import ConfigError, Denial, Finding, Location, Problems
 from ..identity.challenge import bearer_challenge
-from ..identity.jwks import Fetch, fetch_jwks
+from ..identity.jwks import Fetch, KeysUnavailableError, fetch_jwks
 from ..identity.tokens import Authenticator, TokenError, shared_authenticator
 from ..policy import RoutePolicy
 from ..principal import Principal
@@ -91,6 +91,12 @@ class AuthStep(Step):
             # The reason only: never the token, never a claim value.
             log.debug("policyroute: %s refused a bearer token: %s", ctx.route, exc)
             raise self._invalid_token(str(exc)) from None
+        except KeysUnavailableError as exc:
+            # Not the caller's fault: nothing here can tell a good token from a bad one yet.
+            raise Denial(Problems.KEYS_UNAVAILABLE,
+                         "the keys that verify this token cannot be obtained right now; "
+                         "try again shortly",
+                         headers={"Retry-After": str(exc.retry_after)}) from None
         self._admit(ctx, principal)
 
     @staticmethod
@@ -103,6 +109,14 @@ class AuthStep(Step):
         """One line for explain."""
         issuers = ", ".join(self.authenticator.issuers)
         return f"bearer JWT from {issuers} (realm {self.realm!r})"
+
+    def start(self) -> None:
+        """Keep the issuers' key sets fresh in the background."""
+        self.authenticator.start()
+
+    async def stop(self) -> None:
+        """Stop refreshing the key sets."""
+        await self.authenticator.stop()
 
 
 def _settings_finding(code: str, message: str) -> ConfigError:

@@ -180,6 +180,12 @@ class Step:
         """The step's settings in one line, for `policyroute explain`."""
         return ""
 
+    def start(self) -> None:
+        """Begin background work on the running loop; the engine calls it at startup."""
+
+    async def stop(self) -> None:
+        """End background work; the engine calls it at shutdown."""
+
     def __repr__(self) -> str:
         detail = self.describe()
         return f"{type(self).__name__}({detail})"
