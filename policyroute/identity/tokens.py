@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from joserfc import jws, jwt
-from joserfc.errors import ClaimError, ExpiredTokenError, JoseError
+from joserfc.errors import ClaimError, ExpiredTokenError, InvalidClaimError, JoseError
 from joserfc.jwk import Key, OctKey
 
 from ..errors import PolicyrouteError
@@ -36,6 +36,7 @@ _CLAIM_MESSAGES = {
     "iss": "the token's issuer is not trusted",
     "exp": "the token has no valid expiry",
     "sub": "the token has no valid subject",
+    "auth_time": "the token's auth_time is in the future",
 }
 # Only the size checks of this registry are used, before the issuer is known.
 _EXTRACT = jws.JWSRegistry(strict_check_header=False)
@@ -43,6 +44,20 @@ _EXTRACT = jws.JWSRegistry(strict_check_header=False)
 
 class TokenError(PolicyrouteError):
     """A bearer token was refused; the message never contains the token or a claim value."""
+
+
+class _Claims(jwt.JWTClaimsRegistry):
+    """joserfc's claim checks, plus OpenID Connect's `auth_time`: never in the future."""
+
+    def validate_auth_time(self, value: object) -> None:
+        """Refuse an authentication time later than now plus the leeway (a step-up forever)."""
+        # Another type or a non-finite number is ignored (it never makes a step-up fresh).
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            return
+        if value > self.now + self.leeway:
+            raise InvalidClaimError("auth_time", "The authentication time is in the future")
 
 
 def _media_type(typ: str) -> str:
@@ -71,7 +86,7 @@ class IssuerVerifier:
         self.registry = jws.JWSRegistry(algorithms=list(issuer.algorithms),
                                         strict_check_header=False)
         audiences = [issuer.audience] if isinstance(issuer.audience, str) else list(issuer.audience)
-        self.claims = jwt.JWTClaimsRegistry(
+        self.claims = _Claims(
             leeway=math.ceil(leeway),
             iss={"essential": True, "value": issuer.issuer},
             aud={"essential": True, "values": audiences},

@@ -96,6 +96,25 @@ async def test_a_stale_step_up_is_not_enough(policy_dir: Path, valkey_url: str) 
     assert default_max_age.status_code == 200
 
 
+async def test_an_auth_time_in_the_future_is_refused_beyond_the_leeway(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    write_policies(policy_dir, ROUTES)
+    now = int(time.time())
+    ahead = token(amr=["mfa"], extra={"auth_time": now + 86400})  # fresh forever, if taken
+    skewed = token(amr=["mfa"], extra={"auth_time": now + 10})  # within the 30 s leeway
+    async with serve(policy_dir, valkey_url=valkey_url) as c:
+        refused = await c.get("/step-up", headers=bearer(ahead))
+        plain_route = await c.get("/me", headers=bearer(ahead))
+        accepted = await c.get("/step-up", headers=bearer(skewed))
+    for r in (refused, plain_route):
+        assert r.status_code == 401
+        assert problem_type(r) == "invalid-token"
+        assert 'error="invalid_token"' in challenge(r)
+        assert r.json()["detail"] == "the token's auth_time is in the future"
+    assert accepted.status_code == 200
+
+
 async def test_an_acr_value_counts_when_configured(policy_dir: Path, valkey_url: str) -> None:
     settings = SETTINGS.replace(
         "realm: io\n", "realm: io\n    step_up: {acr_values: [urn:example:loa:2], amr_values: []}\n")
