@@ -140,7 +140,11 @@ class AuthSettings(Model):
     issuers: list[Issuer] = Field(default_factory=list)
     scopes_claim: str = "scope"
     roles_claim: str = "roles"
-    leeway: Duration = 30.0
+    leeway: Duration = Field(
+        default=30.0,
+        description="Clock skew allowed (whole seconds, rounded up): a token is accepted "
+        "this long after its exp, and its nbf, iat and auth_time may be this far ahead.",
+    )
     max_token_bytes: int = Field(default=8192, ge=256)
     require_typ: str | None = None
     token_cache_size: int = Field(default=10_000, ge=0)

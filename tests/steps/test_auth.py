@@ -164,6 +164,21 @@ async def test_oversized_token_is_refused_before_it_is_parsed(policy_dir: Path) 
     assert small.status_code == 200
 
 
+@pytest.mark.parametrize(("leeway", "status"), [(None, 200), ("2s", 401), ("0s", 401)])
+async def test_the_leeway_is_30s_unless_settings_say_otherwise(
+    policy_dir: Path, leeway: str | None, status: int
+) -> None:
+    settings = SETTINGS if leeway is None else SETTINGS.replace(
+        "realm: io\n", f"realm: io\n    leeway: {leeway}\n")
+    write_policies(policy_dir, ROUTES, settings)
+    expired = token(ttl=60, now=time.time() - 65)  # expired 5 seconds ago
+    async with serve(policy_dir) as c:
+        r = await c.get("/me", headers=bearer(expired))
+    assert r.status_code == status, r.text
+    if status == 401:
+        assert r.json()["detail"] == "the token has expired"
+
+
 async def test_routes_need_an_issuer_unless_public(policy_dir: Path) -> None:
     write_policies(policy_dir, ROUTES, settings="")
     with pytest.raises(ConfigError) as caught:
