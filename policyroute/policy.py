@@ -138,7 +138,12 @@ class AuthSettings(Model):
     """How bearer tokens are verified."""
 
     issuers: list[Issuer] = Field(default_factory=list)
-    scopes_claim: str = "scope"
+    scopes_claim: str = Field(
+        default="scope",
+        description="Claim (dotted path) of the scopes: a string is split on single spaces "
+        "(RFC 6749, %x20 only; a tab or another space character is part of a scope), a "
+        "list gives its strings.",
+    )
     roles_claim: str = "roles"
     leeway: Duration = Field(
         default=30.0,

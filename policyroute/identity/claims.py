@@ -26,7 +26,11 @@ def _walk(path: tuple[str, ...]) -> Callable[[Mapping[str, Any]], Any]:
 
 def _strings(value: Any, *, split: bool) -> frozenset[str]:
     if isinstance(value, str):
-        return frozenset(value.split()) if split else frozenset((value,))
+        if not split:
+            return frozenset((value,))
+        # RFC 6749 section 3.3: scopes are separated by one space (%x20) and nothing else;
+        # "a\tb" is one scope, which no policy scope (a scope-token) ever matches.
+        return frozenset(part for part in value.split(" ") if part)
     if isinstance(value, list | tuple):
         return frozenset(v for v in value if isinstance(v, str))
     return frozenset()
@@ -34,7 +38,7 @@ def _strings(value: Any, *, split: bool) -> frozenset[str]:
 
 def claim_reader(path: str, *, split: bool) -> Reader:
     """A reader of a dotted claim path (e.g. `realm_access.roles`) giving a set of strings."""
-    # A string is split on spaces when `split` (OAuth `scope`), else it is one value
+    # A string is split on %x20 spaces when `split` (OAuth `scope`), else it is one value
     # (Supabase `role`); a list gives its string members (Keycloak, Auth0 `permissions`).
     walk = _walk(tuple(path.split(".")))
     return lambda claims: _strings(walk(claims), split=split)

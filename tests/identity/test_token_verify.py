@@ -102,6 +102,7 @@ def test_claim_readers_split_once_and_tolerate_odd_shapes() -> None:
     scopes = claim_reader("scope", split=True)
     roles = claim_reader("realm_access.roles", split=False)
     assert scopes({"scope": "a b  c"}) == {"a", "b", "c"}
+    assert scopes({"scope": "a\tb\u00a0c d"}) == {"a\tb\u00a0c", "d"}
     assert scopes({"scope": ["a", 1, None, "b"]}) == {"a", "b"}
     assert scopes({"scope": 42}) == frozenset()
     assert roles({"realm_access": {"roles": ["x"]}}) == {"x"}

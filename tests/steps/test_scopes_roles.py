@@ -56,6 +56,30 @@ async def test_scope_claim_may_be_a_list(policy_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("scope", "status"),
+    [
+        ("run:io_jobs read:data", 200),
+        ("run:io_jobs  read:data ", 200),  # empty scopes between spaces are nothing
+        ("run:io_jobs\tread:data", 403),  # RFC 6749: only %x20 separates scopes
+        ("run:io_jobs\nread:data", 403),
+        ("run:io_jobs\u00a0read:data", 403),  # no-break space
+        ("run:io_jobs\u3000read:data", 403),  # ideographic space
+    ],
+    ids=["space", "spaces", "tab", "newline", "nbsp", "ideographic"],
+)
+async def test_the_scope_claim_is_split_on_single_spaces_only(
+    policy_dir: Path, scope: str, status: int
+) -> None:
+    write_policies(policy_dir, ROUTES)
+    async with serve(policy_dir) as c:
+        r = await c.post("/io-job", headers=bearer(token(extra={"scope": scope})))
+    assert r.status_code == status, r.text
+    if status == 403:
+        assert problem_type(r) == "insufficient-scope"
+        assert r.json()["required_scopes"] == ["run:io_jobs", "read:data"]
+
+
+@pytest.mark.parametrize(
     ("roles_claim", "claims"),
     [
         ("realm_access.roles", {"realm_access": {"roles": ["admin", "offline_access"]}}),  # Keycloak
