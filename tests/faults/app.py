@@ -1,0 +1,85 @@
+"""The app the fault tests serve from real uvicorn workers: every answer names its caller.
+
+`GET /mine/{item}` (a per-user cache), `GET /charge` (credits) and `GET /limited` (a
+rate limit that fails closed) each answer `{"subject": ..., "route": ..., "made": ...}`
+(`made` is new on each handler run, so a cached answer is recognisable). Every answer
+carries `x-pid`, the worker process that gave it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import policyroute
+from tests.steps.identity_kit import SETTINGS
+
+# `credits.hold`: a reservation no commit settled is refunded after it (by the next charge).
+HOLD = 1.0
+
+POLICY = f"""\
+version: 1
+{SETTINGS}routes:
+  GET /mine/{{item}}:
+    cache: {{ttl: 1s}}
+  GET /charge:
+    credits: {{cost: 1, hold: {int(HOLD * 1000)}ms}}
+  GET /limited:
+    rate_limit: {{key: user, capacity: 1000000, per: 60s, on_backend_error: closed}}
+"""
+
+
+def make_app() -> FastAPI:
+    """Handlers that answer with who called, which route, and a fresh token."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    def answer(route: str, principal: policyroute.Principal) -> dict[str, Any]:
+        return {"subject": principal.subject, "route": route, "made": uuid.uuid4().hex}
+
+    @app.get("/mine/{item}")
+    async def mine(
+        item: str, principal: policyroute.Principal = Depends(policyroute.principal)
+    ) -> dict[str, Any]:
+        return {**answer("mine", principal), "item": item}
+
+    @app.get("/charge")
+    async def charge(
+        principal: policyroute.Principal = Depends(policyroute.principal),
+    ) -> dict[str, Any]:
+        return answer("charge", principal)
+
+    @app.get("/limited")
+    async def limited(
+        principal: policyroute.Principal = Depends(policyroute.principal),
+    ) -> dict[str, Any]:
+        return answer("limited", principal)
+
+    return app
+
+
+def worker_app() -> FastAPI:
+    """The app for uvicorn workers (policies and Valkey from POLICYROUTE_*), tagged `x-pid`."""
+    app = make_app()
+    policyroute.install(app)
+    pid = str(os.getpid()).encode()
+    inner = app.build_middleware_stack
+
+    def build() -> ASGIApp:
+        wrapped = inner()
+
+        async def tagged(scope: Scope, receive: Receive, send: Send) -> None:
+            async def tag(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message.get("headers", []), (b"x-pid", pid)]}
+                await send(message)
+
+            await wrapped(scope, receive, tag)
+
+        return tagged
+
+    app.build_middleware_stack = build  # type: ignore[method-assign]
+    return app
