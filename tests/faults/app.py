@@ -1,6 +1,6 @@
 """The app the fault tests serve from real uvicorn workers: every answer names its caller.
 
-`GET /mine/{item}` (a per-user cache), `GET /charge` (credits) and `GET /limited` (a
+`GET /mine/{item}` (a per-user cache; `?sleep=S` holds the handler), `GET /charge` (credits) and `GET /limited` (a
 rate limit that fails closed) each answer `{"subject": ..., "route": ..., "made": ...}`
 (`made` is new on each handler run, so a cached answer is recognisable). Every answer
 carries `x-pid`, the worker process that gave it.
@@ -8,6 +8,7 @@ carries `x-pid`, the worker process that gave it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from typing import Any
@@ -42,8 +43,12 @@ def make_app() -> FastAPI:
 
     @app.get("/mine/{item}")
     async def mine(
-        item: str, principal: policyroute.Principal = Depends(policyroute.principal)
+        item: str,
+        sleep: float = 0.0,
+        principal: policyroute.Principal = Depends(policyroute.principal),
     ) -> dict[str, Any]:
+        if sleep:
+            await asyncio.sleep(sleep)
         return {**answer("mine", principal), "item": item}
 
     @app.get("/charge")
