@@ -1,4 +1,8 @@
-"""`policyroute credits grant|show|set SUBJECT [N]`: manage credit balances in Valkey."""
+"""`policyroute credits grant|show|set SUBJECT [N]`: manage credit balances in Valkey.
+
+SUBJECT is named as the routes name it (`cli_principal`): with several issuers or a
+tenant claim in the policy settings, `--issuer` and `--tenant` say whose account it is.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import sys
 from typing import Any
 
 from .backends.valkey import ValkeyStore
+from .cli_principal import Named, add_arguments, named
 from .config import Settings
 from .errors import StorageError
 
@@ -21,24 +26,36 @@ def add_parser(sub: Any) -> None:
         "amount", nargs="?", type=int, help="credits to grant (grant) or the balance (set)"
     )
     p.add_argument("--ip", action="store_true", help="the account of anonymous calls from SUBJECT")
+    add_arguments(p)
     p.set_defaults(func=handler)
 
 
-async def _run(args: argparse.Namespace, store: ValkeyStore) -> str:
+async def _run(args: argparse.Namespace, store: ValkeyStore, who: Named) -> str:
     from . import credits
 
     try:
         if args.action == "grant":
-            total = await credits.grant(store, args.subject, args.amount, ip=args.ip)
-            return f"{args.subject}: balance {total}"
+            total = await credits.grant(store, who.account, args.amount, ip=args.ip)
+            return f"{who.label}: balance {total}"
         if args.action == "set":
-            await credits.set_balance(store, args.subject, args.amount, ip=args.ip)
-        found = await credits.show(store, args.subject, ip=args.ip)
+            await credits.set_balance(store, who.account, args.amount, ip=args.ip)
+        found = await credits.show(store, who.account, ip=args.ip)
         extra = f" (granted {found.granted}, allowance left {found.allowance})"
         held = f", {found.held} reserved by requests in flight" if found.held else ""
-        return f"{args.subject}: balance {found.total}" + (extra if found.allowance else "") + held
+        return f"{who.label}: balance {found.total}" + (extra if found.allowance else "") + held
     finally:
         await store.stop()
+
+
+def _who(args: argparse.Namespace) -> Named:
+    """The account SUBJECT names: a client address with --ip, else as the routes name it."""
+    if not args.ip:
+        return named(args)
+    if args.issuer is not None or args.tenant is not None or args.tenant_json is not None:
+        from .cli import UsageError
+
+        raise UsageError("--ip names an anonymous caller's address: drop --issuer and --tenant")
+    return Named(args.subject, args.subject)
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -50,9 +67,10 @@ def handler(args: argparse.Namespace) -> int:
     if not config.valkey_url:
         print("policyroute: set POLICYROUTE_VALKEY_URL to manage credits", file=sys.stderr)
         return 2
+    who = _who(args)
     store = ValkeyStore(config.valkey_url, prefix=config.key_prefix, cluster=config.valkey_cluster)
     try:
-        print(asyncio.run(_run(args, store)))
+        print(asyncio.run(_run(args, store, who)))
     except StorageError as exc:
         print(f"policyroute: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,8 @@
-"""`policyroute mfa enrol|revoke SUBJECT`: TOTP secrets in the Valkey of POLICYROUTE_VALKEY_URL."""
+"""`policyroute mfa enrol|revoke SUBJECT`: TOTP secrets in the Valkey of POLICYROUTE_VALKEY_URL.
+
+SUBJECT is named as the routes name it (`cli_principal`): with several issuers or a
+tenant claim in the policy settings, `--issuer` and `--tenant` say whose secret it is.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import asyncio
 import sys
 
 from .backends.valkey import ValkeyStore
+from .cli_principal import Named, add_arguments, named
 from .config import Settings
 from .errors import StorageError
 from .identity.totp import enrol, revoke
@@ -14,23 +19,24 @@ from .identity.totp import enrol, revoke
 EXIT_USAGE = 2
 
 
-async def _enrol(store: ValkeyStore, args: argparse.Namespace) -> int:
+async def _enrol(store: ValkeyStore, args: argparse.Namespace, who: Named) -> int:
     try:
-        found = await enrol(store, args.subject, issuer_name=args.issuer_name, digits=args.digits,
-                            replace=args.replace)
-    except ValueError as exc:
-        print(f"policyroute mfa: {exc}", file=sys.stderr)
+        found = await enrol(store, who.account, issuer_name=args.issuer_name, digits=args.digits,
+                            replace=args.replace, label=args.subject)
+    except ValueError:
+        print(f"policyroute mfa: {who.label} already has a TOTP secret; revoke it or replace it",
+              file=sys.stderr)
         return 1
     print(found.uri)
     print(f"secret: {found.secret}")
     return 0
 
 
-async def _revoke(store: ValkeyStore, args: argparse.Namespace) -> int:
-    if await revoke(store, args.subject):
-        print(f"revoked the TOTP secret of {args.subject}")
+async def _revoke(store: ValkeyStore, args: argparse.Namespace, who: Named) -> int:
+    if await revoke(store, who.account):
+        print(f"revoked the TOTP secret of {who.label}")
         return 0
-    print(f"{args.subject} had no TOTP secret", file=sys.stderr)
+    print(f"{who.label} had no TOTP secret", file=sys.stderr)
     return 1
 
 
@@ -42,12 +48,13 @@ def run_mfa(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     action = _enrol if args.action == "enrol" else _revoke
+    who = named(args)
 
     async def main() -> int:
         store = ValkeyStore(config.valkey_url or "", prefix=config.key_prefix,
                             cluster=config.valkey_cluster)
         try:
-            return await action(store, args)
+            return await action(store, args, who)
         finally:
             await store.stop()
 
@@ -68,4 +75,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="enrol: code length (match settings.auth.totp.digits)")
     p.add_argument("--issuer-name", default="policyroute",
                    help="enrol: the label in the authenticator app")
+    add_arguments(p)
     p.set_defaults(func=run_mfa)

@@ -156,6 +156,13 @@ class AuthSettings(Model):
     realm: str = "api"
     step_up: StepUp = StepUp()
     totp: TotpSettings = TotpSettings()
+    tenant_claim: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Claim (dotted path) naming the caller's tenant or organization: every "
+        "per-principal key (credits, limits, idempotency records, cache entries, TOTP) "
+        "includes its value, so one subject of two tenants keeps two sets of state.",
+    )
 
 
 class GlobalSettings(Model):

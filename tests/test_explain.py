@@ -143,3 +143,26 @@ def test_cli_explain_names_an_unknown_route(
 ) -> None:
     assert main(["explain", "GET /nope", "--paths", str(layered)]) == 0
     assert capsys.readouterr().out.strip() == "no route 'GET /nope' in the policies"
+
+
+IDENTITY = f"""\
+version: 1
+settings:
+  auth:
+    tenant_claim: org_id
+    issuers:
+      - {{issuer: https://auth.example.com/, audience: io-api, jwks: {JWKS}}}
+      - {{issuer: https://partner.example.org/, audience: io-api, jwks: {JWKS}}}
+routes:
+  GET /reports:
+    cache: {{ttl: 30s}}
+"""
+
+
+def test_explain_says_what_per_principal_state_is_keyed_by(policy_dir: Path) -> None:
+    (policy_dir / "routes.yaml").write_text(IDENTITY)
+    text = explain([policy_dir], route="GET /reports")
+    assert "per-principal state keyed by issuer, tenant (org_id), subject" in text
+    one = IDENTITY.replace("    tenant_claim: org_id\n", "").split("      - {issuer: https://partner")[0]
+    (policy_dir / "routes.yaml").write_text(one + "routes:\n  GET /reports:\n    cache: {ttl: 30s}\n")
+    assert "per-principal state keyed by subject" in explain([policy_dir], route="GET /reports")

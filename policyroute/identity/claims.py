@@ -36,6 +36,11 @@ def _strings(value: Any, *, split: bool) -> frozenset[str]:
     return frozenset()
 
 
+def claim_value(path: str) -> Callable[[Mapping[str, Any]], Any]:
+    """A reader of a dotted claim path giving its value as the token holds it (None if absent)."""
+    return _walk(tuple(path.split(".")))
+
+
 def claim_reader(path: str, *, split: bool) -> Reader:
     """A reader of a dotted claim path (e.g. `realm_access.roles`) giving a set of strings."""
     # A string is split on %x20 spaces when `split` (OAuth `scope`), else it is one value

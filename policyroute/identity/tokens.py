@@ -21,7 +21,7 @@ from joserfc.jwk import Key, OctKey
 
 from ..errors import PolicyrouteError
 from ..policy import AuthSettings, Issuer
-from ..principal import Principal
+from ..principal import Accounts, Principal
 from .claims import claim_reader, number
 from .jwks import Fetch, KeySource, fetch_jwks
 
@@ -198,6 +198,7 @@ class Authenticator:
         self._scopes = claim_reader(auth.scopes_claim, split=True)
         self._roles = claim_reader(auth.roles_claim, split=False)
         self._amr = claim_reader("amr", split=False)
+        self.accounts = Accounts(auth)
         self.cache = TokenCache(auth.token_cache_size) if auth.token_cache_size else None
         for source in self.sources():
             if self.cache is not None:
@@ -278,6 +279,7 @@ class Authenticator:
             acr=acr if isinstance(acr, str) else None,
             amr=self._amr(claims),
             expires_at=number(claims, "exp"),
+            account=self.accounts.of_claims(claims, issuer),
         )
 
 

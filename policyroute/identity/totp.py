@@ -1,8 +1,10 @@
 """TOTP second factor (RFC 6238): pyotp codes, accepted once across workers, with lockout.
 
-The secret comes from a `SecretSource`; the default is a Valkey hash per subject, written
+The secret comes from a `SecretSource`; the default is a Valkey hash per account, written
 by `enrol` and removed by `revoke` (also `policyroute mfa enrol|revoke`). A different
-source (a database, a vault) is plugged in as the `totp_secrets` service of `install`.
+source (a database, a vault) is plugged in as the `totp_secrets` service of `install`;
+it is asked by subject. The replay and lockout records are always kept per account
+(`Principal.account`: the subject with one issuer, else issuer, tenant and subject).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pyotp
 
 from ..backends.valkey import Store, ValkeyStore
 from ..policy import TotpSettings
+from ..principal import Principal
 
 STEP_SECONDS = 30
 MAX_CODE_BYTES = 16
@@ -51,18 +54,18 @@ def matching_step(secret: str, code: str, for_time: float, *, digits: int,
 
 
 class ValkeySecrets:
-    """TOTP secrets in a Valkey hash per subject (field `secret`)."""
+    """TOTP secrets in a Valkey hash per account (field `secret`)."""
 
     def __init__(self, store: ValkeyStore) -> None:
         self.store = store
 
-    def hash_key(self, subject: str) -> str:
-        """The hash that holds the subject's secret."""
-        return self.store.key(subject, "totp")
+    def hash_key(self, account: str) -> str:
+        """The hash that holds the account's secret."""
+        return self.store.key(account, "totp")
 
-    async def totp_secret(self, subject: str) -> str | None:
-        """The subject's base32 secret, or None."""
-        value = await self.store.command("HGET", self.hash_key(subject), "secret",
+    async def totp_secret(self, account: str) -> str | None:
+        """The base32 secret of an account (the subject itself in the short form), or None."""
+        value = await self.store.command("HGET", self.hash_key(account), "secret",
                                          operation="totp secret")
         return _text(value)
 
@@ -71,7 +74,7 @@ class ValkeySecrets:
 class Enrolment:
     """A new TOTP secret: show the URI as a QR code, or the secret for manual entry."""
 
-    subject: str
+    account: str
     secret: str
     uri: str
 
@@ -86,7 +89,7 @@ class TotpResult:
 
     @property
     def locked(self) -> bool:
-        """True when the subject is locked out."""
+        """True when the account is locked out."""
         return self.retry_after > 0
 
 
@@ -96,13 +99,13 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _state_keys(store: Store, subject: str) -> tuple[str, str, str]:
-    return (store.key(subject, "totp", "last"), store.key(subject, "totp", "fail"),
-            store.key(subject, "totp", "lock"))
+def _state_keys(store: Store, account: str) -> tuple[str, str, str]:
+    return (store.key(account, "totp", "last"), store.key(account, "totp", "fail"),
+            store.key(account, "totp", "lock"))
 
 
 class TotpGuard:
-    """Checks a subject's code: two Valkey round trips, each one atomic Lua script."""
+    """Checks a caller's code: two Valkey round trips, each one atomic Lua script."""
 
     def __init__(self, store: ValkeyStore, settings: TotpSettings,
                  secrets: SecretSource | None = None) -> None:
@@ -118,10 +121,12 @@ class TotpGuard:
             (settings.drift_steps + 2) * STEP_SECONDS * 1000,
         )
 
-    async def _begin(self, subject: str, *, fail_open: bool) -> tuple[int, str | None, float]:
-        """(lockout ms left, the subject's secret, Valkey's time) in one round trip."""
-        _, _, lock = _state_keys(self.store, subject)
-        keys = [lock] if self._hash is None else [lock, self._hash(subject)]
+    async def _begin(self, who: Principal, *, fail_open: bool) -> tuple[int, str | None, float]:
+        """(lockout ms left, the caller's secret, Valkey's time) in one round trip."""
+        account, subject = who.account, who.subject
+        assert account is not None and subject is not None
+        _, _, lock = _state_keys(self.store, account)
+        keys = [lock] if self._hash is None else [lock, self._hash(account)]
         lock_ms, raw_secret, seconds, micros = await self.store.run(
             "mfa_begin", keys, [], operation="totp check", fail_open=fail_open)
         if int(lock_ms) > 0:
@@ -135,19 +140,20 @@ class TotpGuard:
         return matching_step(secret, code, now, digits=self.settings.digits,
                              drift=self.settings.drift_steps)
 
-    async def peek(self, subject: str, code: str) -> TotpResult:
+    async def peek(self, who: Principal, code: str) -> TotpResult:
         """Whether the code is right now, recording nothing (no use, no failure): shadow mode."""
-        lock_ms, secret, now = await self._begin(subject, fail_open=True)
+        lock_ms, secret, now = await self._begin(who, fail_open=True)
         if lock_ms:
             return TotpResult(False, "locked", math.ceil(lock_ms / 1000))
         if self._step(secret, code, now) is None:
             return TotpResult(False, "invalid")
         return TotpResult(True)
 
-    async def check(self, subject: str, code: str) -> TotpResult:
+    async def check(self, who: Principal, code: str) -> TotpResult:
         """Accept the code once, or count a failure (and lock out after too many)."""
-        last, fail, lock = _state_keys(self.store, subject)
-        lock_ms, secret, now = await self._begin(subject, fail_open=False)
+        assert who.account is not None
+        last, fail, lock = _state_keys(self.store, who.account)
+        lock_ms, secret, now = await self._begin(who, fail_open=False)
         if lock_ms:
             return TotpResult(False, "locked", math.ceil(lock_ms / 1000))
         step = self._step(secret, code, now)
@@ -164,25 +170,30 @@ class TotpGuard:
         return TotpResult(False, "wrong" if secret else "not enrolled")
 
 
-async def enrol(store: ValkeyStore, subject: str, *, issuer_name: str = "policyroute",
-                digits: int = 6, replace: bool = False) -> Enrolment:
-    """Give a subject a new TOTP secret in Valkey; refuse to overwrite one unless `replace`."""
+async def enrol(store: ValkeyStore, account: str, *, issuer_name: str = "policyroute",
+                digits: int = 6, replace: bool = False, label: str | None = None) -> Enrolment:
+    """Give an account a new TOTP secret in Valkey; refuse to overwrite one unless `replace`.
+
+    `account` is `Principal.account` (the subject itself with one issuer and no tenant
+    claim); `label` names the user in the authenticator app (default: `account`).
+    """
     secret = pyotp.random_base32()
-    key = ValkeySecrets(store).hash_key(subject)
+    key = ValkeySecrets(store).hash_key(account)
+    name = label if label is not None else account
     if replace:
         await store.command("HSET", key, "secret", secret, operation="totp enrol")
     else:
         created = await store.command("HSETNX", key, "secret", secret, operation="totp enrol")
         if not int(created):
-            raise ValueError(f"{subject!r} already has a TOTP secret; revoke it or replace it")
+            raise ValueError(f"{name!r} already has a TOTP secret; revoke it or replace it")
     uri = pyotp.TOTP(secret, digits=digits, interval=STEP_SECONDS).provisioning_uri(
-        name=subject, issuer_name=issuer_name)
-    return Enrolment(subject, secret, uri)
+        name=name, issuer_name=issuer_name)
+    return Enrolment(account, secret, uri)
 
 
-async def revoke(store: ValkeyStore, subject: str) -> bool:
-    """Remove a subject's TOTP secret and its replay and lockout state; True if it had one."""
-    secret_key = ValkeySecrets(store).hash_key(subject)
+async def revoke(store: ValkeyStore, account: str) -> bool:
+    """Remove an account's TOTP secret and its replay and lockout state; True if it had one."""
+    secret_key = ValkeySecrets(store).hash_key(account)
     had = await store.command("DEL", secret_key, operation="totp revoke")
-    await store.command("DEL", *_state_keys(store, subject), operation="totp revoke")
+    await store.command("DEL", *_state_keys(store, account), operation="totp revoke")
     return int(had) > 0

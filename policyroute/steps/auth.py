@@ -108,7 +108,9 @@ class AuthStep(Step):
     def describe(self) -> str:
         """One line for explain."""
         issuers = ", ".join(self.authenticator.issuers)
-        return f"bearer JWT from {issuers} (realm {self.realm!r})"
+        keyed = self.authenticator.accounts.describe()
+        return (f"bearer JWT from {issuers} (realm {self.realm!r}); "
+                f"per-principal state keyed by {keyed}")
 
     def start(self) -> None:
         """Keep the issuers' key sets fresh in the background."""

@@ -62,20 +62,20 @@ class MfaStep(Step):
         if self.totp is not None and principal.subject is not None:
             values = ctx.header_values(self._header_bytes)
             if values:
-                await self._check_code(principal.subject, values, ctx.route)
+                await self._check_code(principal, values, ctx.route)
                 return
         raise Denial(Problems.MFA_REQUIRED, self._required, headers=self._challenge)
 
-    async def _check_code(self, subject: str, values: list[bytes], route: str) -> None:
+    async def _check_code(self, who: Principal, values: list[bytes], route: str) -> None:
         assert self.totp is not None
         # Never parse more than a code can be; anything else is simply a wrong code.
         raw = values[0] if len(values) == 1 and len(values[0]) <= MAX_CODE_BYTES else b""
         code = raw.decode("latin-1").strip()
         try:
             if not self.enforce:
-                await self._verify_only(subject, code)
+                await self._verify_only(who, code)
                 return
-            result = await self.totp.check(subject, code)
+            result = await self.totp.check(who, code)
         except StorageError as exc:
             backend_error(route, exc)
             backend_warning(route, exc, "one-time codes cannot be checked: ", log)
@@ -91,10 +91,10 @@ class MfaStep(Step):
                   if result.reason == "replayed" else "the one-time code is not valid")
         raise Denial(Problems.MFA_INVALID, detail, headers=self._challenge)
 
-    async def _verify_only(self, subject: str, code: str) -> None:
+    async def _verify_only(self, who: Principal, code: str) -> None:
         """Shadow mode: is the code right now? Nothing is recorded (no use, no failure)."""
         assert self.totp is not None
-        result = await self.totp.peek(subject, code)
+        result = await self.totp.peek(who, code)
         if result.locked:
             raise Denial(Problems.MFA_LOCKED, "too many wrong one-time codes; try again later")
         if not result.accepted:

@@ -14,6 +14,7 @@ from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
 from ..policy import RateLimit, RoutePolicy
+from ..principal import address_tag
 from .base import Context
 from .slots import run_state
 from .state import Header, Outcome, Part, Request, Vault, digest, principal_tag, route_id
@@ -29,7 +30,7 @@ def _tag_of(key: str) -> TagOf:
     if key == "user":
         return principal_tag
     if key == "ip":
-        return lambda ctx: "ip:" + (ctx.client or "-")
+        return lambda ctx: address_tag(ctx.client)
     if key == "route":
         return lambda ctx: "r:" + route_id(ctx.route)
     if key == "api_key":
@@ -42,9 +43,7 @@ def _tag_of(key: str) -> TagOf:
     def from_claim(ctx: Context) -> str:
         value = ctx.principal.claims.get(claim)
         # A caller without the claim shares the bucket of its address, never a free pass.
-        return (
-            f"c:{claim}:{digest(str(value))}" if value is not None else "ip:" + (ctx.client or "-")
-        )
+        return f"c:{claim}:{digest(str(value))}" if value is not None else address_tag(ctx.client)
 
     return from_claim
 
@@ -52,7 +51,7 @@ def _tag_of(key: str) -> TagOf:
 def _from_header(name: str, prefix: str) -> TagOf:
     def tag(ctx: Context) -> str:
         value = ctx.headers.get(name)
-        return prefix + digest(value) if value else "ip:" + (ctx.client or "-")
+        return prefix + digest(value) if value else address_tag(ctx.client)
 
     return tag
 
@@ -131,15 +130,16 @@ class RateLimitStep(Part):
         out = []
         for lim in self.compiled:
             s = lim.spec
+            per = s.key
             if s.algorithm == "concurrency":
-                out.append(f"{lim.name}: at most {s.capacity} in flight per {s.key}")
+                out.append(f"{lim.name}: at most {s.capacity} in flight per {per}")
             elif s.algorithm == "token_bucket":
                 out.append(
-                    f"{lim.name}: token bucket of {s.capacity} per {s.key}, "
+                    f"{lim.name}: token bucket of {s.capacity} per {per}, "
                     f"+{s.refill or s.capacity} per {s.per}s, cost {s.cost}"
                 )
             else:
-                out.append(f"{lim.name}: {s.capacity} per {s.per}s sliding window per {s.key}")
+                out.append(f"{lim.name}: {s.capacity} per {s.per}s sliding window per {per}")
             if lim in self.shadows:
                 out[-1] += " (shadow: enforce false)"
         return "; ".join(out)

@@ -29,6 +29,7 @@ from ..errors import Denial, Problems, StorageError
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..policy import RoutePolicy
+from ..principal import address_tag, subject_tag
 from .base import Context, Handler, Step
 from .slots import run_finish, run_state
 
@@ -51,11 +52,16 @@ def digest(value: str | bytes) -> str:
 
 
 def principal_tag(ctx: Context) -> str:
-    """The hash tag of the caller: subject when authenticated, else client address."""
-    subject = ctx.principal.subject
-    if subject is not None:
-        return "s:" + subject
-    return "ip:" + (ctx.client or "-")
+    """The hash tag of the caller's state: its account when authenticated, else its address.
+
+    Every per-principal key (credits, `user` limits and concurrency slots, idempotency
+    records, private cache entries) is made under this tag; the account names issuer and
+    tenant when the settings need them (`principal.Accounts`).
+    """
+    account = ctx.principal.account
+    if account is not None:
+        return subject_tag(account)
+    return address_tag(ctx.client)
 
 
 @dataclass(slots=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
 import pytest
 
+from policyroute.backends.valkey import ValkeyStore
 from policyroute.cli import main
 from policyroute.identity.dev import DEV_AUDIENCE, DEV_ISSUER
 from policyroute.identity.tokens import Authenticator
@@ -44,18 +46,33 @@ def test_token_without_a_private_key_is_a_usage_error(
 
 
 def test_mfa_enrol_and_revoke(
-    valkey_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    valkey_url: str, policy_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
 ) -> None:
+    (policy_dir / "routes.yaml").write_text("version: 1\nroutes:\n  GET /x: {public: true}\n")
+    monkeypatch.setenv("POLICYROUTE_POLICIES", str(policy_dir))
     monkeypatch.setenv("POLICYROUTE_VALKEY_URL", valkey_url)
     who = f"cli-{uuid.uuid4().hex[:8]}"
+    monkeypatch.delenv("POLICYROUTE_KEY_PREFIX", raising=False)
     assert main(["mfa", "enrol", who]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"otpauth://totp/policyroute:{who}?secret=")
+    # A single-issuer setup keeps the short key: secrets enrolled before stay in use.
+    secret = out.split("secret: ")[1].strip()
+    assert asyncio.run(_hget(valkey_url, f"pr:{{{who}}}:totp", "secret")) == secret.encode()
     assert main(["mfa", "enrol", who]) == 1  # no silent overwrite
     assert "already has a TOTP secret" in capsys.readouterr().err
     assert main(["mfa", "enrol", who, "--replace"]) == 0
     assert main(["mfa", "revoke", who]) == 0
     assert main(["mfa", "revoke", who]) == 1
+
+
+async def _hget(url: str, key: str, field: str) -> object:
+    store = ValkeyStore(url)
+    try:
+        return await store.command("HGET", key, field, operation="test")
+    finally:
+        await store.stop()
 
 
 def test_mfa_needs_a_valkey_url(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 import httpx
 from fastapi import Depends, FastAPI
-from joserfc.jwk import Key
+from joserfc.jwk import Key, KeySet, RSAKey
 
 import policyroute
 import policyroute.testing
@@ -39,6 +41,34 @@ settings:
 
 ServiceFactory = Callable[[Any], Mapping[str, Any]]
 
+# A second trusted issuer (a partner's identity provider) with a key of its own.
+PARTNER_ISSUER = "https://partner.example.org/"
+
+
+@functools.cache
+def partner_key() -> Key:
+    """The second issuer's signing key (generated once per test session)."""
+    return RSAKey.generate_key(2048, parameters={"kid": "partner", "alg": "RS256"})
+
+
+@functools.cache
+def partner_jwks() -> Path:
+    """A JWKS file with the second issuer's public key (readable by server processes too)."""
+    path = Path(tempfile.mkdtemp(prefix="pr-partner-")) / "partner-jwks.json"
+    path.write_text(json.dumps(KeySet([partner_key()]).as_dict(private=False)))
+    return path
+
+
+def partner_issuer_yaml() -> str:
+    """The second issuer's entry of `settings.auth.issuers`."""
+    return (f"      - issuer: {PARTNER_ISSUER}\n        audience: {DEV_AUDIENCE}\n"
+            f"        jwks: {partner_jwks()}\n        algorithms: [RS256]\n")
+
+
+def two_issuer_settings(auth: str = "") -> str:
+    """`SETTINGS` trusting the dev issuer and the partner's; `auth` adds auth keys."""
+    return SETTINGS + partner_issuer_yaml() + auth
+
 
 @functools.cache
 def dev_key() -> Key:
@@ -46,9 +76,10 @@ def dev_key() -> Key:
     return load_private_key(DEV_PRIVATE)
 
 
-def token(subject: str = "alice", **claims: Any) -> str:
-    """A dev token; keyword arguments are passed to `mint`."""
-    return mint(dev_key(), subject, **claims)
+def token(subject: str = "alice", *, issuer: str = DEV_ISSUER, **claims: Any) -> str:
+    """A token of `issuer` (the dev issuer or `PARTNER_ISSUER`); keywords go to `mint`."""
+    key = partner_key() if issuer == PARTNER_ISSUER else dev_key()
+    return mint(key, subject, issuer=issuer, **claims)
 
 
 def bearer(value: str) -> dict[str, str]:

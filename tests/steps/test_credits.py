@@ -114,8 +114,13 @@ async def test_allowance_resets_each_period(policy_dir: Path, valkey_url: str) -
 
 
 def test_cli_grants_and_shows(
-    valkey_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    valkey_url: str,
+    policy_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    (policy_dir / "routes.yaml").write_text(POLICY)
+    monkeypatch.setenv("POLICYROUTE_POLICIES", str(policy_dir))
     monkeypatch.setenv("POLICYROUTE_VALKEY_URL", valkey_url)
     monkeypatch.setenv("POLICYROUTE_KEY_PREFIX", "cli-credits")
     assert main(["credits", "set", "alice", "0"]) == 0
@@ -125,6 +130,17 @@ def test_cli_grants_and_shows(
     assert main(["credits", "show", "alice"]) == 0
     assert capsys.readouterr().out.strip() == "alice: balance 20"
     assert main(["credits", "grant", "alice"]) == 2
+    # One issuer (or none) and no tenant claim: the account keeps its short key, so the
+    # balances granted before the keys knew issuers are where the routes look.
+    async def stored() -> object:
+        store = ValkeyStore(valkey_url)
+        try:
+            return await store.command("HGET", "cli-credits:{s:alice}:credits", "b",
+                                       operation="test")
+        finally:
+            await store.stop()
+
+    assert asyncio.run(stored()) == b"20"
 
 
 def test_cli_without_valkey_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:

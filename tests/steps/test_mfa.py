@@ -13,9 +13,12 @@ import pytest
 
 from policyroute import ConfigError
 from policyroute.backends.valkey import ValkeyStore
+from policyroute.cli import main
+from policyroute.identity.dev import DEV_ISSUER
 from policyroute.identity.totp import STEP_SECONDS, code_at, enrol, revoke
 
 from .identity_kit import (
+    PARTNER_ISSUER,
     SETTINGS,
     bearer,
     challenge,
@@ -23,6 +26,7 @@ from .identity_kit import (
     serve,
     subject,
     token,
+    two_issuer_settings,
     write_policies,
 )
 
@@ -210,6 +214,37 @@ async def test_failures_lock_the_subject_out_with_429(
         assert problem_type(r) == "mfa-locked"
         assert 110 <= int(r.headers["retry-after"]) <= 120
     assert other.status_code == 401  # the lockout is per subject
+
+
+async def test_the_same_sub_of_another_issuer_has_its_own_secret_replays_and_lockout(
+    policy_dir: Path, valkey_url: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_policies(policy_dir, ROUTES, two_issuer_settings(
+        "    totp: {max_failures: 3, lockout: 120s, window: 10m}\n"))
+    monkeypatch.setenv("POLICYROUTE_POLICIES", str(policy_dir))
+    monkeypatch.setenv("POLICYROUTE_VALKEY_URL", valkey_url)
+    monkeypatch.delenv("POLICYROUTE_KEY_PREFIX", raising=False)
+    who = subject()
+    assert await asyncio.to_thread(main, ["mfa", "enrol", who, "--issuer", DEV_ISSUER]) == 0
+    secret = capsys.readouterr().out.split("secret: ")[1].strip()
+    code = code_at(secret, time.time())
+    victim, impostor = bearer(token(who)), bearer(token(who, issuer=PARTNER_ISSUER))
+    async with serve(policy_dir, valkey_url=valkey_url) as c:
+        # The victim's code is nothing to the other issuer's `who`, who enrolled no secret.
+        theirs = await c.get("/admin", headers={**impostor, **totp(code)})
+        mine = await c.get("/admin", headers={**victim, **totp(code)})
+        wrong = [(await c.get("/admin", headers={**impostor, **totp(wrong_code(secret))}))
+                 for _ in range(2)]
+        again = await c.get("/admin", headers={**victim, **totp(code)})
+    assert theirs.status_code == 401 and problem_type(theirs) == "mfa-invalid"  # before: 200
+    assert mine.status_code == 200  # before: 401, the impostor had used the code up
+    assert [r.status_code for r in wrong] == [401, 429]  # the impostor locked itself out
+    assert again.status_code == 401  # before: 429, locked out by the impostor's failures
+    assert "already used" in again.json()["detail"]
+    assert await asyncio.to_thread(main, ["mfa", "revoke", who, "--issuer", PARTNER_ISSUER]) == 1
+    assert await asyncio.to_thread(main, ["mfa", "revoke", who, "--issuer", DEV_ISSUER]) == 0
+    assert capsys.readouterr().out.strip() == f"revoked the TOTP secret of {who} of {DEV_ISSUER}"
 
 
 async def test_a_revoked_secret_no_longer_works(
