@@ -291,6 +291,11 @@ class Cache(Model):
     shared: bool = False
     acknowledge_shared: bool = False
     vary_headers: list[HeaderName] = Field(default_factory=list)
+    vary_claims: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="Token claims (dotted paths) the response depends on, e.g. org_id: "
+        "callers whose values differ never share an entry.",
+    )
     vary_query: bool = True
     local: LocalCache | None = None
     on_backend_error: OnBackendError = "open"

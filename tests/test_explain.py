@@ -155,7 +155,7 @@ settings:
       - {{issuer: https://partner.example.org/, audience: io-api, jwks: {JWKS}}}
 routes:
   GET /reports:
-    cache: {{ttl: 30s}}
+    cache: {{ttl: 30s, vary_claims: [team]}}
 """
 
 
@@ -163,6 +163,7 @@ def test_explain_says_what_per_principal_state_is_keyed_by(policy_dir: Path) -> 
     (policy_dir / "routes.yaml").write_text(IDENTITY)
     text = explain([policy_dir], route="GET /reports")
     assert "per-principal state keyed by issuer, tenant (org_id), subject" in text
+    assert "varies by path, query, claim team" in text
     one = IDENTITY.replace("    tenant_claim: org_id\n", "").split("      - {issuer: https://partner")[0]
     (policy_dir / "routes.yaml").write_text(one + "routes:\n  GET /reports:\n    cache: {ttl: 30s}\n")
     assert "per-principal state keyed by subject" in explain([policy_dir], route="GET /reports")

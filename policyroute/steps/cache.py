@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from cachetools import FIFOCache, LFUCache, LRUCache
 
 from ..backends.valkey import Store
 from ..crypto import DataKeyError
+from ..identity.claims import claim_value
 from ..policy import Cache, RoutePolicy
 from .base import Context
 from .state import (
@@ -60,6 +62,7 @@ class CacheStep(Part):
             round(spec.lock * 1000) if spec.lock else min(self.ttl_ms * 10, STAMPEDE_LOCK_MS)
         )
         self.vary_headers = tuple(h.lower() for h in spec.vary_headers)
+        self.vary_claims = tuple(claim_value(c) for c in spec.vary_claims)
         self.local: LocalStore[str, tuple[float, Stored]] | None = None
         self.local_ttl = 0.0
         if spec.local is not None:
@@ -70,6 +73,7 @@ class CacheStep(Part):
     def describe(self) -> str:
         """TTL and what the key varies by."""
         by = ["path"] + (["query"] if self.spec.vary_query else []) + list(self.vary_headers)
+        by += [f"claim {c}" for c in self.spec.vary_claims]
         who = "shared by all callers" if self.spec.shared else "per principal"
         local = self.spec.local
         first = (
@@ -96,11 +100,16 @@ class CacheStep(Part):
             self.local[key] = (time.monotonic() + self.local_ttl, stored)
 
     def vary(self, ctx: Context) -> str:
-        """The request's variant: method, query and the named headers."""
+        """The request's variant: method, query, the named headers and the named claims."""
         parts = [ctx.method]
         if self.spec.vary_query:
             parts.append(ctx.scope.get("query_string", b"").decode("latin-1"))
         parts.extend(ctx.headers.get(h, "") for h in self.vary_headers)
+        if self.vary_claims:
+            # One JSON list, last: claim values (any JSON, NULs included) never run together.
+            claims = ctx.principal.claims
+            parts.append(json.dumps([read(claims) for read in self.vary_claims],
+                                    separators=(",", ":"), sort_keys=True))
         return "\0".join(parts)
 
     def peek(self, req: Request) -> None:

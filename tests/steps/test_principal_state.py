@@ -158,7 +158,7 @@ def test_the_commands_name_a_principal_only_as_the_routes_do(
     assert "POLICYROUTE_POLICIES" in capsys.readouterr().err
 
 
-# -- a tenant claim ---------------------------------------------------------------------
+# -- a tenant claim and claims a cache entry varies by ----------------------------------
 
 TENANT_ROUTES = """\
 routes:
@@ -202,3 +202,40 @@ async def test_a_tenant_claim_keeps_one_subjects_tenants_apart(
     assert charged == [402, 200]  # the credits are acme's
     assert "idempotent-replayed" not in jobs[1].headers
     assert jobs[1].json()["job"] != jobs[0].json()["job"]
+
+
+VARY = """\
+routes:
+  GET /cached/{item}:
+    cache: {ttl: 60s, vary_claims: [org_id, team]}
+  GET /other:
+    cache: {ttl: 60s, shared: true, acknowledge_shared: true, vary_claims: [org_id]}
+"""
+
+
+async def test_cache_entries_vary_by_the_claims_the_policy_names(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, f"version: 1\n{SETTINGS}{VARY}", valkey_url, calls)
+    who = subject()
+    asked = [
+        of(who, org_id="acme", team="red"),
+        of(who, org_id="globex", team="red"),
+        of(who, org_id="acme", team="red"),
+        # Values that run together when joined: still two entries.
+        of(who, org_id="a,b", team="c"),
+        of(who, org_id="a", team="b,c"),
+        of(who, org_id=1, team=None),
+        of(who, org_id="1", team=None),
+        of(who),  # no such claims: an entry of its own
+    ]
+    async with running(app) as c:
+        private = [(await c.get("/cached/x", headers=h)).headers.get("x-cache") for h in asked]
+        shared = [
+            (await c.get("/other", headers=of(name, org_id=org))).headers.get("x-cache")
+            for name, org in ((subject(), "acme"), (subject(), "acme"), (subject(), "globex"))
+        ]
+    assert private == [None, None, "hit", None, None, None, None, None]
+    assert calls["cached"] == 7
+    assert shared == [None, "hit", None]  # one entry per organization, whoever asks
