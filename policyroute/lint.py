@@ -30,6 +30,7 @@ from .errors import ConfigError, Finding, Location
 from .gate import endpoints
 from .loader import PolicySet, RouteEntry, load_policies, policy_files
 from .resilience import lint_findings as resilience_findings
+from .steps.rate_limit import client_chosen
 
 FORMATS = ("text", "json", "sarif", "github")
 
@@ -74,6 +75,18 @@ RULES: Mapping[str, Rule] = {
             "user-limit-on-public-route",
             "error",
             "A limit keyed by user on a public route, where no caller has a user.",
+        ),
+        Rule(
+            "client-chosen-key",
+            "warning",
+            "A limit keyed by a header the client picks, beside a limit the client cannot "
+            "escape.",
+        ),
+        Rule(
+            "client-chosen-limit",
+            "error",
+            "A limit keyed by api_key (no API key is verified), or a route whose every "
+            "enforced limit is keyed by a header the client picks.",
         ),
         Rule("unused-profile", "warning", "A profile that no route uses."),
         Rule("inline-secret", "error", "A secret written inline in a policy file."),
@@ -174,6 +187,7 @@ def policy_findings(policies: PolicySet, docs: Sequence[Doc] = ()) -> list[Findi
         findings.extend(_shared_cache(entry, where))
         findings.extend(_credits_without_idempotency(entry, where))
         findings.extend(_user_limit_on_public_route(entry, where))
+        findings.extend(_client_chosen_keys(entry, where))
     findings.extend(_unused_profiles(policies))
     findings.extend(resilience_findings(policies))
     return findings
@@ -232,6 +246,52 @@ def _user_limit_on_public_route(entry: RouteEntry, where: _Locator) -> list[Find
                     ("routes", entry.key, "rate_limit", i, "key"),
                 )
             )
+    return out
+
+
+def _client_chosen_keys(entry: RouteEntry, where: _Locator) -> list[Finding]:
+    """Limits whose bucket the request names (`api_key`, `header:NAME`).
+
+    `api_key` is always an error: its name promises a verified key, and policyroute
+    authenticates none. A `header:` limit is a warning beside an enforced limit keyed by
+    something the client cannot pick (`user`, `claim:`, `ip`, `route`), which still holds
+    every caller; without one the route's abuse protection is only what the client
+    chooses, and it is an error.
+    """
+    limits = entry.policy.rate_limit
+    held = any(lim.enforce and not client_chosen(lim.key) for lim in limits)
+    out = []
+    for i, limit in enumerate(limits):
+        at = (where(entry, "rate_limit", i, "key"), ("routes", entry.key, "rate_limit", i, "key"))
+        if limit.key == "api_key":
+            message = (
+                f"{entry.key} limits by `api_key`, but policyroute verifies no API key: the "
+                "bucket is whatever the client sends in X-API-Key, so a new value per request "
+                "is a new bucket and another caller's value spends theirs. Key the limit by "
+                "what a token proves (`user`, or `claim:client_id` for the calling "
+                "application) or by `ip`"
+            )
+            out.append(_finding("client-chosen-limit", message, *at))
+        elif client_chosen(limit.key):
+            header = limit.key.partition(":")[2]
+            why = (
+                f"{entry.key} limits by `{limit.key}`, a value the client picks: a new "
+                f"{header} per request is a new bucket, and sending another caller's value "
+                "spends theirs."
+            )
+            if held:
+                message = (
+                    f"{why} The route's other limit still holds every caller; key this one "
+                    "by `claim:NAME` when the value is in the token"
+                )
+                out.append(_finding("client-chosen-key", message, *at))
+            else:
+                message = (
+                    f"{why} No other enforced limit of the route holds a caller who changes "
+                    "it: add a limit by `user` or `ip` beside it, or key it by `claim:NAME` "
+                    "when the value is in the token"
+                )
+                out.append(_finding("client-chosen-limit", message, *at))
     return out
 
 

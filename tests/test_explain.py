@@ -156,6 +156,9 @@ settings:
 routes:
   GET /reports:
     cache: {{ttl: 30s, vary_claims: [team]}}
+    rate_limit:
+      - {{key: user, capacity: 5, per: 1s}}
+      - {{key: "header:x-tenant", capacity: 5, per: 1s}}
 """
 
 
@@ -164,6 +167,8 @@ def test_explain_says_what_per_principal_state_is_keyed_by(policy_dir: Path) -> 
     text = explain([policy_dir], route="GET /reports")
     assert "per-principal state keyed by issuer, tenant (org_id), subject" in text
     assert "varies by path, query, claim team" in text
+    assert "token bucket of 5 per header:x-tenant (chosen by the client)" in text
+    assert "token bucket of 5 per user," in text
     one = IDENTITY.replace("    tenant_claim: org_id\n", "").split("      - {issuer: https://partner")[0]
     (policy_dir / "routes.yaml").write_text(one + "routes:\n  GET /reports:\n    cache: {ttl: 30s}\n")
     assert "per-principal state keyed by subject" in explain([policy_dir], route="GET /reports")

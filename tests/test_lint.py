@@ -242,6 +242,59 @@ def test_limit_keyed_by_user_on_a_public_route_is_an_error_at_the_key(policy_dir
     assert "Write `key: ip`" in first.message
 
 
+CLIENT_CHOSEN = """\
+version: 1
+routes:
+  GET /a:
+    public: true
+    rate_limit:
+      - {key: "header:x-tenant", capacity: 2, per: 1s}
+      - {key: ip, capacity: 20, per: 1s}
+  GET /b:
+    public: true
+    rate_limit: {key: "header:x-tenant", capacity: 2, per: 1s}
+  GET /c:
+    public: true
+    rate_limit:
+      - {key: "header:x-tenant", capacity: 2, per: 1s}
+      - {key: ip, capacity: 20, per: 1s, enforce: false}
+  GET /d:
+    public: true
+    rate_limit:
+      - {key: ip, capacity: 20, per: 1s}
+      - {key: api_key, capacity: 2, per: 1s}
+  GET /e:
+    public: true
+    rate_limit: {key: route, capacity: 20, per: 1s}
+"""
+
+
+def test_limits_keyed_by_what_the_client_sends_are_reported_with_the_reason(
+    policy_dir: Path,
+) -> None:
+    write(policy_dir, CLIENT_CHOSEN)
+    findings = lint([policy_dir])
+    found = [(f.code, f.severity, f.dotted_path) for f in findings]
+    assert found == [
+        # Beside a limit by address the header limit only picks a second bucket: a warning.
+        ("client-chosen-key", "warning", "routes.GET /a.rate_limit[0].key"),
+        # Alone (or beside a shadowed limit) it is the route's whole protection: an error.
+        ("client-chosen-limit", "error", "routes.GET /b.rate_limit[0].key"),
+        ("client-chosen-limit", "error", "routes.GET /c.rate_limit[0].key"),
+        # api_key promises a verified key that policyroute never checks: always an error.
+        ("client-chosen-limit", "error", "routes.GET /d.rate_limit[1].key"),
+    ]
+    warning, alone, _, api_key = findings
+    assert warning.location.line == line_of(CLIENT_CHOSEN, "header:x-tenant")
+    assert warning.location.column == col_of(CLIENT_CHOSEN, '"header:x-tenant"')
+    for f in findings:
+        assert "a new value per request" in f.message or "a new x-tenant per request" in f.message
+        assert "spends theirs" in f.message
+    assert "still holds every caller" in warning.message
+    assert "add a limit by `user` or `ip`" in alone.message
+    assert "verifies no API key" in api_key.message and "claim:client_id" in api_key.message
+
+
 PROFILES = """\
 version: 1
 profiles:
@@ -335,7 +388,8 @@ def test_ordinary_values_are_not_mistaken_for_secrets(policy_dir: Path) -> None:
         "    events: {topic: persistent://public/default/io-jobs-with-a-long-topic-name}\n"
     )
     write(policy_dir, text)
-    assert lint([policy_dir]) == []
+    # The only finding is the limit's bucket, which the client picks: no value is a secret.
+    assert codes(lint([policy_dir])) == ["client-chosen-limit"]
 
 
 def test_every_repository_policy_set_lints_without_secrets() -> None:
@@ -365,6 +419,14 @@ routes:
     public: true
     rate_limit: {key: user, capacity: 1, refill: 1, per: 1s}
     breaker: {failures: 3}
+  GET /tenant:
+    public: true
+    rate_limit:
+      - {key: ip, capacity: 9, per: 1s}
+      - {key: "header:x-tenant", capacity: 3, per: 1s}
+  GET /keyed:
+    public: true
+    rate_limit: {key: api_key, capacity: 3, per: 1s}
 """
 
 

@@ -25,6 +25,15 @@ CONCURRENCY_LEASE_MS = 300_000
 TagOf = Callable[[Context], str]
 
 
+def client_chosen(key: str) -> bool:
+    """Whether a limit key is a value the client sends unverified (`api_key`, `header:`).
+
+    Such a limit counts in whatever bucket the request names: a new value each time is a
+    new bucket, another caller's value spends theirs (lint: `client-chosen-key`).
+    """
+    return key == "api_key" or key.startswith("header:")
+
+
 def _tag_of(key: str) -> TagOf:
     """The hash tag of a limit key, chosen once when compiling."""
     if key == "user":
@@ -130,7 +139,7 @@ class RateLimitStep(Part):
         out = []
         for lim in self.compiled:
             s = lim.spec
-            per = s.key
+            per = s.key + (" (chosen by the client)" if client_chosen(s.key) else "")
             if s.algorithm == "concurrency":
                 out.append(f"{lim.name}: at most {s.capacity} in flight per {per}")
             elif s.algorithm == "token_bucket":
