@@ -351,7 +351,13 @@ class StateStep(Step):
     async def _run(self, req: Request, call_next: Handler, outcome: Outcome) -> None:
         wait = req.data.get("wait")
         if wait is not None:
-            stored = await wait()
+            try:
+                stored = await wait()
+            except StorageError as exc:
+                # The backend went away while this miss waited on another request's
+                # entry: run the handler (fail open) or refuse, as for the first call.
+                _without_backend(req.ctx.route, exc, exc.fail_open)
+                stored = None
             if stored is not None:
                 await self._answer(req, stored, outcome)
                 return
@@ -444,17 +450,22 @@ class StateStep(Step):
             _finish_failed(route, exc)
 
     async def _without_backend(self, ctx: Context, call_next: Handler, exc: StorageError) -> None:
-        backend_error(ctx.route, exc)
-        if not self.fail_open:
-            raise Denial(
-                Problems.BACKEND_UNAVAILABLE,
-                "the policy backend is unavailable; try again shortly",
-                headers={"Retry-After": "1"},
-            ) from exc
+        _without_backend(ctx.route, exc, self.fail_open)
         for part in self.parts:
             BACKEND_FAILED_OPEN[part.name] += 1
-        backend_warning(ctx.route, exc)  # one line an interval; the metric counts each
         await call_next(ctx)
+
+
+def _without_backend(route: str, exc: StorageError, fail_open: bool) -> None:
+    """Count a backend failure; refuse with 503 unless the request may go on without it."""
+    backend_error(route, exc)
+    if not fail_open:
+        raise Denial(
+            Problems.BACKEND_UNAVAILABLE,
+            "the policy backend is unavailable; try again shortly",
+            headers={"Retry-After": "1"},
+        ) from exc
+    backend_warning(route, exc)  # one line an interval; the metric counts each
 
 
 def _finish_failed(route: str, exc: StorageError) -> None:
