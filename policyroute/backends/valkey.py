@@ -101,7 +101,10 @@ def lua_source(name: str) -> str:
 
 def _escape_tag(tag: str) -> str:
     # Braces inside a tag would end it early and spread one request's keys over slots.
-    return tag.replace("{", "(").replace("}", ")")
+    # Percent-encoded, so no two tags share a key ('a{b' and 'a(b' once did).
+    if "{" not in tag and "}" not in tag and "%" not in tag:
+        return tag
+    return tag.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
 class ValkeyStore:

@@ -15,6 +15,7 @@ from valkey.exceptions import ValkeyError
 
 from policyroute.backends.pipeline import Pipeline
 from policyroute.backends.valkey import ValkeyStore
+from policyroute.credits import set_balance, show
 from policyroute.embedded import start_valkey
 from policyroute.errors import StorageError
 
@@ -464,3 +465,20 @@ async def test_commands_without_exactly_one_reply_are_refused(
         assert await pipeline.execute("ECHO", "still-paired") == b"still-paired"
     finally:
         await pipeline.close()
+
+
+async def test_accounts_whose_names_differ_only_in_braces_never_share_a_key(
+    valkey_url: str,
+) -> None:
+    # A subject may hold any character: 'a{b', 'a(b' and 'a%7Bb' are three accounts.
+    store = _store(valkey_url)
+    names = ["a{b", "a(b", "a%7Bb", "a}b", "a)b"]
+    try:
+        for amount, name in enumerate(names, start=1):
+            await set_balance(store, name, amount)
+        assert [(await show(store, name)).granted for name in names] == [1, 2, 3, 4, 5]
+        for name in names:
+            key = store.key("s:" + name, "credits")
+            assert key.count("{") == 1 and key.count("}") == 1  # one hash tag, whole
+    finally:
+        await store.stop()
