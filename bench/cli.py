@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import cpu, report, runner, targets, wrk
+from bench import cpu, report, runner, server, targets, wrk
 from bench.apps import VALKEY_URL_ENV
 from bench.backend import valkey
 from bench.loadgen import CONNECTIONS, LoadGenerator
@@ -55,6 +55,16 @@ def scenario_names(text: str) -> list[str]:
     return names
 
 
+def setup_names(text: str) -> list[str]:
+    """Parse ``SETUP[,SETUP]`` and check every name is a known server setup."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in server.SETUPS]
+    if unknown or not names:
+        choices = ", ".join(server.SETUPS)
+        raise argparse.ArgumentTypeError(f"unknown {unknown or text!r}; choose from {choices}")
+    return names
+
+
 def parser() -> argparse.ArgumentParser:
     """Return the argument parser."""
     p = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION)
@@ -87,6 +97,13 @@ def parser() -> argparse.ArgumentParser:
         help="warm-up seconds, 0 for none",
     )
     p.add_argument(
+        "--setups",
+        type=setup_names,
+        default=",".join(server.SETUPS),
+        help="comma-separated server setups, each measured in full: plain (--loop asyncio "
+        "--http h11) and production (--loop uvloop --http httptools); default both",
+    )
+    p.add_argument(
         "--generator",
         choices=("auto", "wrk", "python"),
         default="auto",
@@ -111,8 +128,11 @@ def meta(
     settings: runner.Settings, generator: LoadGenerator, plan: cpu.CpuPlan, rounds: int = 1
 ) -> dict[str, Any]:
     """Return the run's settings as recorded next to the results."""
+    loop, http = server.SETUPS[settings.setup]
     return {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "setup": settings.setup,
+        "server": f"uvicorn --loop {loop} --http {http}",
         "generator": generator.name,
         "duration_s": settings.duration_s,
         "rounds": rounds,
@@ -134,10 +154,12 @@ def run_all(
     generator: LoadGenerator,
     plan: cpu.CpuPlan,
     args: argparse.Namespace,
+    setup: str = "plain",
 ) -> tuple[runner.Settings, list[runner.Outcome]]:
     """Start Valkey, run each scenario against a fresh database and return the outcomes."""
     with valkey() as backend:
         settings = runner.Settings(
+            setup=setup,
             duration_s=args.duration,
             warmup_s=args.warmup,
             connections=args.connections,
@@ -146,7 +168,10 @@ def run_all(
             env={VALKEY_URL_ENV: backend.url},
             backend_cpu=backend.cpu_seconds,
         )
-        log(f"valkey at {backend.url}; generator {generator.name}; cpus {plan.describe()}")
+        log(
+            f"setup {setup}; valkey at {backend.url}; generator {generator.name}; "
+            f"cpus {plan.describe()}"
+        )
         rounds: dict[str, list[runner.Outcome]] = {s.name: [] for s in scenarios}
         # Rounds interleave the scenarios, so a slow spell of the machine hits them all
         # alike instead of one scenario's whole measurement.
@@ -213,6 +238,9 @@ def publish(outcomes: list[runner.Outcome], run_meta: dict[str, Any]) -> int:
 
     Missed targets are reported only; the status is 1 when a scenario failed.
     """
+    setup = str(run_meta.get("setup", "plain"))
+    if "server" in run_meta:
+        print(f"\n== server setup {setup}: {run_meta['server']}")
     print(
         f"generator: {run_meta['generator']}  cpus: {run_meta['cpu_pinning']}  "
         f"connections: {run_meta['connections']}  measured: {run_meta['duration_s']} s, "
@@ -220,15 +248,16 @@ def publish(outcomes: list[runner.Outcome], run_meta: dict[str, Any]) -> int:
         "per-round ratios"
     )
     print(report.table(outcomes))
-    verdicts = targets.evaluate(outcomes)
+    verdicts = targets.evaluate(outcomes, targets.GOALS_OF_SETUP.get(setup, targets.GOALS))
     section = report.targets_table(verdicts)
     if section:
         print("\n" + section)
     problems = report.failures(outcomes)
     if problems:
         print("\n" + problems)
-    report.write_json(RESULTS, outcomes, run_meta, verdicts)
-    print(f"\nwritten {RESULTS}")
+    path = RESULTS if setup == "plain" else RESULTS.with_name(f"results-{setup}.json")
+    report.write_json(path, outcomes, run_meta, verdicts)
+    print(f"\nwritten {path}")
     return 1 if problems else 0
 
 
@@ -241,5 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = cpu.plan()
     cpu.pin_self(plan.others)
     generator = choose_generator(args.generator)
-    settings, outcomes = run_all(selected(args.only), generator, plan, args)
-    return publish(outcomes, meta(settings, generator, plan, args.rounds))
+    status = 0
+    for setup in args.setups:
+        settings, outcomes = run_all(selected(args.only), generator, plan, args, setup)
+        status = max(status, publish(outcomes, meta(settings, generator, plan, args.rounds)))
+    return status

@@ -22,6 +22,7 @@ class Settings:
     env: Mapping[str, str]
     # The shared Valkey server's CPU time so far, measured per request too.
     backend_cpu: Callable[[], float] | None = None
+    setup: str = "plain"  # the server setup (`server.SETUPS`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +92,7 @@ def _cpu_now(
 def run(scenario: Scenario, generator: LoadGenerator, settings: Settings) -> Outcome:
     """Run ``scenario`` and return its outcome; a failure is reported, not raised."""
     try:
-        with server.serve(scenario, settings.env, settings.server_cpus) as running:
+        with server.serve(scenario, settings.env, settings.server_cpus, settings.setup) as running:
             target = Target(
                 server.HOST,
                 running.port,

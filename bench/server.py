@@ -43,8 +43,18 @@ def free_port() -> int:
         return port
 
 
-def command(scenario: Scenario, port: int) -> list[str]:
-    """Return the uvicorn command line for ``scenario`` on ``port``."""
+# The two ways users serve: what a plain `pip install policyroute` runs (uvicorn without
+# [standard]) and what production runs (uvicorn[standard], gunicorn's uvicorn workers).
+# Both are named on the command line, so what happens to be installed changes nothing.
+SETUPS: dict[str, tuple[str, str]] = {
+    "plain": ("asyncio", "h11"),
+    "production": ("uvloop", "httptools"),
+}
+
+
+def command(scenario: Scenario, port: int, setup: str = "plain") -> list[str]:
+    """Return the uvicorn command line for ``scenario`` on ``port`` in server ``setup``."""
+    loop, http = SETUPS[setup]
     return [
         sys.executable,
         "-m",
@@ -54,10 +64,8 @@ def command(scenario: Scenario, port: int) -> list[str]:
         f"--host={HOST}",
         f"--port={port}",
         "--workers=1",
-        # What a plain `pip install policyroute` serves with (uvicorn without [standard]),
-        # named so that an installed uvloop or httptools does not change the comparison.
-        "--loop=asyncio",
-        "--http=h11",
+        f"--loop={loop}",
+        f"--http={http}",
         "--no-access-log",
         "--log-level=warning",
     ]
@@ -128,7 +136,9 @@ class Running:
 
 
 @contextmanager
-def serve(scenario: Scenario, env: Mapping[str, str], cpus: frozenset[int]) -> Iterator[Running]:
+def serve(
+    scenario: Scenario, env: Mapping[str, str], cpus: frozenset[int], setup: str = "plain"
+) -> Iterator[Running]:
     """Run the scenario's app in one uvicorn worker and yield it once it answers."""
     port = free_port()
     fd, name = tempfile.mkstemp(prefix=f"bench-{scenario.name}-", suffix=".log")
@@ -136,7 +146,7 @@ def serve(scenario: Scenario, env: Mapping[str, str], cpus: frozenset[int]) -> I
     try:
         with os.fdopen(fd, "wb") as out:
             proc = subprocess.Popen(
-                command(scenario, port),
+                command(scenario, port, setup),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
