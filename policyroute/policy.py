@@ -297,6 +297,13 @@ class Cache(Model):
         "callers whose values differ never share an entry.",
     )
     vary_query: bool = True
+    ignore_credentials: bool = Field(
+        default=False,
+        description="true: the handler's answer never depends on Authorization, Cookie or "
+        "X-Api-Key, so requests carrying them are cached like any other. Otherwise such a "
+        "request bypasses the cache (never answered from it, never stored) unless the key "
+        "covers the header: a bearer token the route verified, or a header in vary_headers.",
+    )
     local: LocalCache | None = None
     on_backend_error: OnBackendError = "open"
     # How long the first miss may take before waiters run the handler too

@@ -141,7 +141,7 @@ CREDITS = Family(
 CACHE = Family(
     "policyroute_cache_lookups",
     "Response cache lookups: hit, local_hit (in-process tier), miss, wait (another request "
-    "was filling the entry).",
+    "was filling the entry), bypass (the request carried credentials the key does not cover).",
     ("route", "outcome"),
 )
 IDEMPOTENCY = Family(
@@ -167,7 +167,7 @@ DECISIONS: dict[str, tuple[Family, tuple[str, ...]]] = {
         CREDITS,
         ("charged", "refunded", "insufficient", "shadow_sufficient", "shadow_insufficient"),
     ),
-    "cache": (CACHE, ("hit", "local_hit", "miss", "wait")),
+    "cache": (CACHE, ("hit", "local_hit", "miss", "wait", "bypass")),
     "idempotency": (IDEMPOTENCY, ("new", "replay", "in_flight", "reused")),
 }
 OUTCOMES = ("allowed", "denied", "error")

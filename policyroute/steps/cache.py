@@ -33,6 +33,8 @@ from .state import (
 # (unless the policy sets `lock`).
 STAMPEDE_LOCK_MS = 10_000
 HIT = (b"x-cache", b"hit")
+# Request headers that carry credentials a handler may answer by.
+CREDENTIAL_HEADERS = ("authorization", "cookie", "x-api-key")
 log = logging.getLogger("policyroute")
 
 
@@ -48,7 +50,12 @@ def shared_tag(route: str) -> str:
 
 
 class CacheStep(Part):
-    """Answer from the stored response; store 2xx responses without Set-Cookie."""
+    """Answer from the stored response; store 2xx responses without Set-Cookie.
+
+    A request carrying credentials the entry's key does not cover bypasses the cache: it
+    is neither answered from it nor stored, since its response may be made for whoever
+    the credentials name and the key would hand it to callers without them.
+    """
 
     name = "cache"
 
@@ -63,6 +70,12 @@ class CacheStep(Part):
         )
         self.vary_headers = tuple(h.lower() for h in spec.vary_headers)
         self.vary_claims = tuple(claim_value(c) for c in spec.vary_claims)
+        # The credential headers that make a request bypass the cache when present.
+        self.credentials = (
+            ()
+            if spec.ignore_credentials
+            else tuple(h for h in CREDENTIAL_HEADERS if h not in self.vary_headers)
+        )
         self.local: LocalStore[str, tuple[float, Stored]] | None = None
         self.local_ttl = 0.0
         if spec.local is not None:
@@ -82,7 +95,29 @@ class CacheStep(Part):
             if local
             else ""
         )
-        return f"ttl {self.spec.ttl}s, {who}, varies by {', '.join(by)}{first}"
+        bypass = (
+            f"; bypassed by requests with {', '.join(self.credentials)}"
+            " (unless a verified bearer token)"
+            if self.credentials
+            else ""
+        )
+        return f"ttl {self.spec.ttl}s, {who}, varies by {', '.join(by)}{first}{bypass}"
+
+    def uncovered(self, ctx: Context) -> bool:
+        """Whether the request carries a credential the entry's key does not cover.
+
+        A bearer token the auth step verified is covered: the key is its account (or the
+        policy acknowledged one copy for every caller). Headers named in `vary_headers`
+        are in the key. Anything else may have shaped a response meant for its holder.
+        """
+        headers = ctx.headers
+        for name in self.credentials:
+            if not headers.get(name, "").strip():
+                continue
+            if name == "authorization" and ctx.principal.authenticated:
+                continue
+            return True
+        return False
 
     def _local_get(self, key: str) -> Stored | None:
         if self.local is None:
@@ -115,6 +150,10 @@ class CacheStep(Part):
     def peek(self, req: Request) -> None:
         """Answer from the in-process first tier before any other part queues an op."""
         ctx = req.ctx
+        if self.credentials and self.uncovered(ctx):
+            req.data["ca_bypass"] = True
+            ctx.decide("cache", "bypass")
+            return
         tag = shared_tag(ctx.route) if self.spec.shared else principal_tag(ctx)
         path = ctx.scope.get("path", "")
         value, lock = cache_keys(self.store, tag, ctx.route, path, self.vary(ctx))
@@ -129,14 +168,14 @@ class CacheStep(Part):
 
     def prepare(self, req: Request) -> None:
         """Append the lookup op (and the stampede lock on a miss)."""
-        if not req.data.get("ca_local"):
+        if not req.data.get("ca_local") and not req.data.get("ca_bypass"):
             value, lock = req.data["ca_keys"]
             req.op((value, lock), ("ca", self.lock_ms, req.token))
 
     def settle(self, req: Request, reply: list[Any]) -> None:
         """A hit answers; a miss that lost the lock waits for the first one."""
         verdict = req.data["verdict"]
-        if req.data.get("ca_local"):
+        if req.data.get("ca_local") or req.data.get("ca_bypass"):
             return
         if verdict == "hit":
             stored = self._open(req.data["ca_keys"][0], reply[3])

@@ -67,6 +67,18 @@ def make_app(calls: Counter[str]) -> FastAPI:
             response.set_cookie("session", "abc")
         return response
 
+    @app.get("/greeting")
+    async def greeting(request: Request) -> dict[str, str | int]:
+        """A page that greets whoever the caller's cookie, token or API key names."""
+        calls["greeting"] += 1
+        who = (
+            request.cookies.get("session")
+            or request.headers.get("authorization")
+            or request.headers.get("x-api-key")
+            or "stranger"
+        )
+        return {"hello": who, "n": calls["greeting"]}
+
     @app.get("/slow")
     async def slow(sleep: float = 0.0) -> dict[str, bool]:
         calls["slow"] += 1

@@ -7,10 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from policyroute import cache_api, credits
 from policyroute.cli import main
 
+from .identity_kit import SETTINGS, bearer, subject, token
 from .stateful import client, engine, install, running
 
 POLICY = """\
@@ -207,3 +209,93 @@ def test_a_stored_response_comes_back_with_the_same_headers(
 
     stored = Stored(201, headers, b"\0body")
     assert Stored.decode(*stored.encode()) == stored
+
+
+CREDENTIALS = """\
+version: 1
+routes:
+  GET /greeting:
+    public: true
+    cache: {ttl: 60s, local: {max_entries: 8}}
+"""
+LOGGED_IN = [
+    ({"Cookie": "session=alice"}, "alice"),
+    ({"Authorization": "Bearer alice-opaque-token"}, "Bearer alice-opaque-token"),
+    ({"X-Api-Key": "alice-api-key"}, "alice-api-key"),
+]
+
+
+@pytest.mark.parametrize(("credential", "greeted"), LOGGED_IN, ids=["cookie", "bearer", "api-key"])
+async def test_a_response_made_for_credentials_is_never_served_to_another_request(
+    policy_dir: Path, valkey_url: str, credential: dict[str, str], greeted: str
+) -> None:
+    """A public route's entry is keyed by client address: what a logged-in caller got
+    must not reach an anonymous caller from the same address, nor another logged-in one."""
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, CREDENTIALS, valkey_url, calls)
+    bypassed = bypasses()
+    async with running(app) as c:
+        mine = [await c.get("/greeting", headers=credential) for _ in range(2)]
+        anonymous = [await c.get("/greeting") for _ in range(2)]
+        again = await c.get("/greeting", headers=credential)
+    assert [r.json()["hello"] for r in anonymous] == ["stranger", "stranger"]
+    assert anonymous[1].headers["x-cache"] == "hit"  # requests without credentials still cache
+    assert [r.json()["hello"] for r in [*mine, again]] == [greeted] * 3
+    assert all("x-cache" not in r.headers for r in [*mine, again])
+    assert calls["greeting"] == 4
+    assert bypasses() == bypassed + 3
+
+
+def bypasses() -> float:
+    """policyroute_cache_lookups_total{route="GET /greeting", outcome="bypass"}."""
+    labels = {"route": "GET /greeting", "outcome": "bypass"}
+    return REGISTRY.get_sample_value("policyroute_cache_lookups_total", labels) or 0.0
+
+
+AUTHENTICATED = f"""\
+version: 1
+{SETTINGS}routes:
+  GET /greeting:
+    cache: {{ttl: 60s}}
+"""
+
+
+async def test_a_verified_bearer_token_is_the_key_but_a_cookie_beside_it_bypasses(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, AUTHENTICATED, valkey_url, calls)
+    alice = bearer(token(subject()))
+    async with running(app) as c:
+        first, second = [await c.get("/greeting", headers=alice) for _ in range(2)]
+        with_cookie = await c.get("/greeting", headers={**alice, "Cookie": "session=mallory"})
+        after = await c.get("/greeting", headers=alice)
+    assert second.headers["x-cache"] == "hit" and second.content == first.content
+    assert with_cookie.json()["hello"] == "mallory" and "x-cache" not in with_cookie.headers
+    assert after.headers["x-cache"] == "hit" and after.content == first.content
+    assert calls["greeting"] == 2
+
+
+async def test_credentials_the_key_covers_or_the_policy_ignores_are_cached(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    policy = CREDENTIALS.replace("local: {max_entries: 8}", "vary_headers: [Cookie]")
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, policy, valkey_url, calls)
+    async with running(app) as c:
+        alice = [await c.get("/greeting", headers={"Cookie": "session=alice"}) for _ in range(2)]
+        bob = await c.get("/greeting", headers={"Cookie": "session=bob"})
+        anonymous = await c.get("/greeting")
+    assert [r.json()["hello"] for r in alice] == ["alice", "alice"]
+    assert alice[1].headers["x-cache"] == "hit"
+    assert (bob.json()["hello"], anonymous.json()["hello"]) == ("bob", "stranger")
+
+    policy = CREDENTIALS.replace("local: {max_entries: 8}", "ignore_credentials: true")
+    calls = Counter()
+    app = install(policy_dir, policy, valkey_url, calls)
+    async with running(app) as c:
+        first = await c.get("/greeting", headers={"Cookie": "session=alice"})
+        second = await c.get("/greeting")
+    # The policy vouches that the handler ignores credentials: one entry for both.
+    assert second.headers["x-cache"] == "hit" and second.content == first.content
+    assert calls["greeting"] == 1
