@@ -380,11 +380,17 @@ class Breaker(Model):
         return self
 
 
+_FIELD_PATHS = (
+    "Object keys joined by dots: `order.amount` is the `amount` of the `order` object, "
+    'never a top-level key spelled "order.amount"; absent fields are left out.'
+)
+
+
 class EventFields(Model):
     """Which request and response JSON fields go into the event."""
 
-    request: list[str] = Field(default_factory=list)
-    response: list[str] = Field(default_factory=list)
+    request: list[str] = Field(default_factory=list, description=_FIELD_PATHS)
+    response: list[str] = Field(default_factory=list, description=_FIELD_PATHS)
 
 
 class Events(Model):

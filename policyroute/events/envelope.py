@@ -27,9 +27,13 @@ _MISSING = object()
 
 
 def _lookup(doc: Mapping[str, Any], path: str) -> Any:
-    """A top-level key, else a dotted path into nested objects; `_MISSING` when absent."""
-    if path in doc:
-        return doc[path]
+    """The value at a dotted path into nested objects; `_MISSING` when absent.
+
+    A path resolves one way only: `order.amount` is the `amount` key of the `order`
+    object, never a top-level key spelled "order.amount" (a body could otherwise send
+    both and make the event disagree with what the handler read). A key whose name holds
+    a dot cannot be chosen; arrays are not entered.
+    """
     node: Any = doc
     for part in path.split("."):
         if not isinstance(node, Mapping) or part not in node:

@@ -320,3 +320,28 @@ routes:
             assert (await credits.show(store, "127.0.0.1", ip=True)).total == 4
         messages = await listener.take(2, wait=3.0)
     assert [json.loads(m.data())["response"] for m in messages] == [{"done": 3}]
+
+
+async def test_a_field_path_only_ever_names_the_nested_value(
+    policy_dir: Path, valkey_url: str, pulsar_url: str
+) -> None:
+    """`order.amount` is the `amount` of `order`, which the handler reads; a top-level key
+    spelled "order.amount" in the body is never what the event reports."""
+    t = topic("paths")
+    policy = f"""\
+version: 1
+routes:
+  POST /jobs:
+    public: true
+    events: {{topic: {t}, fields: {{request: [order.amount], response: [echo.order.amount]}}}}
+"""
+    app, _ = install(policy_dir, policy, valkey_url=valkey_url, pulsar_url=pulsar_url)
+    forged = {"order.amount": 1, "order": {"amount": 1000}}
+    async with Listener(pulsar_url, t) as listener:
+        async with running(app) as c:
+            for body in (forged, {"order.amount": 1}):
+                assert (await c.post("/jobs", json=body)).status_code == 201
+        first, second = [json.loads(m.data()) for m in await listener.take(2)]
+    assert first["request"] == {"order.amount": 1000}
+    assert first["response"] == {"echo.order.amount": 1000}
+    assert second["request"] == {} and second["response"] == {}
