@@ -12,7 +12,9 @@ def run(target: str, *, host: str, port: int, reload: bool) -> int:
     """Start missing backends, export their URLs, then serve `target` until interrupted."""
     import uvicorn
 
+    from .config import Settings
     from .embedded import start_pulsar, start_valkey
+    from .observability.logs import uvicorn_log_config
 
     with ExitStack() as stack:
         if not os.environ.get("POLICYROUTE_VALKEY_URL"):
@@ -33,5 +35,14 @@ def run(target: str, *, host: str, port: int, reload: bool) -> int:
             sys.path.insert(0, str(Path.cwd()))
         # Client addresses come from the socket; only `trusted_proxies` in the policy may
         # let a proxy header replace one (uvicorn would trust X-Forwarded-For from loopback).
-        uvicorn.run(target, host=host, port=port, log_level="info", proxy_headers=False)
+        # Uvicorn's access and error lines pass the sanitizer too (JSON with LOG_JSON).
+        log_config = uvicorn_log_config(json_lines=Settings().log_json)
+        uvicorn.run(
+            target,
+            host=host,
+            port=port,
+            log_level="info",
+            log_config=log_config,
+            proxy_headers=False,
+        )
     return 0

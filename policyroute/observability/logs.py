@@ -12,9 +12,12 @@ never be logged (OWASP logging cheat sheet):
 - the exact values the current request carried in its credential, TOTP code, API key,
   cookie and idempotency-key headers, wherever they appear (a message, an exception).
 
-The filter sits on every `policyroute` logger (so records are clean at the source, whatever
-handlers the application uses) and on the handler `configure_logging` installs (so the
-application's own records are cleaned too). `sanitize_logger(logger)` protects any other.
+The filter sits on every `policyroute` logger and on uvicorn's (`uvicorn`, `uvicorn.error`,
+`uvicorn.access`, `uvicorn.asgi`), so records are clean at the source whatever handlers
+log them, and on the handler `configure_logging` installs (so the application's own records
+are cleaned too). `sanitize_logger(logger)` protects any other. `policyroute run` hands
+uvicorn `uvicorn_log_config()`, which also puts the filter on uvicorn's handlers and, with
+`POLICYROUTE_LOG_JSON=1`, formats its lines as the same JSON lines.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ class Redaction:
             alternatives = "|".join(re.escape(k).replace("_", "[-_]") for k in names)
             self._pattern = re.compile(
                 rf"(?i)(?<![A-Za-z0-9])([\"']?(?:{alternatives})[\"']?\s*[:=]\s*)"
-                r"(\"[^\"]*\"|'[^']*'|[^\s,;&}\]\)]+)"
+                # A value already redacted (a JWT, an e-mail) is taken whole, not re-wrapped.
+                r"(\[REDACTED\](?![^\s,;&}\]\)])|\"[^\"]*\"|'[^']*'|[^\s,;&}\]\)]+)"
             )
         return self._pattern
 
@@ -222,8 +226,13 @@ class LogFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a broken format string: keep what was given, cleaned
             message = f"{record.msg!r} % {record.args!r}"
-        record.msg = scrub(message, secrets)
-        record.args = None
+        clean_message = scrub(message, secrets)
+        args = _clean_args(record, secrets, clean_message)
+        if args is None:
+            record.msg = clean_message
+            # Uvicorn's colour variant of the message is a format string for the args.
+            record.__dict__.pop("color_message", None)
+        record.args = args
         for key, value in list(vars(record).items()):
             if key in _STANDARD:
                 continue
@@ -238,7 +247,34 @@ class LogFilter(logging.Filter):
         return True
 
 
+def _clean_args(
+    record: logging.LogRecord, secrets: tuple[str, ...], clean_message: str
+) -> tuple[Any, ...] | None:
+    """The record's args cleaned one by one, when they format to `clean_message`; else None.
+
+    Keeping the format string and its args lets formatters that read the args (uvicorn's
+    access formatter) work on a cleaned record. Where a secret would span the format and
+    an argument, the pieces do not format to the cleaned message, and the record carries
+    that message alone.
+    """
+    args = record.args
+    if not isinstance(args, tuple) or not args:
+        return None
+    cleaned = tuple(
+        a if isinstance(a, bool | int | float) or a is None else clean(a, secrets) for a in args
+    )
+    try:
+        formatted = str(record.msg) % cleaned
+    except Exception:  # a conversion the cleaned value no longer fits (%d of a string)
+        return None
+    return cleaned if formatted == clean_message else None
+
+
 FILTER = LogFilter()
+
+
+# Record attributes that only restate the message for a terminal (uvicorn's colours).
+_PRESENTATION = {"color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -255,7 +291,7 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", None),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and key not in _PRESENTATION and not key.startswith("_"):
                 doc[key] = value
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
@@ -275,6 +311,11 @@ POLICYROUTE_LOGGERS = (
 )
 
 
+# Uvicorn's loggers: the access log names each request's path and query, the error log
+# the exceptions of the application.
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+
+
 def sanitize_logger(logger: logging.Logger) -> None:
     """Add the sanitizing filter to a logger (records logged on it are cleaned at the source)."""
     if FILTER not in logger.filters:
@@ -282,8 +323,8 @@ def sanitize_logger(logger: logging.Logger) -> None:
 
 
 def protect() -> None:
-    """Put the filter on every `policyroute` logger that exists (and the well-known ones)."""
-    names = set(POLICYROUTE_LOGGERS)
+    """Put the filter on every `policyroute` logger that exists, and on uvicorn's."""
+    names = set(POLICYROUTE_LOGGERS) | set(UVICORN_LOGGERS)
     names.update(n for n in logging.root.manager.loggerDict if n.partition(".")[0] == "policyroute")
     for name in sorted(names):
         sanitize_logger(logging.getLogger(name))
@@ -312,6 +353,43 @@ def configure_logging(
     root.setLevel(level)
     protect()
     return handler
+
+
+def uvicorn_log_config(*, json_lines: bool, level: str = "INFO") -> dict[str, Any]:
+    """A `logging.config.dictConfig` for uvicorn: its loggers and handlers sanitized.
+
+    As uvicorn's own: the server's lines on stderr, the access log on stdout; as JSON lines
+    (`JsonFormatter`) when `json_lines`, else uvicorn's text with the cleaned message.
+    """
+    text = {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s %(message)s"}
+    formatter: dict[str, Any] = {"()": JsonFormatter} if json_lines else text
+    sanitized = {"filters": ["sanitize"], "formatter": "line", "class": "logging.StreamHandler"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"sanitize": {"()": lambda: FILTER}},
+        "formatters": {"line": formatter},
+        "handlers": {
+            "default": {**sanitized, "stream": "ext://sys.stderr"},
+            "access": {**sanitized, "stream": "ext://sys.stdout"},
+        },
+        "loggers": {
+            "uvicorn": {
+                "handlers": ["default"],
+                "level": level,
+                "propagate": False,
+                "filters": ["sanitize"],
+            },
+            "uvicorn.error": {"level": level, "filters": ["sanitize"]},
+            "uvicorn.access": {
+                "handlers": ["access"],
+                "level": level,
+                "propagate": False,
+                "filters": ["sanitize"],
+            },
+            "uvicorn.asgi": {"filters": ["sanitize"]},
+        },
+    }
 
 
 protect()

@@ -7,10 +7,18 @@ actually sent through the paths that could leak it, then checks the findings so 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 
 from policyroute.backends.valkey import ValkeyStore
@@ -18,6 +26,7 @@ from policyroute.credits import set_balance
 from policyroute.identity.totp import enrol
 from policyroute.observability.logs import JsonFormatter
 from tests.events.kit import topic
+from tests.servers import REPO, free_port
 
 from .canary import (
     CANARY_API_KEY,
@@ -121,3 +130,94 @@ async def test_canaries_sent_everywhere_surface_nowhere(
     assert any(s.name == "policyroute.events" for s in spans)  # the event's span was made
     scan_metrics()
     assert FINDINGS.all() == []
+
+
+SERVED_APP = """\
+from fastapi import FastAPI, Request
+
+import policyroute
+
+app = FastAPI()
+
+
+@app.get("/ping")
+async def ping() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@app.get("/boom")
+async def boom(request: Request) -> dict[str, bool]:
+    raise RuntimeError("refused " + request.headers.get("authorization", ""))
+
+
+policyroute.install(app)
+"""
+
+
+@pytest.mark.parametrize("json_lines", [True, False], ids=["json", "text"])
+def test_policyroute_run_logs_no_secret_from_uvicorn(
+    tmp_path: Path, valkey_url: str, pulsar_url: str, json_lines: bool
+) -> None:
+    """`policyroute run` configures uvicorn's access and error loggers: each of their lines
+    goes through the sanitizer (as JSON lines with POLICYROUTE_LOG_JSON=1)."""
+    (tmp_path / "served_app.py").write_text(SERVED_APP)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "routes.yaml").write_text(
+        "version: 1\nroutes:\n  GET /ping:\n    public: true\n  GET /boom:\n    public: true\n"
+    )
+    port = free_port()
+    env = {
+        **os.environ,
+        "POLICYROUTE_VALKEY_URL": valkey_url,
+        "POLICYROUTE_PULSAR_URL": pulsar_url,
+        "POLICYROUTE_POLICIES": str(policies),
+        "POLICYROUTE_KEY_PREFIX": "t" + uuid.uuid4().hex[:10],
+        "POLICYROUTE_LOG_JSON": "1" if json_lines else "0",
+        # This checkout's policyroute, whatever the environment has installed.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    jwt = token("canary-served")
+    secret_query = f"access_token={jwt}&api_key={CANARY_API_KEY}&email={CANARY_EMAIL}"
+    command = [sys.executable, "-m", "policyroute.cli", "run", "served_app:app", "--port", str(port)]
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=stdout, stderr=stderr)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{base}/ping", timeout=1.0)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and server.poll() is None, err.read_text()
+                time.sleep(0.05)
+        ping = httpx.get(f"{base}/ping?{secret_query}", headers=bearer(jwt))
+        boom = httpx.get(f"{base}/boom", headers={"Authorization": f"Bearer {jwt}"})
+        opaque = httpx.get(f"{base}/boom", headers={"Authorization": f"Bearer {CANARY_OPAQUE}"})
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert (ping.status_code, boom.status_code, opaque.status_code) == (200, 500, 500)
+    text = out.read_text() + err.read_text()
+    # Uvicorn's access line names the raw path (as it should); no secret may ride along.
+    assert leaks(text, paths=False) == [], text
+    # The Pulsar client's native threads may still print this as the process ends.
+    native = "terminate called without an active exception"
+    lines = [line for line in text.splitlines() if line.strip() and line != native]
+    if json_lines:
+        records = [json.loads(line) for line in lines]  # every line is a JSON object
+        access = [r["message"] for r in records if r["logger"] == "uvicorn.access"]
+        errors = [r for r in records if r["logger"] == "uvicorn.error" and "exception" in r]
+        assert any("refused Bearer [REDACTED]" in r["exception"] for r in errors), text
+    else:
+        access = [line for line in lines if ' - "GET /' in line]
+        assert "refused Bearer [REDACTED]" in text, text
+    query = "access_token=[REDACTED]&api_key=[REDACTED]&email=[REDACTED]"
+    assert any(f'"GET /ping?{query} HTTP/1.1" 200' in line for line in access), text
+    assert sum('"GET /boom HTTP/1.1" 500' in line for line in access) == 2, text

@@ -95,6 +95,41 @@ def test_the_filter_cleans_message_arguments_extras_and_tracebacks() -> None:
     assert record.exc_text and JWT not in record.exc_text and "ValueError" in record.exc_text
 
 
+def test_uvicorns_access_log_is_sanitized_at_its_logger_and_still_formats() -> None:
+    """Under uvicorn's own logging config (an app served by `uvicorn app:app`), the access
+    logger carries the filter, and uvicorn's access formatter, which reads the record's
+    arguments, prints the cleaned request line."""
+    from uvicorn.logging import AccessFormatter
+
+    path = f"/items?access_token={JWT}&api_key=k-123456&page=2"
+    args = ("127.0.0.1:50000", "GET", path, "1.1", 200)
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', args, None
+    )
+    assert logging.getLogger("uvicorn.access").filter(record)
+    formatter = AccessFormatter(
+        '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False
+    )
+    assert formatter.format(record) == (
+        'INFO:     127.0.0.1:50000 - "GET /items?access_token=[REDACTED]&api_key=[REDACTED]'
+        '&page=2 HTTP/1.1" 200 OK'
+    )
+
+
+@pytest.mark.parametrize("name", ["uvicorn", "uvicorn.error", "uvicorn.asgi"])
+def test_uvicorns_other_loggers_are_sanitized_at_the_source(name: str) -> None:
+    record = logging.LogRecord(name, logging.ERROR, __file__, 1, "failed: %s", (JWT,), None)
+    record.__dict__["color_message"] = "failed: %s"
+    assert logging.getLogger(name).filter(record)
+    assert record.getMessage() == f"failed: {REDACTED}"
+    # A secret that spans the format and an argument: the message is cleaned whole.
+    record = logging.LogRecord(name, logging.ERROR, __file__, 1, "password=%s", ("pw-1",), None)
+    record.__dict__["color_message"] = "password=%s"
+    assert logging.getLogger(name).filter(record)
+    assert (record.getMessage(), record.args) == (f"password={REDACTED}", None)
+    assert "color_message" not in record.__dict__
+
+
 def test_request_ids_are_the_callers_only_when_sane() -> None:
     assert sane("req-42") and sane("0af7651916cd43dd8448eb211c80319c")
     assert not sane("two words") and not sane("x" * 200) and not sane("")
