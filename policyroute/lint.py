@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.routing import BaseRoute
 
+from ._networks import WIDE_PREFIX, IPNetwork, public_cover
 from ._positions import Doc, KeyPath, read_docs
 from .binding import no_policy_finding, unmatched_entries, unpolicied
 from .compiler import unenforced
@@ -69,7 +70,14 @@ RULES: Mapping[str, Rule] = {
         Rule(
             "open-trusted-proxies",
             "error",
-            "trusted_proxies trusts every address, so any client can choose its own address.",
+            "trusted_proxies trust every address (or, together, every public one), so any "
+            "client can choose its own address.",
+        ),
+        Rule(
+            "wide-trusted-proxies",
+            "warning",
+            "trusted_proxies trust more public addresses than a /16 holds; each can choose "
+            "its own client address.",
         ),
         Rule(
             "user-limit-on-public-route",
@@ -443,10 +451,16 @@ def _at(doc: Doc, path: KeyPath) -> Location:
 def _open_proxies(doc: Doc) -> list[Finding]:
     out = []
     base = ("settings", "trusted_proxies")
+    entries: list[tuple[str, IPNetwork]] = []
+    open_versions: set[int] = set()
     for path, value in doc.scalars.items():
         if path[:2] != base or len(path) > 3:
             continue
+        network = _network(value)
+        if network is not None:
+            entries.append((value.strip(), network))
         if value.strip().lower() in _OPEN or _prefix_zero(value):
+            open_versions |= {4, 6} if network is None else {network.version}
             out.append(
                 _finding(
                     "open-trusted-proxies",
@@ -458,14 +472,48 @@ def _open_proxies(doc: Doc) -> list[Finding]:
                     path,
                 )
             )
+    for cover in public_cover(n for _, n in entries):
+        if cover.version in open_versions:
+            continue  # reported at its /0 entry
+        written = ", ".join(text for text, n in entries if n.version == cover.version)
+        if cover.everything:
+            out.append(
+                _finding(
+                    "open-trusted-proxies",
+                    f"trusted_proxies {written} together trust every public "
+                    f"IPv{cover.version} address, so any client can send X-Forwarded-For or "
+                    "Forwarded and choose its own address (defeating ip_allowlist and "
+                    "per-address limits). List only your proxies' networks, e.g. 10.0.0.0/8",
+                    _at(doc, base),
+                    base,
+                )
+            )
+        elif cover.wide:
+            out.append(
+                _finding(
+                    "wide-trusted-proxies",
+                    f"trusted_proxies {written} trust {cover.addresses:,} public "
+                    f"IPv{cover.version} addresses, more than a /{WIDE_PREFIX} holds (in "
+                    f"{', '.join(map(str, cover.networks))}): a client at any of them can "
+                    "choose its own address. Keep them only if nothing but your proxies "
+                    "lives there (a CDN's published ranges); else list narrower networks",
+                    _at(doc, base),
+                    base,
+                )
+            )
     return out
 
 
-def _prefix_zero(value: str) -> bool:
+def _network(value: str) -> IPNetwork | None:
     try:
-        return ipaddress.ip_network(value.strip(), strict=False).prefixlen == 0
+        return ipaddress.ip_network(value.strip(), strict=False)
     except ValueError:
-        return False
+        return None
+
+
+def _prefix_zero(value: str) -> bool:
+    network = _network(value)
+    return network is not None and network.prefixlen == 0
 
 
 def _inline_secrets(doc: Doc) -> list[Finding]:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from ._networks import public_cover
 from ._types import Duration, HeaderName, Network, Scope, Topic
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
@@ -182,6 +183,14 @@ class GlobalSettings(Model):
                 f"trusted_proxies {', '.join(everyone)} trusts every address, so any client "
                 "could set its own address; list only your proxies' networks"
             )
+        for cover in public_cover(self.trusted_proxies):
+            if cover.everything:
+                entries = [str(n) for n in self.trusted_proxies if n.version == cover.version]
+                raise ValueError(
+                    f"trusted_proxies {', '.join(entries)} together trust "
+                    f"every public IPv{cover.version} address, so any client could set its "
+                    "own address; list only your proxies' networks"
+                )
         return self
 
 

@@ -214,6 +214,64 @@ def test_trusted_proxies_that_trust_everyone_is_one_error_at_the_entry(
     assert "List only your proxies' networks" in finding.message
 
 
+@pytest.mark.parametrize(
+    ("entries", "family"),
+    [
+        ("[10.0.0.0/8, 0.0.0.0/1, 128.0.0.0/1]", "IPv4"),
+        ('["::/1", "8000::/1"]', "IPv6"),
+        ("[0.0.0.0/1, 128.0.0.0/2, 192.0.0.0/2]", "IPv4"),
+        # Everything but 10.0.0.0/8: no /0 anywhere, every public address all the same.
+        (
+            "[0.0.0.0/5, 8.0.0.0/7, 11.0.0.0/8, 12.0.0.0/6, 16.0.0.0/4, 32.0.0.0/3, "
+            "64.0.0.0/2, 128.0.0.0/1]",
+            "IPv4",
+        ),
+    ],
+)
+def test_trusted_proxies_that_together_trust_every_public_address_are_an_error(
+    entries: str, family: str, policy_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = f"version: 1\nsettings:\n  trusted_proxies: {entries}\nroutes:\n  GET /x:\n    public: true\n"
+    path = write(policy_dir, text)
+    [finding] = lint([policy_dir])
+    assert finding.code == "open-trusted-proxies" and finding.severity == "error"
+    assert (finding.location.line, finding.location.column) == (3, 20)
+    assert finding.dotted_path == "settings.trusted_proxies"
+    assert f"together trust every public {family} address" in finding.message
+    assert "List only your proxies' networks" in finding.message
+    code, out = run(capsys, "lint", str(policy_dir))
+    assert code == 1 and out.startswith(f"{path}:3:20: error[open-trusted-proxies]")
+
+
+@pytest.mark.parametrize(
+    ("entries", "warned"),
+    [
+        ("[52.0.0.0/15]", "131,072 public IPv4 addresses"),
+        ("[52.0.0.0/16, 54.0.0.0/16, 10.0.0.0/8]", "131,072 public IPv4 addresses"),
+        ("[0.0.0.0/1]", "2,092,957,696 public IPv4 addresses"),
+        ('["2400::/15"]', "public IPv6 addresses"),
+        ("[52.0.0.0/16]", None),  # a /16 is not wider than a /16
+        ('[10.0.0.0/8, 172.16.0.0/12, 100.64.0.0/10, "fc00::/7"]', None),  # no public space
+    ],
+)
+def test_trusted_proxies_wider_than_a_16_of_public_space_are_a_warning(
+    entries: str, warned: str | None, policy_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = f"version: 1\nsettings:\n  trusted_proxies: {entries}\nroutes:\n  GET /x:\n    public: true\n"
+    path = write(policy_dir, text)
+    found = lint([policy_dir])
+    code, out = run(capsys, "lint", str(policy_dir))
+    assert code == 0  # warnings never fail the build
+    if warned is None:
+        assert found == []
+        return
+    [finding] = found
+    assert finding.code == "wide-trusted-proxies" and finding.severity == "warning"
+    assert finding.dotted_path == "settings.trusted_proxies"
+    assert warned in finding.message and "more than a /16 holds" in finding.message
+    assert out.startswith(f"{path}:3:20: warning[wide-trusted-proxies]")
+
+
 USER_LIMIT = """\
 version: 1
 routes:
@@ -403,7 +461,7 @@ def test_every_repository_policy_set_lints_without_secrets() -> None:
 ALL = """\
 version: 1
 settings:
-  trusted_proxies: [10.0.0.0/8]
+  trusted_proxies: [10.0.0.0/8, 52.0.0.0/15]
 profiles:
   spare:
     scopes: [x]
@@ -443,7 +501,7 @@ def test_every_rule_fires_on_one_policy_set_each_with_a_fix(
     found = lint([policy_dir], app)
     assert set(codes(found)) == set(RULES) - {"open-trusted-proxies", "inline-secret"}
     assert all(f.severity == RULES[f.code].severity for f in found)
-    write(policy_dir, ALL.replace("[10.0.0.0/8]", '["*"]') + "    password: hunter2\n")
+    write(policy_dir, ALL.replace("[10.0.0.0/8, 52.0.0.0/15]", '["*"]') + "    password: hunter2\n")
     found = lint([policy_dir], small_app())
     # The schema refuses `*`, so the merged-policy rules cannot run; the rules on the
     # files as written still do, and the open proxy is reported once, at its entry.

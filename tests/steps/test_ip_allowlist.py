@@ -98,10 +98,22 @@ async def test_a_huge_forwarded_for_is_read_only_at_its_right_end(policy_dir: Pa
     assert over.status_code == 431
 
 
-@pytest.mark.parametrize("proxy", ["0.0.0.0/0", "::/0", "*"])
-async def test_trusting_every_address_is_a_config_error(policy_dir: Path, proxy: str) -> None:
-    write_policies(policy_dir, ROUTES, SETTINGS + f'  trusted_proxies: ["{proxy}"]\n')
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize(
+    "proxies",
+    [
+        '["0.0.0.0/0"]',
+        '["::/0"]',
+        '["*"]',
+        "[0.0.0.0/1, 128.0.0.0/1]",
+        '["::/1", "8000::/1"]',
+        # Everything but 10.0.0.0/8: every public address all the same.
+        "[0.0.0.0/5, 8.0.0.0/7, 11.0.0.0/8, 12.0.0.0/6, 16.0.0.0/4, 32.0.0.0/3, 64.0.0.0/2, "
+        "128.0.0.0/1]",
+    ],
+)
+async def test_trusting_every_address_is_a_config_error(policy_dir: Path, proxies: str) -> None:
+    write_policies(policy_dir, ROUTES, SETTINGS + f"  trusted_proxies: {proxies}\n")
+    with pytest.raises(ConfigError, match="trust"):
         async with serve(policy_dir):
             pass
 
