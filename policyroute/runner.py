@@ -27,7 +27,9 @@ def run(target: str, *, host: str, port: int, reload: bool) -> int:
             stack.callback(broker.stop)
             os.environ["POLICYROUTE_PULSAR_URL"] = broker.url
             print(
-                f"policyroute: embedded Pulsar-compatible broker at {broker.url}", file=sys.stderr
+                f"policyroute: embedded Pulsar-compatible broker at {broker.url} "
+                f"(metrics at {broker.metrics_url})",
+                file=sys.stderr,
             )
         if reload:
             os.environ["POLICYROUTE_RELOAD"] = "1"
