@@ -279,7 +279,13 @@ async def test_two_workers_serve_every_user_right_through_a_valkey_fault(
             async with httpx.AsyncClient(base_url=served.base, timeout=TIMEOUT) as c:
                 for u in range(USERS):
                     await load.call(c, u, "/charge", fresh=True)
-            balances = [await credits.show(direct, user) for user in users]
+            # Each call's commit is sent after its response: give the last ones a moment.
+            settled = time.monotonic() + 2.0
+            while True:
+                balances = [await credits.show(direct, user) for user in users]
+                if not any(b.held for b in balances) or time.monotonic() > settled:
+                    break
+                await asyncio.sleep(0.05)
         finally:
             proxy.heal()
             await direct.stop()
