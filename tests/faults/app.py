@@ -9,15 +9,14 @@ carries `x-pid`, the worker process that gave it.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from typing import Any
 
 from fastapi import Depends, FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import policyroute
 from tests.steps.identity_kit import SETTINGS
+from tests.steps.stateful import tag_pid
 
 # `credits.hold`: a reservation no commit settled is refunded after it (by the next charge).
 HOLD = 1.0
@@ -70,21 +69,4 @@ def worker_app() -> FastAPI:
     """The app for uvicorn workers (policies and Valkey from POLICYROUTE_*), tagged `x-pid`."""
     app = make_app()
     policyroute.install(app)
-    pid = str(os.getpid()).encode()
-    inner = app.build_middleware_stack
-
-    def build() -> ASGIApp:
-        wrapped = inner()
-
-        async def tagged(scope: Scope, receive: Receive, send: Send) -> None:
-            async def tag(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    message = {**message, "headers": [*message.get("headers", []), (b"x-pid", pid)]}
-                await send(message)
-
-            await wrapped(scope, receive, tag)
-
-        return tagged
-
-    app.build_middleware_stack = build  # type: ignore[method-assign]
-    return app
+    return tag_pid(app)

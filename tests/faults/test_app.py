@@ -25,7 +25,6 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +33,13 @@ import pytest
 
 from policyroute import credits
 from policyroute.backends.valkey import ValkeyStore
-from policyroute.embedded import EmbeddedValkey, start_valkey
+from policyroute.embedded import EmbeddedValkey
 from policyroute.errors import Problems
 from tests.servers import uvicorn
 from tests.steps.identity_kit import bearer, subject, token
 
 from .app import HOLD, POLICY
-from .kit import RECOVERY, thaw, valkey_faults
+from .kit import RECOVERY, valkey_faults
 from .proxy import FaultProxy
 
 USERS = 4
@@ -53,24 +52,6 @@ STEADY = 0.5  # load from RECOVERY after the fault's end, when everything must b
 FRESH = 1.5  # at most this long to reach both workers on fresh connections
 TIMEOUT = 5.0  # an answer later than this is a hang
 EXIT = 5.0  # seconds from SIGTERM to every process gone
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[EmbeddedValkey]:
-    """A valkey-server of this module alone: it is paused."""
-    own = start_valkey()
-    try:
-        yield own
-    finally:
-        thaw(own.pid)
-        own.stop()
-
-
-@pytest.fixture(scope="module")
-def proxy(server: EmbeddedValkey) -> Iterator[FaultProxy]:
-    """The workers' link to the module's server."""
-    with FaultProxy("127.0.0.1", server.port) as link:
-        yield link
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,16 @@ import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from policyroute.backends.valkey import ValkeyStore
-from policyroute.embedded import EmbeddedValkey, start_valkey
+from policyroute.embedded import EmbeddedValkey
 from policyroute.errors import StorageError
 
-from .kit import RECOVERY, thaw, valkey_faults
+from .kit import RECOVERY, valkey_faults
 from .proxy import FaultProxy
 
 CALLERS = 32
@@ -36,24 +35,6 @@ WARM = 0.2  # load before the fault
 STEADY = 0.5  # load after recovery, when every call must get its own reply
 HANG = 3.0  # no call may take longer, whatever the fault
 ECHO_SCRIPT = "return ARGV[1]"
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[EmbeddedValkey]:
-    """A valkey-server of this module alone: it is paused and killed."""
-    own = start_valkey()
-    try:
-        yield own
-    finally:
-        thaw(own.pid)
-        own.stop()
-
-
-@pytest.fixture(scope="module")
-def proxy(server: EmbeddedValkey) -> Iterator[FaultProxy]:
-    """The link to the module's server."""
-    with FaultProxy("127.0.0.1", server.port) as link:
-        yield link
 
 
 @dataclass

@@ -125,6 +125,11 @@ def worker_app() -> FastAPI:
     """
     app = make_app(Counter())
     policyroute.install(app)
+    return tag_pid(app)
+
+
+def tag_pid(app: FastAPI) -> FastAPI:
+    """`app`, every answer of which names the process that gave it (`x-pid`)."""
     pid = str(os.getpid()).encode()
     inner = app.build_middleware_stack
 
