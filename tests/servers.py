@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -99,3 +100,62 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, workers: int) -> None:
         if not tagged:
             time.sleep(0.5)  # untagged app: give the other workers time to start
             return
+
+
+@dataclass(frozen=True)
+class Run:
+    """A running `policyroute run`: its process, base URL and the file of its output."""
+
+    proc: subprocess.Popen[bytes]
+    base: str
+    log: Path
+
+
+@contextlib.contextmanager
+def policyroute_run(
+    folder: Path,
+    target: str,
+    policies: Path,
+    valkey_url: str,
+    pulsar_url: str,
+    env: dict[str, str] | None = None,
+    probe: str = "/",
+) -> Iterator[Run]:
+    """`policyroute run TARGET` from `folder` (this checkout's package), until it answers.
+
+    Stopped with SIGINT on exit (killed after 20 s); stdout and stderr go to one log file.
+    """
+    port = free_port()
+    environ = {
+        **os.environ,
+        "POLICYROUTE_VALKEY_URL": valkey_url,
+        "POLICYROUTE_PULSAR_URL": pulsar_url,
+        "POLICYROUTE_POLICIES": str(policies),
+        "POLICYROUTE_KEY_PREFIX": "t" + uuid.uuid4().hex[:10],
+        # This checkout's policyroute, whatever the environment has installed.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
+    environ.pop("POLICYROUTE_RELOAD", None)
+    log = folder / "policyroute-run.log"
+    command = [sys.executable, "-m", "policyroute.cli", "run", target, "--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=folder, env=environ, stdout=out, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(base + probe, timeout=1.0)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.05)
+        yield Run(proc, base, log)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

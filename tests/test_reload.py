@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +21,7 @@ import policyroute
 from policyroute import credits
 from policyroute.binding import Engine
 from policyroute.reloader import Hangup, Reloader, is_policy_change
-from tests.servers import free_port
+from tests.servers import policyroute_run
 
 OPEN_A = "version: 1\nroutes:\n  GET /a:\n    public: true\n"
 OPEN_B = "version: 1\nroutes:\n  GET /b:\n    public: true\n"
@@ -290,21 +287,11 @@ def test_sighup_reloads_under_policyroute_run(
     policies.mkdir()
     file = policies / "routes.yaml"
     file.write_text("version: 1\nroutes:\n  GET /probe:\n    public: true\n")
-    port = free_port()
-    env = {
-        **os.environ,
-        "POLICYROUTE_VALKEY_URL": valkey_url,
-        "POLICYROUTE_PULSAR_URL": pulsar_url,
-        "POLICYROUTE_POLICIES": str(policies),
-        "POLICYROUTE_KEY_PREFIX": "t" + uuid.uuid4().hex[:10],
-    }
-    env.pop("POLICYROUTE_RELOAD", None)
-    log = tmp_path / "server.log"
-    command = [sys.executable, "-m", "policyroute.cli", "run", "probe_app:app", "--port", str(port)]
-    with log.open("wb") as out:
-        server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}/probe"
-    try:
+    with policyroute_run(
+        tmp_path, "probe_app:app", policies, valkey_url, pulsar_url, probe="/probe"
+    ) as run:
+        url = f"{run.base}/probe"
+        server, log = run.proc, run.log
         wait_status(url, 200)
         file.write_text("version: 1\nroutes:\n  GET /other:\n    public: true\n")
         time.sleep(0.5)
@@ -318,13 +305,6 @@ def test_sighup_reloads_under_policyroute_run(
             time.sleep(0.05)
         assert httpx.get(url).status_code == 403  # the last good policy stays
         assert server.poll() is None  # SIGHUP did not end the server
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
     text = log.read_text(errors="replace")
     assert f"{file}:4:5: error[unknown-key] unknown key 'publik'" in text
 

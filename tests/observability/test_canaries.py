@@ -9,12 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -26,7 +20,7 @@ from policyroute.credits import set_balance
 from policyroute.identity.totp import enrol
 from policyroute.observability.logs import JsonFormatter
 from tests.events.kit import topic
-from tests.servers import REPO, free_port
+from tests.servers import policyroute_run
 
 from .canary import (
     CANARY_API_KEY,
@@ -166,45 +160,18 @@ def test_policyroute_run_logs_no_secret_from_uvicorn(
     (policies / "routes.yaml").write_text(
         "version: 1\nroutes:\n  GET /ping:\n    public: true\n  GET /boom:\n    public: true\n"
     )
-    port = free_port()
-    env = {
-        **os.environ,
-        "POLICYROUTE_VALKEY_URL": valkey_url,
-        "POLICYROUTE_PULSAR_URL": pulsar_url,
-        "POLICYROUTE_POLICIES": str(policies),
-        "POLICYROUTE_KEY_PREFIX": "t" + uuid.uuid4().hex[:10],
-        "POLICYROUTE_LOG_JSON": "1" if json_lines else "0",
-        # This checkout's policyroute, whatever the environment has installed.
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
     jwt = token("canary-served")
     secret_query = f"access_token={jwt}&api_key={CANARY_API_KEY}&email={CANARY_EMAIL}"
-    command = [sys.executable, "-m", "policyroute.cli", "run", "served_app:app", "--port", str(port)]
-    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=stdout, stderr=stderr)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"{base}/ping", timeout=1.0)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and server.poll() is None, err.read_text()
-                time.sleep(0.05)
+    env = {"POLICYROUTE_LOG_JSON": "1" if json_lines else "0"}
+    with policyroute_run(
+        tmp_path, "served_app:app", policies, valkey_url, pulsar_url, env, probe="/ping"
+    ) as run:
+        base = run.base
         ping = httpx.get(f"{base}/ping?{secret_query}", headers=bearer(jwt))
         boom = httpx.get(f"{base}/boom", headers={"Authorization": f"Bearer {jwt}"})
         opaque = httpx.get(f"{base}/boom", headers={"Authorization": f"Bearer {CANARY_OPAQUE}"})
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
     assert (ping.status_code, boom.status_code, opaque.status_code) == (200, 500, 500)
-    text = out.read_text() + err.read_text()
+    text = run.log.read_text()
     # Uvicorn's access line names the raw path (as it should); no secret may ride along.
     assert leaks(text, paths=False) == [], text
     # The Pulsar client's native threads may still print this as the process ends.
