@@ -14,6 +14,7 @@ from starlette.websockets import WebSocket
 
 import policyroute
 from policyroute import ConfigError
+from tests.test_gate import scope_of
 
 POLICY = """\
 version: 1
@@ -213,19 +214,7 @@ async def test_websocket_without_policy_is_closed(policies: Path) -> None:
     async def send(message: dict[str, object]) -> None:
         messages.append(message)
 
-    scope = {
-        "type": "websocket",
-        "path": "/ws",
-        "raw_path": b"/ws",
-        "headers": [],
-        "query_string": b"",
-        "root_path": "",
-        "scheme": "ws",
-        "client": ("127.0.0.1", 1),
-        "server": ("t", 80),
-        "subprotocols": [],
-        "asgi": {"version": "3.0"},
-    }
+    scope = scope_of("websocket", "/ws", subprotocols=[])
     await app(scope, receive, send)  # type: ignore[arg-type]
     assert messages[0]["type"] == "websocket.close"
     assert messages[0]["code"] == 1008

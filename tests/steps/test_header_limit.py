@@ -12,6 +12,7 @@ from starlette.types import Message
 import policyroute
 from policyroute import credits
 from policyroute.errors import Problems
+from tests.test_gate import scope_of
 
 from .stateful import engine, make_app, running
 
@@ -110,19 +111,7 @@ async def test_a_websocket_with_a_header_over_the_limit_is_closed(policy_dir: Pa
         async def send(message: Message) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "websocket",
-            "path": "/ws",
-            "raw_path": b"/ws",
-            "headers": headers,
-            "query_string": b"",
-            "root_path": "",
-            "scheme": "ws",
-            "client": ("127.0.0.1", 1),
-            "server": ("t", 80),
-            "subprotocols": [],
-            "asgi": {"version": "3.0"},
-        }
+        scope = scope_of("websocket", "/ws", headers=headers, subprotocols=[])
         await app(scope, receive, send)
         return sent
 
