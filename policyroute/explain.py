@@ -24,6 +24,7 @@ from .events.bus import EventBus
 from .loader import PolicySet, RouteEntry, load_policies
 from .policy import RoutePolicy
 from .resilience import with_profiles
+from .resolve import route_key
 from .services import OFFLINE_PULSAR_URL, OFFLINE_VALKEY_URL
 
 BUILT_IN = "   (built-in default)"
@@ -187,7 +188,9 @@ def explain(
         policies = load_policies(*paths)
         env = Env(policies.settings, services=with_profiles(policies, _offline_services()))
         chains = [compile_route(e, env) for e in policies.routes.values()]
-    wanted = " ".join(route.split()) if route is not None else None
+    wanted = None
+    if route is not None:  # a concrete request (`get /user/42`) names its route's template
+        wanted = route_key(policies, route) or " ".join(route.split())
     by_route = {e.key: e for e in policies.routes.values()}
     docs: dict[str, Doc] | None = None
     blocks: list[str] = []

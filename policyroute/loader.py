@@ -92,14 +92,29 @@ class PolicySet:
         return entry
 
 
+TEST_SUFFIXES = (".test.yaml", ".test.yml")
+
+
+def is_test_file(path: Path) -> bool:
+    """Whether a file is a policy test file (`*.test.yaml`), which lives beside policies."""
+    return path.name.endswith(TEST_SUFFIXES)
+
+
 def policy_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand directories into their `*.yaml` / `*.yml` files, sorted; keep files as given."""
+    """Expand directories into their `*.yaml` / `*.yml` files, sorted; keep files as given.
+
+    Policy test files (`*.test.yaml`, run by `policyroute test`) in a directory are skipped.
+    """
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
             out.extend(
-                sorted(q for q in p.iterdir() if q.suffix in (".yaml", ".yml") and q.is_file())
+                sorted(
+                    q
+                    for q in p.iterdir()
+                    if q.suffix in (".yaml", ".yml") and q.is_file() and not is_test_file(q)
+                )
             )
         elif p.is_file():
             out.append(p)
