@@ -95,7 +95,16 @@ Register = Callable[[Any], None]
 def _optional_commands() -> list[Register]:
     """Subcommands that live in their own modules (added as capabilities land)."""
     found: list[Register] = []
-    for name in ("cli_token", "cli_mfa", "cli_credits", "cli_cache", "cli_worker"):
+    for name in (
+        "cli_token",
+        "cli_mfa",
+        "cli_credits",
+        "cli_cache",
+        "cli_worker",
+        "cli_test",
+        "cli_check",
+        "cli_diff",
+    ):
         try:
             module = importlib.import_module(f"policyroute.{name}")
         except ModuleNotFoundError as exc:
