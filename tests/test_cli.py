@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from policyroute.cli import main
+from policyroute.loader import is_test_file
 from policyroute.schema import policy_schema, schema_text
 
 from .conftest import REPO
@@ -116,7 +117,11 @@ def test_schema_command_prints_the_schema(capsys: pytest.CaptureFixture[str]) ->
 
 def repository_policy_files() -> list[Path]:
     """Every policy YAML file committed in the repository."""
-    found = [p for p in REPO.rglob("*.yaml") if ".venv" not in p.parts and "policies" in p.parts]
+    found = [
+        p
+        for p in REPO.rglob("*.yaml")
+        if ".venv" not in p.parts and "policies" in p.parts and not is_test_file(p)
+    ]
     return sorted(found)
 
 
