@@ -169,4 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m policyroute.cli`: run the module the subcommands import, so the errors they
+    # raise (`policyroute.cli.UsageError`) are the ones its `main` catches.
+    from policyroute.cli import main as _main
+
+    sys.exit(_main())
