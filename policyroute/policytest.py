@@ -107,7 +107,7 @@ class Expect(_Model):
         default=None, description="What each limit has left after the request (RateLimit)."
     )
     ran: bool | None = Field(default=None, description="Whether the handler was called.")
-    cache: Literal["hit", "local_hit", "miss", "wait"] | None = None
+    cache: Literal["hit", "local_hit", "miss", "wait", "bypass"] | None = None
     idempotency: Literal["new", "replay", "in_flight", "reused"] | None = None
     events: list[str] | None = Field(default=None, description="Topics published to.")
     shadow: str | None = Field(
