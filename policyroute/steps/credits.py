@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems, StorageError
 from ..observability.metrics import backend_error
@@ -18,6 +20,11 @@ def hold_keys(store: Store, tag: str) -> tuple[str, str]:
     """An account's balance key and the key of its open reservations."""
     balance = store.key(tag, "credits")
     return balance, balance + ":held"
+
+
+# What a handler or server raises when the client went away mid-response (Starlette's
+# ClientDisconnect under ASGI spec 2.4 servers, whose send raises OSError).
+GONE = (asyncio.CancelledError, OSError, ClientGone, ClientDisconnect)
 
 
 class CreditsStep(Part):
@@ -42,6 +49,7 @@ class CreditsStep(Part):
         )
         self.refund_on = frozenset(spec.refund_on)
         self.watch_disconnect = "disconnect" in self.refund_on
+        self.hears_disconnect = not self.shadow
 
     def describe(self) -> str:
         """Cost, refunds and allowance in one line."""
@@ -127,8 +135,12 @@ class CreditsStep(Part):
             return True
         on = self.refund_on
         if not outcome.done:
-            gone = isinstance(outcome.error, (asyncio.CancelledError, OSError, ClientGone))
-            return ("disconnect" if gone else "error") in on or outcome.error is None
+            # A response cut short: by the client (a server error on send, a cancelled
+            # handler, or a streaming response that stopped when told the client left),
+            # else by the app. Only what `refund_on` names is refunded.
+            error = outcome.error
+            gone = isinstance(error, GONE) or (error is None and outcome.gone)
+            return ("disconnect" if gone else "error") in on
         status = outcome.status
         return (
             (status >= 500 and "5xx" in on)

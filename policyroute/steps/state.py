@@ -208,6 +208,9 @@ class Outcome:
     started: bool = False
     done: bool = False
     error: BaseException | None = None
+    # The app was told the client disconnected (`http.disconnect`): a response it left
+    # unfinished without raising was cut short by the client, not by the app.
+    gone: bool = False
 
     @property
     def complete(self) -> Stored | None:
@@ -224,6 +227,8 @@ class Part(Step):
     fail_open: bool = False
     # Whether the handler must stop (and this part settle) when the client goes away.
     watch_disconnect: bool = False
+    # Whether `after` needs to know that the app was told the client left (`Outcome.gone`).
+    hears_disconnect: bool = False
 
     def peek(self, req: Request) -> None:
         """Answer from process memory before any part queues an op (the cache's first tier)."""
@@ -271,6 +276,7 @@ class StateStep(Step):
         self.finish_op = f"{self.names} finish"
         self.peekers = tuple(p for p in self.parts if type(p).peek is not Part.peek)
         self.watch = any(p.watch_disconnect for p in self.parts)
+        self.hear = any(p.hears_disconnect for p in self.parts)
 
     def describe(self) -> str:
         """One line for explain: the parts in evaluation order."""
@@ -363,6 +369,9 @@ class StateStep(Step):
                 return
         ctx = req.ctx
         original = ctx.send
+        received = ctx.receive
+        if self.hear:
+            ctx.receive = _hearing(received, outcome)
         # A request that owns an idempotency record stores it before the client sees the
         # end of the response, so a retry sent right after the response is a replay, not
         # a 409 for a request still "in flight".
@@ -386,6 +395,7 @@ class StateStep(Step):
                 await call_next(ctx)
         finally:
             ctx.send = original
+            ctx.receive = received
             if entered is not None:
                 ENTERED.reset(entered)
 
@@ -472,6 +482,19 @@ def _finish_failed(route: str, exc: StorageError) -> None:
     """An after-handler call failed: count it and say so (the response has gone)."""
     backend_error(route, exc)
     backend_warning(route, exc)
+
+
+def _hearing(receive: Receive, outcome: Outcome) -> Receive:
+    """A `receive` that marks `outcome.gone` when it hands the app an `http.disconnect`."""
+
+    async def hear() -> Message:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            outcome.gone = True
+        return message
+
+    hear.upstream = getattr(receive, "upstream", receive)  # type: ignore[attr-defined]
+    return hear
 
 
 def _recording(

@@ -13,7 +13,7 @@ import anyio
 import httpx
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import policyroute
@@ -85,6 +85,21 @@ def make_app(calls: Counter[str]) -> FastAPI:
         await anyio.sleep(sleep)
         return {"ok": True}
 
+    async def stream(chunks: int = 20, size: int = 16, sleep: float = 0.0) -> Response:
+        """`chunks` lines of `size` bytes, `sleep` seconds apart."""
+        calls["stream"] += 1
+        line = b"x" * (size - 1) + b"\n"
+
+        async def lines() -> AsyncIterator[bytes]:
+            for i in range(chunks):
+                if i and sleep:
+                    await anyio.sleep(sleep)
+                yield line
+
+        return StreamingResponse(lines(), media_type="application/octet-stream")
+
+    app.add_api_route("/stream", stream, methods=["GET"])
+    app.add_api_route("/stream/refunded", stream, methods=["GET"])
     return app
 
 

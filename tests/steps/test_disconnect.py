@@ -26,7 +26,14 @@ routes:
   POST /charge:
     public: true
     credits: {cost: 1}
+  GET /stream:
+    public: true
+    credits: {cost: 1}
+  GET /stream/refunded:
+    public: true
+    credits: {cost: 1, refund_on: [5xx, timeout, error, disconnect]}
 """
+LINE = b"x" * 15 + b"\n"  # one line of tests/steps/stateful.py's /stream
 
 
 @pytest.fixture
@@ -99,5 +106,48 @@ async def test_hang_up_is_charged_when_the_policy_does_not_refund_it(
         # The default refund_on has no `disconnect`: the work was done, so it is charged.
         balance = await _balance_settles(store, 9)
         assert (balance.total, balance.held) == (9, 0)
+    finally:
+        await store.stop()
+
+
+async def _read_part(host: str, port: int, path: bytes, lines: int) -> None:
+    """Read the first `lines` lines of a streamed response, then close the connection."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path)
+    await writer.drain()
+    seen = b""
+    while seen.count(LINE) < lines:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, "the server ended the stream early"
+        seen += data
+    assert seen.count(LINE) == lines  # the rest had not been sent yet
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_a_stream_read_in_part_is_charged_unless_refund_on_names_disconnect(
+    server: tuple[str, int, str], valkey_url: str
+) -> None:
+    host, port, prefix = server
+    store = ValkeyStore(valkey_url, prefix=prefix)
+    try:
+        await credits.set_balance(store, "127.0.0.1", 10, ip=True)
+        # 19 of 20 lines, three times: the default refund_on has no `disconnect`, so each
+        # stream the client walked away from is paid for.
+        for _ in range(3):
+            await _read_part(host, port, b"/stream?chunks=20&sleep=0.05", 19)
+        balance = await _balance_settles(store, 7)
+        assert (balance.total, balance.held) == (7, 0)
+        # The same on a route whose refund_on names `disconnect`: refunded.
+        await _read_part(host, port, b"/stream/refunded?chunks=20&sleep=0.05", 19)
+        await asyncio.sleep(0.3)
+        balance = await _balance_settles(store, 7)
+        assert (balance.total, balance.held) == (7, 0)
+        # A stream read to the end is charged on either route.
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as c:
+            whole = await c.get("/stream/refunded?chunks=20")
+        assert whole.content == LINE * 20
+        balance = await _balance_settles(store, 6)
+        assert (balance.total, balance.held) == (6, 0)
     finally:
         await store.stop()
