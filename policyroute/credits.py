@@ -10,6 +10,11 @@ callers of public routes are charged by client address (`ip=True`).
 `account` is the principal's account name (`principal.Accounts.name`): its subject when
 one issuer is configured and no tenant claim, else a name that also holds issuer and
 tenant (`policyroute credits --issuer --tenant` makes it from the policy settings).
+
+A running request's hold is renewed every quarter of `hold`, so only a process that
+stopped (died, or stalled for most of `hold`) loses its reservations to the next charge,
+which refunds them and remembers them for a day in `...:credits:swept`. A request that
+still commits one of those is charged again then, once; the balance may go below zero.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 -- p, plus the reservations whose hold expired by `now` (a process died before settling
 -- them), which go back first. Returns b, a, p and those reservations' members
 -- ('from_a:from_b:period:token', scored by expiry); allowance comes back only within the
--- period it was taken from.
+-- period it was taken from. What a charge sweeps is remembered (member scored by when it
+-- is forgotten) for SWEPT_KEPT ms in the account's `:swept` set.
+local SWEPT_KEPT = 86400000
 local function account(balance_key, held_key, now)
   local s = redis.call('HMGET', balance_key, 'b', 'a', 'p')
   local b = tonumber(s[1]) or 0

@@ -9,21 +9,41 @@ while op do
     redis.call('ZREM', KEYS[ki], ARGV[ai])
     ki, ai = ki + 1, ai + 1
   elseif op == 'ref' then
-    local k, held = KEYS[ki], KEYS[ki + 1]
+    local k, held, swept = KEYS[ki], KEYS[ki + 1], KEYS[ki + 2]
     local from_a, from_b = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
     local p, token = ARGV[ai + 2], ARGV[ai + 3]
-    ki, ai = ki + 2, ai + 4
+    ki, ai = ki + 3, ai + 4
+    local m = from_a .. ':' .. from_b .. ':' .. p .. ':' .. token
     -- Only a reservation still held goes back: one already swept was refunded then.
-    if redis.call('ZREM', held, from_a .. ':' .. from_b .. ':' .. p .. ':' .. token) == 1 then
+    if redis.call('ZREM', held, m) == 1 then
       if from_b > 0 then redis.call('HINCRBY', k, 'b', from_b) end
       -- allowance goes back only within the period it came from (a new period reset it)
       if from_a > 0 and redis.call('HGET', k, 'p') == p then
         redis.call('HINCRBY', k, 'a', from_a)
       end
+    else
+      redis.call('ZREM', swept, m)
     end
   elseif op == 'com' then
-    redis.call('ZREM', KEYS[ki], ARGV[ai])
-    ki, ai = ki + 1, ai + 1
+    local k, held, swept, m = KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], ARGV[ai]
+    ki, ai = ki + 3, ai + 1
+    -- A reservation swept while its request still ran (the hold ran out: the process
+    -- stalled, or could not renew it) was refunded by that sweep: charge it again. Its
+    -- mark goes with the charge, so a second run finds neither and charges nothing.
+    if redis.call('ZREM', held, m) == 0 and redis.call('ZREM', swept, m) == 1 then
+      local from_a, from_b, p = string.match(m, '^(%d+):(%d+):([^:]*):')
+      local debt = tonumber(from_b)
+      from_a = tonumber(from_a)
+      -- the sweep gave allowance back only within its period: take it from there, and
+      -- what that period has no more of from the balance (which may go below zero)
+      if from_a > 0 and redis.call('HGET', k, 'p') == p then
+        local a = tonumber(redis.call('HGET', k, 'a')) or 0
+        local take = math.max(0, math.min(a, from_a))
+        if take > 0 then redis.call('HINCRBY', k, 'a', -take) end
+        debt = debt + from_a - take
+      end
+      if debt > 0 then redis.call('HINCRBY', k, 'b', -debt) end
+    end
   elseif op == 'ids' then
     local k = KEYS[ki]
     redis.call('HSET', k, 'st', '1', 'code', ARGV[ai], 'hd', ARGV[ai + 1], 'bd', ARGV[ai + 2])

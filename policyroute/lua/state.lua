@@ -103,8 +103,8 @@ local short = nil
 -- account's new fields and the hold's expiry and member
 local take = nil
 if op == 'cr' then
-  local k, held = KEYS[ki], KEYS[ki + 1]
-  ki = ki + 2
+  local k, held, swept = KEYS[ki], KEYS[ki + 1], KEYS[ki + 2]
+  ki = ki + 3
   local cost, amount, every = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), ARGV[ai + 2]
   local hold, token = tonumber(ARGV[ai + 3]), ARGV[ai + 4]
   ai = ai + 5
@@ -112,6 +112,11 @@ if op == 'cr' then
   if #lost > 0 then
     redis.call('ZREM', held, unpack(lost))
     redis.call('HSET', k, 'b', b, 'a', a, 'p', p)
+    -- Remember what was swept for a day: a request that was still running commits it
+    -- later, and its commit then charges it again (finish.lua, 'com').
+    redis.call('ZREMRANGEBYSCORE', swept, '-inf', now)
+    for _, m in ipairs(lost) do redis.call('ZADD', swept, now + SWEPT_KEPT, m) end
+    redis.call('PEXPIRE', swept, SWEPT_KEPT)
   end
   if amount > 0 then
     local cur = period(now, every)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -16,10 +17,15 @@ from ..policy import Credits, RoutePolicy
 from .state import ClientGone, Outcome, Part, Request, Vault, principal_tag
 
 
-def hold_keys(store: Store, tag: str) -> tuple[str, str]:
-    """An account's balance key and the key of its open reservations."""
+def hold_keys(store: Store, tag: str) -> tuple[str, str, str]:
+    """An account's balance key, the key of its open reservations and of those swept."""
     balance = store.key(tag, "credits")
-    return balance, balance + ":held"
+    return balance, balance + ":held", balance + ":swept"
+
+
+# A running request's hold is renewed every quarter of `hold` (at most every RENEW_MIN s).
+RENEW_MIN = 0.05
+RENEW = "credits renew"
 
 
 # What a handler or server raises when the client went away mid-response (Starlette's
@@ -50,6 +56,13 @@ class CreditsStep(Part):
         self.refund_on = frozenset(spec.refund_on)
         self.watch_disconnect = "disconnect" in self.refund_on
         self.hears_disconnect = not self.shadow
+        # Reservations of requests still running, by token: (held key, member, since), and
+        # the task that renews their holds while there are any (see `_renew`).
+        self.hold_ms = self.op[4]
+        self.every = max(RENEW_MIN, spec.hold / 4)
+        self.live: dict[str, tuple[str, str, float]] = {}
+        self.renewer: asyncio.Task[None] | None = None
+        self.route = ""
 
     def describe(self) -> str:
         """Cost, refunds and allowance in one line."""
@@ -60,7 +73,8 @@ class CreditsStep(Part):
             return f"cost {self.spec.cost}{extra} (shadow: enforce false; read, never charged)"
         return (
             f"cost {self.spec.cost}, refund on {', '.join(self.spec.refund_on)}{extra}, "
-            f"unfinished reservations refunded after {self.spec.hold}s"
+            f"held while the request runs, refunded {self.spec.hold}s after its process "
+            "stops renewing the hold"
         )
 
     def prepare(self, req: Request) -> None:
@@ -74,14 +88,18 @@ class CreditsStep(Part):
         req.op(keys, (*self.op, req.token))
         req.data["cr_keys"] = keys
 
-    def _probe(self, req: Request, keys: tuple[str, str]) -> None:
+    def _probe(self, req: Request, keys: tuple[str, str, str]) -> None:
         """Read the balance the next charge would see, beside the script."""
         store, route = self.store, req.ctx.route
 
         async def evaluate() -> None:
             try:
                 balance = await store.run(
-                    "credits_peek", keys, self.peek_args, operation="credits shadow", fail_open=True
+                    "credits_peek",
+                    keys[:2],
+                    self.peek_args,
+                    operation="credits shadow",
+                    fail_open=True,
                 )
             except StorageError as exc:
                 backend_error(route, exc)
@@ -123,6 +141,54 @@ class CreditsStep(Part):
             from_a, from_b = int(row[0]), int(row[1])
             period = row[3].decode() if isinstance(row[3], bytes) else str(row[3])
             req.data["cr_taken"] = (from_a, from_b, period)
+            self._keep(req, f"{from_a}:{from_b}:{period}:{req.token}")
+
+    def _keep(self, req: Request, member: str) -> None:
+        """Renew this reservation's hold until the request settles it."""
+        self.live[req.token] = (req.data["cr_keys"][1], member, time.monotonic())
+        renewer = self.renewer
+        if renewer is None or renewer.done():
+            self.route = req.ctx.route
+            self.renewer = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        """While requests hold credits, renew every hold older than a quarter of `hold`.
+
+        So a request that runs longer than `hold` keeps its reservation: the next charge
+        of the account does not sweep (refund) it, and its commit then takes it. Holds
+        are renewed in one script call per account each time; the task ends when no
+        reservation is open, and the next one starts it again.
+        """
+        store, route = self.store, self.route
+        try:
+            while self.live:
+                await asyncio.sleep(self.every)
+                due: dict[str, list[Arg]] = {}
+                older = time.monotonic() - self.every
+                for held, member, since in self.live.values():
+                    if since <= older:
+                        due.setdefault(held, [self.hold_ms]).append(member)
+                calls = [
+                    store.run("credits_renew", [held], members, operation=RENEW, fail_open=True)
+                    for held, members in due.items()
+                ]
+                for failed in await asyncio.gather(*calls, return_exceptions=True):
+                    if isinstance(failed, StorageError):
+                        # The commit still charges a hold swept meanwhile (finish.lua).
+                        backend_error(route, failed)
+                        backend_warning(route, failed)
+                    elif isinstance(failed, BaseException):
+                        raise failed
+        finally:
+            if self.renewer is asyncio.current_task():
+                self.renewer = None
+
+    async def stop(self) -> None:
+        """Stop renewing holds (the engine stops; requests still running keep theirs)."""
+        renewer, self.renewer = self.renewer, None
+        if renewer is not None and not renewer.done():
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
 
     def refund(self, outcome: Outcome) -> bool:
         """Whether the reserved credits go back: no charge without a handler's response."""
@@ -153,6 +219,7 @@ class CreditsStep(Part):
         taken = req.data.get("cr_taken")
         if taken is None:
             return
+        self.live.pop(req.token, None)
         keys = req.data["cr_keys"]
         ctx = req.ctx
         if self.refund(outcome):
@@ -160,7 +227,7 @@ class CreditsStep(Part):
             ctx.decide("credits", "refunded")
         else:
             from_a, from_b, period = taken
-            req.finish("com", keys[1:], f"{from_a}:{from_b}:{period}:{req.token}")
+            req.finish("com", keys, f"{from_a}:{from_b}:{period}:{req.token}")
             ctx.decide("credits", "charged")
             ctx.note("credits.charged", self.spec.cost)
 

@@ -283,6 +283,11 @@ class StateStep(Step):
         inner = "; ".join(f"{p.name}({p.describe()})" for p in self.parts)
         return f"one Valkey round trip: {inner}"
 
+    async def stop(self) -> None:
+        """End the parts' background work (credits renewing holds)."""
+        for part in self.parts:
+            await part.stop()
+
     async def around(self, ctx: Context, call_next: Handler) -> None:
         """Run the fused pre-checks, answer or deny, else run the handler and finish."""
         req = Request(ctx, token=IDS.next())

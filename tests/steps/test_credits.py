@@ -13,12 +13,18 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 import policyroute
 from policyroute import credits
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.cli import main
 from policyroute.errors import Problems
+from policyroute.policy import Credits
+from policyroute.steps.base import Context
+from policyroute.steps.credits import CreditsStep
+from policyroute.steps.state import Outcome
+from policyroute.steps.state import Request as StateRequest
 
 from .stateful import engine, install, running
 
@@ -269,3 +275,93 @@ async def test_a_request_refused_before_the_endpoint_ran_is_not_charged(
     assert calls == Counter(
         {"items": 2, "sync-items": 2, "included": 2, "guarded": 1, "plain": 2, "owned": 2}
     )
+
+
+LONG_POLICY = """\
+version: 1
+routes:
+  GET /charge:
+    public: true
+    credits: {cost: 1, hold: 400ms}
+"""
+
+
+async def test_a_request_running_longer_than_the_hold_keeps_it_and_pays_once(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    calls: Counter[str] = Counter()
+    app = install(policy_dir, LONG_POLICY, valkey_url, calls)
+    async with running(app) as c:
+        store = store_of(app)
+        await credits.set_balance(store, "127.0.0.1", 2, ip=True)
+        long = asyncio.create_task(c.get("/charge?sleep=1.5"))  # runs ~4 holds
+        await asyncio.sleep(0.9)
+        # The long request still holds its credit: one is left, then none.
+        assert (await c.get("/charge")).status_code == 200
+        assert (await c.get("/charge")).status_code == 402
+        assert (await long).status_code == 200
+        balance = await credits.show(store, "127.0.0.1", ip=True)
+    # Two paid calls moved the balance by two.
+    assert (balance.total, balance.held) == (0, 0)
+    assert calls["charge"] == 2
+
+
+def _context() -> Context:
+    scope = {"type": "http", "method": "GET", "headers": [], "client": ("127.0.0.1", 1)}
+
+    async def receive() -> Message:
+        raise AssertionError("not called")
+
+    async def send(message: Message) -> None:
+        raise AssertionError("not called")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("not called")
+
+    return Context(scope, receive, send, "GET /charge", app)
+
+
+async def test_a_commit_whose_hold_was_swept_charges_once_even_when_run_twice(
+    valkey_url: str,
+) -> None:
+    store = ValkeyStore(valkey_url, prefix="t" + uuid.uuid4().hex[:10])
+    # The step's own ops, run as the state step runs them: one reservation whose hold
+    # runs out at once (its process stalled), one held for a minute.
+    stalled = CreditsStep(store, Credits(cost=1, hold=0.001))
+    steady = CreditsStep(store, Credits(cost=1, hold=60))
+
+    async def reserve(step: CreditsStep) -> StateRequest:
+        req = StateRequest(_context(), token=uuid.uuid4().hex)
+        step.prepare(req)
+        reply = await store.run("state", req.keys, req.args, operation="test", fail_open=False)
+        req.data["verdict"] = reply[0].decode()
+        step.settle(req, reply)
+        return req
+
+    async def commit(step: CreditsStep, req: StateRequest) -> None:
+        """The after-handler ops of a request that succeeded, as the step queues them."""
+        req.finish_keys.clear()
+        req.finish_args.clear()
+        req.finish_marks.clear()
+        step.after(req, Outcome(handler_ran=True, status=200, started=True, done=True))
+        await store.run("finish", req.finish_keys, req.finish_args, operation="test",
+                        fail_open=False)  # fmt: skip
+
+    try:
+        await credits.set_balance(store, "127.0.0.1", 5, ip=True)
+        lost = await reserve(stalled)
+        await asyncio.sleep(0.01)
+        second = await reserve(steady)  # this charge sweeps (refunds) the lost hold
+        assert (await credits.show(store, "127.0.0.1", ip=True)).total == 4
+        # The stalled request finishes after all: its commit charges, once however often
+        # the store sends it (a call that met no server is sent again).
+        await commit(stalled, lost)
+        await commit(stalled, lost)
+        await commit(steady, second)
+        await commit(steady, second)
+        balance = await credits.show(store, "127.0.0.1", ip=True)
+        assert (balance.total, balance.held) == (3, 0)
+    finally:
+        await stalled.stop()
+        await steady.stop()
+        await store.stop()
