@@ -1,4 +1,4 @@
-"""Validated scalar types of the policy language: durations, CIDRs, topics, scopes."""
+"""Validated scalar types of the policy language: durations, sizes, CIDRs, topics, scopes."""
 
 from __future__ import annotations
 
@@ -45,6 +45,48 @@ def format_duration(seconds: float) -> str:
             return f"{int(seconds / size)}{unit}"
     millis = seconds * 1000
     return f"{int(millis)}ms" if millis.is_integer() else f"{seconds}s"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)\s*$")
+_UNIT_BYTES = {
+    "B": 1,
+    "KB": 1000,
+    "KiB": 1 << 10,
+    "MB": 1000**2,
+    "MiB": 1 << 20,
+    "GB": 1000**3,
+    "GiB": 1 << 30,
+}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from `512B`, `64KiB`, `1MiB`, `10MB`, `1GiB` or a non-negative whole number."""
+    if isinstance(value, bool):
+        raise ValueError("a size is a string like '1MiB' or a number of bytes, not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must not be negative, got {value}")
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            size = float(match.group(1)) * _UNIT_BYTES[match.group(2)]
+            if not size.is_integer():
+                raise ValueError(f"invalid size {value!r}: not a whole number of bytes")
+            return int(size)
+        raise ValueError(
+            f"invalid size {value!r}: use a number with a unit "
+            "(512B, 64KiB, 1MiB, 10MB, 1GiB) or a number of bytes"
+        )
+    raise ValueError(f"a size is a string like '1MiB' or a number of bytes, got {value!r}")
+
+
+def format_size(size: int) -> str:
+    """The shortest exact spelling of a size in binary units, for explain and schema output."""
+    for unit in ("GiB", "MiB", "KiB"):
+        if size >= _UNIT_BYTES[unit] and size % _UNIT_BYTES[unit] == 0:
+            return f"{size // _UNIT_BYTES[unit]}{unit}"
+    return f"{size}B"
 
 
 def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -103,6 +145,20 @@ Duration = Annotated[
                 {"type": "number", "minimum": 0},
             ],
             "description": "A duration: 250ms, 30s, 5m, 1h, 1d, or seconds as a number.",
+        }
+    ),
+]
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    PlainSerializer(format_size, return_type=str),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": _SIZE.pattern},
+                {"type": "integer", "minimum": 0},
+            ],
+            "description": "A size: 512B, 64KiB, 1MiB, 10MB, 1GiB, or bytes as a number.",
         }
     ),
 ]

@@ -107,6 +107,11 @@ class Problems:
     IDEMPOTENCY_IN_FLIGHT = ProblemType(
         "idempotency-in-flight", "A request with this Idempotency-Key is in progress", 409
     )
+    IDEMPOTENCY_RESPONSE_NOT_KEPT = ProblemType(
+        "idempotency-response-not-kept",
+        "The request with this Idempotency-Key completed; its response was too large to keep",
+        409,
+    )
     CIRCUIT_OPEN = ProblemType("circuit-open", "Service temporarily unavailable", 503)
     BACKEND_UNAVAILABLE = ProblemType("backend-unavailable", "A policy backend is unavailable", 503)
     KEYS_UNAVAILABLE = ProblemType(

@@ -118,6 +118,7 @@ def _state(policy: RoutePolicy, add: Add) -> None:
             add(Problems.IDEMPOTENCY_KEY_MISSING)
         add(Problems.IDEMPOTENCY_KEY_INVALID)
         add(Problems.IDEMPOTENCY_IN_FLIGHT)
+        add(Problems.IDEMPOTENCY_RESPONSE_NOT_KEPT)
         add(Problems.IDEMPOTENCY_KEY_REUSED)
         closed = closed or policy.idempotency.on_backend_error == "closed"
     if policy.cache is not None:

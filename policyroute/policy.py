@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ._networks import public_cover
-from ._types import Duration, HeaderName, Network, Scope, Topic
+from ._types import ByteSize, Duration, HeaderName, Network, Scope, Topic
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z_]+))?\}")
@@ -283,6 +283,13 @@ class Idempotency(Model):
     on_backend_error: OnBackendError = "closed"
     # How long an in-flight record outlives a process that died (default: ttl, at most 5m).
     lock: Duration | None = Field(default=None, gt=0)
+    max_body: ByteSize = Field(
+        default=1 << 20,
+        description="Largest response body a record keeps (default 1MiB). A larger response "
+        "is streamed to the client and not kept: its record says so, a repeat of the key "
+        "answers 409 idempotency-response-not-kept (with the first response's status) "
+        "instead of running again, and policyroute_unkept_responses_total counts it.",
+    )
 
 
 class LocalCache(Model):
@@ -318,6 +325,12 @@ class Cache(Model):
     # How long the first miss may take before waiters run the handler too
     # (default: ten times the ttl, at most 10s).
     lock: Duration | None = Field(default=None, gt=0)
+    max_body: ByteSize = Field(
+        default=1 << 20,
+        description="Largest response body the cache stores (default 1MiB). A larger "
+        "response is streamed to the client and not stored (the next request is a miss "
+        "again); policyroute_unkept_responses_total counts it.",
+    )
 
 
 _EXCEPTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")

@@ -273,6 +273,36 @@ def test_durations(value: object, ok: bool, policy_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ("512B", 512),
+        ("64KiB", 65536),
+        ("1.5KiB", 1536),
+        ("1MiB", 1 << 20),
+        ("10MB", 10_000_000),
+        ("1GiB", 1 << 30),
+        (4096, 4096),
+        (0, 0),
+        ("1.1B", None),
+        ("-1KiB", None),
+        ("1 megabyte", None),
+        ("1mib", None),
+        (-1, None),
+        (True, None),
+    ],
+)
+def test_sizes(value: object, size: int | None, policy_dir: Path) -> None:
+    text = f"version: 1\nroutes:\n  GET /x:\n    cache: {{ttl: 1m, max_body: {value!r}}}\n"
+    write(policy_dir, {"a.yaml": text.replace("'", '"').replace("True", "true")})
+    if size is None:
+        with pytest.raises(ConfigError, match=r"invalid-value|wrong-type"):
+            load_policies(policy_dir)
+        return
+    cache = load_policies(policy_dir).get("GET", "/x").policy.cache  # type: ignore[union-attr]
+    assert cache is not None and cache.max_body == size
+
+
+@pytest.mark.parametrize(
     ("topic", "ok"),
     [
         ("persistent://public/default/io-jobs", True),

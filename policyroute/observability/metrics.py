@@ -149,6 +149,12 @@ IDEMPOTENCY = Family(
     "Idempotency-Key decisions: new, replay, in_flight, reused.",
     ("route", "outcome"),
 )
+UNKEPT = Family(
+    "policyroute_unkept_responses",
+    "Responses a cache entry or an idempotency record did not keep: larger than the step's "
+    "max_body.",
+    ("route", "step"),
+)
 BACKEND_ERRORS = Family(
     "policyroute_backend_errors",
     "Policy backend failures seen by a route, and whether the step failed open or closed.",
@@ -169,6 +175,7 @@ DECISIONS: dict[str, tuple[Family, tuple[str, ...]]] = {
     ),
     "cache": (CACHE, ("hit", "local_hit", "miss", "wait", "bypass")),
     "idempotency": (IDEMPOTENCY, ("new", "replay", "in_flight", "reused")),
+    "unkept": (UNKEPT, ("cache", "idempotency")),
 }
 OUTCOMES = ("allowed", "denied", "error")
 STATUS_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
@@ -195,6 +202,7 @@ STEP_OF_PROBLEM = {
     "idempotency-key-invalid": "idempotency",
     "idempotency-key-reused": "idempotency",
     "idempotency-in-flight": "idempotency",
+    "idempotency-response-not-kept": "idempotency",
     "record-unreadable": "idempotency",
     "circuit-open": "resilience",
     "handler-timeout": "resilience",

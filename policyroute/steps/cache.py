@@ -11,6 +11,7 @@ from typing import Any
 from cachetools import Cache as LocalStore
 from cachetools import FIFOCache, LFUCache, LRUCache
 
+from .._types import format_size
 from ..backends.valkey import Store
 from ..crypto import DataKeyError
 from ..identity.claims import claim_value
@@ -101,7 +102,10 @@ class CacheStep(Part):
             if self.credentials
             else ""
         )
-        return f"ttl {self.spec.ttl}s, {who}, varies by {', '.join(by)}{first}{bypass}"
+        return (
+            f"ttl {self.spec.ttl}s, {who}, varies by {', '.join(by)}{first}, "
+            f"bodies up to {format_size(self.spec.max_body)} stored{bypass}"
+        )
 
     def uncovered(self, ctx: Context) -> bool:
         """Whether the request carries a credential the entry's key does not cover.
@@ -221,16 +225,30 @@ class CacheStep(Part):
             log.error("policyroute: cached entry of a sealed route does not open: %s", exc)
             return None
 
+    def keeps(self, req: Request) -> int | None:
+        """Up to `max_body` bytes of the response of a GET that leads a miss; else none."""
+        if req.data.get("ca_leader") and req.ctx.method == "GET":
+            return self.spec.max_body
+        return None
+
     def storable(self, outcome: Outcome) -> Stored | None:
-        """The response if it may be cached: complete, 2xx, no Set-Cookie, not no-store."""
+        """The response if it may be cached: complete, kept, 2xx, no Set-Cookie, not no-store."""
         stored = outcome.complete
         if stored is None or not 200 <= stored.status < 300 or not outcome.handler_ran:
+            return None
+        if len(stored.body) > self.spec.max_body:
             return None
         for name, value in stored.headers:
             low = name.lower()
             if low == b"set-cookie" or (low == b"cache-control" and b"no-store" in value.lower()):
                 return None
         return stored
+
+    def _too_large(self, outcome: Outcome) -> bool:
+        """Whether a complete 2xx went unstored for its size alone."""
+        if not outcome.done or not 200 <= outcome.status < 300 or not outcome.handler_ran:
+            return False
+        return outcome.dropped or len(outcome.body) > self.spec.max_body
 
     def after(self, req: Request, outcome: Outcome) -> None:
         """Store the response (and release the lock) when this request led the miss."""
@@ -239,6 +257,8 @@ class CacheStep(Part):
         value, lock = req.data["ca_keys"]
         stored = self.storable(outcome) if req.ctx.method == "GET" else None
         if stored is None:
+            if self._too_large(outcome):
+                req.ctx.decide("unkept", "cache")
             req.finish("cau", [lock], req.token)
             return
         self._local_put(value, stored)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .._types import format_size
 from ..backends.valkey import Store
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems
@@ -16,6 +17,7 @@ from .state import (
     Outcome,
     Part,
     Request,
+    Stored,
     Vault,
     digest,
     principal_tag,
@@ -60,7 +62,10 @@ class IdempotencyStep(Part):
     def describe(self) -> str:
         """Header, ttl and whether it is required."""
         need = "required" if self.spec.required else "optional"
-        return f"{self.spec.header} {need}, records kept {self.spec.ttl}s"
+        return (
+            f"{self.spec.header} {need}, records kept {self.spec.ttl}s, "
+            f"responses up to {format_size(self.spec.max_body)} replayed"
+        )
 
     needs_io = True  # the body is read to fingerprint the request
 
@@ -120,26 +125,46 @@ class IdempotencyStep(Part):
             )
         if verdict == "replay":
             try:
-                req.data["answer"] = self.vault.unpack(req.data["id_key"], *reply[3])
+                stored = self.vault.unpack(req.data["id_key"], *reply[3])
             except DataKeyError as exc:
                 raise Denial(
                     Problems.RECORD_UNREADABLE,
                     "the stored response for this key cannot be decrypted with the current "
                     "data keys",
                 ) from exc
+            if stored.unkept:
+                raise Denial(
+                    Problems.IDEMPOTENCY_RESPONSE_NOT_KEPT,
+                    f"the request with this key completed with status {stored.status}; its "
+                    f"response ({stored.unkept} bytes) was larger than this route keeps "
+                    f"({self.spec.max_body} bytes), so it cannot be replayed",
+                    extra={"original_status": stored.status},
+                )
+            req.data["answer"] = stored
             req.data["answer_headers"] = [REPLAYED]
             return
         req.data["id_owner"] = True
 
+    def keeps(self, req: Request) -> int | None:
+        """Up to `max_body` bytes of the response of a request that owns its record."""
+        return self.spec.max_body if req.data.get("id_owner") else None
+
     def after(self, req: Request, outcome: Outcome) -> None:
-        """Store the completed response for replay, or drop the record so a retry can run."""
+        """Store the completed response for replay, or drop the record so a retry can run.
+
+        A response larger than `max_body` is not kept: the record keeps its status alone,
+        so a repeat is refused (409) rather than run a second time.
+        """
         if not req.data.get("id_owner"):
             return
         key = req.data["id_key"]
-        stored = outcome.complete
-        if stored is None or stored.status >= 500:
+        if not outcome.done or outcome.status >= 500:
             req.finish("idd", [key])
             return
+        stored = outcome.complete
+        if stored is None or len(stored.body) > self.spec.max_body:
+            stored = Stored(outcome.status, [], b"", unkept=max(outcome.size, 1))
+            req.ctx.decide("unkept", "idempotency")
         code, headers, body = self.vault.pack(stored, key)
         req.finish("ids", [key], code, headers, body, self.ttl_ms)
 

@@ -66,18 +66,26 @@ def principal_tag(ctx: Context) -> str:
 
 @dataclass(slots=True)
 class Stored:
-    """A response as stored in Valkey: status, raw headers, body."""
+    """A response as stored in Valkey: status, raw headers, body.
+
+    `unkept` is the size of a body too large to keep: the record then holds the status
+    alone (an idempotency record of a response past `idempotency.max_body`).
+    """
 
     status: int
     headers: list[Header]
     body: bytes
+    unkept: int = 0
 
     def encode(self) -> tuple[int, bytes, bytes]:
         """(status, header block, body) for the Lua scripts, which keep them opaque.
 
         The header block is names and values joined by NUL, which no valid header holds;
         headers that do hold one (or an empty list) are written as a JSON list instead.
+        A record without its body has a JSON object there, which neither form starts with.
         """
+        if self.unkept:
+            return self.status, json.dumps({"unkept": self.unkept}).encode(), b""
         flat = [item for pair in self.headers for item in pair]
         block = b"\0".join(flat)
         if block.count(b"\0") != len(flat) - 1 or block[:1] == b"[":
@@ -89,6 +97,8 @@ class Stored:
     def decode(cls, code: Any, headers: Any, body: Any) -> Stored:
         """The response from the script's reply fields (either header block form)."""
         raw = headers.encode() if isinstance(headers, str) else bytes(headers)
+        if raw[:1] == b"{":
+            return cls(int(code), [], b"", unkept=int(json.loads(raw)["unkept"]))
         if raw[:1] == b"[":
             pairs = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in json.loads(raw)]
         else:
@@ -208,14 +218,18 @@ class Outcome:
     started: bool = False
     done: bool = False
     error: BaseException | None = None
+    # Body bytes sent, counted while a part keeps the body; `dropped` once they passed
+    # what any part keeps (`body` is then empty, and the response streamed through).
+    size: int = 0
+    dropped: bool = False
     # The app was told the client disconnected (`http.disconnect`): a response it left
     # unfinished without raising was cut short by the client, not by the app.
     gone: bool = False
 
     @property
     def complete(self) -> Stored | None:
-        """The full response when one was sent completely."""
-        if not self.done:
+        """The full response when one was sent completely and kept."""
+        if not self.done or self.dropped:
             return None
         return Stored(self.status, list(self.headers), bytes(self.body))
 
@@ -245,6 +259,10 @@ class Part(Step):
 
     def settle(self, req: Request, reply: list[Any]) -> None:
         """Read this part's share of the script's reply; may raise Denial."""
+
+    def keeps(self, req: Request) -> int | None:
+        """The most body bytes this part keeps of the request's response; None: none."""
+        return None
 
     def after(self, req: Request, outcome: Outcome) -> None:
         """Queue after-handler ops for the finish script."""
@@ -277,6 +295,7 @@ class StateStep(Step):
         self.peekers = tuple(p for p in self.parts if type(p).peek is not Part.peek)
         self.watch = any(p.watch_disconnect for p in self.parts)
         self.hear = any(p.hears_disconnect for p in self.parts)
+        self.keepers = tuple(p for p in self.parts if type(p).keeps is not Part.keeps)
 
     def describe(self) -> str:
         """One line for explain: the parts in evaluation order."""
@@ -355,8 +374,17 @@ class StateStep(Step):
         stored: Stored = req.data["answer"]
         await stored.send(req.ctx.send, req.data["answer_headers"], req.ctx.method == "HEAD")
 
+    def _keep(self, req: Request) -> int | None:
+        """How much of the response body to keep: the most any part keeps (None: none)."""
+        keep: int | None = None
+        for part in self.keepers:
+            wanted = part.keeps(req)
+            if wanted is not None and (keep is None or wanted > keep):
+                keep = wanted
+        return keep
+
     async def _answer(self, req: Request, stored: Stored, outcome: Outcome) -> None:
-        send = _recording(req.ctx.send, outcome, req.extra, keep=True)
+        send = _recording(req.ctx.send, outcome, req.extra, keep=self._keep(req))
         await stored.send(send, req.data.get("answer_headers", []), req.ctx.method == "HEAD")
 
     async def _run(self, req: Request, call_next: Handler, outcome: Outcome) -> None:
@@ -385,7 +413,7 @@ class StateStep(Step):
             original,
             outcome,
             req.extra,
-            keep=True,
+            keep=self._keep(req),
             before_last=(lambda: self._finish(req, outcome)) if settle_first else None,
         )
         # A FastAPI endpoint marks `outcome` when it is called: validation may refuse the
@@ -507,11 +535,13 @@ def _recording(
     outcome: Outcome,
     extra: Sequence[Header],
     *,
-    keep: bool,
+    keep: int | None,
     before_last: Callable[[], Awaitable[None]] | None = None,
 ) -> Send:
     """A `send` that adds `extra` headers to the response and records what was sent.
 
+    The body is kept up to `keep` bytes (nothing when None): past that, what was kept is
+    dropped and the rest streams through, so a large response never sits in memory.
     `before_last` runs once the whole response is known, before its last body message.
     """
 
@@ -524,8 +554,14 @@ def _recording(
             if extra:
                 message = {**message, "headers": [*outcome.headers, *extra]}
         elif kind == "http.response.body":
-            if keep:
-                outcome.body.extend(message.get("body", b""))
+            if keep is not None:
+                chunk = message.get("body", b"")
+                outcome.size += len(chunk)
+                if outcome.size <= keep:
+                    outcome.body.extend(chunk)
+                elif not outcome.dropped:
+                    outcome.dropped = True
+                    outcome.body = bytearray()
             if not message.get("more_body", False):
                 if before_last is not None:
                     outcome.done = True

@@ -98,8 +98,8 @@ def make_app(calls: Counter[str]) -> FastAPI:
 
         return StreamingResponse(lines(), media_type="application/octet-stream")
 
-    app.add_api_route("/stream", stream, methods=["GET"])
-    app.add_api_route("/stream/refunded", stream, methods=["GET"])
+    for path in ("/stream", "/stream/refunded", "/stream/cached", "/stream/once"):
+        app.add_api_route(path, stream, methods=["GET", "POST"])
     return app
 
 
