@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ._types import ByteSize
+
 
 class Settings(BaseSettings):
     """Where the policies and backends are; every field reads `POLICYROUTE_<NAME>`."""
@@ -32,6 +34,12 @@ class Settings(BaseSettings):
         description="Largest header value read, a field repeated on several lines counted "
         "joined: a request with a larger one is answered 431 (header-too-large) before any "
         "step runs.",
+    )
+    max_body: ByteSize = Field(
+        default=1 << 20,
+        description="Largest request body a step reads whole (idempotency, encrypt_fields, "
+        "retry) on a route whose `request.max_body` does not say: a larger one is answered "
+        "413 (body-too-large), before it is read when its Content-Length says so.",
     )
     events_queue_size: int = Field(
         default=10_000,

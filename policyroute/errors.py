@@ -118,6 +118,8 @@ class Problems:
         "keys-unavailable", "The token issuer's keys cannot be obtained", 503
     )
     HEADER_TOO_LARGE = ProblemType("header-too-large", "Request header too large", 431)
+    BODY_TOO_LARGE = ProblemType("body-too-large", "Request body too large", 413)
+    UNSUPPORTED_MEDIA_TYPE = ProblemType("unsupported-media-type", "Unsupported media type", 415)
     UPSTREAM_TIMEOUT = ProblemType("handler-timeout", "The handler did not finish in time", 504)
     RECORD_UNREADABLE = ProblemType("record-unreadable", "A stored record cannot be read", 500)
     INVALID_BODY = ProblemType("invalid-body", "The request body is not the JSON expected", 400)

@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute
 
 from ._networks import WIDE_PREFIX, IPNetwork, public_cover
 from ._positions import Doc, KeyPath, read_docs
+from ._types import format_size
 from .binding import no_policy_finding, unmatched_entries, unpolicied
 from .compiler import unenforced
 from .errors import ConfigError, Finding, Location
@@ -95,6 +96,16 @@ RULES: Mapping[str, Rule] = {
             "error",
             "A limit keyed by api_key (no API key is verified), or a route whose every "
             "enforced limit is keyed by a header the client picks.",
+        ),
+        Rule(
+            "content-types-exclude-json",
+            "error",
+            "encrypt_fields on a route whose request.content_types admits no JSON body.",
+        ),
+        Rule(
+            "large-buffered-body",
+            "warning",
+            "A request.max_body over 16MiB on a route whose steps read the whole body.",
         ),
         Rule("unused-profile", "warning", "A profile that no route uses."),
         Rule("inline-secret", "error", "A secret written inline in a policy file."),
@@ -196,6 +207,7 @@ def policy_findings(policies: PolicySet, docs: Sequence[Doc] = ()) -> list[Findi
         findings.extend(_credits_without_idempotency(entry, where))
         findings.extend(_user_limit_on_public_route(entry, where))
         findings.extend(_client_chosen_keys(entry, where))
+        findings.extend(_request_limits(entry, where))
     findings.extend(_unused_profiles(policies))
     findings.extend(resilience_findings(policies))
     return findings
@@ -300,6 +312,48 @@ def _client_chosen_keys(entry: RouteEntry, where: _Locator) -> list[Finding]:
                     "when the value is in the token"
                 )
                 out.append(_finding("client-chosen-limit", message, *at))
+    return out
+
+
+# A step that reads a request body whole holds it in memory until the handler has it.
+LARGE_BUFFER = 16 << 20
+
+
+def _admits_json(media: str) -> bool:
+    return media in ("application/json", "application/*") or media.endswith("+json")
+
+
+def _request_limits(entry: RouteEntry, where: _Locator) -> list[Finding]:
+    policy = entry.policy
+    limits = policy.request
+    if limits is None:
+        return []
+    out = []
+    types = limits.content_types
+    if policy.encrypt_fields and types and not any(_admits_json(t) for t in types):
+        out.append(
+            _finding(
+                "content-types-exclude-json",
+                f"{entry.key} seals request fields (encrypt_fields), which takes a JSON "
+                f"body, but request.content_types ({', '.join(types)}) refuses every JSON "
+                "body with 415. Add application/json, or remove encrypt_fields",
+                where(entry, "request", "content_types"),
+                ("routes", entry.key, "request", "content_types"),
+            )
+        )
+    readers = [k for k in ("idempotency", "encrypt_fields", "retry") if getattr(policy, k)]
+    if limits.max_body is not None and limits.max_body > LARGE_BUFFER and readers:
+        out.append(
+            _finding(
+                "large-buffered-body",
+                f"{entry.key} takes request bodies up to {format_size(limits.max_body)}, and "
+                f"{', '.join(readers)} read(s) the whole body before the handler runs: each "
+                "such request holds it in memory. Keep max_body small here, and take large "
+                "uploads on a route without those keys, where they stream to the handler",
+                where(entry, "request", "max_body"),
+                ("routes", entry.key, "request", "max_body"),
+            )
+        )
     return out
 
 

@@ -1,5 +1,5 @@
 """The policy in the app's OpenAPI document: each route's bearer scheme with its scopes, and
-the problem responses (401, 402, 403, 409, 422, 429, 503, ...) its steps can answer.
+the problem responses (401, 402, 403, 409, 413, 415, 422, 429, 503, ...) its steps can answer.
 
 `install` wraps `app.openapi`; the document is rebuilt when the engine's snapshot changes,
 so a reload shows in `/openapi.json` (and `/docs`) at once.
@@ -95,12 +95,27 @@ def outcomes(policy: RoutePolicy | None, policies: PolicySet) -> dict[int, Outco
             add(Problems.MFA_INVALID, "WWW-Authenticate")
             add(Problems.MFA_LOCKED, "Retry-After")
             add(Problems.BACKEND_UNAVAILABLE, "Retry-After")
+    _body(policy, policies, add)
     _state(policy, add)
     _resilience(policy, policies, add)
     return found
 
 
 Add = Callable[..., None]
+
+
+def _body(policy: RoutePolicy, policies: PolicySet, add: Add) -> None:
+    """413 where the body has a limit (the route's, or the default of a step that reads it
+    whole), 415 where its media types are listed."""
+    from .resilience.profiles import effective
+
+    limits = policy.request
+    profile = effective(policy, policies.resilience)
+    reads = policy.idempotency or policy.encrypt_fields or (profile and profile.retry)
+    if (limits is not None and limits.max_body is not None) or reads:
+        add(Problems.BODY_TOO_LARGE)
+    if limits is not None and limits.content_types:
+        add(Problems.UNSUPPORTED_MEDIA_TYPE)
 
 
 def _state(policy: RoutePolicy, add: Add) -> None:

@@ -424,6 +424,41 @@ class Events(Model):
     max_attempts: int = Field(default=5, ge=1)
 
 
+_MEDIA_RANGE = re.compile(r"^[a-z0-9!#$&^_.+-]+/([a-z0-9!#$&^_.+-]+|\*)$")
+
+
+def _media_range(value: Any) -> Any:
+    """A media type (`application/json`) or a range of subtypes (`text/*`), lower-cased."""
+    if not isinstance(value, str) or not _MEDIA_RANGE.match(value.strip().lower()):
+        raise ValueError(
+            f"invalid media type {value!r}: write a type/subtype without parameters, "
+            "e.g. application/json, or type/* for every subtype"
+        )
+    return value.strip().lower()
+
+
+MediaRange = Annotated[str, BeforeValidator(_media_range)]
+
+
+class RequestLimits(Model):
+    """What a route accepts of a request body, checked before any step or handler reads it."""
+
+    max_body: ByteSize | None = Field(
+        default=None,
+        description="Largest request body: a larger Content-Length is answered 413 "
+        "(body-too-large) before anything is read, and a body sent without one is refused "
+        "(413) as soon as it grows past this, while it streams. Also the most a step that "
+        "reads the whole body (idempotency, encrypt_fields, retry) reads. Unset: no limit "
+        "for the handler, and such steps read at most POLICYROUTE_MAX_BODY (1MiB).",
+    )
+    content_types: list[MediaRange] = Field(
+        default_factory=list,
+        description="Media types a request with a body may have (application/json, or "
+        "type/* for every subtype); any other Content-Type, or none, is answered 415 "
+        "(unsupported-media-type). Empty: any.",
+    )
+
+
 class Resilience(Model):
     """A named resilience profile: retry, breaker and timeout."""
 
@@ -442,6 +477,7 @@ RouteKeyName = Literal[
     "use",
     "public",
     "enforce",
+    "request",
     "scopes",
     "roles",
     "ip_allowlist",
@@ -475,6 +511,7 @@ class RoutePolicy(Model):
     scopes: list[Scope] = Field(default_factory=list)
     roles: list[str] = Field(default_factory=list)
     ip_allowlist: list[Network] | None = None
+    request: RequestLimits | None = None
     mfa: Annotated[Mfa | None, BeforeValidator(_as_mode)] = None
     rate_limit: Annotated[list[RateLimit], BeforeValidator(_as_list)] = Field(default_factory=list)
     credits: Credits | None = None

@@ -172,3 +172,25 @@ def test_explain_says_what_per_principal_state_is_keyed_by(policy_dir: Path) -> 
     one = IDENTITY.replace("    tenant_claim: org_id\n", "").split("      - {issuer: https://partner")[0]
     (policy_dir / "routes.yaml").write_text(one + "routes:\n  GET /reports:\n    cache: {ttl: 30s}\n")
     assert "per-principal state keyed by subject" in explain([policy_dir], route="GET /reports")
+
+
+def test_body_limits_show_in_the_chain_and_the_policy(policy_dir: Path) -> None:
+    (policy_dir / "routes.yaml").write_text(
+        "version: 1\nroutes:\n  POST /jobs:\n    public: true\n"
+        "    request: {max_body: 64KiB, content_types: [application/json]}\n"
+        "    idempotency: {max_body: 2MiB}\n"
+        "  POST /notes:\n    public: true\n    idempotency: {}\n"
+    )
+    jobs = explain([policy_dir], route="POST /jobs")
+    assert (
+        "request: bodies up to 64KiB (413, checked as they stream); "
+        "content types application/json (415)"
+    ) in jobs
+    assert "responses up to 2MiB replayed, request bodies over 64KiB refused (413)" in jobs
+    lines = lines_of(jobs)
+    assert "<- route at" in lines["max_body: 64KiB"]
+    assert "<- route at" in lines["max_body: 2MiB"]
+    # Without `request`, a step that reads the body whole stops at the default (1MiB).
+    notes = explain([policy_dir], route="POST /notes")
+    assert "request bodies over 1MiB refused (413)" in notes
+    assert lines_of(notes)["max_body: 1MiB"].endswith("(built-in default)")

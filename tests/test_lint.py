@@ -456,6 +456,43 @@ def test_every_repository_policy_set_lints_without_secrets() -> None:
             assert "inline-secret" not in codes(lint([directory]))
 
 
+REQUEST = """\
+version: 1
+routes:
+  POST /people:
+    public: true
+    request: {max_body: 1MiB, content_types: [text/plain, multipart/*]}
+    encrypt_fields: [ssn]
+  POST /patch:
+    public: true
+    request: {content_types: [application/merge-patch+json]}
+    encrypt_fields: [ssn]
+  POST /uploads:
+    public: true
+    request: {max_body: 1GiB}
+    idempotency: {}
+  POST /stream:
+    public: true
+    request: {max_body: 1GiB}
+"""
+
+
+def test_request_limits_that_defeat_the_route_are_reported_at_the_key(
+    policy_dir: Path,
+) -> None:
+    write(policy_dir, REQUEST)
+    json_refused, large = lint([policy_dir])
+    assert (json_refused.code, json_refused.severity) == ("content-types-exclude-json", "error")
+    assert json_refused.location.line == line_of(REQUEST, "text/plain")
+    assert "(text/plain, multipart/*)" in json_refused.message
+    assert "Add application/json" in json_refused.message
+    # A +json type admits JSON; a route that reads nothing whole may take any size.
+    assert (large.code, large.severity) == ("large-buffered-body", "warning")
+    assert large.location.line == line_of(REQUEST, "1GiB")
+    assert "POST /uploads takes request bodies up to 1GiB" in large.message
+    assert "idempotency read(s) the whole body" in large.message
+
+
 # --- every rule, the formats ------------------------------------------------------------
 
 ALL = """\
@@ -485,6 +522,11 @@ routes:
   GET /keyed:
     public: true
     rate_limit: {key: api_key, capacity: 3, per: 1s}
+  POST /upload:
+    public: true
+    request: {max_body: 100MiB, content_types: [text/csv]}
+    idempotency: {}
+    encrypt_fields: [ssn]
 """
 
 

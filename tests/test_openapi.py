@@ -32,6 +32,7 @@ routes:
     rate_limit: {{name: per-user, key: user, capacity: 5, refill: 5, per: 1m}}
     credits: {{cost: 2}}
     idempotency: {{required: true}}
+    request: {{content_types: [application/json]}}
     breaker: {{failures: 3, reset: 30s}}
     timeout: 5s
   GET /jobs/{{job_id}}:
@@ -99,8 +100,13 @@ def test_protected_route_lists_its_scopes_and_every_problem_it_can_answer(
     assert (scheme["type"], scheme["scheme"], scheme["bearerFormat"]) == ("http", "bearer", "JWT")
     post = doc["paths"]["/jobs"]["post"]
     assert post["security"] == [{"bearer": ["run:jobs", "read:jobs"]}]
-    assert problem_statuses(post) == ["400", "401", "402", "403", "409", "422", "429", "503", "504"]
+    assert problem_statuses(post) == [
+        "400", "401", "402", "403", "409", "413", "415", "422", "429", "503", "504"
+    ]  # fmt: skip
     responses = post["responses"]
+    assert "idempotency-response-not-kept" in responses["409"]["description"]
+    assert "body-too-large" in responses["413"]["description"]  # idempotency reads the body
+    assert "unsupported-media-type" in responses["415"]["description"]
     assert set(responses["401"]["headers"]) == {"WWW-Authenticate"}
     assert {"Retry-After", "RateLimit", "RateLimit-Policy"} <= set(responses["429"]["headers"])
     assert "circuit-open" in responses["503"]["description"]

@@ -187,6 +187,8 @@ STEP_OF_PROBLEM = {
     "client-address-rewritten": "client",
     "method-not-allowed": "gate",
     "header-too-large": "gate",
+    "body-too-large": "request",
+    "unsupported-media-type": "request",
     "unauthenticated": "auth",
     "invalid-token": "auth",
     "invalid-request": "auth",

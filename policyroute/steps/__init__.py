@@ -16,6 +16,7 @@ BUILTIN = (
     "scopes",
     "roles",
     "mfa",
+    "request",
     "state",
     "fields",
     "events",

@@ -17,7 +17,7 @@ from ..compiler import Env, register
 from ..events.envelope import Event, envelope, new_event_id, parse_json, pick
 from ..policy import Events, RoutePolicy
 from .base import Context, Handler, Step
-from .state import is_json, read_body
+from .state import is_json, read_body_upto
 
 # A request id longer than this is not an id; it is replaced by a generated one.
 MAX_REQUEST_ID = 200
@@ -129,11 +129,9 @@ class EventsStep(Step):
         self.bus.emit(self._event(ctx, response.status, request, chosen))
 
     async def _request_fields(self, ctx: Context) -> dict[str, object]:
-        length = ctx.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body:
-            return {}
-        body = await read_body(ctx)
-        if len(body) > self.max_body:
+        # A larger body is not read (past max_body it streams on to the handler): no fields.
+        body = await read_body_upto(ctx, self.max_body)
+        if body is None:
             return {}
         return pick(parse_json(body), self.request_fields)
 

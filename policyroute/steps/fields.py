@@ -16,12 +16,13 @@ from typing import Any
 
 from starlette.types import Message
 
+from .._types import format_size
 from ..compiler import Env, register
 from ..crypto import DataKeyError, Keyring
 from ..errors import Denial, Problems
 from ..policy import RoutePolicy
 from .base import Context, Handler, Step
-from .state import is_json, read_body, replay
+from .state import DEFAULT_MAX_BODY, body_limit, is_json, read_body, replay
 
 Path = tuple[str, ...]
 
@@ -81,8 +82,15 @@ class FieldsStep(Step):
     name = "fields"
     guard = False
 
-    def __init__(self, keyring: Keyring, encrypt: Sequence[str], decrypt: Sequence[str]) -> None:
+    def __init__(
+        self,
+        keyring: Keyring,
+        encrypt: Sequence[str],
+        decrypt: Sequence[str],
+        body_limit: int = DEFAULT_MAX_BODY,
+    ) -> None:
         self.keyring = keyring
+        self.body_limit = body_limit
         self.encrypt_names = tuple(encrypt)
         self.decrypt_names = tuple(decrypt)
         self.encrypt = _paths(encrypt)
@@ -92,7 +100,10 @@ class FieldsStep(Step):
         """Which fields are sealed and opened."""
         out = []
         if self.encrypt:
-            out.append("seal request fields " + ", ".join(self.encrypt_names))
+            out.append(
+                "seal request fields " + ", ".join(self.encrypt_names) + " (bodies over "
+                f"{format_size(self.body_limit)} refused, 413)"
+            )
         if self.decrypt:
             out.append("open response fields " + ", ".join(self.decrypt_names))
         return "; ".join(out) + f" (AES-256-GCM, active key {self.keyring.active})"
@@ -119,7 +130,7 @@ class FieldsStep(Step):
             await original(message)
 
     async def _seal_request(self, ctx: Context) -> None:
-        body = await read_body(ctx)
+        body = await read_body(ctx, self.body_limit)
         if not body:
             return
         try:
@@ -165,7 +176,9 @@ def make_fields(policy: RoutePolicy, env: Env) -> Step | None:
     if not (policy.encrypt_fields or policy.decrypt_fields):
         return None  # `sensitive` alone is enforced by the state and events steps
     keyring: Keyring = env.service("keyring", "encrypt_fields/decrypt_fields")
-    return FieldsStep(keyring, policy.encrypt_fields, policy.decrypt_fields)
+    return FieldsStep(
+        keyring, policy.encrypt_fields, policy.decrypt_fields, body_limit(policy, env)
+    )
 
 
 register(("encrypt_fields", "decrypt_fields", "sensitive"), make_fields)

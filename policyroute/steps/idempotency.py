@@ -64,7 +64,8 @@ class IdempotencyStep(Part):
         need = "required" if self.spec.required else "optional"
         return (
             f"{self.spec.header} {need}, records kept {self.spec.ttl}s, "
-            f"responses up to {format_size(self.spec.max_body)} replayed"
+            f"responses up to {format_size(self.spec.max_body)} replayed, "
+            f"request bodies over {format_size(self.body_limit)} refused (413)"
         )
 
     needs_io = True  # the body is read to fingerprint the request
@@ -93,7 +94,7 @@ class IdempotencyStep(Part):
                 ),
             )
             return
-        body = await read_body(ctx)
+        body = await read_body(ctx, self.body_limit)
         parts = (ctx.method, ctx.scope.get("path", ""), ctx.scope.get("query_string", b""))
         head = b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)
         fp = self.vault.fingerprint(head + b"\0" + body)

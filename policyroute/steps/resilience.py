@@ -20,7 +20,7 @@ from ..resilience.guard import Guard, Spec
 from ..resilience.profiles import PROFILES_SERVICE, SAFE_METHODS, Profiles, Registry, effective
 from ..resilience.retry import AttemptTimeout, ServerError
 from .base import Context, Handler, Step
-from .state import read_body, replay
+from .state import DEFAULT_MAX_BODY, body_limit, read_body, replay
 
 
 class _Buffer:
@@ -75,12 +75,19 @@ class ResilienceStep(Step):
     guard = False
 
     def __init__(
-        self, spec: Spec, registry: Registry, store: Store | None, idempotency_header: str | None
+        self,
+        spec: Spec,
+        registry: Registry,
+        store: Store | None,
+        idempotency_header: str | None,
+        body_limit: int = DEFAULT_MAX_BODY,
     ) -> None:
         self.spec = spec
         self.registry = registry
         self.store = store
         self.idempotency_header = idempotency_header
+        # A retried request's body is read whole (to send it again): at most this much.
+        self.body_limit = body_limit
         self._guard: Guard | None = None
 
     def describe(self) -> str:
@@ -115,7 +122,7 @@ class ResilienceStep(Step):
 
     async def _buffered(self, ctx: Context, call_next: Handler, guard: Guard) -> None:
         base, send = ctx.receive, ctx.send
-        body = await read_body(ctx)
+        body = await read_body(ctx, self.body_limit)
 
         async def attempt() -> _Buffer:
             buffer = _Buffer()
@@ -198,7 +205,7 @@ def make_resilience(policy: RoutePolicy, env: Env) -> Step | None:
         store = env.service("valkey", "a shared circuit breaker")
     header = policy.idempotency.header.lower() if policy.idempotency is not None else None
     registry = profiles.registry if profiles is not None else _FALLBACK
-    return ResilienceStep(spec, registry, store, header)
+    return ResilienceStep(spec, registry, store, header, body_limit(policy, env))
 
 
 register(("retry", "breaker", "timeout", "resilience"), make_resilience)

@@ -33,6 +33,8 @@ from ..principal import address_tag, subject_tag
 from .base import Context, Handler, Step
 from .slots import run_finish, run_state
 
+# The most a step reads of a request body when neither the route nor the settings say.
+DEFAULT_MAX_BODY = 1 << 20
 # Requests that went on without a policy backend (a step configured `on_backend_error: open`).
 BACKEND_FAILED_OPEN: Counter[str] = Counter()
 
@@ -249,6 +251,8 @@ class Part(Step):
 
     # Whether `prepare` must await (read the request body): then `prepare_io` runs instead.
     needs_io: bool = False
+    # The most a part that reads the whole request body reads (`make_state` sets it).
+    body_limit: int = DEFAULT_MAX_BODY
 
     def prepare(self, req: Request) -> None:
         """Check what needs no backend (may raise Denial) and append this part's op."""
@@ -273,6 +277,9 @@ def _reply_text(value: Any) -> str:
 
 
 FINISHED = "finished"  # req.data: the after-handler ops ran (once, early or at the end)
+# ctx.state: the request's body was refused (413) as it was read, by a step or the handler;
+# the request then counts as refused before its endpoint ran (never charged).
+BODY_REFUSED = "body_refused"
 
 
 class ClientGone(Exception):  # noqa: N818 - an outcome, recorded rather than raised
@@ -285,9 +292,14 @@ class StateStep(Step):
     name = "state"
     guard = False
 
-    def __init__(self, store: Store, parts: Sequence[Part]) -> None:
+    def __init__(
+        self, store: Store, parts: Sequence[Part], body_limit: int = DEFAULT_MAX_BODY
+    ) -> None:
         self.store = store
         self.parts = tuple(parts)
+        self.body_limit = body_limit
+        for part in self.parts:
+            part.body_limit = body_limit
         # Closed wins: a request goes on without the backend only when every part allows it.
         self.fail_open = all(p.fail_open for p in self.parts)
         self.names = ",".join(p.name for p in self.parts)
@@ -439,7 +451,8 @@ class StateStep(Step):
         part that must not charge or hold a slot for nobody (credits refunded on
         `disconnect`, concurrency limits) listens for `http.disconnect` meanwhile.
         """
-        await read_body(ctx)  # the body is consumed first, so only a disconnect can arrive
+        # the body is consumed first, so only a disconnect can arrive
+        await read_body(ctx, self.body_limit)
         listen = _after_replay(ctx.receive)
         with anyio.CancelScope() as scope:
 
@@ -460,6 +473,8 @@ class StateStep(Step):
         if req.data.get(FINISHED):
             return
         req.data[FINISHED] = True
+        if req.ctx.state.get(BODY_REFUSED):
+            outcome.handler_ran = False
         for part in self.parts:
             part.after(req, outcome)
         if not req.finish_args:
@@ -574,20 +589,80 @@ def _recording(
     return record
 
 
-async def read_body(ctx: Context) -> bytes:
-    """Read the whole request body once and let the handler read it again."""
+def body_too_large(limit: int, size: int | None = None) -> Denial:
+    """413 body-too-large: of `size` bytes as declared, or (None) grown past `limit`."""
+    if size is None:
+        detail = f"the request body is larger than this route takes ({limit} bytes)"
+    else:
+        detail = f"the request body is {size} bytes; this route takes at most {limit}"
+    return Denial(Problems.BODY_TOO_LARGE, detail, extra={"limit": limit})
+
+
+def declared_length(ctx: Context) -> int | None:
+    """The request's Content-Length, when it sends a valid one."""
+    length = ctx.headers.get("content-length")
+    return int(length) if length is not None and length.isdigit() else None
+
+
+async def read_body(ctx: Context, limit: int | None = None) -> bytes:
+    """Read the whole request body once and let the handler read it again.
+
+    With a `limit`, a larger body is refused (413): before anything is read when its
+    Content-Length says so, else as soon as it grows past it, so at most `limit` bytes
+    are ever held.
+    """
+    if limit is not None:
+        declared = declared_length(ctx)
+        if declared is not None and declared > limit:
+            ctx.state[BODY_REFUSED] = True
+            raise body_too_large(limit, declared)
     chunks: list[bytes] = []
+    size = 0
     receive = ctx.receive
     while True:
         message = await receive()
         if message["type"] != "http.request":
             break
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            ctx.state[BODY_REFUSED] = True
+            raise body_too_large(limit)
+        chunks.append(chunk)
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
     ctx.receive = replay(body, receive)
     return body
+
+
+async def read_body_upto(ctx: Context, limit: int) -> bytes | None:
+    """The whole request body when it is at most `limit` bytes, else None.
+
+    Refuses nothing: past `limit` it stops reading, and the handler reads what was read
+    followed by the rest as it streams, so at most `limit` bytes are held.
+    """
+    declared = declared_length(ctx)
+    if declared is not None and declared > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    receive = ctx.receive
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+        if size > limit:
+            ctx.receive = _resume(b"".join(chunks), receive)
+            return None
+    body = b"".join(chunks)
+    ctx.receive = replay(body, receive)
+    return body if size <= limit else None
 
 
 def is_json(headers: Sequence[Header]) -> bool:
@@ -597,6 +672,21 @@ def is_json(headers: Sequence[Header]) -> bool:
             media = value.split(b";", 1)[0].strip().lower()
             return media == b"application/json" or media.endswith(b"+json")
     return False
+
+
+def _resume(head: bytes, then: Receive) -> Receive:
+    """A receive that yields `head` as the start of the body, then the rest from `then`."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": head, "more_body": True}
+        return await then()
+
+    receive.upstream = getattr(then, "upstream", then)  # type: ignore[attr-defined]
+    return receive
 
 
 def replay(body: bytes, then: Receive) -> Receive:
@@ -666,7 +756,16 @@ def make_state(policy: RoutePolicy, env: Env) -> Step | None:
     if sealed(policy) and (policy.cache or policy.idempotency):
         vault = Vault(env.service("keyring", "sensitive data at rest (POLICYROUTE_DATA_KEYS)"))
     parts = [p for m in wanted if (p := m(policy, store, vault)) is not None]
-    return StateStep(store, parts)
+    return StateStep(store, parts, body_limit(policy, env))
+
+
+def body_limit(policy: RoutePolicy, env: Env) -> int:
+    """The most a step of the route reads of a request body: `request.max_body`, else
+    the process's `max_body` setting."""
+    limits = policy.request
+    if limits is not None and limits.max_body is not None:
+        return limits.max_body
+    return env.config.max_body
 
 
 register(STATE_KEYS, make_state)

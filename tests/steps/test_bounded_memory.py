@@ -1,8 +1,10 @@
-"""Large responses stream through the state step: only cache and idempotency records keep a
-body, and only up to their `max_body`; what they do not keep is counted."""
+"""Large bodies stream through: of a response only cache and idempotency records keep a
+body, up to their `max_body` (what they do not keep is counted); a request body a step
+would read whole is refused (413) past the default `max_body`, having read no more."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +33,9 @@ routes:
   POST /stream/once:
     public: true
     idempotency: {}
+  POST /jobs:
+    public: true
+    request: {max_body: 1MiB}
 """
 
 
@@ -136,3 +141,51 @@ async def test_a_response_past_idempotency_max_body_is_never_run_twice(
     assert replay.headers["idempotent-replayed"] == "true"
     assert calls["stream"] == 2
     assert sample("policyroute_unkept_responses_total", **route) - counted == 1
+
+
+async def _post(served: Served, path: str, total: int, chunked: bool) -> tuple[int, int]:
+    """POST `total` bytes in 1 MiB pieces, sending until the answer comes: (status, sent)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    framing = "transfer-encoding: chunked" if chunked else f"content-length: {total}"
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nhost: t\r\nidempotency-key: big-2\r\n{framing}\r\n\r\n".encode()
+    )
+    sent = 0
+
+    async def body() -> None:
+        nonlocal sent
+        piece = b"x" * MIB
+        frame = b"%x\r\n%s\r\n" % (MIB, piece) if chunked else piece
+        while sent < total:
+            writer.write(frame)
+            await writer.drain()
+            sent += MIB
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    sending = asyncio.create_task(body())
+    try:
+        status = int((await asyncio.wait_for(reader.readline(), 60)).split()[1])
+    finally:
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        writer.close()
+    return status, sent
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("path", ["/stream/once", "/jobs"])
+async def test_a_large_request_body_is_refused_before_it_is_read_whole(
+    worker: Served, path: str, chunked: bool
+) -> None:
+    async with httpx.AsyncClient(base_url=worker.base, timeout=60) as c:
+        warm = await c.post(path, json={"n": 1}, headers={"Idempotency-Key": "warm"})
+        assert warm.is_success
+    before = peak_rss(worker.proc.pid)
+    # The idempotency step fingerprints the body: it reads 1 MiB (the default) at most.
+    # /jobs says 1 MiB itself, and its handler reads the body (FastAPI's request.json()).
+    status, _ = await _post(worker, path, STREAMED, chunked)
+    after = peak_rss(worker.proc.pid)
+    assert status == 413
+    assert after - before < 30 * MIB, f"peak RSS grew {(after - before) / MIB:.0f} MiB"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -345,3 +346,30 @@ routes:
     assert first["request"] == {"order.amount": 1000}
     assert first["response"] == {"echo.order.amount": 1000}
     assert second["request"] == {} and second["response"] == {}
+
+
+async def test_request_fields_of_a_body_past_events_max_body_are_left_out_and_it_streams_on(
+    policy_dir: Path, valkey_url: str, pulsar_url: str
+) -> None:
+    t = topic("big-request")
+    app, _ = install(
+        policy_dir, jobs_policy(t), valkey_url=valkey_url, pulsar_url=pulsar_url,
+        events_max_body=64,
+    )  # fmt: skip
+    allowed = bearer(token(subject(), scopes=["jobs:run"]))
+    big = json.dumps({"name": "big", "pad": "x" * 200}).encode()
+
+    async def chunks(body: bytes) -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 16):
+            yield body[i : i + 16]
+
+    async with Listener(pulsar_url, t) as listener:
+        async with running(app) as c:
+            # Sent without a Content-Length: read up to 64 bytes, then handed on whole.
+            over = await c.post("/jobs", content=chunks(big), headers=allowed)
+            small = await c.post("/jobs", content=chunks(b'{"name": "s"}'), headers=allowed)
+        first, second = await listener.take(2)
+    assert over.status_code == small.status_code == 201
+    assert over.json()["echo"] == json.loads(big)
+    assert json.loads(first.data())["request"] == {}
+    assert json.loads(second.data())["request"] == {"name": "s"}
