@@ -116,6 +116,8 @@ def _body(policy: RoutePolicy, policies: PolicySet, add: Add) -> None:
         add(Problems.BODY_TOO_LARGE)
     if limits is not None and limits.content_types:
         add(Problems.UNSUPPORTED_MEDIA_TYPE)
+    if policy.encrypt_fields or (policy.events is not None and policy.events.fields.request):
+        add(Problems.INVALID_BODY)  # not JSON the step can read
 
 
 def _state(policy: RoutePolicy, add: Add) -> None:

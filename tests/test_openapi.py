@@ -8,10 +8,12 @@ from typing import Any
 
 import httpx
 import jsonschema
+import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
 
 import policyroute
+from policyroute.crypto import ENV, Keyring
 
 from .conftest import REPO
 
@@ -119,6 +121,18 @@ def test_protected_route_lists_its_scopes_and_every_problem_it_can_answer(
     [header] = [p for p in post["parameters"] if p["in"] == "header"]
     assert (header["name"], header["required"]) == ("idempotency-key", True)
     assert post["x-policyroute"]["credits"] == 2 and post["x-policyroute"]["roles"] == ["runner"]
+
+
+def test_routes_that_read_json_from_the_body_list_invalid_body(
+    policy_dir: Path, valkey_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV, Keyring.generate("k1"))
+    health = "  GET /health:\n    public: true\n"
+    policy = POLICY.replace(health, health + "    encrypt_fields: [ssn]\n")
+    doc = installed(policy_dir, valkey_url, policy).openapi()
+    health = doc["paths"]["/health"]["get"]
+    assert problem_statuses(health) == ["400", "413"]
+    assert "invalid-body" in health["responses"]["400"]["description"]
 
 
 def test_read_route_and_public_and_unpolicied_routes(policy_dir: Path, valkey_url: str) -> None:

@@ -42,24 +42,57 @@ def _lookup(doc: Mapping[str, Any], path: str) -> Any:
     return node
 
 
+# A chosen field's value nested deeper than this stays out of an event: the envelope is
+# encoded after the response, where a RecursionError would fail the request.
+MAX_FIELD_DEPTH = 100
+
+
+class TooDeep(ValueError):  # noqa: N818 - a kind of invalid document, like JSONDecodeError
+    """A JSON document nested deeper than the parser can go."""
+
+
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether a JSON value nests arrays or objects more than `limit` levels (no recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif not isinstance(node, list):
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in node)
+    return False
+
+
 def pick(doc: Any, paths: Sequence[str]) -> dict[str, Any]:
-    """The chosen fields of a JSON object, keyed by their path; absent fields are omitted."""
+    """The chosen fields of a JSON object, keyed by their path; absent fields are omitted,
+    and so are values nested deeper than MAX_FIELD_DEPTH."""
     if not paths or not isinstance(doc, Mapping):
         return {}
     out: dict[str, Any] = {}
     for path in paths:
         value = _lookup(doc, path)
-        if value is not _MISSING:
-            out[path] = value
+        if value is _MISSING:
+            continue
+        if isinstance(value, dict | list) and nests_deeper(value, MAX_FIELD_DEPTH):
+            continue
+        out[path] = value
     return out
 
 
 def parse_json(body: bytes) -> Any:
-    """The JSON document of a body, or None when it is not JSON."""
+    """The JSON document of a body, or None when it is not JSON.
+
+    Raises TooDeep when it nests deeper than the parser can go (a RecursionError).
+    """
     if not body:
         return None
     try:
         return json.loads(body)
+    except RecursionError:
+        raise TooDeep("the JSON document is nested too deeply to read") from None
     except (UnicodeDecodeError, ValueError):
         return None
 

@@ -14,7 +14,8 @@ from typing import Protocol
 from starlette.types import Message, Send
 
 from ..compiler import Env, register
-from ..events.envelope import Event, envelope, new_event_id, parse_json, pick
+from ..errors import Denial, Problems
+from ..events.envelope import Event, TooDeep, envelope, new_event_id, parse_json, pick
 from ..policy import Events, RoutePolicy
 from .base import Context, Handler, Step
 from .state import is_json, read_body_upto
@@ -125,7 +126,10 @@ class EventsStep(Step):
             return
         chosen = {}
         if response.json:
-            chosen = pick(parse_json(bytes(response.body)), self.response_fields)
+            try:
+                chosen = pick(parse_json(bytes(response.body)), self.response_fields)
+            except TooDeep:
+                chosen = {}  # the response has gone: its event goes without these fields
         self.bus.emit(self._event(ctx, response.status, request, chosen))
 
     async def _request_fields(self, ctx: Context) -> dict[str, object]:
@@ -133,7 +137,12 @@ class EventsStep(Step):
         body = await read_body_upto(ctx, self.max_body)
         if body is None:
             return {}
-        return pick(parse_json(body), self.request_fields)
+        try:
+            return pick(parse_json(body), self.request_fields)
+        except TooDeep as exc:
+            raise Denial(
+                Problems.INVALID_BODY, f"the request body is not JSON this route can read: {exc}"
+            ) from None
 
     def _event(
         self, ctx: Context, status: int, request: dict[str, object], response: dict[str, object]

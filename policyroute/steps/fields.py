@@ -70,6 +70,14 @@ def open_fields(keyring: Keyring, doc: Any, paths: Sequence[Path]) -> int:
     return done
 
 
+def _too_deep() -> Denial:
+    return Denial(
+        Problems.INVALID_BODY,
+        "the request body's JSON is nested too deeply to read; this route seals request "
+        "fields, so it reads the body",
+    )
+
+
 def _with_length(headers: Sequence[tuple[bytes, bytes]], size: int) -> list[tuple[bytes, bytes]]:
     out = [(k, v) for k, v in headers if k.lower() != b"content-length"]
     out.append((b"content-length", str(size).encode()))
@@ -140,9 +148,15 @@ class FieldsStep(Step):
                 Problems.INVALID_BODY,
                 "this route seals request fields, so its body must be a JSON object",
             ) from None
-        if not isinstance(doc, dict) or not seal_fields(self.keyring, doc, self.encrypt):
-            return
-        sealed = json.dumps(doc, separators=(",", ":")).encode()
+        except RecursionError:
+            raise _too_deep() from None
+        try:
+            if not isinstance(doc, dict) or not seal_fields(self.keyring, doc, self.encrypt):
+                return
+            sealed = json.dumps(doc, separators=(",", ":")).encode()
+        except RecursionError:
+            # Parsed, but one level too many to encode again (a deeper stack than the parse).
+            raise _too_deep() from None
         ctx.scope["headers"] = _with_length(ctx.scope["headers"], len(sealed))
         ctx.receive = replay(sealed, ctx.receive)
 
@@ -153,17 +167,19 @@ class FieldsStep(Step):
         body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
         try:
             doc = json.loads(body)
-        except ValueError:
-            return messages
+        except (ValueError, RecursionError):
+            return messages  # not JSON this step can read: it leaves as the handler sent it
         try:
             if not open_fields(self.keyring, doc, self.decrypt):
                 return messages
+            opened = json.dumps(doc, separators=(",", ":")).encode()
         except DataKeyError as exc:
             raise Denial(
                 Problems.SEALED_FIELD,
                 "a response field is sealed with a data key this process does not hold",
             ) from exc
-        opened = json.dumps(doc, separators=(",", ":")).encode()
+        except RecursionError:
+            return messages
         head: Message = {
             **start,
             "headers": _with_length(start.get("headers", []), len(opened)),

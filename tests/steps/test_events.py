@@ -15,7 +15,7 @@ from fastapi import FastAPI
 import policyroute
 from policyroute import credits
 from policyroute.crypto import Keyring
-from policyroute.errors import ConfigError
+from policyroute.errors import ConfigError, Problems
 
 from ..events.kit import (
     Listener,
@@ -373,3 +373,30 @@ async def test_request_fields_of_a_body_past_events_max_body_are_left_out_and_it
     assert over.json()["echo"] == json.loads(big)
     assert json.loads(first.data())["request"] == {}
     assert json.loads(second.data())["request"] == {"name": "s"}
+
+
+async def test_a_request_body_nested_too_deep_is_400_and_logs_no_traceback(
+    policy_dir: Path, valkey_url: str, pulsar_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    t = topic("deep")
+    app, _ = install(policy_dir, jobs_policy(t), valkey_url=valkey_url, pulsar_url=pulsar_url)
+    allowed = {**bearer(token(subject(), scopes=["jobs:run"])), "content-type": "application/json"}
+    async with Listener(pulsar_url, t) as listener:
+        async with running(app) as c:
+            deep = []
+            for d in (1000, 5000, 100_000):
+                body = b'{"name": %s}' % (b"[" * d + b"]" * d)
+                deep.append(await c.post("/jobs", content=body, headers=allowed))
+            shallow = await c.post("/jobs", content=b'{"name": [[["x"]]]}', headers=allowed)
+            # Readable, but too deep a field for an event: the event goes without it.
+            body = b'{"name": %s, "meta": {"kind": "k"}}' % (b"[" * 150 + b"]" * 150)
+            left_out = await c.post("/jobs", content=body, headers=allowed)
+        first, second = await listener.take(2, wait=1.5)
+    for answer in deep:
+        assert answer.status_code == 400
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["type"] == Problems.INVALID_BODY.uri
+    assert shallow.status_code == left_out.status_code == 201
+    assert json.loads(first.data())["request"] == {"name": [[["x"]]]}
+    assert json.loads(second.data())["request"] == {"meta.kind": "k"}
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

@@ -195,3 +195,34 @@ async def test_a_token_moved_to_another_field_or_tampered_does_not_open(
         assert "999" not in answer.text and token not in answer.text
     assert bad_body.status_code == 400
     assert bad_body.json()["type"] == Problems.INVALID_BODY.uri
+
+
+def nested(depth: int) -> bytes:
+    """A JSON value nested `depth` arrays deep."""
+    return b"[" * depth + b"]" * depth
+
+
+async def test_json_nested_too_deep_for_the_parser_is_400_and_logs_no_traceback(
+    policy_dir: Path,
+    valkey_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    json_type = {"content-type": "application/json"}
+    async with serve(policy_dir, valkey_url, monkeypatch) as (c, db, _):
+        answers = {}
+        for depth in (50, 900, 990, 1000, 5000, 100_000):
+            body = b'{"name": "n%d", "ssn": %s}' % (depth, nested(depth))
+            answers[depth] = await c.post("/people", content=body, headers=json_type)
+        body = b'{"name": "x", "ssn": 1, "a": %s}' % nested(3000)
+        elsewhere = await c.post("/people", content=body, headers=json_type)
+    assert answers[50].status_code == 200
+    assert db["n50"]["ssn"].startswith("PRS1.")  # sealed, nesting and all
+    for depth, answer in [*answers.items(), (3000, elsewhere)]:
+        # Whatever the interpreter's stack allows is sealed; deeper is a bad body, not a 500.
+        assert answer.status_code in (200, 400), (depth, answer.status_code)
+        if depth >= 1000:
+            assert answer.status_code == 400, depth
+            assert answer.json()["type"] == Problems.INVALID_BODY.uri
+            assert "nested too deeply" in answer.json()["detail"]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
