@@ -135,6 +135,37 @@ class TotpSettings(Model):
     issuer_name: str = "policyroute"
 
 
+class Lockout(Model):
+    """Brute-force lockout: failed authentications counted per client address and subject."""
+
+    failures: int = Field(
+        default=10,
+        ge=1,
+        description="Failed authentications (a refused token, a wrong or reused one-time "
+        "code) within `per` that block: an address for everyone, a subject at the "
+        "addresses that failed for it.",
+    )
+    per: Duration = Field(
+        default=300.0, gt=0, description="The sliding window the failures are counted in."
+    )
+    block: Duration = Field(
+        default=900.0,
+        gt=0,
+        description="How long a block lasts: 429 with Retry-After on every route that needs a "
+        "token; a subject stays blocked at new failing addresses while failures go on.",
+    )
+    on_backend_error: OnBackendError = Field(
+        default="open",
+        description="open: without Valkey, tokens and codes are checked without counting; "
+        "closed: refused with 503.",
+    )
+    enforce: bool = Field(
+        default=True,
+        description="false: shadow mode; failures are counted in keys of their own and a "
+        "would-be 429 is logged and counted, never answered.",
+    )
+
+
 class AuthSettings(Model):
     """How bearer tokens are verified."""
 
@@ -163,6 +194,11 @@ class AuthSettings(Model):
         description="Claim (dotted path) naming the caller's tenant or organization: every "
         "per-principal key (credits, limits, idempotency records, cache entries, TOTP) "
         "includes its value, so one subject of two tenants keeps two sets of state.",
+    )
+    lockout: Lockout | None = Field(
+        default=None,
+        description="Brute-force lockout on every route that needs a token, e.g. "
+        "{failures: 10, per: 5m, block: 15m}; unset: failures are not counted.",
     )
 
 

@@ -222,6 +222,25 @@ class Authenticator:
         """The principal of a token verified before and not expired yet."""
         return self.cache.get(token) if self.cache is not None else None
 
+    def claimed_account(self, token: str) -> str | None:
+        """The account a token names before it is verified (a lockout counts failures by it).
+
+        None unless the token parses, names a trusted issuer and has a string `sub`.
+        """
+        try:
+            obj = jws.extract_compact(token.encode("ascii"), registry=_EXTRACT)
+            claims = json.loads(obj.payload)
+        except (JoseError, ValueError, TypeError, RecursionError):
+            return None
+        if not isinstance(claims, dict):
+            return None
+        issuer, subject = claims.get("iss"), claims.get("sub")
+        if not isinstance(issuer, str) or issuer not in self.issuers:
+            return None
+        if not isinstance(subject, str) or not subject:
+            return None
+        return self.accounts.of_claims(claims, issuer)
+
     async def authenticate(self, token: str, client: str | None = None) -> Principal:
         """The principal of a valid token; raise TokenError otherwise."""
         principal = self.cached(token)

@@ -133,6 +133,13 @@ RATE_LIMIT = Family(
     "Rate-limit decisions: allowed, limited, shadow_allowed, shadow_limited.",
     ("route", "outcome"),
 )
+LOCKOUT = Family(
+    "policyroute_lockout_decisions",
+    "Brute-force lockout: failure (a failed authentication counted), locked (a failure that "
+    "started a block), blocked (refused during a block), busy (refused: as many attempts in "
+    "flight as failures allowed), and the same with shadow_ for `enforce: false`.",
+    ("route", "outcome"),
+)
 CREDITS = Family(
     "policyroute_credits_decisions",
     "Credit decisions: charged, refunded, insufficient, shadow_sufficient, shadow_insufficient.",
@@ -169,6 +176,19 @@ SLOW = Family(
 # kind -> (metric, outcomes): the decisions steps report with `ctx.decide(kind, outcome)`.
 DECISIONS: dict[str, tuple[Family, tuple[str, ...]]] = {
     "rate_limit": (RATE_LIMIT, ("allowed", "limited", "shadow_allowed", "shadow_limited")),
+    "lockout": (
+        LOCKOUT,
+        (
+            "failure",
+            "locked",
+            "blocked",
+            "busy",
+            "shadow_failure",
+            "shadow_locked",
+            "shadow_blocked",
+            "shadow_busy",
+        ),
+    ),
     "credits": (
         CREDITS,
         ("charged", "refunded", "insufficient", "shadow_sufficient", "shadow_insufficient"),
@@ -197,6 +217,7 @@ STEP_OF_PROBLEM = {
     "mfa-required": "mfa",
     "mfa-invalid": "mfa",
     "mfa-locked": "mfa",
+    "auth-locked": "auth",
     "rate-limited": "rate_limit",
     "concurrency-limited": "rate_limit",
     "insufficient-credits": "credits",

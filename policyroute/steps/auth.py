@@ -12,6 +12,7 @@ from ..compiler import Env, register
 from ..errors import ConfigError, Denial, Finding, Location, Problems
 from ..identity.challenge import bearer_challenge
 from ..identity.jwks import Fetch, KeysUnavailableError, fetch_jwks
+from ..identity.lockout import LockoutGuard
 from ..identity.tokens import Authenticator, TokenError, shared_authenticator
 from ..policy import RoutePolicy
 from ..principal import Principal
@@ -121,6 +122,53 @@ class AuthStep(Step):
         await self.authenticator.stop()
 
 
+class LockoutAuthStep(AuthStep):
+    """`AuthStep` under `settings.auth.lockout`: failed tokens counted, blocked callers refused.
+
+    A token verified before is checked against the blocks (one Valkey call); a token not
+    seen before is an attempt, counted while it is verified and settled after (two calls,
+    the second queued). Routes of a policy set without `lockout` keep the plain step.
+    """
+
+    def __init__(self, authenticator: Authenticator, realm: str, lockout: LockoutGuard) -> None:
+        super().__init__(authenticator, realm)
+        self.lockout = lockout
+
+    def check_now(self, ctx: Context) -> Awaitable[None] | None:
+        """Refuse a missing or malformed token (not counted); check or count the rest."""
+        raw = self._token(ctx)
+        token = raw.decode("latin-1")
+        principal = self.authenticator.cached(token)
+        if principal is None:
+            if not _B64TOKEN.fullmatch(raw):
+                raise self._invalid_request("the Authorization header must be `Bearer <token>`")
+            return self._verify(ctx, token)
+        return self._admit_checked(ctx, principal)
+
+    async def _admit_checked(self, ctx: Context, principal: Principal) -> None:
+        await self.lockout.admit(ctx, principal.account)
+        self._admit(ctx, principal)
+
+    async def _verify(self, ctx: Context, token: str) -> None:
+        attempt = await self.lockout.attempt(ctx, self.authenticator.claimed_account(token))
+        try:
+            await super()._verify(ctx, token)
+        except Denial as denial:
+            if denial.problem is Problems.INVALID_TOKEN:
+                await attempt.failed()
+            else:
+                attempt.done()
+            raise
+        except BaseException:
+            attempt.done()
+            raise
+        attempt.done()
+
+    def describe(self) -> str:
+        """One line for explain."""
+        return f"{super().describe()}; {self.lockout.describe()}"
+
+
 def _settings_finding(code: str, message: str) -> ConfigError:
     where = ("settings", "auth", "issuers")
     return ConfigError([Finding(code, message, Location("<settings>"), where)])
@@ -141,6 +189,11 @@ def make_auth(policy: RoutePolicy, env: Env) -> Step | None:
         authenticator = shared_authenticator(auth, fetch)
     except ValueError as exc:
         raise _settings_finding("invalid-key-source", str(exc)) from None
+    if auth.lockout is not None:
+        store = env.service("valkey", "settings.auth.lockout (failures counted across workers)")
+        enforce = policy.enforce and auth.lockout.enforce
+        guard = LockoutGuard(store, auth.lockout, enforce=enforce, step="auth")
+        return LockoutAuthStep(authenticator, auth.realm, guard)
     return AuthStep(authenticator, auth.realm)
 
 

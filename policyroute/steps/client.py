@@ -84,7 +84,8 @@ class ClientStep(Step):
 def make_client(policy: RoutePolicy, env: Env) -> Step | None:
     """A client step where trusted proxies are set or the route reads the client address."""
     settings = env.settings
-    reads_address = bool(policy.ip_allowlist or policy.rate_limit or policy.credits)
+    lockout = settings.auth.lockout is not None and not policy.public
+    reads_address = bool(policy.ip_allowlist or policy.rate_limit or policy.credits or lockout)
     if not settings.trusted_proxies:
         return ClientStep(None) if reads_address else None
     return ClientStep(ClientResolver(settings.trusted_proxies, settings.forwarded_header))

@@ -8,6 +8,7 @@ import time
 from ..compiler import Env, register
 from ..errors import Denial, Problems, StorageError
 from ..identity.challenge import bearer_challenge
+from ..identity.lockout import LockoutGuard
 from ..identity.totp import (
     MAX_CODE_BYTES,
     SecretSource,
@@ -28,7 +29,8 @@ class MfaStep(Step):
     name = "mfa"
 
     def __init__(self, realm: str, max_age: float, step_up: StepUp | None,
-                 totp: TotpGuard | None, header: str, *, enforce: bool = True) -> None:
+                 totp: TotpGuard | None, header: str, *, enforce: bool = True,
+                 lockout: LockoutGuard | None = None) -> None:
         # Shadow mode (enforce false): the chain records a refusal instead of raising it,
         # and a code is verified without being used up or counted as a failure.
         self.enforce = enforce
@@ -38,6 +40,8 @@ class MfaStep(Step):
         self.step_up = step_up is not None
         self.totp = totp
         self.header = header
+        # settings.auth.lockout: a code is an attempt, counted per address and subject.
+        self.lockout = lockout
         self._header_bytes = header.encode("latin-1")
         params = {"max_age": str(int(max_age))}
         if self.acr:
@@ -62,9 +66,29 @@ class MfaStep(Step):
         if self.totp is not None and principal.subject is not None:
             values = ctx.header_values(self._header_bytes)
             if values:
-                await self._check_code(principal, values, ctx.route)
+                if self.lockout is None:
+                    await self._check_code(principal, values, ctx.route)
+                else:
+                    await self._counted(ctx, principal, values)
                 return
         raise Denial(Problems.MFA_REQUIRED, self._required, headers=self._challenge)
+
+    async def _counted(self, ctx: Context, who: Principal, values: list[bytes]) -> None:
+        """`_check_code` as one lockout attempt: a wrong or reused code is a failure."""
+        assert self.lockout is not None
+        attempt = await self.lockout.attempt(ctx, who.account)
+        try:
+            await self._check_code(who, values, ctx.route)
+        except Denial as denial:
+            if denial.problem is Problems.MFA_INVALID:
+                await attempt.failed()
+            else:
+                attempt.done()
+            raise
+        except BaseException:
+            attempt.done()
+            raise
+        attempt.done()
 
     async def _check_code(self, who: Principal, values: list[bytes], route: str) -> None:
         assert self.totp is not None
@@ -109,6 +133,8 @@ class MfaStep(Step):
         if self.totp is not None:
             parts.append(f"or TOTP code in {self.header}, once, lockout after "
                          f"{self.totp.settings.max_failures} failures")
+        if self.lockout is not None and self.totp is not None:
+            parts.append(f"(codes count toward the {self.lockout.describe()})")
         return " ".join(parts)
 
 
@@ -124,8 +150,13 @@ def make_mfa(policy: RoutePolicy, env: Env) -> Step | None:
         secrets: SecretSource | None = env.services.get("totp_secrets")
         totp = TotpGuard(store, auth.totp, secrets)
     step_up = auth.step_up if "step_up" in policy.mfa.methods else None
+    enforce = policy.enforce and policy.mfa.enforce
+    lockout = None
+    if totp is not None and auth.lockout is not None:
+        lockout = LockoutGuard(totp.store, auth.lockout, enforce=enforce and auth.lockout.enforce,
+                               step="mfa")
     return MfaStep(auth.realm, max_age, step_up, totp, auth.totp.header,
-                   enforce=policy.enforce and policy.mfa.enforce)
+                   enforce=enforce, lockout=lockout)
 
 
 register(("mfa",), make_mfa)
