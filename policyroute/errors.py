@@ -93,6 +93,7 @@ class Problems:
     MFA_INVALID = ProblemType("mfa-invalid", "Invalid one-time code", 401)
     MFA_LOCKED = ProblemType("mfa-locked", "Too many failed one-time codes", 429)
     AUTH_LOCKED = ProblemType("auth-locked", "Too many failed authentications", 429)
+    TOKEN_REPLAYED = ProblemType("token-replayed", "One-time token already used", 401)
     RATE_LIMITED = ProblemType("rate-limited", "Too many requests", 429)
     CONCURRENCY_LIMITED = ProblemType("concurrency-limited", "Too many requests in flight", 429)
     INSUFFICIENT_CREDITS = ProblemType("insufficient-credits", "Insufficient credits", 402)

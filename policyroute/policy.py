@@ -509,6 +509,26 @@ class Resilience(Model):
         return self
 
 
+def _as_replay(value: Any) -> Any:
+    """Accept `jti` as shorthand for `{by: jti}`."""
+    return {"by": value} if isinstance(value, str) else value
+
+
+class Replay(Model):
+    """One-time tokens: a token's identifier is accepted once on the route, until it expires."""
+
+    by: Literal["jti"] = Field(
+        default="jti",
+        description="jti: the token's `jti` claim (RFC 7519) is accepted once per issuer, "
+        "until the token's exp (plus the leeway); a token without one is refused.",
+    )
+    enforce: bool = Field(
+        default=True,
+        description="false: shadow mode; identifiers are recorded in keys of their own and a "
+        "would-be refusal is logged and counted, never answered.",
+    )
+
+
 RouteKeyName = Literal[
     "use",
     "public",
@@ -518,6 +538,7 @@ RouteKeyName = Literal[
     "roles",
     "ip_allowlist",
     "mfa",
+    "replay",
     "rate_limit",
     "credits",
     "idempotency",
@@ -549,6 +570,11 @@ class RoutePolicy(Model):
     ip_allowlist: list[Network] | None = None
     request: RequestLimits | None = None
     mfa: Annotated[Mfa | None, BeforeValidator(_as_mode)] = None
+    replay: Annotated[Replay | None, BeforeValidator(_as_replay)] = Field(
+        default=None,
+        description="`jti`: one-time tokens; each token's jti is accepted once on the "
+        "routes that set it, across workers; a token without one is refused.",
+    )
     rate_limit: Annotated[list[RateLimit], BeforeValidator(_as_list)] = Field(default_factory=list)
     credits: Credits | None = None
     idempotency: Idempotency | None = None
@@ -577,6 +603,7 @@ class RoutePolicy(Model):
         if self.public:
             identity = [k for k in ("scopes", "roles") if getattr(self, k)]
             identity += ["mfa"] if self.mfa else []
+            identity += ["replay"] if self.replay else []
             if identity:
                 raise ValueError(
                     f"a public route cannot require {', '.join(identity)}: "

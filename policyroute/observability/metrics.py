@@ -140,6 +140,12 @@ LOCKOUT = Family(
     "flight as failures allowed), and the same with shadow_ for `enforce: false`.",
     ("route", "outcome"),
 )
+REPLAY = Family(
+    "policyroute_replay_decisions",
+    "One-time tokens: first (used now), replayed, no_jti, returned (given back: the request "
+    "was refused before its handler), shadow_replayed, shadow_no_jti.",
+    ("route", "outcome"),
+)
 CREDITS = Family(
     "policyroute_credits_decisions",
     "Credit decisions: charged, refunded, insufficient, shadow_sufficient, shadow_insufficient.",
@@ -189,6 +195,10 @@ DECISIONS: dict[str, tuple[Family, tuple[str, ...]]] = {
             "shadow_busy",
         ),
     ),
+    "replay": (
+        REPLAY,
+        ("first", "replayed", "no_jti", "returned", "shadow_replayed", "shadow_no_jti"),
+    ),
     "credits": (
         CREDITS,
         ("charged", "refunded", "insufficient", "shadow_sufficient", "shadow_insufficient"),
@@ -218,6 +228,7 @@ STEP_OF_PROBLEM = {
     "mfa-invalid": "mfa",
     "mfa-locked": "mfa",
     "auth-locked": "auth",
+    "token-replayed": "replay",
     "rate-limited": "rate_limit",
     "concurrency-limited": "rate_limit",
     "insufficient-credits": "credits",

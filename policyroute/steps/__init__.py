@@ -17,6 +17,7 @@ BUILTIN = (
     "roles",
     "mfa",
     "request",
+    "replay",
     "state",
     "fields",
     "events",
