@@ -246,22 +246,59 @@ class Mfa(Model):
 
 
 class RateLimit(Model):
-    """One limit: a token bucket, a sliding window or a concurrency cap."""
+    """One limit: a token bucket, a sliding window, a concurrency cap, a throttle or a debounce."""
 
     key: str = "user"
-    algorithm: Literal["token_bucket", "sliding_window", "concurrency"] = "token_bucket"
-    capacity: int = Field(ge=1)
+    algorithm: Literal["token_bucket", "sliding_window", "concurrency", "throttle", "debounce"] = (
+        Field(
+            default="token_bucket",
+            description="token_bucket, sliding_window and concurrency refuse what is over; "
+            "throttle makes requests wait their turn to leave at `capacity` per `per` (429 "
+            "past `burst` or `max_delay`); debounce refuses or joins a repeat of the same "
+            "request from the same key until the key was quiet for `per`.",
+        )
+    )
+    capacity: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests per `per` (token_bucket: the bucket's size; throttle: its "
+        "steady rate); concurrency: requests in flight. Required except for debounce.",
+    )
     refill: int | None = Field(default=None, ge=1)
     per: Duration | None = None
     cost: int = Field(default=1, ge=1)
     on_backend_error: OnBackendError = "open"
     name: str | None = None
-    # How long a concurrency slot outlives a process that died holding it.
+    # How long a concurrency slot (or a debounce leader's record) outlives a process that
+    # died holding it.
     lease: Duration | None = Field(default=None, gt=0)
+    burst: int | None = Field(
+        default=None,
+        ge=0,
+        description="throttle: how many requests beyond the steady rate may wait their turn "
+        "(nginx limit_req burst); one more is refused with 429.",
+    )
+    delay: int | None = Field(
+        default=None,
+        ge=0,
+        description="throttle: how many of the `burst` go at once instead of waiting (nginx "
+        "limit_req delay=); 0 unless set, at most `burst`.",
+    )
+    max_delay: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="throttle: the longest a request may wait; one that would wait longer is "
+        "refused with 429 (the queue bounds it in any case: burst / rate).",
+    )
+    on_repeat: Literal["refuse", "join"] | None = Field(
+        default=None,
+        description="debounce: refuse (429 with Retry-After, the default) or join (answer "
+        "with the response of the request that opened the window, once it has one).",
+    )
     enforce: bool = Field(
         default=True,
         description="false: shadow mode; counted in a bucket of its own, a would-be 429 is "
-        "logged and counted, not enforced.",
+        "logged and counted, not enforced (a throttle never delays, a debounce never joins).",
     )
 
     @model_validator(mode="after")
@@ -273,16 +310,52 @@ class RateLimit(Model):
                 f"invalid limit key {self.key!r}: use user, ip, api_key, route, "
                 "claim:NAME or header:NAME"
             )
-        if self.algorithm == "concurrency":
+        algorithm = self.algorithm
+        if algorithm != "throttle":
+            extra = [k for k in ("burst", "delay", "max_delay") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"`{'`, `'.join(extra)}` applies to throttle limits only")
+        if algorithm != "debounce" and self.on_repeat is not None:
+            raise ValueError("`on_repeat` applies to debounce limits only")
+        if algorithm == "debounce":
+            self._debounce_shape()
+            return self
+        if self.capacity is None:
+            raise ValueError(f"a {algorithm} limit needs a `capacity`")
+        if algorithm == "concurrency":
             if self.per is not None or self.refill is not None:
                 raise ValueError("a concurrency limit takes `capacity` only, not `per` or `refill`")
         elif self.lease is not None:
-            raise ValueError("`lease` applies to concurrency limits only")
+            raise ValueError("`lease` applies to concurrency and debounce limits only")
         elif self.per is None or self.per <= 0:
-            raise ValueError(f"a {self.algorithm} limit needs a positive `per` duration")
+            raise ValueError(f"a {algorithm} limit needs a positive `per` duration")
+        if algorithm == "throttle":
+            self._throttle_shape()
         if self.cost > self.capacity:
             raise ValueError(f"cost {self.cost} exceeds capacity {self.capacity}: never allowed")
         return self
+
+    def _throttle_shape(self) -> None:
+        if self.refill is not None:
+            raise ValueError("a throttle takes `capacity` per `per` as its rate, not `refill`")
+        if self.burst is None:
+            raise ValueError(
+                "a throttle needs `burst`: how many requests may wait their turn (0: none)"
+            )
+        if self.delay is not None and self.delay > self.burst:
+            raise ValueError(f"`delay` ({self.delay}) exceeds `burst` ({self.burst})")
+
+    def _debounce_shape(self) -> None:
+        if self.per is None or self.per <= 0:
+            raise ValueError("a debounce needs a positive `per`: the quiet window")
+        wrong = [k for k in ("capacity", "refill") if getattr(self, k) is not None]
+        if wrong or self.cost != 1:
+            wrong += ["cost"] if self.cost != 1 else []
+            raise ValueError(
+                f"a debounce lets one request through per quiet window: drop `{'`, `'.join(wrong)}`"
+            )
+        if self.lease is not None and self.on_repeat != "join":
+            raise ValueError("`lease` of a debounce applies to `on_repeat: join` only")
 
 
 class Allowance(Model):
@@ -596,6 +669,20 @@ class RoutePolicy(Model):
                 f"credits.hold ({self.credits.hold}s) must exceed the route's timeout "
                 f"({self.timeout}s), or a running request's reservation would be refunded"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_debounce(self) -> RoutePolicy:
+        debounces = [lim for lim in self.rate_limit if lim.algorithm == "debounce"]
+        if len(debounces) > 1:
+            raise ValueError("a route takes at most one debounce limit")
+        if debounces and debounces[0].on_repeat == "join":
+            other = [k for k in ("cache", "idempotency") if getattr(self, k) is not None]
+            if other:
+                raise ValueError(
+                    f"a debounce that joins already answers repeats with a stored response; "
+                    f"drop `{'` or `'.join(other)}` or use `on_repeat: refuse`"
+                )
         return self
 
     @model_validator(mode="after")

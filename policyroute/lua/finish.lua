@@ -67,6 +67,26 @@ while op do
     ki, ai = ki + 1, ai + 2
     local t = tonumber(redis.call('HGET', k, 't'))
     if t then redis.call('HSET', k, 't', tostring(math.min(cap, t + cost))) end
+  elseif op == 'uth' then
+    -- give back a throttle's place a refused request took on a cluster
+    local k, back = KEYS[ki], tonumber(ARGV[ai])
+    ki, ai = ki + 1, ai + 1
+    local tat = tonumber(redis.call('HGET', k, 'tat'))
+    if tat then redis.call('HSET', k, 'tat', tostring(tat - back)) end
+  elseif op == 'dbs' then
+    -- a debounce's first request stores its response for the repeats that join it
+    local k = KEYS[ki]
+    if redis.call('HGET', k, 'tok') == ARGV[ai] then
+      redis.call('HSET', k, 'st', '1', 'code', ARGV[ai + 1], 'hd', ARGV[ai + 2], 'bd', ARGV[ai + 3])
+      redis.call('PEXPIRE', k, ARGV[ai + 4])
+    end
+    ki, ai = ki + 1, ai + 5
+  elseif op == 'dbd' then
+    -- ... or, with no response to share, ends the window (the repeats waiting retry)
+    local k = KEYS[ki]
+    local s = redis.call('HMGET', k, 'st', 'tok')
+    if s[1] == '0' and s[2] == ARGV[ai] then redis.call('DEL', k) end
+    ki, ai = ki + 1, ai + 1
   elseif op == 'usw' then
     redis.call('ZPOPMAX', KEYS[ki], tonumber(ARGV[ai]))
     ki, ai = ki + 1, ai + 1

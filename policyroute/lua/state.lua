@@ -1,7 +1,8 @@
 -- One request's stateful pre-checks in one round trip (policyroute/steps/state.py).
 -- ARGV is a list of ops, each an opcode and its arguments; KEYS follow the same order.
 -- Order: rate limits (all or nothing), credits (checked now, taken last), idempotency,
--- cache. The first refusal returns at once, so later ops consume nothing (a short balance
+-- cache. A debounce that joins another request's response answers right after the
+-- limits ('joined'): it takes no credits, opens no record and takes no lock. The first refusal returns at once, so later ops consume nothing (a short balance
 -- waits until idempotency and cache could answer without the handler); credits are
 -- taken only when the handler will run (never for a replay or a cache hit).
 -- include: _period
@@ -14,13 +15,18 @@ local ki, ai = 1, 2
 local limits = {}
 local writes = {}
 local denied = false
+-- debounce windows a refused repeat restarts (written even when refused), and the
+-- response a joining repeat gets
+local touches = {}
+local joined = nil
 local op = ARGV[1]
-while op == 'tb' or op == 'sw' or op == 'cc' do
+while op == 'tb' or op == 'sw' or op == 'cc' or op == 'th' or op == 'db' do
   local k = KEYS[ki]
   ki = ki + 1
-  -- ok, left now, reset, retry after (ms), left before; then how to take (written only
-  -- when every limit allows: limits are all or nothing)
+  -- ok, left now, reset, retry after (ms), left before, wait (ms); then how to take
+  -- (written only when every limit allows: limits are all or nothing)
   local ok, left, reset, retry, cur, write
+  local wait = 0
   if op == 'tb' then
     local cap, refill, per = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
     local cost = tonumber(ARGV[ai + 3])
@@ -57,7 +63,8 @@ while op == 'tb' or op == 'sw' or op == 'cc' do
     if oldest[2] then reset = tonumber(oldest[2]) + per - now end
     left, cur = cap - used, cap - n
     write = {op, k, n, cost, per}
-  else -- 'cc': a concurrency slot, held by the request's token until released or leased out
+  elseif op == 'cc' then
+    -- a concurrency slot, held by the request's token until released or leased out
     local cap, lease, token = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), ARGV[ai + 2]
     ai = ai + 3
     redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
@@ -67,8 +74,60 @@ while op == 'tb' or op == 'sw' or op == 'cc' do
     if ok then left = left - 1 end
     reset, retry, cur = 0, 1000, cap - n
     write = {op, k, token, lease}
+  elseif op == 'th' then
+    -- a throttle: requests leave one `interval` apart (GCRA); `tat` is when the next one
+    -- may leave. A request waits its turn unless more than `burst` are ahead of it, or it
+    -- would wait longer than `maxwait` (-1: no bound but the queue's); the first `delay`
+    -- of the queue go at once.
+    local interval, burst, delay = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
+    local maxwait, cost = tonumber(ARGV[ai + 3]), tonumber(ARGV[ai + 4])
+    ai = ai + 5
+    local tat = tonumber(redis.call('HGET', k, 'tat')) or now
+    if tat < now then tat = now end
+    local new = tat + cost * interval
+    local room = (burst + cost) * interval
+    wait = math.max(0, tat - now - delay * interval)
+    ok = new - now <= room + 0.001
+    retry = 0
+    if not ok then retry = new - now - room end
+    if maxwait >= 0 and wait > maxwait then
+      ok = false
+      retry = math.max(retry, wait - maxwait)
+    end
+    retry = math.ceil(retry)
+    cur = math.max(0, math.floor((room - (tat - now)) / interval + 1e-9) - cost + 1)
+    left = cur
+    reset = math.ceil(tat - now)
+    if ok then
+      left = math.max(0, math.floor((room - (new - now)) / interval + 1e-9))
+      reset = math.ceil(new - now)
+    else
+      wait = 0
+    end
+    write = {op, k, tostring(new), math.max(1, math.ceil(new - now))}
+  else -- 'db': a debounce, one record per key and request; every repeat restarts the window
+    local per, join, lease, token = tonumber(ARGV[ai]), ARGV[ai + 1] == '1', tonumber(ARGV[ai + 2]), ARGV[ai + 3]
+    ai = ai + 4
+    local s = redis.call('HMGET', k, 'st', 'tok', 'code', 'hd', 'bd')
+    retry, reset = 0, per
+    if not s[1] then
+      -- the first of a burst: it runs (a joining window lasts while it is in flight)
+      ok, left, cur = true, 0, 1
+      local ttl = per
+      if join and lease > ttl then ttl = lease end
+      write = {op, k, token, ttl}
+    elseif not join then
+      ok, left, cur, retry = false, 0, 0, per
+      touches[#touches + 1] = k
+      touches[#touches + 1] = per
+    else
+      -- a repeat joins the first one: its response now, or once it is stored
+      ok, left, cur = true, 0, 0
+      write = {'dbj', k, per}
+      joined = {s[1], s[2], s[3] or '', s[4] or '', s[5] or ''}
+    end
   end
-  limits[#limits + 1] = {ok and 1 or 0, left, reset, retry, cur}
+  limits[#limits + 1] = {ok and 1 or 0, left, reset, retry, cur, wait}
   writes[#writes + 1] = write
   if not ok then denied = true end
   op = ARGV[ai]
@@ -77,6 +136,7 @@ end
 if denied then
   -- nothing was taken: report what each limit has now
   for _, row in ipairs(limits) do row[2] = row[5] end
+  for i = 1, #touches, 2 do redis.call('PEXPIRE', touches[i], touches[i + 1]) end
   return {'rate', limits, {}, {}}
 end
 for _, w in ipairs(writes) do
@@ -89,11 +149,20 @@ for _, w in ipairs(writes) do
     local n = w[3]
     for i = 1, w[4] do redis.call('ZADD', k, now, now_us .. ':' .. (n + i)) end
     redis.call('PEXPIRE', k, w[5])
-  else
+  elseif kind == 'cc' then
     redis.call('ZADD', k, now + w[4], w[3])
     redis.call('PEXPIRE', k, w[4])
+  elseif kind == 'th' then
+    redis.call('HSET', k, 'tat', w[3])
+    redis.call('PEXPIRE', k, w[4])
+  elseif kind == 'db' then
+    redis.call('HSET', k, 'st', '0', 'tok', w[3])
+    redis.call('PEXPIRE', k, w[4])
+  else -- 'dbj': a joining repeat restarts the window (never shortening an in-flight one)
+    if redis.call('PTTL', k) < w[3] then redis.call('PEXPIRE', k, w[3]) end
   end
 end
+if joined then return {'joined', limits, {}, joined} end
 
 local credit = {}
 -- A short balance is answered only after idempotency and cache had their say: a replay

@@ -130,8 +130,16 @@ SHADOW_DENIALS = Family(
 )
 RATE_LIMIT = Family(
     "policyroute_rate_limit_decisions",
-    "Rate-limit decisions: allowed, limited, shadow_allowed, shadow_limited.",
+    "Rate-limit decisions: allowed, limited, delayed (a throttle made it wait), joined (a "
+    "debounce answered it with another request's response), shadow_allowed, shadow_limited, "
+    "shadow_delayed, shadow_joined.",
     ("route", "outcome"),
+)
+THROTTLE_WAIT = Family(
+    "policyroute_throttle_wait_seconds",
+    "How long requests a throttle delayed waited for their turn.",
+    ("route",),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 LOCKOUT = Family(
     "policyroute_lockout_decisions",
@@ -181,7 +189,19 @@ SLOW = Family(
 
 # kind -> (metric, outcomes): the decisions steps report with `ctx.decide(kind, outcome)`.
 DECISIONS: dict[str, tuple[Family, tuple[str, ...]]] = {
-    "rate_limit": (RATE_LIMIT, ("allowed", "limited", "shadow_allowed", "shadow_limited")),
+    "rate_limit": (
+        RATE_LIMIT,
+        (
+            "allowed",
+            "limited",
+            "delayed",
+            "joined",
+            "shadow_allowed",
+            "shadow_limited",
+            "shadow_delayed",
+            "shadow_joined",
+        ),
+    ),
     "lockout": (
         LOCKOUT,
         (

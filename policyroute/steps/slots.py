@@ -28,7 +28,7 @@ from ..backends.valkey import Arg, Store
 if TYPE_CHECKING:
     from .state import Request
 
-LIMIT_OPS = frozenset({"tb", "sw", "cc"})
+LIMIT_OPS = frozenset({"tb", "sw", "cc", "th", "db"})
 Op = tuple[list[str], list[Arg]]
 
 
@@ -74,6 +74,10 @@ def _undo_limit(req: Request, op: Op) -> None:
         req.finish("usw", keys, args[3])
     elif kind == "cc":
         req.finish("rel", keys, args[3])
+    elif kind == "th":
+        req.finish("uth", keys, float(args[1]) * int(args[5]))
+    elif kind == "db":
+        req.finish("dbd", keys, args[4])
 
 
 def _release_lock(req: Request, op: Op) -> None:
@@ -107,12 +111,17 @@ async def _run_state_by_tag(store: Store, req: Request, operation: str, fail_ope
     replies = await asyncio.gather(*(call(g) for g in limit_groups))
     for group, reply in zip(limit_groups, replies, strict=True):
         rows.update(zip(group, reply[1], strict=True))
-    if any(_text(r[0]) != "go" for r in replies):
-        for group, reply in zip(limit_groups, replies, strict=True):
-            if _text(reply[0]) == "go":
+    verdicts = [_text(r[0]) for r in replies]
+    if any(v not in ("go", "joined") for v in verdicts):
+        for group, verdict in zip(limit_groups, verdicts, strict=True):
+            if verdict != "rate":
                 for i in group:
                     _undo_limit(req, ops[i])
         return ["rate", [rows[i] for i in limits], [], []]
+    if "joined" in verdicts:
+        # A debounce joins another request's response: nothing else is asked.
+        answer = replies[verdicts.index("joined")][3]
+        return ["joined", [rows[i] for i in limits], [], answer]
 
     rest = by_tag(ops, [i for i in range(len(ops)) if i not in rows])
     rest.sort(key=lambda g: not all(ops[i][1][0] == "ca" for i in g))  # shared caches first

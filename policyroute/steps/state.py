@@ -205,6 +205,9 @@ class Request:
 
 
 PROBES = "probes"
+# req.data: what must be awaited after the parts settled and before the answer or the
+# handler (a throttle's turn, a debounce waiting to join another request's response).
+PAUSES = "pauses"
 # The reply of a request whose parts asked Valkey nothing but shadow probes.
 NOTHING_ASKED = ["go", [], [], []]
 
@@ -351,6 +354,8 @@ class StateStep(Step):
         try:
             for part in self.parts:
                 part.settle(req, reply)
+            for pause in req.data.get(PAUSES, ()):
+                await pause()
             stored: Stored | None = req.data.get("answer")
             if stored is not None:
                 await self._answer(req, stored, outcome)
@@ -753,7 +758,8 @@ def make_state(policy: RoutePolicy, env: Env) -> Step | None:
         return None
     store: Store = env.service("valkey", "/".join(k for k in STATE_KEYS if getattr(policy, k)))
     vault = PLAIN
-    if sealed(policy) and (policy.cache or policy.idempotency):
+    joins = any(lim.on_repeat == "join" for lim in policy.rate_limit)
+    if sealed(policy) and (policy.cache or policy.idempotency or joins):
         vault = Vault(env.service("keyring", "sensitive data at rest (POLICYROUTE_DATA_KEYS)"))
     parts = [p for m in wanted if (p := m(policy, store, vault)) is not None]
     return StateStep(store, parts, body_limit(policy, env))
