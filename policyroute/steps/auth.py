@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import re
@@ -133,6 +134,10 @@ class LockoutAuthStep(AuthStep):
     def __init__(self, authenticator: Authenticator, realm: str, lockout: LockoutGuard) -> None:
         super().__init__(authenticator, realm)
         self.lockout = lockout
+        # Tokens being verified now, by client address: the same token sent again from the
+        # same address meanwhile (a client's parallel requests) waits for that outcome, so
+        # it is one attempt per process.
+        self._flights: dict[tuple[str, str | None], asyncio.Future[Principal]] = {}
 
     def check_now(self, ctx: Context) -> Awaitable[None] | None:
         """Refuse a missing or malformed token (not counted); check or count the rest."""
@@ -150,6 +155,35 @@ class LockoutAuthStep(AuthStep):
         self._admit(ctx, principal)
 
     async def _verify(self, ctx: Context, token: str) -> None:
+        key = (token, ctx.client)
+        while (flight := self._flights.get(key)) is not None:
+            try:
+                principal = await asyncio.shield(flight)
+            except asyncio.CancelledError:
+                if flight.cancelled():
+                    continue  # the request verifying it went away: verify it here
+                raise
+            except Denial as denial:
+                raise Denial(denial.problem, denial.detail, headers=denial.headers) from None
+            self._admit(ctx, principal)
+            return
+        flight = self._flights[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self._attempt(ctx, token)
+        except Denial as denial:
+            flight.set_exception(denial)
+            flight.exception()  # retrieved: nobody may be waiting for it
+            raise
+        except BaseException:
+            flight.cancel()
+            raise
+        else:
+            flight.set_result(ctx.principal)
+        finally:
+            del self._flights[key]
+
+    async def _attempt(self, ctx: Context, token: str) -> None:
+        """Verify a token not seen before as one counted attempt."""
         attempt = await self.lockout.attempt(ctx, self.authenticator.claimed_account(token))
         try:
             await super()._verify(ctx, token)
