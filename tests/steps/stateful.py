@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -100,6 +102,19 @@ def make_app(calls: Counter[str]) -> FastAPI:
 
     for path in ("/stream", "/stream/refunded", "/stream/cached", "/stream/once"):
         app.add_api_route(path, stream, methods=["GET", "POST"])
+
+    async def stamp(request: Request, sleep: float = 0.0) -> dict[str, Any]:
+        """When the handler ran, in which process, and a run id no other run has."""
+        calls["stamp"] += 1
+        at = time.time()
+        await request.body()
+        if sleep:
+            await anyio.sleep(sleep)
+        return {"at": at, "run": uuid.uuid4().hex, "pid": os.getpid()}
+
+    for path in ("/throttled", "/debounced", "/joined"):
+        app.add_api_route(path, stamp, methods=["GET", "POST"])
+
     return app
 
 
