@@ -32,7 +32,7 @@ from .errors import ConfigError, Finding, Location
 from .gate import endpoints
 from .loader import PolicySet, RouteEntry, load_policies, policy_files
 from .resilience import lint_findings as resilience_findings
-from .steps.rate_limit import client_chosen
+from .steps.rate_limit import client_chosen, throttle_bound
 
 FORMATS = ("text", "json", "sarif", "github")
 
@@ -106,6 +106,28 @@ RULES: Mapping[str, Rule] = {
             "large-buffered-body",
             "warning",
             "A request.max_body over 16MiB on a route whose steps read the whole body.",
+
+            "lockout-short-block",
+            "warning",
+            "A brute-force lockout whose block is shorter than its window, so an address "
+            "gets `failures` guesses per block, more than the window promises.",
+        ),
+        Rule(
+            "replay-blocks-idempotent-retry",
+            "warning",
+            "A route of one-time tokens with idempotency: a retry with the same token is "
+            "refused before its stored response can be replayed.",
+        ),
+        Rule(
+            "throttle-long-delay",
+            "warning",
+            "A throttle that may hold a request longer than clients and proxies wait.",
+        ),
+        Rule(
+            "debounce-join-shared",
+            "error",
+            "A debounce that joins repeats by a key callers share on an authenticated route, "
+            "so one caller is answered with another's response.",
         ),
         Rule("unused-profile", "warning", "A profile that no route uses."),
         Rule("inline-secret", "error", "A secret written inline in a policy file."),
@@ -208,6 +230,11 @@ def policy_findings(policies: PolicySet, docs: Sequence[Doc] = ()) -> list[Findi
         findings.extend(_user_limit_on_public_route(entry, where))
         findings.extend(_client_chosen_keys(entry, where))
         findings.extend(_request_limits(entry, where))
+
+        findings.extend(_replay_with_idempotency(entry, where))
+        findings.extend(_throttle_delays(entry, where))
+        findings.extend(_debounce_joins(entry, where))
+    findings.extend(_lockout_block(policies, docs))
     findings.extend(_unused_profiles(policies))
     findings.extend(resilience_findings(policies))
     return findings
@@ -352,6 +379,92 @@ def _request_limits(entry: RouteEntry, where: _Locator) -> list[Finding]:
                 "uploads on a route without those keys, where they stream to the handler",
                 where(entry, "request", "max_body"),
                 ("routes", entry.key, "request", "max_body"),
+
+# Clients and proxies commonly give up after 30 to 60 s; a request still waiting then runs
+# for nobody when its turn comes.
+THROTTLE_DELAY_LIMIT = 30.0
+
+
+def _lockout_block(policies: PolicySet, docs: Sequence[Doc]) -> list[Finding]:
+    lockout = policies.settings.auth.lockout
+    if lockout is None or lockout.block >= lockout.per:
+        return []
+    base = ("settings", "auth", "lockout")
+    doc = next((d for d in docs if base in d.kinds), None)
+    where = Location("<settings>")
+    if doc is not None:
+        mark = doc.mark((*base, "block")) or doc.mark(base)
+        where = Location(doc.file, *mark) if mark else Location(doc.file)
+    guesses = lockout.failures * math.ceil(lockout.per / lockout.block)
+    return [
+        _finding(
+            "lockout-short-block",
+            f"settings.auth.lockout blocks for {lockout.block:g}s after {lockout.failures} "
+            f"failures in {lockout.per:g}s: the count starts again when the block ends, so one "
+            f"address gets {guesses} guesses per {lockout.per:g}s, not {lockout.failures}. "
+            "Make `block` at least `per`",
+            where,
+            (*base, "block"),
+        )
+    ]
+
+
+def _replay_with_idempotency(entry: RouteEntry, where: _Locator) -> list[Finding]:
+    policy = entry.policy
+    if policy.replay is None or policy.idempotency is None or not policy.replay.enforce:
+        return []
+    return [
+        _finding(
+            "replay-blocks-idempotent-retry",
+            f"{entry.key} takes one-time tokens (`replay: jti`) and an {policy.idempotency.header}"
+            ": a client that retries after a lost response with the same token is refused "
+            "(401 token-replayed) before the stored response is replayed. Clients must retry "
+            "with a new token and the same key; if they cannot, drop `replay`",
+            where(entry, "replay"),
+            ("routes", entry.key, "replay"),
+        )
+    ]
+
+
+def _throttle_delays(entry: RouteEntry, where: _Locator) -> list[Finding]:
+    out = []
+    for i, limit in enumerate(entry.policy.rate_limit):
+        if limit.algorithm != "throttle" or not limit.enforce:
+            continue
+        bound = throttle_bound(limit)
+        if bound <= THROTTLE_DELAY_LIMIT:
+            continue
+        out.append(
+            _finding(
+                "throttle-long-delay",
+                f"{entry.key} throttles to {limit.capacity} per {limit.per:g}s with "
+                f"{limit.burst} waiting: a request may wait {bound:g}s for its turn, longer "
+                f"than clients and proxies commonly wait ({THROTTLE_DELAY_LIMIT:g}s), and one "
+                "they gave up on still runs when its turn comes. Lower `burst` or set "
+                f"`max_delay` to {THROTTLE_DELAY_LIMIT:g}s or less",
+                where(entry, "rate_limit", i),
+                ("routes", entry.key, "rate_limit", i),
+            )
+        )
+    return out
+
+
+def _debounce_joins(entry: RouteEntry, where: _Locator) -> list[Finding]:
+    if entry.policy.public:
+        return []
+    out = []
+    for i, limit in enumerate(entry.policy.rate_limit):
+        if limit.on_repeat != "join" or limit.key == "user" or limit.key.startswith("claim:"):
+            continue
+        out.append(
+            _finding(
+                "debounce-join-shared",
+                f"{entry.key} joins repeats by `{limit.key}`, which different callers share: "
+                "a caller repeating another's request within the window is answered with "
+                "the other's response. Key the debounce by `user` (or a `claim:` that "
+                "identifies the caller)",
+                where(entry, "rate_limit", i, "key"),
+                ("routes", entry.key, "rate_limit", i, "key"),
             )
         )
     return out

@@ -353,6 +353,57 @@ def test_limits_keyed_by_what_the_client_sends_are_reported_with_the_reason(
     assert "verifies no API key" in api_key.message and "claim:client_id" in api_key.message
 
 
+PATTERNS = """\
+version: 1
+settings:
+  auth:
+    lockout: {failures: 10, per: 5m, block: 1m}
+routes:
+  POST /once:
+    replay: jti
+    idempotency: {required: true}
+  POST /once/shadowed:
+    replay: {by: jti, enforce: false}
+    idempotency: {}
+  GET /queue:
+    public: true
+    rate_limit:
+      - {key: ip, algorithm: throttle, capacity: 1, per: 10s, burst: 6}
+      - {key: ip, algorithm: throttle, capacity: 1, per: 10s, burst: 6, max_delay: 20s}
+      - {key: ip, algorithm: throttle, capacity: 5, per: 1s, burst: 500, delay: 400}
+  POST /submit:
+    rate_limit: {key: ip, algorithm: debounce, per: 2s, on_repeat: join}
+  POST /submit/mine:
+    rate_limit: {key: user, algorithm: debounce, per: 2s, on_repeat: join}
+  POST /submit/public:
+    public: true
+    rate_limit: {key: ip, algorithm: debounce, per: 2s, on_repeat: join}
+"""
+
+
+def test_unsafe_settings_of_the_lockout_replay_throttle_and_debounce(policy_dir: Path) -> None:
+    write(policy_dir, PATTERNS)
+    findings = lint([policy_dir])
+    found = [(f.code, f.severity, f.dotted_path, f.location.line) for f in findings]
+    assert found == [
+        ("lockout-short-block", "warning", "settings.auth.lockout.block", 4),
+        ("replay-blocks-idempotent-retry", "warning", "routes.POST /once.replay", 7),
+        ("throttle-long-delay", "warning", "routes.GET /queue.rate_limit[0]", 15),
+        ("debounce-join-shared", "error", "routes.POST /submit.rate_limit[0].key", 19),
+    ]
+    short, replay, queue, join = findings
+    assert short.location.column == col_of(PATTERNS, "block: 1m") + len("block: ")
+    assert "gets 50 guesses per 300s, not 10" in short.message and "at least `per`" in short.message
+    assert "new token and the same key" in replay.message
+    assert "wait 60s for its turn" in queue.message and "`max_delay`" in queue.message
+    assert "answered with the other's response" in join.message and "`user`" in join.message
+    # Delays within bounds, joins by user or on public routes, shadowed replay: nothing.
+    fixed = PATTERNS.replace("block: 1m", "block: 15m").replace("burst: 6}", "burst: 2}")
+    fixed = fixed.replace("{key: ip, algorithm: debounce", "{key: user, algorithm: debounce", 1)
+    write(policy_dir, fixed)
+    assert codes(lint([policy_dir])) == ["replay-blocks-idempotent-retry"]
+
+
 PROFILES = """\
 version: 1
 profiles:
@@ -499,6 +550,8 @@ ALL = """\
 version: 1
 settings:
   trusted_proxies: [10.0.0.0/8, 52.0.0.0/15]
+  auth:
+    lockout: {failures: 5, per: 10m, block: 1m}
 profiles:
   spare:
     scopes: [x]
@@ -527,6 +580,15 @@ routes:
     request: {max_body: 100MiB, content_types: [text/csv]}
     idempotency: {}
     encrypt_fields: [ssn]
+
+  POST /once:
+    replay: jti
+    idempotency: {}
+  GET /queue:
+    public: true
+    rate_limit: {key: ip, algorithm: throttle, capacity: 1, per: 10s, burst: 6}
+  POST /joined:
+    rate_limit: {key: ip, algorithm: debounce, per: 2s, on_repeat: join}
 """
 
 
