@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from ._types import format_duration
 from .errors import Problems, ProblemType
 from .loader import PolicySet
-from .policy import RoutePolicy
+from .policy import RateLimit, RoutePolicy
+from .steps.rate_limit import limit_name, throttle_bound
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -85,6 +86,11 @@ def outcomes(policy: RoutePolicy | None, policies: PolicySet) -> dict[int, Outco
         issuers = policies.settings.auth.issuers
         if any(i.jwks is not None and i.jwks.startswith("https://") for i in issuers):
             add(Problems.KEYS_UNAVAILABLE, "Retry-After")  # no key set fetched yet
+        lockout = policies.settings.auth.lockout
+        if lockout is not None:
+            add(Problems.AUTH_LOCKED, "Retry-After")
+            if lockout.on_backend_error == "closed":
+                add(Problems.BACKEND_UNAVAILABLE, "Retry-After")
     if policy.scopes:
         add(Problems.INSUFFICIENT_SCOPE, "WWW-Authenticate")
     if policy.roles:
@@ -96,6 +102,11 @@ def outcomes(policy: RoutePolicy | None, policies: PolicySet) -> dict[int, Outco
             add(Problems.MFA_LOCKED, "Retry-After")
             add(Problems.BACKEND_UNAVAILABLE, "Retry-After")
     _body(policy, policies, add)
+
+    if policy.replay is not None:
+        add(Problems.TOKEN_REPLAYED, "WWW-Authenticate")
+        add(Problems.INVALID_TOKEN, "WWW-Authenticate")  # a token without a jti
+        add(Problems.BACKEND_UNAVAILABLE, "Retry-After")
     _state(policy, add)
     _resilience(policy, policies, add)
     return found
@@ -181,20 +192,39 @@ def _merge_response(responses: dict[str, Any], outcome: Outcome) -> None:
         theirs.setdefault("headers", {}).update(ours["headers"])
 
 
-def _extension(policy: RoutePolicy) -> dict[str, Any]:
+def _limit(lim: RateLimit) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": limit_name(lim), "key": lim.key, "algorithm": lim.algorithm}
+    if lim.capacity is not None:
+        out["capacity"] = lim.capacity
+    if lim.per:
+        out["per"] = format_duration(lim.per)
+    if lim.algorithm == "throttle":
+        out["burst"] = lim.burst
+        out["max_delay"] = format_duration(throttle_bound(lim))
+    if lim.algorithm == "debounce":
+        out["on_repeat"] = lim.on_repeat or "refuse"
+    return out
+
+
+def _extension(policy: RoutePolicy, policies: PolicySet) -> dict[str, Any]:
     out: dict[str, Any] = {"public": policy.public}
     if policy.roles:
         out["roles"] = list(policy.roles)
     if policy.mfa is not None:
         out["mfa"] = list(policy.mfa.methods)
+    lockout = policies.settings.auth.lockout
+    if lockout is not None and not policy.public:
+        out["lockout"] = {
+            "failures": lockout.failures,
+            "per": format_duration(lockout.per),
+            "block": format_duration(lockout.block),
+        }
+    if policy.replay is not None:
+        out["replay"] = policy.replay.by
     if policy.credits is not None:
         out["credits"] = policy.credits.cost
     if policy.rate_limit:
-        out["rate_limit"] = [
-            {"name": lim.name or lim.key, "key": lim.key, "capacity": lim.capacity}
-            | ({"per": format_duration(lim.per)} if lim.per else {})
-            for lim in policy.rate_limit
-        ]
+        out["rate_limit"] = [_limit(lim) for lim in policy.rate_limit]
     if policy.cache is not None:
         out["cache"] = {"ttl": format_duration(policy.cache.ttl), "shared": policy.cache.shared}
     if policy.idempotency is not None:
@@ -249,7 +279,7 @@ def decorate(doc: dict[str, Any], policies: PolicySet) -> dict[str, Any]:
             if not policy.public:
                 operation["security"] = [{SCHEME: list(policy.scopes)}]
             _idempotency_parameter(operation, policy)
-            operation["x-policyroute"] = _extension(policy)
+            operation["x-policyroute"] = _extension(policy, policies)
     return doc
 
 

@@ -156,6 +156,44 @@ def test_an_issuer_with_a_jwks_url_adds_keys_unavailable(policy_dir: Path, valke
     assert set(read["responses"]["503"]["headers"]) == {"Retry-After"}
 
 
+def test_lockout_one_time_tokens_throttle_and_debounce_are_documented(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    policy = POLICY.replace(
+        "        jwks: " + str(JWKS) + "\n",
+        "        jwks: " + str(JWKS) + "\n    lockout: {failures: 5, per: 10m, block: 30m}\n",
+    ).replace(
+        "    cache: {{ttl: 30s}}\n".replace("{{", "{").replace("}}", "}"),
+        "    replay: jti\n"
+        "    rate_limit:\n"
+        "      - {key: user, algorithm: throttle, capacity: 2, per: 1s, burst: 4}\n"
+        "      - {key: user, algorithm: debounce, per: 3s, on_repeat: join}\n",
+    )
+    doc = installed(policy_dir, valkey_url, policy).openapi()
+    read = doc["paths"]["/jobs/{job_id}"]["get"]
+    assert problem_statuses(read) == ["400", "401", "403", "429", "503"]
+    responses = read["responses"]
+    for slug in ("token-replayed", "invalid-token"):
+        assert slug in responses["401"]["description"]
+    assert "auth-locked" in responses["429"]["description"]
+    assert "rate-limited" in responses["429"]["description"]
+    assert {"Retry-After", "RateLimit", "RateLimit-Policy"} <= set(responses["429"]["headers"])
+    extension = read["x-policyroute"]
+    assert extension["lockout"] == {"failures": 5, "per": "10m", "block": "30m"}
+    assert extension["replay"] == "jti"
+    assert extension["rate_limit"] == [
+        {"name": "throttle", "key": "user", "algorithm": "throttle", "capacity": 2, "per": "1s",
+         "burst": 4, "max_delay": "2s"},
+        {"name": "debounce", "key": "user", "algorithm": "debounce", "per": "3s",
+         "on_repeat": "join"},
+    ]  # fmt: skip
+    # Every route that needs a token can be locked out; a public one cannot.
+    post = doc["paths"]["/jobs"]["post"]
+    assert "auth-locked" in post["responses"]["429"]["description"]
+    health = doc["paths"]["/health"]["get"]
+    assert problem_statuses(health) == [] and "lockout" not in health["x-policyroute"]
+
+
 async def test_the_problem_schema_describes_a_real_denial(
     policy_dir: Path, valkey_url: str
 ) -> None:

@@ -133,9 +133,14 @@ class Limit:
 _DEFAULT_NAMES = {"concurrency": "concurrency", "throttle": "throttle", "debounce": "debounce"}
 
 
+def limit_name(spec: RateLimit) -> str:
+    """A limit's name: its own, else its algorithm's (concurrency, throttle...) or its key."""
+    return spec.name or _DEFAULT_NAMES.get(spec.algorithm, spec.key)
+
+
 def compile_limit(spec: RateLimit, index: int, names: set[str]) -> Limit:
     """Everything about one limit that does not depend on the request."""
-    name = spec.name or _DEFAULT_NAMES.get(spec.algorithm, spec.key)
+    name = limit_name(spec)
     if name in names:
         name = f"{name}-{index}"
     names.add(name)
@@ -215,15 +220,15 @@ class RateLimitStep(Part):
             elif s.algorithm == "throttle":
                 bound = f"{throttle_bound(s):g}"
                 out.append(
-                    f"{lim.name}: throttle to {s.capacity} per {s.per}s per {per}, "
-                    f"{s.burst} may wait ({s.delay or 0} of them at once), none longer than "
+                    f"{lim.name}: throttle to {s.capacity} per {s.per:g}s per {per}, "
+                    f"{s.burst} may wait ({s.delay or 0} of them go at once), none longer than "
                     f"{bound}s; past that 429"
                 )
             elif s.algorithm == "debounce":
                 how = "joins its first's response" if s.on_repeat == "join" else "is refused"
                 out.append(
-                    f"{lim.name}: debounce per {per} and request: a repeat within {s.per}s of "
-                    f"the last {how}"
+                    f"{lim.name}: debounce per {per} and request: a repeat within {s.per:g}s "
+                    f"of the last {how}"
                 )
             elif s.algorithm == "token_bucket":
                 out.append(
