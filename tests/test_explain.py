@@ -194,3 +194,43 @@ def test_body_limits_show_in_the_chain_and_the_policy(policy_dir: Path) -> None:
     notes = explain([policy_dir], route="POST /notes")
     assert "request bodies over 1MiB refused (413)" in notes
     assert lines_of(notes)["max_body: 1MiB"].endswith("(built-in default)")
+
+PATTERNS = f"""\
+version: 1
+settings:
+  auth:
+    lockout: {{failures: 5, per: 10m, block: 30m}}
+    issuers:
+      - {{issuer: https://auth.example.com/, audience: io-api, jwks: {JWKS}}}
+routes:
+  POST /pay:
+    replay: jti
+    mfa: {{methods: [totp]}}
+    rate_limit:
+      - {{key: user, algorithm: throttle, capacity: 2, per: 1s, burst: 4, delay: 1}}
+      - {{key: user, algorithm: debounce, per: 3s, on_repeat: join}}
+  GET /status:
+    public: true
+    rate_limit: {{key: ip, algorithm: debounce, per: 1s, enforce: false}}
+"""
+
+
+def test_explain_shows_lockout_one_time_tokens_throttle_and_debounce(policy_dir: Path) -> None:
+    (policy_dir / "routes.yaml").write_text(PATTERNS)
+    text = explain([policy_dir], route="POST /pay")
+    steps = [line.split(":")[0].strip() for line in text.splitlines()[1:6]]
+    assert steps == ["1. client", "2. auth", "3. mfa", "4. replay", "5. state"]
+    assert (
+        "lockout after 5 failures in 600s per address, and per subject at the addresses that "
+        "failed for it, for 1800s" in text
+    )
+    assert "(a wrong code also counts toward settings.auth.lockout)" in text
+    assert "4. replay: a token's jti is accepted once (per issuer, until exp + 30s leeway)" in text
+    assert (
+        "throttle: throttle to 2 per 1s per user, 4 may wait (1 of them go at once), none "
+        "longer than 1.5s; past that 429" in text
+    )
+    assert "debounce: debounce per user and request: a repeat within 3s of the last joins" in text
+    public = explain([policy_dir], route="GET /status")
+    assert ". auth" not in public.split("effective policy")[0]
+    assert "a repeat within 1s of the last is refused (shadow: enforce false)" in public

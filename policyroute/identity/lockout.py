@@ -102,8 +102,8 @@ class LockoutGuard:
         """One line for explain."""
         shadow = " (shadow: enforce false)" if not self.enforce else ""
         return (
-            f"lockout after {self.spec.failures} failures in {self.spec.per}s per address "
-            f"and per subject at the addresses that failed, blocked {self.spec.block}s{shadow}"
+            f"lockout after {self.spec.failures} failures in {self.spec.per:g}s per address, "
+            f"and per subject at the addresses that failed for it, for {self.spec.block:g}s{shadow}"
         )
 
     # --- the calls ------------------------------------------------------------------

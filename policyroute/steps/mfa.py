@@ -134,7 +134,7 @@ class MfaStep(Step):
             parts.append(f"or TOTP code in {self.header}, once, lockout after "
                          f"{self.totp.settings.max_failures} failures")
         if self.lockout is not None and self.totp is not None:
-            parts.append(f"(codes count toward the {self.lockout.describe()})")
+            parts.append("(a wrong code also counts toward settings.auth.lockout)")
         return " ".join(parts)
 
 
