@@ -16,17 +16,16 @@ local limits = {}
 local writes = {}
 local denied = false
 -- debounce windows a refused repeat restarts (written even when refused), and the
--- response a joining repeat gets
-local touches = {}
+-- response a joining repeat gets (made only by a debounce)
+local touches = nil
 local joined = nil
 local op = ARGV[1]
 while op == 'tb' or op == 'sw' or op == 'cc' or op == 'th' or op == 'db' do
   local k = KEYS[ki]
   ki = ki + 1
-  -- ok, left now, reset, retry after (ms), left before, wait (ms); then how to take
-  -- (written only when every limit allows: limits are all or nothing)
-  local ok, left, reset, retry, cur, write
-  local wait = 0
+  -- ok, left now, reset, retry after (ms), left before, and a throttle's wait (ms); then
+  -- how to take (written only when every limit allows: limits are all or nothing)
+  local ok, left, reset, retry, cur, write, wait
   if op == 'tb' then
     local cap, refill, per = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
     local cost = tonumber(ARGV[ai + 3])
@@ -118,6 +117,7 @@ while op == 'tb' or op == 'sw' or op == 'cc' or op == 'th' or op == 'db' do
       write = {op, k, token, ttl}
     elseif not join then
       ok, left, cur, retry = false, 0, 0, per
+      touches = touches or {}
       touches[#touches + 1] = k
       touches[#touches + 1] = per
     else
@@ -136,7 +136,9 @@ end
 if denied then
   -- nothing was taken: report what each limit has now
   for _, row in ipairs(limits) do row[2] = row[5] end
-  for i = 1, #touches, 2 do redis.call('PEXPIRE', touches[i], touches[i + 1]) end
+  if touches then
+    for i = 1, #touches, 2 do redis.call('PEXPIRE', touches[i], touches[i + 1]) end
+  end
   return {'rate', limits, {}, {}}
 end
 for _, w in ipairs(writes) do

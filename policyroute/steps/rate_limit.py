@@ -205,6 +205,8 @@ class RateLimitStep(Part):
         self.watch_disconnect = bool(self.slots)  # a slot is freed when the client leaves
         # A debounce keys its record by the request itself, body included.
         self.needs_io = any(lim.op[0] == "db" for lim in compiled)
+        # Whether an admitted request may wait (throttle) or join (debounce) first.
+        self.special = any(lim.op[0] in ("th", "db") for lim in self.limits)
         self.joins = next(
             (lim for lim in self.limits if lim.op[0] == "db" and lim.op[2] == "1"), None
         )
@@ -326,7 +328,6 @@ class RateLimitStep(Part):
         rows = reply[1]
         items = []
         retry_ms = 0
-        wait_ms = 0.0
         refused: Limit | None = None
         for lim, row in zip(self.limits, rows, strict=True):
             ok, remaining, reset_ms, retry = int(row[0]), int(row[1]), int(row[2]), int(row[3])
@@ -334,21 +335,14 @@ class RateLimitStep(Part):
             if not ok:
                 retry_ms = max(retry_ms, retry)
                 refused = refused or lim
-            elif len(row) > 5:
-                wait_ms = max(wait_ms, float(row[5]))
         req.extra.append(self.policy_header)
         req.extra.append((b"ratelimit", ", ".join(items).encode()))
         ctx = req.ctx
         if refused is None:
             req.data["rl_held"] = True
-            if req.data.get("verdict") == "joined":
-                self._join(req, reply[3])
-            elif self.joins is not None:
-                req.data["db_lead"] = req.data["rl_keys"][self.limits.index(self.joins)]
-            if wait_ms > 0:
-                ctx.decide("rate_limit", "delayed")
-                req.data.setdefault(PAUSES, []).append(lambda: self._wait(ctx, wait_ms))
-            elif req.data.get("verdict") != "joined":
+            if self.special:
+                self._admitted(req, rows, reply)
+            else:
                 ctx.decide("rate_limit", "allowed")
             return
         ctx.decide("rate_limit", "limited")
@@ -370,6 +364,21 @@ class RateLimitStep(Part):
             detail = f"limit {refused.name!r} is exhausted; retry after {retry_s} s"
         req.extra.clear()
         raise Denial(problem, detail, headers=headers, extra={"limit": refused.name})
+
+    def _admitted(self, req: Request, rows: list[Any], reply: list[Any]) -> None:
+        """A throttle's wait, a debounce's join, or the first request of a joining burst."""
+        ctx = req.ctx
+        wait_ms = max((float(row[5]) for row in rows if len(row) > 5), default=0.0)
+        joined = req.data.get("verdict") == "joined"
+        if joined:
+            self._join(req, reply[3])
+        elif self.joins is not None:
+            req.data["db_lead"] = req.data["rl_keys"][self.limits.index(self.joins)]
+        if wait_ms > 0:
+            ctx.decide("rate_limit", "delayed")
+            req.data.setdefault(PAUSES, []).append(lambda: self._wait(ctx, wait_ms))
+        elif not joined:
+            ctx.decide("rate_limit", "allowed")
 
     @staticmethod
     async def _wait(ctx: Context, wait_ms: float) -> None:
