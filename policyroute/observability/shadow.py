@@ -8,7 +8,8 @@ Where it applies:
   caller anonymous. Idempotency conflicts (409 in flight, 422 reused key) are still
   enforced: they keep a request from running twice. Cache, events, retry, breaker and
   timeout work as configured.
-- one step: `rate_limit` (each limit), `credits` and `mfa` accept `enforce: false`.
+- one step: `rate_limit` (each limit), `credits`, `mfa` and `replay` accept `enforce: false`,
+  and so does `settings.auth.lockout` (for every route).
 
 What "evaluate" means for stateful steps:
 
@@ -20,7 +21,14 @@ What "evaluate" means for stateful steps:
   would see) and never reserve, charge or refund; a request answered from the cache or an
   idempotent replay would not be charged, so it is never a would-be refusal;
 - shadowed MFA checks a step-up claim as usual and verifies a TOTP code without using it
-  up or counting a failure (a replayed code is not detected in shadow mode).
+  up or counting a failure (a replayed code is not detected in shadow mode);
+- a shadowed throttle never delays (a would-be wait is counted as `shadow_delayed`), a
+  shadowed debounce never joins (a would-be join is counted as `shadow_joined`, a would-be
+  refusal recorded like any limit's);
+- a shadowed lockout counts failures in keys of its own (`los`) and never refuses; a
+  would-be 429 is recorded as `auth-locked`;
+- shadowed one-time tokens are taken in keys of their own (`jtis`); a reuse, or a token
+  without a jti, is recorded and let on.
 
 Each would-be refusal is counted in `policyroute_shadow_denials_total{route,step,reason}`,
 logged at WARNING on `policyroute.shadow` and named on the request's span. Only the first
