@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,44 @@ async def read_note(note_id: str) -> JSONResponse:
 async def stored_note(note_id: str) -> dict[str, Any]:
     """What the handler holds: the sealed token, never the secret."""
     return {"note_id": note_id, **notes.get(note_id, {})}
+
+
+class Transfer(BaseModel):
+    """A transfer, authorised by a one-time token."""
+
+    amount: int
+
+
+@app.post("/transfers", status_code=201)
+async def transfer(body: Transfer, who: Who = Depends(policyroute.principal)) -> dict[str, Any]:
+    """replay: jti: each token runs one transfer; the same token again is refused."""
+    return {"transfer_id": f"t-{next(next_id)}", "amount": body.amount, "by": who.subject}
+
+
+@app.get("/export")
+async def export() -> dict[str, float]:
+    """throttle: a burst waits its turn and leaves at a steady rate (the time it left)."""
+    return {"started": time.time()}
+
+
+class Feedback(BaseModel):
+    """A feedback form."""
+
+    text: str
+
+
+@app.post("/feedback", status_code=201)
+async def feedback(body: Feedback) -> dict[str, Any]:
+    """debounce, refuse: a double submit of the same form within 3 s is refused."""
+    served["feedback"] += 1
+    return {"received": body.text, "n": served["feedback"]}
+
+
+@app.post("/reports/generate")
+async def generate_report() -> dict[str, str]:
+    """debounce, join: repeats while a report is generated get that same report."""
+    await asyncio.sleep(0.3)
+    return {"report_id": f"r-{next(next_id)}"}
 
 
 def services(engine: Engine) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
+import itertools
 import os
 import secrets
 import signal
@@ -338,6 +340,148 @@ async def totp(d: Demo) -> None:
     )
 
 
+def _from_address(d: Demo, address: str) -> httpx.AsyncClient:
+    """A client of the example whose connections come from another loopback address."""
+    transport = httpx.AsyncHTTPTransport(local_address=address)
+    return httpx.AsyncClient(base_url=d.client.base_url, transport=transport, timeout=10.0)
+
+
+async def brute_force(d: Demo) -> None:
+    """settings.auth.lockout: refused tokens block their address; a subject only where it failed."""
+    print("lockout: 10 refused tokens block an address; a subject only where it failed for it")
+    host = d.client.base_url.host
+    if not (host == "localhost" or ipaddress.ip_address(host).is_loopback):
+        print("  skip (the blocked addresses are loopback ones: run the demo on the server's host)")
+        return
+    # Fresh loopback addresses per run, so a run never meets an earlier run's blocks, and
+    # 127.0.0.1 (yours, and the rest of the demo's) is never blocked.
+    net = f"127.{secrets.randbelow(250) + 2}.{secrets.randbelow(250) + 2}"
+    other_key = RSAKey.generate_key(2048, parameters={"kid": DEV_KID})
+    admin = d.token("root", "read:reports", roles=["admin"])
+    # Ten accounts tried once each (credential stuffing): no subject reaches the limit,
+    # the address does.
+    forged = [mint(other_key, d.user(f"guess{i}"), roles=["admin"]) for i in range(10)]
+    async with _from_address(d, f"{net}.1") as c:
+        refused = [await c.get("/admin/report", headers=bearer(f)) for f in forged]
+        d.expect(
+            f"GET /admin/report from {net}.1 with 10 tokens (10 users) signed by another key",
+            refused[-1],
+            401,
+            "invalid-token",
+            check=all(r.status_code == 401 for r in refused),
+        )
+        d.expect(
+            f"... then a valid admin token from {net}.1: the address is blocked",
+            await c.get("/admin/report", headers=bearer(admin)),
+            429,
+            "auth-locked",
+            "Retry-After",
+        )
+    d.expect(
+        "the same valid token from 127.0.0.1",
+        await d.client.get("/admin/report", headers=bearer(admin)),
+        200,
+    )
+    victim = d.token("victor", "read:reports", roles=["admin"])
+    posing = mint(other_key, d.user("victor"), scopes=["read:reports"], roles=["admin"])
+    failed = []
+    for i in range(10):
+        async with _from_address(d, f"{net}.{20 + i}") as c:
+            failed.append(await c.get("/admin/report", headers=bearer(posing)))
+    d.expect(
+        f"10 addresses ({net}.20-29) each send one forged token of victor",
+        failed[-1],
+        401,
+        "invalid-token",
+        check=all(r.status_code == 401 for r in failed),
+    )
+    async with _from_address(d, f"{net}.20") as c:
+        d.expect(
+            f"... victor's own valid token from {net}.20: blocked for victor there",
+            await c.get("/admin/report", headers=bearer(victim)),
+            429,
+            "auth-locked",
+        )
+        d.expect(
+            f"... root's token from {net}.20: that address is not blocked for others",
+            await c.get("/admin/report", headers=bearer(admin)),
+            200,
+        )
+    d.expect(
+        "... victor from 127.0.0.1, which never failed for him: not locked out",
+        await d.client.get("/admin/report", headers=bearer(victim)),
+        200,
+    )
+
+
+async def one_time_tokens(d: Demo) -> None:
+    """replay: jti: a token runs one request."""
+    print("replay: one-time tokens (jti accepted once)")
+    c = d.client
+    olga = d.token("olga", "transfers:write")
+    d.expect(
+        "POST /transfers with a fresh token",
+        await c.post("/transfers", json={"amount": 5}, headers=bearer(olga)),
+        201,
+    )
+    d.expect(
+        "POST /transfers with the same token again",
+        await c.post("/transfers", json={"amount": 5}, headers=bearer(olga)),
+        401,
+        "token-replayed",
+        "WWW-Authenticate",
+    )
+    d.expect(
+        "POST /transfers with a new token",
+        await c.post(
+            "/transfers", json={"amount": 5}, headers=bearer(d.token("olga", "transfers:write"))
+        ),
+        201,
+    )
+
+
+async def smoothing(d: Demo) -> None:
+    """Throttle (a burst waits its turn) and debounce (refuse or join a repeat)."""
+    print("limits: throttle and debounce")
+    c = d.client
+    paula = d.token("paula", "read:reports", "write:feedback")
+    burst = await asyncio.gather(*(c.get("/export", headers=bearer(paula)) for _ in range(5)))
+    started = sorted(r.json()["started"] for r in burst if r.status_code == 200)
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(started)]
+    d.expect(
+        f"GET /export 5 at once (2/s, 3 may wait): 4 run, {gaps} s apart",
+        burst[0],
+        200,
+        check=sorted(r.status_code for r in burst) == [200, 200, 200, 200, 429]
+        and all(0.4 <= g <= 0.7 for g in gaps),
+    )
+    over = next((r for r in burst if r.status_code == 429), burst[-1])
+    d.expect("... the fifth is past the queue", over, 429, "rate-limited", "Retry-After")
+    form = {"text": f"great demo {d.run}"}
+    d.expect(
+        "POST /feedback", await c.post("/feedback", json=form, headers=bearer(paula)), 201
+    )
+    d.expect(
+        "POST /feedback again at once (a double submit)",
+        await c.post("/feedback", json=form, headers=bearer(paula)),
+        429,
+        "rate-limited",
+        "Retry-After",
+    )
+    made = await asyncio.gather(
+        *(c.post("/reports/generate", headers=bearer(paula)) for _ in range(3))
+    )
+    ids = {r.json().get("report_id") for r in made if r.status_code == 200}
+    joined = sum(r.headers.get("x-debounce") == "joined" for r in made)
+    d.expect(
+        f"POST /reports/generate 3 at once: one report ({', '.join(sorted(ids))}), "
+        f"{joined} joined it",
+        made[0],
+        200,
+        check=len(ids) == 1 and joined == 2 and all(r.status_code == 200 for r in made),
+    )
+
+
 async def caching(d: Demo) -> None:
     """A cache shared by every caller, acknowledged in the policy."""
     print("cache: one copy for every caller (acknowledged)")
@@ -535,13 +679,24 @@ async def openapi(d: Demo) -> None:
     """The policy in the OpenAPI document."""
     print("openapi: security and problem responses from the policy")
     doc = await d.client.get("/openapi.json")
-    post = doc.json()["paths"]["/io-job"]["post"] if doc.status_code == 200 else {}
+    paths = doc.json()["paths"] if doc.status_code == 200 else {}
+    post = paths.get("/io-job", {}).get("post", {})
     d.expect(
         "GET /openapi.json: POST /io-job needs bearer scope run:io_jobs, may answer 402/429",
         doc,
         200,
         check=post.get("security") == [{"bearer": ["run:io_jobs"]}]
         and {"401", "402", "403", "409", "422", "429"} <= set(post.get("responses", {})),
+    )
+    transfers = paths.get("/transfers", {}).get("post", {})
+    responses = transfers.get("responses", {})
+    d.expect(
+        "... POST /transfers: 401 token-replayed, 429 auth-locked, x-policyroute replay: jti",
+        doc,
+        200,
+        check="token-replayed" in responses.get("401", {}).get("description", "")
+        and "auth-locked" in responses.get("429", {}).get("description", "")
+        and transfers.get("x-policyroute", {}).get("replay") == "jti",
     )
 
 
@@ -552,6 +707,8 @@ async def exercise(base_url: str, valkey_url: str, pulsar_url: str, prefix: str)
         async with httpx.AsyncClient(base_url=base_url, timeout=10.0) as client:
             d = Demo(client, store, pulsar_url)
             for part in (identity, io_job, user_profile, limits, totp, caching, events, resilience):
+                await part(d)
+            for part in (one_time_tokens, smoothing, brute_force):
                 await part(d)
             await sealing(d, prefix)
             await openapi(d)

@@ -46,7 +46,7 @@ def test_make_demo_answers_every_path_as_the_policy_says() -> None:
     assert done.returncode == 0, out + done.stderr
     assert ", 0 failed," in out
     passed = int(out.rsplit("\n", 2)[-2].split()[0])
-    assert passed >= 45
+    assert passed >= 60
     for expected in (
         "401 unauthenticated",
         "401 invalid-token",
@@ -64,5 +64,10 @@ def test_make_demo_answers_every_path_as_the_policy_says() -> None:
         "503 circuit-open",
         "504 handler-timeout",
         "event on persistent://public/default/orders",
+        "401 token-replayed",
+        "429 auth-locked",
+        "s apart",
+        "2 joined it",
+        "POST /feedback again at once (a double submit)",
     ):
         assert expected in out, expected
