@@ -26,6 +26,10 @@ def policy_schema() -> dict[str, Any]:
         "description": "One limit or a list of limits.",
     }
     route["mfa"] = {"anyOf": [{"const": "required"}, {"$ref": "#/$defs/Mfa"}, {"type": "null"}]}
+    route["replay"] = {
+        "anyOf": [{"const": "jti"}, {"$ref": "#/$defs/Replay"}, {"type": "null"}],
+        "description": route["replay"].get("description", ""),
+    }
     # One duration for `jwks_refresh` fixes the interval (min = max).
     refresh = defs["Issuer"]["properties"]["jwks_refresh"]
     duration = defs["JwksRefresh"]["properties"]["min"]["anyOf"]
