@@ -306,3 +306,18 @@ def test_bench_lua_reports_valkeys_time_per_request(capsys: pytest.CaptureFixtur
     # One token bucket: one script call per request, and Valkey's CPU time measured.
     assert line.startswith("limit: Valkey CPU ") and "1.00 script calls per request" in line
     assert float(line.split("Valkey CPU ")[1].split()[0]) > 0
+
+
+def test_the_bench_routes_pay_nothing_for_lockout_replay_throttle_and_debounce(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import calls
+
+    assert calls.main(["limit", "local"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS limit: 1.00 script calls per request" in out
+    assert "PASS local: 0.00 script calls per request" in out
+    # A route making more calls than before is a MISS (here: an expectation of none).
+    monkeypatch.setitem(calls.BEFORE, "limit", (calls.BEFORE["limit"][0], 0.0))
+    assert calls.main(["limit"]) == 1
+    assert "MISS limit" in capsys.readouterr().out
