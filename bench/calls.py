@@ -24,7 +24,7 @@ from bench.backend import valkey as start_valkey
 REQUESTS = 200
 
 # Per policy set: the steps of `GET /ping` and its script calls per request, as they were
-# before the lockout, replay, throttle and debounce (commit 41ce3a0). The full chain's
+# before the lockout, replay, throttle and debounce (main at 3c75f95). The full chain's
 # after-handler calls of requests that finish together may share one script call, so its
 # count is at most 2 (1.8-2.0 here).
 BEFORE: dict[str, tuple[tuple[str, ...], float]] = {
