@@ -265,6 +265,8 @@ def _rate(spec: RateLimit) -> float | None:
     if spec.algorithm == "concurrency" or not spec.per:
         return None
     amount = (spec.refill or spec.capacity) if spec.algorithm == "token_bucket" else spec.capacity
+    if amount is None:  # a debounce limits repeats, not a rate
+        return None
     return amount / spec.per
 
 

@@ -106,7 +106,8 @@ RULES: Mapping[str, Rule] = {
             "large-buffered-body",
             "warning",
             "A request.max_body over 16MiB on a route whose steps read the whole body.",
-
+        ),
+        Rule(
             "lockout-short-block",
             "warning",
             "A brute-force lockout whose block is shorter than its window, so an address "
@@ -379,6 +380,10 @@ def _request_limits(entry: RouteEntry, where: _Locator) -> list[Finding]:
                 "uploads on a route without those keys, where they stream to the handler",
                 where(entry, "request", "max_body"),
                 ("routes", entry.key, "request", "max_body"),
+            )
+        )
+    return out
+
 
 # Clients and proxies commonly give up after 30 to 60 s; a request still waiting then runs
 # for nobody when its turn comes.
