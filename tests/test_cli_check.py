@@ -49,7 +49,8 @@ def test_an_allowed_request_shows_every_step_and_what_it_takes(
         "--body", '{"resource_id": "r1"}', "--credits", "3",
     )
     assert code == 0, lines
-    assert lines[0] == "POST /io-job -> POST /io-job  (" + EXAMPLES + "/service.yaml:28:3)"
+    line = (Path(EXAMPLES) / "service.yaml").read_text().splitlines().index("  POST /io-job:") + 1
+    assert lines[0] == f"POST /io-job -> POST /io-job  ({EXAMPLES}/service.yaml:{line}:3)"
     assert steps(lines) == [
         ("client", "pass"),
         ("ip_allowlist", "pass"),
@@ -77,7 +78,7 @@ def test_a_refusal_names_its_step_and_what_was_not_reached(
     assert steps(lines)[-1] == ("roles", "deny")
     assert "403 forbidden-role: the caller has none of the roles this route requires" in lines[-3]
     assert lines[-2].strip() == (
-        "not reached: mfa, rate_limit, credits, idempotency"
+        "not reached: mfa, request, rate_limit, credits, idempotency"
     )
     assert lines[-1] == (
         "result: 403 forbidden-role, refused by roles: the caller has none of the roles "
