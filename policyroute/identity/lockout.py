@@ -32,12 +32,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .._ids import IDS
 from ..backends.valkey import Arg, Store
-from ..errors import Denial, Problems, StorageError
+from ..errors import Denial, Problems, ProblemType, StorageError
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
@@ -218,6 +219,28 @@ class LockoutGuard:
         if code != FREE:
             self._refuse(ctx, code, ms)
         return Attempt(self, ctx, account, id_, bool(marked))
+
+    async def counted(
+        self,
+        ctx: Context,
+        account: str | None,
+        check: Callable[[], Awaitable[None]],
+        failure: ProblemType,
+    ) -> None:
+        """Run `check` as one attempt; a Denial of `failure` counts as a failed one."""
+        attempt = await self.attempt(ctx, account)
+        try:
+            await check()
+        except Denial as denial:
+            if denial.problem is failure:
+                await attempt.failed()
+            else:
+                attempt.done()
+            raise
+        except BaseException:
+            attempt.done()
+            raise
+        attempt.done()
 
     async def record_failure(self, attempt: Attempt) -> None:
         """Count a failed attempt; say when it started a block."""

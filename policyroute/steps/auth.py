@@ -81,6 +81,10 @@ class AuthStep(Step):
             if not _B64TOKEN.fullmatch(raw):
                 raise self._invalid_request("the Authorization header must be `Bearer <token>`")
             return self._verify(ctx, token)
+        return self._admit_cached(ctx, principal)
+
+    def _admit_cached(self, ctx: Context, principal: Principal) -> Awaitable[None] | None:
+        """A token verified before: admit at once (a lockout checks the caller first)."""
         self._admit(ctx, principal)
         return None
 
@@ -139,15 +143,7 @@ class LockoutAuthStep(AuthStep):
         # it is one attempt per process.
         self._flights: dict[tuple[str, str | None], asyncio.Future[Principal]] = {}
 
-    def check_now(self, ctx: Context) -> Awaitable[None] | None:
-        """Refuse a missing or malformed token (not counted); check or count the rest."""
-        raw = self._token(ctx)
-        token = raw.decode("latin-1")
-        principal = self.authenticator.cached(token)
-        if principal is None:
-            if not _B64TOKEN.fullmatch(raw):
-                raise self._invalid_request("the Authorization header must be `Bearer <token>`")
-            return self._verify(ctx, token)
+    def _admit_cached(self, ctx: Context, principal: Principal) -> Awaitable[None] | None:
         return self._admit_checked(ctx, principal)
 
     async def _admit_checked(self, ctx: Context, principal: Principal) -> None:
@@ -184,19 +180,12 @@ class LockoutAuthStep(AuthStep):
 
     async def _attempt(self, ctx: Context, token: str) -> None:
         """Verify a token not seen before as one counted attempt."""
-        attempt = await self.lockout.attempt(ctx, self.authenticator.claimed_account(token))
-        try:
-            await super()._verify(ctx, token)
-        except Denial as denial:
-            if denial.problem is Problems.INVALID_TOKEN:
-                await attempt.failed()
-            else:
-                attempt.done()
-            raise
-        except BaseException:
-            attempt.done()
-            raise
-        attempt.done()
+        await self.lockout.counted(
+            ctx,
+            self.authenticator.claimed_account(token),
+            lambda: super(LockoutAuthStep, self)._verify(ctx, token),
+            Problems.INVALID_TOKEN,
+        )
 
     def describe(self) -> str:
         """One line for explain."""

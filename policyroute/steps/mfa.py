@@ -76,19 +76,9 @@ class MfaStep(Step):
     async def _counted(self, ctx: Context, who: Principal, values: list[bytes]) -> None:
         """`_check_code` as one lockout attempt: a wrong or reused code is a failure."""
         assert self.lockout is not None
-        attempt = await self.lockout.attempt(ctx, who.account)
-        try:
-            await self._check_code(who, values, ctx.route)
-        except Denial as denial:
-            if denial.problem is Problems.MFA_INVALID:
-                await attempt.failed()
-            else:
-                attempt.done()
-            raise
-        except BaseException:
-            attempt.done()
-            raise
-        attempt.done()
+        await self.lockout.counted(
+            ctx, who.account, lambda: self._check_code(who, values, ctx.route), Problems.MFA_INVALID
+        )
 
     async def _check_code(self, who: Principal, values: list[bytes], route: str) -> None:
         assert self.totp is not None

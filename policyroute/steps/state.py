@@ -621,23 +621,11 @@ async def read_body(ctx: Context, limit: int | None = None) -> bytes:
         if declared is not None and declared > limit:
             ctx.state[BODY_REFUSED] = True
             raise body_too_large(limit, declared)
-    chunks: list[bytes] = []
-    size = 0
-    receive = ctx.receive
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if limit is not None and size > limit:
-            ctx.state[BODY_REFUSED] = True
-            raise body_too_large(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    ctx.receive = replay(body, receive)
+    body, whole = await _read(ctx, limit)
+    if not whole:
+        assert limit is not None
+        ctx.state[BODY_REFUSED] = True
+        raise body_too_large(limit)
     return body
 
 
@@ -650,6 +638,16 @@ async def read_body_upto(ctx: Context, limit: int) -> bytes | None:
     declared = declared_length(ctx)
     if declared is not None and declared > limit:
         return None
+    body, whole = await _read(ctx, limit)
+    return body if whole else None
+
+
+async def _read(ctx: Context, limit: int | None) -> tuple[bytes, bool]:
+    """Read the body, at most `limit` bytes of it; (what was read, whether it is whole).
+
+    The handler then reads it again: the whole body, or what was read followed by the
+    rest as it streams.
+    """
     chunks: list[bytes] = []
     size = 0
     receive = ctx.receive
@@ -660,14 +658,15 @@ async def read_body_upto(ctx: Context, limit: int) -> bytes | None:
         chunk = message.get("body", b"")
         size += len(chunk)
         chunks.append(chunk)
-        if not message.get("more_body", False):
+        more = bool(message.get("more_body", False))
+        if limit is not None and size > limit:
+            ctx.receive = replay(b"".join(chunks), receive, more=more)
+            return b"", False
+        if not more:
             break
-        if size > limit:
-            ctx.receive = _resume(b"".join(chunks), receive)
-            return None
     body = b"".join(chunks)
     ctx.receive = replay(body, receive)
-    return body if size <= limit else None
+    return body, True
 
 
 def is_json(headers: Sequence[Header]) -> bool:
@@ -679,25 +678,11 @@ def is_json(headers: Sequence[Header]) -> bool:
     return False
 
 
-def _resume(head: bytes, then: Receive) -> Receive:
-    """A receive that yields `head` as the start of the body, then the rest from `then`."""
-    sent = False
+def replay(body: bytes, then: Receive, *, more: bool = False) -> Receive:
+    """A receive that yields `body` once, then whatever `then` yields.
 
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": head, "more_body": True}
-        return await then()
-
-    receive.upstream = getattr(then, "upstream", then)  # type: ignore[attr-defined]
-    return receive
-
-
-def replay(body: bytes, then: Receive) -> Receive:
-    """A receive that yields `body` as the whole request once, then whatever `then` yields.
-
-    The server's own receive stays reachable as its `upstream` attribute.
+    `body` is the whole request, or with `more` the start of it (the rest comes from
+    `then`). The server's own receive stays reachable as its `upstream` attribute.
     """
     sent = False
 
@@ -705,7 +690,7 @@ def replay(body: bytes, then: Receive) -> Receive:
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": more}
         return await then()
 
     receive.upstream = getattr(then, "upstream", then)  # type: ignore[attr-defined]
