@@ -1,37 +1,38 @@
-"""The gate's own cost per request, in process: resolving the endpoint and copying the scope.
+"""The gate's own cost per request, in process.
 
     .venv/bin/python -m bench.gate      # alone (also run by `python -m bench`)
 
-The gate resolves every request with the routes' own `matches` and hands the matched
-top-level route to the router's selection, so top-level routes are matched once. Measured
-here, per request, for the layouts users build (the target first among few routes, last
-among 20, behind included routers three deep, under a mount): a public route's whole
-in-process request with and without policyroute, and `resolve()` alone. Target: the gate
-adds at most 2 us a request over the design before it (run `--requests` from that checkout,
-which prints the same columns without `resolve`).
+The gate resolves every request with the routes' own `matches` and hands what it matched to
+the routers' own selection (top level, plain mounts, FastAPI inclusions), so no router
+matches its routes again. Measured here for the layouts users build (the target first among
+few routes, last among 20, behind included routers three deep, under a mounted router):
+whole in-process requests of three copies of each layout in one event loop, in alternating
+rounds: bare, the gate alone with a decision that allows everything (what the gate costs,
+apart from the chain a policy runs), and policyroute with a public policy. Target: the gate
+adds at most 2 us a request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from starlette.routing import Match, Mount, Route, Router
+from starlette.routing import Route, Router
 from starlette.types import Message, Scope
 
 import policyroute
+from policyroute.gate import gate_router
 
 TARGET_US = 2.0
-ROUNDS = 7
-CALLS = 20_000
+ROUNDS = 25
+CALLS = 400
+WARM = 300
 
 
 def _scope(path: str) -> Scope:
@@ -87,104 +88,80 @@ def _layouts() -> dict[str, tuple[FastAPI, str, str]]:
     return out
 
 
-def _per_call(fn: Callable[[], object], calls: int = CALLS) -> float:
-    best = []
-    for _ in range(ROUNDS):
-        started = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best.append((time.perf_counter() - started) / calls)
-    return statistics.median(best) * 1e6
+def _pass(scope: Scope, receive: Any, send: Any, endpoint: Any, app: Any) -> Any:
+    """A decision that allows everything (no frame of its own): what is left is the gate."""
+    return app(scope, receive, send)
 
 
-def _request_us(app: FastAPI, path: str) -> float:
+def _rounds(apps: list[FastAPI], path: str) -> list[list[float]]:
+    """us per request of each app, in ROUNDS alternating rounds (one event loop)."""
+
     async def receive() -> Message:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: Message) -> None:
         return None
 
-    async def run(n: int) -> None:
+    async def run(app: FastAPI, n: int) -> float:
+        started = time.perf_counter()
         for _ in range(n):
             await app(_scope(path), receive, send)
+        return (time.perf_counter() - started) / n * 1e6
+
+    async def all_rounds() -> list[list[float]]:
+        for app in apps:
+            await run(app, WARM)
+        out: list[list[float]] = [[] for _ in apps]
+        for _ in range(ROUNDS):
+            for i, app in enumerate(apps):
+                out[i].append(await run(app, CALLS))
+        return out
 
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(run(500))  # warm
-        samples = []
-        for _ in range(ROUNDS):
-            started = time.perf_counter()
-            loop.run_until_complete(run(2000))
-            samples.append((time.perf_counter() - started) / 2000)
+        return loop.run_until_complete(all_rounds())
     finally:
         loop.close()
-    return statistics.median(samples) * 1e6
 
 
-def measure(resolution: bool = True) -> list[tuple[str, float, float, float | None]]:
-    """(layout, bare us, policyroute us, gate's extra us or None) per request, per layout.
+def measure() -> list[tuple[str, float, float, float]]:
+    """(layout, bare us, policyroute us, gate's extra us) per request, per layout.
 
-    With `resolution=False` nothing of `policyroute.gate` is imported, so the same figures
-    can be taken from a checkout of the design before the gate.
+    Three copies of each layout in one process: bare, the gate alone with a decision that
+    allows everything, and policyroute installed with a public policy. The gate's extra is
+    the median over rounds of (gate alone - bare), each pair timed back to back.
     """
-    rows: list[tuple[str, float, float, float | None]] = []
+    rows: list[tuple[str, float, float, float]] = []
     work = Path(tempfile.mkdtemp(prefix="policyroute-gate-"))
-    for name, (app, path, template) in _layouts().items():
-        bare = _request_us(app, path)
+    bare_apps, gated_apps, full_apps = _layouts(), _layouts(), _layouts()
+    for name, (bare, path, template) in bare_apps.items():
+        gated = gated_apps[name][0]
+        gate_router(gated.router, _pass)
+        full = full_apps[name][0]
         policy = work / name.replace(" ", "-")
         policy.mkdir()
         (policy / "p.yaml").write_text(f"version: 1\nroutes:\n  GET {template}: {{public: true}}\n")
-        policyroute.install(app, policy)
-        extra: float | None = None
-        if resolution:
-            scope = _scope(path)
-            routed = _per_call(functools.partial(_router_match, app.router.routes, scope))
-            extra = _per_call(functools.partial(_gate_match, app.router, scope)) - routed
-        rows.append((name, bare, _request_us(app, path), extra))
+        policyroute.install(full, policy)
+        plain, alone, whole = _rounds([bare, gated, full], path)
+        extra = statistics.median(g - b for g, b in zip(alone, plain, strict=True))
+        rows.append((name, statistics.median(plain), statistics.median(whole), extra))
     return rows
 
 
-def _router_match(routes: list[Any], scope: Scope) -> None:
-    """What the routers' own loops do to pick a route, and no longer need to.
-
-    The top-level loop, and the loop of each router mounted (as itself) on the way down.
-    """
-    for route in routes:
-        match, child = route.matches(scope)
-        if match is Match.FULL:
-            if isinstance(route, Mount) and isinstance(route.app, Router):
-                _router_match(route.app.routes, {**scope, **child})
-            return
-
-
-def _gate_match(router: Any, scope: Scope) -> None:
-    """What the gate does instead: resolve to the endpoint, hand the route over, copy the scope."""
-    from policyroute.gate import Handoff, _fresh, _select_of, resolve
-
-    found = resolve(router, scope)
-    fresh = _fresh(scope)
-    Handoff(router, found.top, found.child, _router_match, found.hops)  # type: ignore[arg-type]
-    for inner, _, child in found.hops or ():
-        _select_of(inner)
-        fresh.update(child)
-
-
-def main(resolution: bool = True) -> int:
+def main() -> int:
     """Print the table; the gate's share is the extra over the design before it."""
     print("[bench] gate: whole requests in process", file=sys.stderr, flush=True)
     print("\n| layout | bare FastAPI us/req | policyroute (public) us/req | gate's extra us/req |")
     print("|---|---|---|---|")
-    for name, bare, full, extra in measure(resolution):
-        shown = f"{extra:+.2f}" if extra is not None else "-"
-        print(f"| {name} | {bare:.1f} | {full:.1f} | {shown} |")
+    for name, bare, full, extra in measure():
+        print(f"| {name} | {bare:.1f} | {full:.1f} | {extra:+.2f} |")
     print(
-        f"\ntarget: the gate adds at most {TARGET_US:g} us a request. `gate's extra`: resolve, "
-        "hand over and copy the scope, minus the router's own top-level match it replaces "
-        "(timed back to back in one process: steadier than whole requests, which move "
-        "10-20 us between runs here)"
+        f"\ntarget: the gate adds at most {TARGET_US:g} us a request. `gate's extra`: the "
+        "median over rounds of (gate alone - bare), each pair of whole requests timed back "
+        "to back in one event loop"
     )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(resolution=sys.argv[1:] != ["--requests"]))
+    sys.exit(main())

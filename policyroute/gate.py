@@ -69,6 +69,14 @@ _STANDARD = frozenset(METHODS)
 # FastAPI's included-router entries (0.120+): the router they include and how.
 _INCLUDED = ("original_router", "include_context")
 _MAX_DEPTH = 64  # mounts within mounts: past this, a mount is served whole (a cycle ends)
+# Read once: an enum member looked up on its class costs a dictionary walk per request.
+_FULL, _PARTIAL, _NOMATCH = Match.FULL, Match.PARTIAL, Match.NONE
+
+# A router's selection of a matched route (what its `app` does on a full match).
+Select = Callable[[Any, Scope, Any, Scope], None]
+# One plain mount or host passed on the way down: its router, the route it selects, the
+# child scope, and the selection `Handoff` makes in the router's place.
+Hop = tuple[Any, Any, Scope, Select]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +129,22 @@ def _host_prefix(host: str, prefix: str) -> str:
 
 
 def _sub(route: Mount | Host, prefix: str) -> str:
-    """The template prefix of what a mount or a host serves."""
+    """The template prefix of what a mount or a host serves (made once per route and prefix)."""
+    key = (id(route), prefix)
+    cached = _SUBS.get(key)
+    if cached is not None and cached[0] is route:
+        return cached[1]
     if isinstance(route, Mount):
-        return _join(prefix, route.path.rstrip("/"))
-    return _host_prefix(route.host, prefix)
+        sub = _join(prefix, route.path.rstrip("/"))
+    else:
+        sub = _host_prefix(route.host, prefix)
+    if len(_SUBS) >= 4096:
+        _SUBS.clear()  # routes replaced many times over: start again
+    _SUBS[key] = (route, sub)
+    return sub
+
+
+_SUBS: dict[tuple[int, str], tuple[Any, str]] = {}
 
 
 def _served_whole(route: Mount | Host, sub: str, kind: str) -> Endpoint:
@@ -140,7 +160,13 @@ def _classify(route: BaseRoute) -> str:
     kind = _KIND_OF_TYPE.get(type(route))
     if kind is None:
         kind = _KIND_OF_TYPE[type(route)] = _kind_of(route)
+        if kind == "http" or kind == "websocket":
+            _LEAF_TYPES.add(type(route))
     return kind
+
+
+# The route types `_first` matches inline: one set lookup per route a request passes.
+_LEAF_TYPES: set[type] = set()
 
 
 def _kind_of(route: BaseRoute) -> str:
@@ -230,7 +256,56 @@ class Resolved:
     # Below `top`, the selections the routers of plain mounts and hosts will make, innermost
     # first: (router, route, child scope). `Handoff` makes them itself, so no router inside
     # a mount matches its routes again; the chain stops at the first mount it cannot skip.
-    hops: list[tuple[Any, Any, Scope]] | None = None
+    hops: list[Hop] | None = None
+    # Through FastAPI included routers: the selections their `_handle_selected` would make
+    # after matching again, made by `Handoff` from what the gate matched (see `Included`).
+    included: Included | None = None
+    # Set by the gate once it let the request through: the top router and its selection.
+    router: Any = None
+    select: Select | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The rest of the routers' dispatch (`Handoff`): select as they would, then handle.
+
+        On a fresh scope each time (a retried handler is dispatched afresh); through plain
+        mounts and hosts each inner router's selection too, and through FastAPI inclusions
+        what each level's `_handle_selected` does after its match.
+        """
+        fresh = _fresh(scope)
+        select = self.select
+        assert select is not None and self.child is not None  # set by the gate
+        select(self.router, fresh, self.top, self.child)
+        route = self.top
+        if self.hops:
+            for router, route, child, inner_select in reversed(self.hops):
+                inner_select(router, fresh, route, child)
+        included = self.included
+        if included is not None and included.levels[0] is route:
+            fastapi = _fastapi_included()
+            assert fastapi is not None  # an `Included` is only made where it is known
+            await fastapi.enter(fresh, included)(fresh, receive, send)
+            return
+        await route.handle(fresh, receive, send)
+
+
+# The handoff is the resolution itself: one object per request, not two.
+Handoff = Resolved
+
+
+@dataclass(slots=True)
+class Included:
+    """A route reached through FastAPI included routers, as the gate matched it.
+
+    `levels` are the inclusions passed, outermost first; `route`, `child` and `context` are
+    what the innermost one's `_match` returns. `Handoff` replays the few lines each level's
+    `_handle_selected` runs after its match, so no level matches its candidates again (FastAPI
+    matches an inclusion once per level above it, and once more in each level's `handle`).
+    """
+
+    levels: list[Any]
+    route: Any
+    child: Scope
+    context: Any
 
 
 _NONE = Resolved(Match.NONE)
@@ -238,43 +313,51 @@ _NONE = Resolved(Match.NONE)
 
 def resolve(router: Any, scope: Scope, prefix: str = "", depth: int = 0) -> Resolved:
     """Resolve a request the way `router` will: its routes' own `matches`, in order."""
-    found = _first(router.routes, scope, prefix, depth)
-    if found.match is Match.FULL:
+    return _after_routes(router, scope, _first(router.routes, scope, prefix, depth), prefix)
+
+
+def _after_routes(router: Any, scope: Scope, found: Resolved, prefix: str) -> Resolved:
+    """When no route matched fully: the frontend routes, then a default that is not stock."""
+    if found.match is _FULL:
         return found
-    if found.match is Match.NONE:
+    if found.match is _NOMATCH:
         low = _low_priority(router, scope, prefix)
-        if low.match is not Match.NONE:
+        if low.match is not _NOMATCH:
             return low
         if not _default_is_stock(router):
             return Resolved(
-                Match.FULL, Endpoint(_join(prefix, "/{path:path}"), ANY_METHOD, "default", router)
+                _FULL, Endpoint(_join(prefix, "/{path:path}"), ANY_METHOD, "default", router)
             )
     return found
 
 
 def _first(routes: Sequence[BaseRoute], scope: Scope, prefix: str, depth: int) -> Resolved:
     partial: Resolved | None = None
-    kinds = _KIND_OF_TYPE
+    leaves = _LEAF_TYPES
     for route in routes:
-        kind = kinds.get(type(route)) or _classify(route)
-        if kind == "http" or kind == "websocket":
+        if type(route) in leaves or _classify(route) in ("http", "websocket"):
             # Inline: this branch runs once for every route of the list a request passes.
             match, child = route.matches(scope)
-            if match is Match.NONE:
+            if match is _NOMATCH:
                 continue
-            found = Resolved(match, _endpoint_of(route, prefix, kind))
-        elif kind == "included":
-            found = _included(route, scope, prefix, depth)
-            child = {}
-        elif kind in ("mount", "host"):
-            found, child = _nested(route, scope, prefix, kind, depth)  # type: ignore[arg-type]
+            endpoint = _endpoint_of(route, prefix, _KIND_OF_TYPE[type(route)])
+            if match is _FULL:
+                return Resolved(match, endpoint, route, child)
+            found = Resolved(match, endpoint)
         else:
-            found = _unknown(route, scope, prefix)
-            child = {}
-        if found.match is Match.FULL:
-            found.top, found.child = route, child
-            return found
-        if found.match is Match.PARTIAL:
+            kind = _classify(route)
+            if kind == "included":
+                found = _included(route, scope, prefix, depth)
+                child = {}
+            elif kind in ("mount", "host"):
+                found, child = _nested(route, scope, prefix, kind, depth)  # type: ignore[arg-type]
+            else:
+                found = _unknown(route, scope, prefix)
+                child = {}
+            if found.match is _FULL:
+                found.top, found.child = route, child
+                return found
+        if found.match is _PARTIAL:
             if found.final:
                 return found
             if partial is None:
@@ -308,7 +391,7 @@ def _nested(
     route: Mount | Host, scope: Scope, prefix: str, kind: str, depth: int
 ) -> tuple[Resolved, Scope]:
     match, child = route.matches(scope)
-    if match is Match.NONE:
+    if match is _NOMATCH:
         return _NONE, child
     return _inside(route, kind, _sub(route, prefix), match, {**scope, **child}, depth), child
 
@@ -321,43 +404,101 @@ def _inside(
     if inner is None or depth > _MAX_DEPTH:
         return Resolved(match, _served_whole(route, sub, kind))
     found = resolve(inner, scope, sub, depth + 1)
-    if found.match is Match.NONE:
+    if found.match is _NOMATCH:
         # The router is committed to the mount: the inner router answers (404 or a slash
         # redirect) and no later route is tried. Same here.
-        return Resolved(Match.FULL, None)
+        return Resolved(_FULL, None)
     found.final = True
-    if found.match is Match.FULL:
-        if found.top is not None and found.child is not None and _skippable(route, inner):
+    if found.match is _FULL:
+        select = _skippable(route, inner)
+        if found.top is not None and found.child is not None and select is not None:
             if found.hops is None:
                 found.hops = []
-            found.hops.append((inner, found.top, found.child))
+            found.hops.append((inner, found.top, found.child, select))
         else:
             found.hops = None  # the handoff stops at this mount: it dispatches itself
     return found
 
 
-def _skippable(route: Mount | Host, inner: Any) -> bool:
-    """Whether handing over may skip `route.handle` and `inner`'s dispatch (both stock)."""
-    stock = Mount.handle if isinstance(route, Mount) else Host.handle
-    return (
-        type(route).handle is stock
-        and route.app is inner
-        and _select_of(inner) is not None
-    )
+def _skippable(route: Mount | Host, inner: Any) -> Select | None:
+    """How to select in `inner` in its place, when handing over may skip `route.handle` and
+    `inner`'s dispatch (both stock); None when it may not."""
+    stock = _STOCK_HANDLE.get(type(route))
+    if stock is None:
+        base = Mount.handle if isinstance(route, Mount) else Host.handle
+        stock = _STOCK_HANDLE[type(route)] = type(route).handle is base
+    if not stock or route.app is not inner:
+        return None
+    return _select_of(inner)
+
+
+_STOCK_HANDLE: dict[type, bool] = {}
 
 
 def _included(route: Any, scope: Scope, prefix: str, depth: int) -> Resolved:
     """A FastAPI included router: its own matcher picks the route, its context the prefix."""
+    fastapi = _fastapi_included()
+    if fastapi is not None and fastapi.walkable(route):
+        return _candidates(fastapi, route, scope, prefix, depth)
     matcher = getattr(route, "_match", None)
     if matcher is None:
         return _unknown(route, scope, prefix)
     match, child, picked, context = matcher(scope)
-    if match is Match.NONE or picked is None:
+    if match is _NOMATCH or picked is None:
         return _NONE
-    sub = _join(prefix, str(route.include_context.prefix or ""))
-    kind = _classify(picked)
-    if kind == "included":
+    if _classify(picked) == "included":
         return _included(picked, scope, prefix, depth + 1)
+    return _picked(route, scope, prefix, depth, match, child, picked, context)
+
+
+def _candidates(
+    fastapi: _FastAPIInclusion, inc: Any, scope: Scope, prefix: str, depth: int
+) -> Resolved:
+    """`inc._match`, walked here: a nested inclusion is entered once, not matched whole first.
+
+    The same candidates in the same order with the same first-full-else-first-partial rule;
+    an API route is matched with its inclusion's context in the scope, as FastAPI does.
+    """
+    partial: Resolved | None = None
+    for candidate in inc.effective_candidates():
+        if type(candidate) is fastapi.included:
+            found = _included(candidate, scope, prefix, depth + 1)
+            if found.match is _FULL:
+                if found.included is not None:
+                    found.included.levels.insert(0, inc)
+                return found
+        else:
+            original = candidate.original_route
+            if isinstance(original, fastapi.api_route):
+                match, child = fastapi.match_api_route(scope, candidate, original)
+                picked = original
+            else:
+                match, child = candidate.matches(scope)
+                picked = candidate.starlette_route or original
+            if match is _NOMATCH:
+                continue
+            found = _picked(inc, scope, prefix, depth, match, child, picked, candidate)
+            if match is _FULL:
+                if found.endpoint is not None and found.endpoint.kind in ("http", "websocket"):
+                    found.included = Included([inc], picked, child, candidate)
+                return found
+        if found.match is _PARTIAL and partial is None:
+            partial = found
+    return partial or _NONE
+
+
+def _picked(
+    route: Any,
+    scope: Scope,
+    prefix: str,
+    depth: int,
+    match: Match,
+    child: Scope,
+    picked: Any,
+    context: Any,
+) -> Resolved:
+    """What an inclusion's pick serves: an endpoint, or a mount or host resolved further."""
+    sub = _join(prefix, str(route.include_context.prefix or ""))
     original = getattr(context, "original_route", picked)
     okind = _classify(original)
     if okind in ("http", "websocket"):
@@ -369,11 +510,100 @@ def _included(route: Any, scope: Scope, prefix: str, depth: int) -> Resolved:
     if okind == "host":
         # FastAPI wraps a host of a prefixed router in a router that mounts the prefix.
         effective = getattr(context, "starlette_route", None) or picked
-        return _nested(effective, scope, prefix, okind, depth + 1)[0]
-    if okind == "mount":
+        found = _nested(effective, scope, prefix, okind, depth + 1)[0]
+    elif okind == "mount":
         # FastAPI matched its prefixed copy of the mount; `child` is that copy's child scope.
-        return _inside(original, okind, _sub(original, sub), match, {**scope, **child}, depth)
-    return _unknown(original, scope, prefix)
+        found = _inside(original, okind, _sub(original, sub), match, {**scope, **child}, depth)
+    else:
+        return _unknown(original, scope, prefix)
+    # The inclusion's own handle runs (its form and body limits), so no selection below it
+    # is made in its place.
+    found.hops = None
+    return found
+
+
+class _FastAPIInclusion:
+    """FastAPI's included-router internals the gate replays (0.120+), checked once."""
+
+    def __init__(self, routing: Any, route_selected: Callable[..., None]) -> None:
+        self.included = routing._IncludedRouter
+        self.api_route = routing.APIRoute
+        self.api_router = routing.APIRouter
+        self.fastapi_scope = routing._get_fastapi_scope
+        self.restore = routing._restore_fastapi_scope_key
+        self.missing = routing._SCOPE_MISSING
+        self.effective_key = routing._FASTAPI_EFFECTIVE_ROUTE_CONTEXT_KEY
+        self.included_key = routing._FASTAPI_INCLUDED_ROUTER_KEY
+        self.form_limits = routing._apply_router_form_limits
+        self.update = routing._update_scope
+        self.body_limit = routing.wrap_app_with_body_limit
+        self.route_selected = route_selected
+
+    def walkable(self, inc: Any) -> bool:
+        """Whether `inc` and the router it includes dispatch the stock way (no overrides)."""
+        router: Any = type(getattr(inc, "original_router", None))
+        return (
+            type(inc) is self.included
+            and router.handle is self.api_router.handle
+            and router.matches is self.api_router.matches
+        )
+
+    def match_api_route(self, scope: Scope, context: Any, route: Any) -> tuple[Match, Scope]:
+        """An API route matched under its inclusion's context, as `_IncludedRouter._match`."""
+        fastapi_scope = self.fastapi_scope(scope)
+        previous = fastapi_scope.get(self.effective_key, self.missing)
+        fastapi_scope[self.effective_key] = context
+        try:
+            match, child = route.matches(scope)
+        finally:
+            self.restore(scope, self.effective_key, previous)
+        return match, child
+
+    def enter(self, scope: Scope, included: Included) -> ASGIApp:
+        """Each level's `handle` and `_handle_selected` after its match; the app to call."""
+        for level in included.levels:
+            self.form_limits(scope, level.include_context.form_limits)
+            self.fastapi_scope(scope)[self.included_key] = level
+        self.update(scope, included.child)
+        context = included.context
+        self.route_selected(
+            scope=scope,
+            path=getattr(context.starlette_route, "path_format", None) or context.path_format,
+            mount=isinstance(included.route, Mount),
+        )
+        self.fastapi_scope(scope)[self.effective_key] = context
+        original = context.original_route
+        if isinstance(original, self.api_route):
+            scope["route"] = original
+            return original.handle  # type: ignore[no-any-return]
+        return self.body_limit(  # type: ignore[no-any-return]
+            included.route.handle, included.levels[-1].include_context.max_body_size
+        )
+
+
+_INCLUSION: list[_FastAPIInclusion | None] = []
+
+
+def _fastapi_included() -> _FastAPIInclusion | None:
+    """The included-router internals of this FastAPI, or None where they differ (then the
+    inclusions match and dispatch themselves, as before)."""
+    if _INCLUSION:
+        return _INCLUSION[0]
+    found: _FastAPIInclusion | None = None
+    try:
+        from fastapi import routing
+        from fastapi.telemetry._api import _route_selected
+
+        found = _FastAPIInclusion(routing, _route_selected)
+        stock = found.included
+        if not all(
+            hasattr(stock, name) for name in ("effective_candidates", "_handle_selected", "_match")
+        ):
+            found = None
+    except (ImportError, AttributeError):
+        found = None
+    _INCLUSION.append(found)
+    return found
 
 
 def _low_priority(router: Any, scope: Scope, prefix: str) -> Resolved:
@@ -384,7 +614,7 @@ def _low_priority(router: Any, scope: Scope, prefix: str) -> Resolved:
     if scope["type"] != "http":
         return _NONE
     match, _, picked, context = matcher(scope)
-    if match is Match.NONE or picked is None:
+    if match is _NOMATCH or picked is None:
         return _NONE
     front_prefix = str(getattr(context, "frontend_prefix", "") or "")
     inner = getattr(picked, "_match", None)
@@ -406,11 +636,11 @@ def _unknown(route: Any, scope: Scope, prefix: str) -> Resolved:
     except Exception:  # a route we do not know failed to match: it does not serve this
         log.exception("policyroute: route %r failed to match; treated as no match", route)
         return _NONE
-    if match is Match.NONE:
+    if match is _NOMATCH:
         return _NONE
     path = str(getattr(route, "path", "") or "")
     return Resolved(
-        Match.FULL,
+        _FULL,
         Endpoint(_join(prefix, path) if path else prefix or "/", ANY_METHOD, "unknown", route),
     )
 
@@ -504,7 +734,6 @@ def _selector(router: Any, inner: ASGIApp) -> Callable[[Any, Scope, Any, Scope],
     return None
 
 
-Select = Callable[[Any, Scope, Any, Scope], None]
 _SELECTS: dict[int, tuple[Any, Any, Select | None]] = {}
 
 
@@ -519,39 +748,6 @@ def _select_of(router: Any) -> Select | None:
         _SELECTS.clear()
     _SELECTS[id(router)] = (router, stack, select)
     return select
-
-
-class Handoff:
-    """The rest of the router's dispatch for a route the gate matched: select it, handle it.
-
-    Through plain mounts and hosts, each inner router's selection too (`Resolved.hops`),
-    down to the route that handles the request.
-    """
-
-    __slots__ = ("child", "hops", "route", "router", "select")
-
-    def __init__(
-        self,
-        router: Any,
-        route: Any,
-        child: Scope,
-        select: Select,
-        hops: list[tuple[Any, Any, Scope]] | None = None,
-    ) -> None:
-        self.router, self.route, self.child, self.select = router, route, child, select
-        self.hops = hops
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Select the route as the routers would, on a fresh scope, and let it handle."""
-        fresh = _fresh(scope)
-        self.select(self.router, fresh, self.route, self.child)
-        route = self.route
-        if self.hops:
-            for router, route, child in reversed(self.hops):
-                select = _select_of(router)
-                assert select is not None  # checked when resolved
-                select(router, fresh, route, child)
-        await route.handle(fresh, receive, send)
 
 
 class RouterGate:
@@ -573,7 +769,10 @@ class RouterGate:
         if kind != "http" and kind != "websocket":
             await self.inner(scope, receive, send)  # lifespan
             return
-        found = resolve(self.router, scope)
+        router = self.router
+        found = _first(router.routes, scope, "", 0)  # `resolve`, its common case inline
+        if found.match is not _FULL:
+            found = _after_routes(router, scope, found, "")
         endpoint = found.endpoint
         if endpoint is None:
             await self.inner(scope, receive, send)  # 404 or a slash redirect: no endpoint
@@ -582,19 +781,20 @@ class RouterGate:
         if kind == "http" and method not in _STANDARD:
             await self._refuse(scope, send, _not_allowed(endpoint.methods))
             return
-        if found.match is Match.PARTIAL:
+        if found.match is _PARTIAL:
             if kind == "http":
                 await self._refuse(scope, send, _not_allowed(endpoint.methods))
             else:
                 await send({"type": "websocket.close", "code": 1008, "reason": "no-policy"})
             return
-        if not endpoint.known:
+        if endpoint.kind == "unknown":
             self._warn(endpoint)  # `decide` denies it
         select = self.select
         if select is None or found.top is None or found.child is None:
             app: ASGIApp = self.dispatch
         else:
-            app = Handoff(self.router, found.top, found.child, select, found.hops)
+            found.router, found.select = self.router, select
+            app = found
         await self.decide(scope, receive, send, endpoint, app)
 
     async def _refuse(self, scope: Scope, send: Send, denial: Denial) -> None:

@@ -9,6 +9,7 @@ side-effect counter. The templates are written here by hand, not asked of policy
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 import fastapi.routing
 import pytest
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -79,6 +80,7 @@ async def call(
     host: str = "testserver",
     headers: Sequence[tuple[bytes, bytes]] = (),
     client: tuple[str, int] = ("127.0.0.1", 50000),
+    body: bytes = b"",
 ) -> tuple[int, list[Message]]:
     """One HTTP request straight into the ASGI app (any method, any case)."""
     scope = scope_of("http", path, host, headers, client, http_version="1.1", method=method)
@@ -89,7 +91,7 @@ async def call(
         nonlocal asked
         if not asked:
             asked = True
-            return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
         await asyncio.sleep(3600)
         return {"type": "http.disconnect"}
 
@@ -475,3 +477,90 @@ async def test_inside_plain_mounts_and_hosts_the_endpoint_sees_the_routers_scope
     assert seen[:2] == seen[2:]  # the same scope with the gate as without it
     assert routes[:2] in (routes[2:], [None, None])  # older Starlette sets no route
     assert seen[0]["path_params"] == {"a": "one", "b": "two", "item": "3"}
+
+
+class _CountedAPI(APIRoute):
+    """An API route that counts how often it is asked whether it matches."""
+
+    asked = 0
+
+    def matches(self, scope: Scope) -> tuple[Any, Scope]:
+        _CountedAPI.asked += 1
+        return super().matches(scope)
+
+
+async def test_through_included_routers_the_endpoint_sees_fastapis_scope_matched_once(
+    policy_dir: Path,
+) -> None:
+    """Behind routers included three deep, the gate makes each inclusion's selection itself:
+    the endpoint sees the scope FastAPI's own dispatch makes (route, path parameters, the
+    inclusion's dependencies run once, its body limit kept for a plain route), and the route
+    is asked to match once per request, where FastAPI alone asks again at every level."""
+    seen: list[dict[str, Any]] = []
+    dependency_runs: list[str] = []
+
+    async def mark() -> None:
+        dependency_runs.append("dep")
+
+    async def api_leaf(item: int, request: Request) -> dict[str, int]:
+        scope = request.scope
+        context = scope.get("fastapi", {}).get("effective_route_context")
+        seen.append({
+            "path_params": dict(scope["path_params"]),
+            "route": getattr(scope.get("route"), "path", None),
+            "context_route": getattr(getattr(context, "original_route", None), "path", None),
+            "url": str(request.url_for("api_leaf", item=item)),
+        })
+        return {"item": item}
+
+    async def plain_leaf(request: Request) -> Response:
+        body = await request.body()
+        return PlainTextResponse(f"plain {request.path_params['x']} {len(body)}")
+
+    def build(install: bool) -> FastAPI:
+        routers = [APIRouter() for _ in range(3)]
+        routers[2].routes.append(
+            _CountedAPI("/leaf/{item}", api_leaf, methods=["GET"], name="api_leaf")
+        )
+        routers[2].add_route("/plain/{x}", plain_leaf, methods=["POST"])
+        routers[1].include_router(routers[2], prefix="/c", dependencies=[Depends(mark)])
+        routers[0].include_router(routers[1], prefix="/b")
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        limit = {"max_body_size": 16} if _INCLUDE_HAS_BODY_LIMIT else {}
+        app.include_router(routers[0], prefix="/a", **limit)
+        if install:
+            (policy_dir / "routes.yaml").write_text(
+                "version: 1\nroutes:\n"
+                "  GET /a/b/c/leaf/{item}: {public: true}\n"
+                "  POST /a/b/c/plain/{x}: {public: true}\n"
+            )
+            policyroute.install(app, policy_dir)
+        return app
+
+    results: list[list[tuple[int, bytes]]] = []
+    for install in (False, True):
+        app = build(install)
+        _CountedAPI.asked = 0
+        answers = [await call(app, "GET", f"/a/b/c/leaf/{i}") for i in range(3)]
+        if install:
+            assert _CountedAPI.asked == 3  # once per request: nothing matched twice
+        answers.append(await call(app, "POST", "/a/b/c/plain/7", body=b"x" * 4))
+        answers.append(await call(app, "POST", "/a/b/c/plain/7", body=b"x" * 64))
+        results.append([(status, _body(sent)) for status, sent in answers])
+    assert results[0] == results[1]  # the same answers with the gate as without it
+    assert [status for status, _ in results[1][:4]] == [200, 200, 200, 200]
+    assert results[1][3][1] == b"plain 7 4"
+    if _INCLUDE_HAS_BODY_LIMIT:
+        assert results[1][4][0] == 413  # the inclusion's body limit still holds
+    assert seen[:3] == seen[3:]  # the same scope with the gate as without it
+    assert seen[0]["path_params"] == {"item": "0"}
+    assert dependency_runs == ["dep"] * 6  # once per request, with or without the gate
+
+
+def _body(sent: list[Message]) -> bytes:
+    return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+_INCLUDE_HAS_BODY_LIMIT = "max_body_size" in inspect.signature(
+    APIRouter.include_router
+).parameters
