@@ -564,3 +564,33 @@ def _body(sent: list[Message]) -> bytes:
 _INCLUDE_HAS_BODY_LIMIT = "max_body_size" in inspect.signature(
     APIRouter.include_router
 ).parameters
+
+
+@pytest.mark.skipif(not _INCLUDE_HAS_BODY_LIMIT, reason="this FastAPI has no include body limit")
+async def test_a_mount_inside_an_inclusion_keeps_the_inclusions_body_limit(
+    policy_dir: Path,
+) -> None:
+    """A router mounted inside an included router is reached through the inclusion's own
+    handle, so the inclusion's body limit holds with the gate as it does without it."""
+
+    async def upload(request: Request) -> Response:
+        return PlainTextResponse(str(len(await request.body())))
+
+    def build(install: bool) -> FastAPI:
+        inner = APIRouter()
+        inner.mount("/files", Router(routes=[Route("/up", upload, methods=["POST"])]))
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        app.include_router(inner, prefix="/p", max_body_size=16)
+        if install:
+            (policy_dir / "routes.yaml").write_text(
+                "version: 1\nroutes:\n  POST /p/files/up: {public: true}\n"
+            )
+            policyroute.install(app, policy_dir)
+        return app
+
+    for install in (False, True):
+        app = build(install)
+        small = await call(app, "POST", "/p/files/up", body=b"x" * 4)
+        big = await call(app, "POST", "/p/files/up", body=b"x" * 64)
+        assert (small[0], _body(small[1])) == (200, b"4")
+        assert big[0] == 413, f"install={install}"
