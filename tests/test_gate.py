@@ -526,7 +526,7 @@ async def test_through_included_routers_the_endpoint_sees_fastapis_scope_matched
         routers[1].include_router(routers[2], prefix="/c", dependencies=[Depends(mark)])
         routers[0].include_router(routers[1], prefix="/b")
         app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-        limit = {"max_body_size": 16} if _INCLUDE_HAS_BODY_LIMIT else {}
+        limit: dict[str, Any] = {"max_body_size": 16} if _INCLUDE_HAS_BODY_LIMIT else {}
         app.include_router(routers[0], prefix="/a", **limit)
         if install:
             (policy_dir / "routes.yaml").write_text(
