@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import core_schema
+
 from .policy import METHODS, PolicyFile
 
 ROUTE_KEY_PATTERN = f"^({'|'.join(METHODS)}) /\\S*$"
@@ -12,7 +15,7 @@ ROUTE_KEY_PATTERN = f"^({'|'.join(METHODS)}) /\\S*$"
 
 def policy_schema() -> dict[str, Any]:
     """JSON Schema (draft 2020-12) of one policy file."""
-    schema = PolicyFile.model_json_schema(mode="validation")
+    schema = PolicyFile.model_json_schema(mode="validation", schema_generator=_FactoryDefaults)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "policyroute policy file"
     defs = schema["$defs"]
@@ -24,6 +27,7 @@ def policy_schema() -> dict[str, Any]:
             {"type": "array", "items": {"$ref": "#/$defs/RateLimit"}},
         ],
         "description": "One limit or a list of limits.",
+        "default": [],
     }
     route["mfa"] = {"anyOf": [{"const": "required"}, {"$ref": "#/$defs/Mfa"}, {"type": "null"}]}
     route["replay"] = {
@@ -39,12 +43,28 @@ def policy_schema() -> dict[str, Any]:
     return schema
 
 
+class _FactoryDefaults(GenerateJsonSchema):
+    """Defaults made by a factory (`[]`, `[RS256]`) shown like any other default."""
+
+    def get_default_value(self, schema: core_schema.WithDefaultSchema) -> Any:
+        factory = schema.get("default_factory")
+        if factory is not None and not schema.get("default_factory_takes_data"):
+            return factory()  # type: ignore[call-arg]
+        return super().get_default_value(schema)
+
+
+# Annotations an editor reads from the property itself, not from inside its `anyOf`.
+_ANNOTATIONS = ("title", "description", "default")
+
+
 def _allow_null_removal(props: dict[str, Any]) -> None:
     """`key: null` removes an inherited value; every route key accepts null."""
     for name, prop in list(props.items()):
         if "anyOf" in prop and {"type": "null"} in prop["anyOf"]:
             continue
-        props[name] = {"anyOf": [prop, {"type": "null"}]}
+        inner = dict(prop)
+        outer = {k: inner.pop(k) for k in _ANNOTATIONS if k in inner}
+        props[name] = {"anyOf": [inner, {"type": "null"}], **outer}
 
 
 def schema_text() -> str:
