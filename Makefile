@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 FASTAPI_OLDEST ?= 0.115.0
 COMPAT ?= .venv-compat
 
-.PHONY: install run demo test test-compat lint unit bench schema clean
+.PHONY: install run demo test test-compat lint unit bench schema docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,8 @@ demo: $(STAMP)  ## start the example on embedded backends, call every denial and
 	$(PY) -m examples.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check policyroute tests bench examples
-	$(VENV)/bin/mypy policyroute tests bench examples
+	$(VENV)/bin/ruff check policyroute tests bench examples docs
+	$(VENV)/bin/mypy policyroute tests bench examples docs
 
 unit: $(STAMP)
 	@$(PY) -m pytest; rc=$$?; \
@@ -52,5 +52,9 @@ bench: $(STAMP)  ## ratios against bare FastAPI, slowapi and fastapi-limiter; li
 schema: $(STAMP)  ## regenerate the committed JSON Schema of the policy language
 	$(VENV)/bin/policyroute schema -o policies/schema.json
 
+# NO_MKDOCS_2_WARNING: mkdocs-material's banner about future MkDocs releases, not about these docs.
+docs: $(STAMP)  ## the documentation site into site/; any warning fails the build
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) $(COMPAT) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(COMPAT) .mypy_cache .ruff_cache .pytest_cache site
