@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ class Located:
     data: Any
     values: dict[Path, tuple[int, int]] = field(default_factory=dict)
     keys: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)  # kept by `keep_going`
 
     def location(self, path: Path, *, key: bool = False) -> Location:
         """Where `path` is written; its key when `key`, else its value; else the nearest parent."""
@@ -119,15 +121,18 @@ class _Builder:
         return out
 
 
-def load_yaml(text: str, file: str) -> Located:
-    """Parse one YAML document; raise ConfigError with file:line:col on any syntax error."""
+def load_yaml(text: str, file: str, *, keep_going: bool = False) -> Located:
+    """Parse one YAML document; raise ConfigError with file:line:col on any syntax error.
+
+    A repeated or non-string key is an error too; with `keep_going` the document is
+    returned anyway (the first occurrence of each key kept) with those errors in
+    `findings`, so the rest of the file can still be checked.
+    """
     doc = Located(file, None)
     try:
         loader = _Loader(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(
-            [Finding("yaml-syntax", f"YAML error: {exc}", Location(file, 1, 1))]
-        ) from None
+        raise ConfigError([_other_finding(exc, text, file)]) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -136,20 +141,85 @@ def load_yaml(text: str, file: str) -> Located:
         builder = _Builder(loader, doc)
         doc.data = builder.build(node, ())
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
-        message = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        if exc.context_mark is not None and mark is not exc.context_mark:
-            message += f" (the construct began at line {exc.context_mark.line + 1})"
-        raise ConfigError(
-            [Finding("yaml-syntax", f"YAML syntax error: {message}", where)]
-        ) from None
+        raise ConfigError([_syntax_finding(exc, text, file)]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(
-            [Finding("yaml-syntax", f"YAML error: {exc}", Location(file, 1, 1))]
-        ) from None
+        raise ConfigError([_other_finding(exc, text, file)]) from None
     finally:
         loader.dispose()
-    if builder.findings:
+    if builder.findings and not keep_going:
         raise ConfigError(builder.findings)
+    doc.findings = builder.findings
     return doc
+
+
+# Characters that are a YAML token on their own (indicators), named as written.
+_INDICATORS = frozenset("[]{},:#&*!|>'\"%@`-?")
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as YAML counts them (its marks count these breaks, not str.splitlines's)."""
+    return re.split("\r\n|[\n\r\x85\u2028\u2029]", text)
+
+
+def _token_at(text: str, line: int, column: int) -> str:
+    """The token that starts at 1-based `line`:`column` of `text`, named for a message."""
+    lines = _lines(text)
+    if lines[-1] == "":
+        lines.pop()  # the break that ends the last line starts no line of its own
+    if line > len(lines) or (line == len(lines) and column > len(lines[-1])):
+        return "the end of the file"
+    rest = lines[line - 1][column - 1 :]
+    if not rest:
+        return "the end of the line"
+    first = rest[0]
+    if first == "\t":
+        return "a tab (YAML indents with spaces)"
+    if not first.isprintable():
+        return f"the character U+{ord(first):04X}"
+    if first in "*&!":  # an alias, anchor or tag: its name is the token
+        return repr(re.split(r"[\s,\[\]{}]", rest, maxsplit=1)[0])
+    if first in _INDICATORS:
+        return repr(first)
+    word = re.match(r"[^\s\[\]{},]+", rest)
+    return repr(word.group(0).removesuffix(":")) if word else repr(first)
+
+
+def _syntax_finding(exc: yaml.MarkedYAMLError, text: str, file: str) -> Finding:
+    """A YAML syntax error at the token the parser stopped on, naming it.
+
+    When the parser stopped at the end of the file, the token to fix is the one that
+    opened what was never closed (a `[`, `{` or quote), so the finding points there.
+    """
+    problem = exc.problem or "invalid YAML"
+    mark, context = exc.problem_mark or exc.context_mark, exc.context_mark
+    if mark is None:
+        return Finding("yaml-syntax", f"YAML syntax error: {problem}", Location(file, 1, 1))
+    stopped = _token_at(text, mark.line + 1, mark.column + 1)
+    where = Location(file, mark.line + 1, mark.column + 1)
+    if context is None or (context.line, context.column) == (mark.line, mark.column):
+        return Finding("yaml-syntax", f"YAML syntax error at {stopped}: {problem}", where)
+    opened = _token_at(text, context.line + 1, context.column + 1)
+    began = f"{context.line + 1}:{context.column + 1}"
+    if stopped == "the end of the file":
+        message = (
+            f"YAML syntax error at {opened}: the file ends before what it opens is closed "
+            f"({exc.context}: {problem})"
+        )
+        return Finding("yaml-syntax", message, Location(file, context.line + 1, context.column + 1))
+    message = (
+        f"YAML syntax error at {stopped}: {problem} "
+        f"({exc.context} that began at {began} with {opened})"
+    )
+    return Finding("yaml-syntax", message, where)
+
+
+def _other_finding(exc: yaml.YAMLError, text: str, file: str) -> Finding:
+    """A YAML error without marks: a character the reader refuses, at its position."""
+    if isinstance(exc, yaml.reader.ReaderError) and 0 <= exc.position <= len(text):
+        before = _lines(text[: exc.position])
+        line, column = len(before), len(before[-1]) + 1
+        token = _token_at(text, line, column)
+        return Finding(
+            "yaml-syntax", f"YAML error at {token}: {exc.reason}", Location(file, line, column)
+        )
+    return Finding("yaml-syntax", f"YAML error: {exc}", Location(file, 1, 1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -159,7 +160,9 @@ def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted({name for model in models for name in model.model_fields})
 
 
-def _message(error: Mapping[str, Any], root: type[BaseModel], loc: tuple[Any, ...]) -> str:
+def _message(
+    error: Mapping[str, Any], root: type[BaseModel], loc: tuple[Any, ...], path: KeyPath
+) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         bad = str(loc[-1])
@@ -169,8 +172,171 @@ def _message(error: Mapping[str, Any], root: type[BaseModel], loc: tuple[Any, ..
         return f"unknown key {bad!r}{hint}"
     if kind == "missing":
         return f"missing required key {str(loc[-1])!r}"
+    worded = _in_policy_words(error, root, loc, path)
+    if worded is not None:
+        return worded
     msg = str(error["msg"])
     return msg.removeprefix("Value error, ")
+
+
+# What a pydantic type error expected, when the annotation of the key does not say better.
+_EXPECTED = {
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "string_type": "a string",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+}
+_BOUNDS = {
+    "greater_than_equal": ("ge", "at least"),
+    "greater_than": ("gt", "greater than"),
+    "less_than_equal": ("le", "at most"),
+    "less_than": ("lt", "less than"),
+}
+# (one, many) words for the plain types a key can have
+_WORDS: dict[Any, tuple[str, str]] = {
+    str: ("a string", "strings"),
+    int: ("a whole number", "whole numbers"),
+    float: ("a number", "numbers"),
+    bool: ("true or false", "true or false values"),
+}
+
+
+def _in_policy_words(
+    error: Mapping[str, Any], root: type[BaseModel], loc: tuple[Any, ...], path: KeyPath
+) -> str | None:
+    """A type, choice or range error said as the policy language says it, or None."""
+    kind = error["type"]
+    names = [p for p in path if isinstance(p, str)]
+    if not names:
+        return None
+    subject = f"each item of `{names[-1]}`" if path and isinstance(path[-1], int) else None
+    subject = subject or f"`{names[-1]}`"
+    value = error.get("input")
+    if kind == "literal_error":
+        choices = typing.get_args(_bare(_annotation_at(root, loc)))
+        if not choices:
+            return None
+        written = [str(c) for c in choices]
+        if isinstance(value, str) and value in written:  # `version: "1"`
+            return f"{subject} must be {_choices(choices)}, not the string {value!r}"
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, written, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{subject} must be {_choices(choices)}, not {_shown(value)}{hint}"
+    if kind in _BOUNDS:
+        bound, words = _BOUNDS[kind]
+        return f"{subject} must be {words} {error['ctx'][bound]}, not {_shown(value)}"
+    if kind in ("too_short", "string_too_short") and error["ctx"].get("min_length") == 1:
+        return f"{subject} must not be empty"
+    if kind not in _EXPECTED:
+        return None
+    expected = _describe(_annotation_at(root, loc)) or _EXPECTED[kind]
+    got = _shown(value) if isinstance(value, int | float) else _kind_of(value)
+    return f"{subject} must be {expected}, not {got}"
+
+
+def _bare(annotation: Any) -> Any:
+    """An annotation without Annotated metadata and without `| None`."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+            continue
+        if origin in (Union, types.UnionType):
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(members) == 1:
+                annotation = members[0]
+                continue
+        return annotation
+
+
+def _annotation_at(root: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """The annotation of what `loc` names (a key, a list item, a mapping value), or None.
+
+    A union stops the walk: pydantic names its members in `loc`, and the union as a
+    whole is what the key expects.
+    """
+    node: Any = root
+    for part in loc:
+        node = _bare(node)
+        origin = typing.get_origin(node)
+        if origin in (Union, types.UnionType):
+            return node
+        if origin is list and isinstance(part, int):
+            node = typing.get_args(node)[0]
+        elif origin is dict:
+            node = typing.get_args(node)[1]
+        elif isinstance(node, type) and issubclass(node, BaseModel):
+            info = node.model_fields.get(str(part))
+            if info is None:
+                return None
+            node = info.annotation
+        else:
+            return None
+    return node
+
+
+def _describe(annotation: Any, *, many: bool = False) -> str | None:
+    """What a key of this annotation holds, in words: "a list of strings", "true or false"."""
+    bare = _bare(annotation)
+    origin = typing.get_origin(bare)
+    if origin is list:
+        items = _describe(typing.get_args(bare)[0], many=True)
+        return f"{'lists' if many else 'a list'} of {items}" if items else None
+    if origin is dict:
+        values = _describe(typing.get_args(bare)[1], many=True)
+        return f"a mapping of names to {values}" if values and not many else None
+    if origin is typing.Literal:
+        return None if many else _choices(typing.get_args(bare))
+    if origin in (Union, types.UnionType):
+        if set(typing.get_args(bare)) == {ipaddress.IPv4Network, ipaddress.IPv6Network}:
+            return "networks (CIDR, e.g. 10.0.0.0/8)" if many else "a network (CIDR)"
+        parts = [_describe(a, many=many) for a in typing.get_args(bare) if a is not type(None)]
+        return " or ".join(p for p in parts if p) if all(parts) else None
+    if isinstance(bare, type) and issubclass(bare, BaseModel):
+        return "mappings" if many else "a mapping"
+    words = _WORDS.get(bare)
+    return (words[1] if many else words[0]) if words else None
+
+
+def _choices(choices: tuple[Any, ...]) -> str:
+    shown = [str(c) for c in choices]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+def _shown(value: Any) -> str:
+    """A short scalar as written, else what kind of value it is."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float) or (isinstance(value, str) and len(value) <= 40):
+        return repr(value)
+    return _kind_of(value)
+
+
+def _kind_of(value: Any) -> str:
+    """What kind of YAML value was written (never the value: it might be a secret)."""
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
 
 
 def _data_path(loc: tuple[Any, ...], data: Any) -> KeyPath:
@@ -226,11 +392,8 @@ def _findings(
         where = resolver.locate(path, key=kind in ("extra_forbidden", "missing"))
         if kind == "missing":
             where = resolver.locate(path[:-1], key=True)
-        out.append(
-            Finding(
-                _CODES.get(kind, "wrong-type"), _message(error, root, loc), where, (*prefix, *path)
-            )
-        )
+        message = _message(error, root, loc, (*prefix, *path))
+        out.append(Finding(_CODES.get(kind, "wrong-type"), message, where, (*prefix, *path)))
     return out
 
 
