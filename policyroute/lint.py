@@ -15,7 +15,7 @@ import math
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,8 @@ from .binding import no_policy_finding, unmatched_entries, unpolicied
 from .compiler import unenforced
 from .errors import ConfigError, Finding, Location
 from .gate import endpoints
-from .loader import PolicySet, RouteEntry, load_policies, policy_files
+from .loader import Partial, PolicySet, RouteEntry, load_partial, policy_files
+from .policy import normalize_path
 from .resilience import lint_findings as resilience_findings
 from .steps.rate_limit import client_chosen, throttle_bound
 
@@ -137,7 +138,12 @@ RULES: Mapping[str, Rule] = {
 
 
 def lint(paths: Sequence[str | Path], app: FastAPI | None = None) -> list[Finding]:
-    """Every finding for the policy files (and the app, when given), in file order."""
+    """Every finding for the policy files (and the app, when given), in file order.
+
+    A schema error hides nothing else: a route that failed validation is reported and
+    skipped, and the rules run on every route that validated. The app's routes are
+    checked when every file could be read (else which routes have a policy is unknown).
+    """
     try:
         files = policy_files(paths or ("policies",))
     except ConfigError as exc:
@@ -145,13 +151,27 @@ def lint(paths: Sequence[str | Path], app: FastAPI | None = None) -> list[Findin
     docs = read_docs(files)
     raw = file_findings(docs)
     try:
-        policies = load_policies(*paths)
+        loaded = load_partial(*paths)
     except ConfigError as exc:
         return _ordered([*_without_repeats(exc.findings, raw), *raw])
-    findings = [*raw, *_of_app(policy_findings(policies, docs), policies, app)]
-    if app is not None:
-        findings.extend(app_findings(policies, app))
+    policies = loaded.policies
+    ruled = _of_app(policy_findings(policies, docs), policies, app)
+    findings = [*_without_repeats(loaded.findings, raw), *raw, *_known(ruled, loaded)]
+    if app is not None and loaded.complete:
+        findings.extend(app_findings(policies, app, broken=loaded.invalid_routes))
     return _ordered(findings)
+
+
+def _known(findings: Iterable[Finding], loaded: Partial) -> list[Finding]:
+    """Drop rule findings that only stem from a part that failed validation (reported)."""
+    profiles_unknown = ("resilience",) in loaded.invalid
+
+    def guessed(f: Finding) -> bool:
+        if f.code != "unknown-resilience-profile":
+            return False
+        return profiles_unknown or f.key_path in loaded.invalid  # `@resilient(NAME)`
+
+    return [f for f in findings if not guessed(f)]
 
 
 def reload_findings(policies: PolicySet) -> list[Finding]:
@@ -524,8 +544,14 @@ def layer_path(label: str, route_key: str) -> KeyPath:
 # --- rules on the app's routes ----------------------------------------------------------
 
 
-def app_findings(policies: PolicySet, app: FastAPI) -> list[Finding]:
-    """App routes without a policy, and policies that name no app route."""
+def app_findings(
+    policies: PolicySet, app: FastAPI, broken: Collection[tuple[str, str]] = frozenset()
+) -> list[Finding]:
+    """App routes without a policy, and policies that name no app route.
+
+    `broken` are the METHOD + template of policies that failed validation: their app
+    routes have a policy (reported where it is written), not none.
+    """
     findings: list[Finding] = []
     found = list(endpoints(app.router))
     for endpoint in found:
@@ -541,6 +567,8 @@ def app_findings(policies: PolicySet, app: FastAPI) -> list[Finding]:
             )
             continue
         for method in unpolicied(endpoint, policies):
+            if _written(broken, method, endpoint.path):
+                continue
             name = f"{method} {endpoint.path}"
             findings.append(
                 _finding(
@@ -558,6 +586,12 @@ def app_findings(policies: PolicySet, app: FastAPI) -> list[Finding]:
         for entry in unmatched_entries(policies, found)
     )
     return findings
+
+
+def _written(broken: Collection[tuple[str, str]], method: str, path: str) -> bool:
+    """Whether a policy that failed validation names METHOD + path (HEAD as GET)."""
+    norm = normalize_path(path)
+    return (method, norm) in broken or (method == "HEAD" and ("GET", norm) in broken)
 
 
 def _source_of(route: BaseRoute) -> Location:

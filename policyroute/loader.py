@@ -24,6 +24,7 @@ from ._yaml import Located, load_yaml
 from ._yaml import Path as KeyPath
 from .errors import ConfigError, Finding, Location
 from .policy import (
+    AuthSettings,
     GlobalSettings,
     PolicyFile,
     Resilience,
@@ -91,6 +92,25 @@ class PolicySet:
         if entry is None and method == "HEAD":
             entry = self.routes.get(("GET", norm))
         return entry
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """Everything of a set of policy files that validated, and every finding about the rest.
+
+    Lint reads this: a route that failed validation is reported and skipped, and every
+    other route is still checked by the rules. `load_policies` refuses on any finding.
+    """
+
+    policies: PolicySet  # the routes, settings and resilience profiles that validated
+    findings: tuple[Finding, ...]
+    # METHOD + template of each route written but not valid (it has a policy, a broken one)
+    invalid_routes: frozenset[tuple[str, str]] = frozenset()
+    # What of `settings` and `resilience` failed: ("settings",), ("settings", "auth"),
+    # ("resilience",) or ("resilience", NAME); rules that would read it stay silent.
+    invalid: frozenset[KeyPath] = frozenset()
+    # Every file was read and every `routes` section is a mapping: no route is unseen.
+    complete: bool = True
 
 
 TEST_SUFFIXES = (".test.yaml", ".test.yml")
@@ -464,8 +484,20 @@ class _Builder:
         self.resilience: dict[str, Resilience] = {}
         self.defaults: list[tuple[Any, Located]] = []
         self.routes: dict[tuple[str, str], tuple[str, str, str, Any, Located]] = {}
+        self.bad_layers: set[tuple[str, KeyPath]] = set()  # (file, path) of layers in error
+        self.invalid: set[KeyPath] = set()
+        self.complete = True
 
     def add_file(self, path: Path) -> None:
+        doc = self._read(path)
+        if doc is None:
+            self.complete = False  # its routes are unknown
+            return
+        self.findings.extend(doc.findings)
+        self.docs.append(doc)
+        self._check_file(doc)
+
+    def _read(self, path: Path) -> Located | None:
         name = str(path)
         try:
             raw = path.read_bytes()
@@ -473,26 +505,25 @@ class _Builder:
             self.findings.append(
                 Finding("unreadable", f"cannot read policy file: {exc.strerror}", Location(name))
             )
-            return
+            return None
         if len(raw) > MAX_FILE_BYTES:
             self.findings.append(
                 Finding(
                     "file-too-large", f"policy file over {MAX_FILE_BYTES} bytes", Location(name)
                 )
             )
-            return
+            return None
         try:
-            doc = load_yaml(raw.decode("utf-8"), name)
+            doc = load_yaml(raw.decode("utf-8"), name, keep_going=True)
         except UnicodeDecodeError:
             self.findings.append(
                 Finding("encoding", "policy files are UTF-8", Location(name, 1, 1))
             )
-            return
+            return None
         except ConfigError as exc:
             self.findings.extend(exc.findings)
-            return
-        self.docs.append(doc)
-        self._check_file(doc)
+            return None
+        return doc
 
     def _check_file(self, doc: Located) -> None:
         data = doc.data
@@ -504,6 +535,7 @@ class _Builder:
                     Location(doc.file, 1, 1),
                 )
             )
+            self.complete = False
             return
         shell = {k: v for k, v in data.items() if k not in ("defaults", "profiles", "routes")}
         shell.update({k: {} for k in ("profiles", "routes") if isinstance(data.get(k), dict)})
@@ -511,12 +543,19 @@ class _Builder:
         resolver.add((), doc, ())
         try:
             model = PolicyFile.model_validate(shell)
+            settings, resilience = model.settings, model.resilience
         except ValidationError as exc:
             self.findings.extend(_findings(exc, PolicyFile, shell, resolver, partial=False))
-            model = None
+            # The rest of the file is still checked: a wrong `version` or a bad setting
+            # hides nothing else.
+            settings, resilience = _salvage(shell, self.invalid)
+        if not data.keys() <= PolicyFile.model_fields.keys():
+            self.complete = False  # an unknown section (`rotues:`) may hold routes
         for section in ("profiles", "routes"):
             value = data.get(section)
             if value is not None and not isinstance(value, dict):
+                if section == "routes":
+                    self.complete = False
                 self.findings.append(
                     Finding(
                         "wrong-type",
@@ -525,12 +564,13 @@ class _Builder:
                         (section,),
                     )
                 )
-        if model is not None:
-            self._collect(doc, model)
+        self._collect(doc, settings, resilience)
 
-    def _collect(self, doc: Located, model: PolicyFile) -> None:
+    def _collect(
+        self, doc: Located, settings: GlobalSettings | None, resilience: Mapping[str, Resilience]
+    ) -> None:
         data = doc.data
-        if model.settings is not None:
+        if settings is not None:
             if self.settings is not None:
                 first = self.settings[1].location(("settings",), key=True)
                 self.findings.append(
@@ -542,12 +582,12 @@ class _Builder:
                     )
                 )
             else:
-                self.settings = (_resolve_paths(model.settings, Path(doc.file).parent), doc)
-        self.resilience.update(model.resilience)
+                self.settings = (_resolve_paths(settings, Path(doc.file).parent), doc)
+        self.resilience.update(resilience)
         if "defaults" in data and data["defaults"] is not None:
             self._layer(data["defaults"], doc, ("defaults",), allow_use=False)
             self.defaults.append((data["defaults"], doc))
-        for name, layer in (data.get("profiles") or {}).items():
+        for name, layer in _mapping(data.get("profiles")).items():
             src: KeyPath = ("profiles", name)
             if name in self.profiles:
                 first = self.profiles[name][1].location(src, key=True)
@@ -562,12 +602,16 @@ class _Builder:
                 continue
             self._layer(layer, doc, src, allow_use=False)
             self.profiles[name] = (layer, doc)
-        for key, layer in (data.get("routes") or {}).items():
+        for key, layer in _mapping(data.get("routes")).items():
             self._route(key, layer, doc)
 
     def _layer(self, layer: Any, doc: Located, src: KeyPath, *, allow_use: bool) -> None:
-        self.findings.extend(_validate_layer(layer, doc, src))
-        if not allow_use and isinstance(layer, dict) and layer.get("use"):
+        found = _validate_layer(layer, doc, src)
+        self.findings.extend(found)
+        nested = not allow_use and isinstance(layer, dict) and layer.get("use")
+        if found or nested:
+            self.bad_layers.add((doc.file, src))  # the routes it is part of are not merged
+        if nested:
             self.findings.append(
                 Finding(
                     "nested-use",
@@ -616,9 +660,13 @@ class _Builder:
             layers += [("defaults", d, ddoc, ("defaults",)) for d, ddoc in self.defaults]
         uses = layer.get("use") or []
         for name in uses if isinstance(uses, list) else []:
-            found = self.profiles[name]  # checked by _check_uses
+            found = self.profiles.get(name) if isinstance(name, str) else None
+            if found is None:
+                return None  # reported by _check_uses
             layers.append((f"profile {name}", found[0], found[1], ("profiles", name)))
         layers.append(("route", layer, doc, src))
+        if any((ldoc.file, lsrc) in self.bad_layers for _, _, ldoc, lsrc in layers):
+            return None  # a layer in error is reported where it is written, once
         for label, data, ldoc, lsrc in layers:
             if not isinstance(data, dict):
                 continue
@@ -660,33 +708,91 @@ class _Builder:
                     )
                 )
 
-    def build(self) -> PolicySet:
+    def build(self) -> Partial:
         entries: dict[tuple[str, str], RouteEntry] = {}
+        invalid_routes: set[tuple[str, str]] = set()
         self._check_uses()
-        if not self.findings:
-            for match, (key, method, path, layer, doc) in self.routes.items():
-                entry = self._merge_route(key, method, path, layer, doc)
-                if entry is not None:
-                    entries[match] = entry
-        if self.findings:
-            ordered = sorted(
-                self.findings, key=lambda f: (f.location.file, f.location.line, f.location.column)
-            )
-            raise ConfigError(_dedupe(ordered))
-        uses: dict[str, int] = dict.fromkeys(self.profiles, 0)
-        for entry in entries.values():
-            for name in entry.policy.use:
-                uses[name] = uses.get(name, 0) + 1
-        return PolicySet(
+        for match, (key, method, path, layer, doc) in self.routes.items():
+            entry = self._merge_route(key, method, path, layer, doc)
+            if entry is None or self._broken_resilience(entry):
+                invalid_routes.add(match)
+            else:
+                entries[match] = entry
+        ordered = sorted(
+            self.findings, key=lambda f: (f.location.file, f.location.line, f.location.column)
+        )
+        policies = PolicySet(
             settings=self.settings[0] if self.settings else GlobalSettings(),
             routes=entries,
             resilience=dict(self.resilience),
             profiles={
                 n: doc.location(("profiles", n), key=True) for n, (_, doc) in self.profiles.items()
             },
-            profile_uses=uses,
+            profile_uses=self._profile_uses(),
             files=tuple(d.file for d in self.docs),
         )
+        return Partial(
+            policies,
+            tuple(_dedupe(ordered)),
+            frozenset(invalid_routes),
+            frozenset(self.invalid),
+            self.complete,
+        )
+
+    def _broken_resilience(self, entry: RouteEntry) -> bool:
+        """Whether the route names a resilience profile that failed validation."""
+        name = entry.policy.resilience
+        if name is None or name in self.resilience:
+            return False
+        return bool({("resilience",), ("resilience", name)} & self.invalid)
+
+    def _profile_uses(self) -> dict[str, int]:
+        """How many routes name each profile, counting routes that failed validation."""
+        uses: dict[str, int] = dict.fromkeys(self.profiles, 0)
+        for _, _, _, layer, _ in self.routes.values():
+            names = layer.get("use") if isinstance(layer, dict) else None
+            for name in names if isinstance(names, list) else []:
+                if isinstance(name, str):
+                    uses[name] = uses.get(name, 0) + 1
+        return uses
+
+
+def _mapping(value: Any) -> Mapping[Any, Any]:
+    """A section that should be a mapping; anything else (reported) as an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def _salvage(
+    shell: Mapping[str, Any], invalid: set[KeyPath]
+) -> tuple[GlobalSettings | None, dict[str, Resilience]]:
+    """The valid parts of a file's `settings` and `resilience` when the file has errors.
+
+    Settings that fail keep their `auth` when it is valid on its own (the issuers decide
+    whether routes can verify tokens); what fails is added to `invalid`.
+    """
+    settings: GlobalSettings | None = None
+    raw = shell.get("settings")
+    if raw is not None:
+        try:
+            settings = GlobalSettings.model_validate(raw)
+        except ValidationError:
+            invalid.add(("settings",))
+            auth = raw.get("auth") if isinstance(raw, dict) else None
+            try:
+                settings = GlobalSettings(auth=AuthSettings.model_validate(auth or {}))
+            except ValidationError:
+                invalid.add(("settings", "auth"))
+                settings = GlobalSettings()
+    resilience: dict[str, Resilience] = {}
+    profiles = shell.get("resilience")
+    if profiles is not None and not isinstance(profiles, dict):
+        invalid.add(("resilience",))
+    for name, value in _mapping(profiles).items():
+        try:
+            resilience[name] = Resilience.model_validate(value)
+        except ValidationError:
+            invalid.add(("resilience", name))
+    return settings, resilience
 
 
 def _resolve_paths(settings: GlobalSettings, base: Path) -> GlobalSettings:
@@ -703,6 +809,17 @@ def _resolve_paths(settings: GlobalSettings, base: Path) -> GlobalSettings:
 
 def load_policies(*paths: str | Path) -> PolicySet:
     """Load, validate and merge policy files and directories; raise ConfigError on any error."""
+    loaded = load_partial(*paths)
+    if loaded.findings:
+        raise ConfigError(loaded.findings)
+    return loaded.policies
+
+
+def load_partial(*paths: str | Path) -> Partial:
+    """Load every file and validate every route; keep what validated, report the rest.
+
+    Raises ConfigError only when there is nothing to load (no such path, no files).
+    """
     builder = _Builder()
     files = policy_files(paths or ("policies",))
     if not files:

@@ -34,10 +34,21 @@ def col_of(text: str, needle: str) -> int:
     return line.index(needle) + 1
 
 
-def write(policy_dir: Path, text: str) -> Path:
-    """Write one policy file and return its path."""
+# Settings with an issuer, in a file of their own: routes that need a token lint clean.
+ISSUER = """\
+version: 1
+settings:
+  auth:
+    issuers: [{issuer: https://auth.example.test/, audience: api, jwks: keys/jwks.json}]
+"""
+
+
+def write(policy_dir: Path, text: str, *, issuer: bool = False) -> Path:
+    """Write one policy file (and `settings.yaml` with an issuer) and return its path."""
     path = policy_dir / "routes.yaml"
     path.write_text(text)
+    if issuer:
+        (policy_dir / "settings.yaml").write_text(ISSUER)
     return path
 
 
@@ -115,6 +126,86 @@ def test_policy_matching_no_route_is_an_error_at_its_key(policy_dir: Path) -> No
     assert finding.code == "unmatched-policy"
     assert str(finding.location) == f"{path}:{line_of(text, 'GET /itemz')}:3"
     assert "check the method and the path template" in finding.message
+
+
+# --- a schema error hides nothing ------------------------------------------------------
+
+# Three rule findings on routes that validate, whatever is wrong elsewhere.
+FINDINGS = """\
+version: 1
+settings:
+  trusted_proxies: [10.0.0.0/8]
+  auth:
+    issuers: [{issuer: https://auth.example.test/, audience: api, jwks: keys/jwks.json}]
+routes:
+  POST /orders:
+    scopes: [write:orders]
+    retry: {attempts: 3}
+  GET /me:
+    scopes: [read:me]
+    cache: {ttl: 60s, shared: true}
+  POST /jobs:
+    scopes: [run:jobs]
+    credits: {cost: 2}
+"""
+RULED = ["retry-unsafe", "shared-cache-authenticated", "credits-without-idempotency"]
+TYPO = "  POST /typo:\n    scopse: [run:jobs]\n    retry: {attempts: 3}\n"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "found"),
+    [
+        # A typo on one route, which is reported and skipped (its retry is not judged).
+        ("  POST /jobs:\n", TYPO + "  POST /jobs:\n", ("unknown-key", "routes.POST /typo.scopse")),
+        # A bad network in trusted_proxies.
+        ("[10.0.0.0/8]", "[10.0.0.0/8, 10.0.0.300/8]", ("invalid-value", "settings.trusted_proxies[1]")),
+        # A version this release does not read.
+        ("version: 1\n", "version: 2\n", ("invalid-choice", "version")),
+    ],
+    ids=["typo-on-another-route", "bad-trusted-proxies", "version-2"],
+)
+def test_a_schema_error_hides_no_rule_finding_on_the_routes_that_validate(
+    old: str,
+    new: str,
+    found: tuple[str, str],
+    policy_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    text = FINDINGS.replace(old, new, 1)
+    path = write(policy_dir, text)
+    findings = lint([policy_dir])
+    assert sorted(codes(findings)) == sorted([found[0], *RULED]), [str(f) for f in findings]
+    [schema] = [f for f in findings if f.code == found[0]]
+    assert schema.dotted_path == found[1]
+    code, out = run(capsys, "lint", str(policy_dir))
+    assert code == 1 and f"{path}:{line_of(text, 'retry:')}:5: error[retry-unsafe]" in out
+
+
+def test_a_route_that_failed_validation_still_has_a_policy_for_the_app(policy_dir: Path) -> None:
+    text = "version: 1\nroutes:\n  GET /items:\n    public: true\n  POST /items:\n    publik: true\n"
+    write(policy_dir, text)
+    [finding] = lint([policy_dir], small_app())  # no `no-policy` for POST /items
+    assert (finding.code, finding.dotted_path) == ("unknown-key", "routes.POST /items.publik")
+
+
+def test_a_file_that_does_not_parse_hides_nothing_in_the_others(policy_dir: Path) -> None:
+    write(policy_dir, RETRY, issuer=True)
+    (policy_dir / "broken.yaml").write_text("version: 1\nroutes:\n  GET /x: [oops\n")
+    findings = lint([policy_dir], small_app())
+    # Which app routes broken.yaml names is unknown, so the app is not checked.
+    assert codes(findings) == ["yaml-syntax", "retry-unsafe"]
+
+
+def test_a_repeated_key_hides_nothing_else_in_its_file(policy_dir: Path) -> None:
+    text = RETRY.replace("  GET /orders:\n", "  GET /orders:\n    public: true\n    public: true\n")
+    write(policy_dir, text.replace("    scopes: [read:orders]\n", ""), issuer=True)
+    assert codes(lint([policy_dir])) == ["retry-unsafe", "duplicate-key"]
+
+
+def test_a_section_of_the_wrong_shape_is_a_finding_not_a_crash(policy_dir: Path) -> None:
+    write(policy_dir, "version: 1\nprofiles: [a]\nroutes:\n  POST /x:\n    public: true\n"
+          "    retry: {}\n")
+    assert codes(lint([policy_dir])) == ["wrong-type", "retry-unsafe"]
 
 
 # --- rules on the merged policy ----------------------------------------------------------
@@ -607,9 +698,12 @@ def test_every_rule_fires_on_one_policy_set_each_with_a_fix(
     assert all(f.severity == RULES[f.code].severity for f in found)
     write(policy_dir, ALL.replace("[10.0.0.0/8, 52.0.0.0/15]", '["*"]') + "    password: hunter2\n")
     found = lint([policy_dir], small_app())
-    # The schema refuses `*`, so the merged-policy rules cannot run; the rules on the
-    # files as written still do, and the open proxy is reported once, at its entry.
-    assert codes(found) == ["open-trusted-proxies", "inline-secret"]
+    # The schema refuses `*`: the open proxy is reported once, at its entry, and the
+    # settings' error hides nothing. `password:` makes POST /joined an unknown key: that
+    # route is reported and skipped (no debounce-join-shared); every other rule still runs.
+    assert codes(found).count("open-trusted-proxies") == 1
+    skipped = {"wide-trusted-proxies", "unknown-route", "debounce-join-shared"}
+    assert set(codes(found)) == set(RULES) - skipped | {"unknown-key"}
 
 
 UNKNOWN = "version: 1\nroutes:\n  GET /x:\n    public: true\n    publik: true\n"

@@ -430,3 +430,25 @@ def test_a_yaml_syntax_error_is_at_the_token_it_names(
     assert (found.code, found.location.line, found.location.column) == ("yaml-syntax", *where)
     assert found.message.startswith(message), found.message
 
+
+def test_every_error_of_every_file_is_refused_at_once(policy_dir: Path) -> None:
+    """Startup refuses as before, with every finding: one error no longer hides the others."""
+    write(
+        policy_dir,
+        {
+            "a.yaml": "version: 2\nroutes:\n  GET /x:\n    publik: true\n  GET /y:\n    public: true\n",
+            "b.yaml": "version: 1\nsettings:\n  trusted_proxies: [10.0.0.300/8]\nroutes:\n"
+            "  GET /z:\n    cache: {}\n",
+            "c.yaml": "version: 1\nroutes:\n  GET /w: [oops\n",
+        },
+    )
+    with pytest.raises(ConfigError) as info:
+        load_policies(policy_dir)
+    found = [(Path(f.location.file).name, f.location.line, f.code) for f in info.value.findings]
+    assert found == [
+        ("a.yaml", 1, "invalid-choice"),
+        ("a.yaml", 4, "unknown-key"),
+        ("b.yaml", 3, "invalid-value"),
+        ("b.yaml", 6, "missing-key"),
+        ("c.yaml", 3, "yaml-syntax"),  # at the '[' never closed
+    ]
