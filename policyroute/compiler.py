@@ -13,7 +13,7 @@ from typing import Any
 from .chain import Chain
 from .config import Settings
 from .errors import ConfigError, Finding, Location
-from .loader import PolicySet, RouteEntry
+from .loader import PolicySet, RouteEntry, Source
 from .policy import GlobalSettings, RoutePolicy
 from .steps.base import Step
 from .steps.deny import DenyStep
@@ -79,6 +79,46 @@ def unenforced(policy: RoutePolicy) -> list[str]:
     return [k for k in policy.model_fields_set if k not in known and getattr(policy, k)]
 
 
+# The keys that need a verified token.
+TOKEN_KEYS = ("scopes", "roles", "mfa", "replay")
+
+
+def no_issuer_findings(policies: PolicySet) -> list[Finding]:
+    """Each route that needs a bearer token while settings.auth names no issuer to verify it.
+
+    One finding per route, at the first of `scopes`, `roles`, `mfa`, `replay` it sets as
+    written (its own keys before those of its profiles and defaults), else at the route's
+    key: a route that is not public needs a token all the same.
+    """
+    if policies.settings.auth.issuers:
+        return []
+    out = []
+    for entry in policies.routes.values():
+        if entry.policy.public:
+            continue
+        keys = [k for k in TOKEN_KEYS if getattr(entry.policy, k) and k in entry.origins]
+        key = min(keys, key=lambda k: _written_at(entry.origins[k][-1]), default=None)
+        if key:
+            needs = f"{entry.key} sets `{key}`, which needs a verified bearer token"
+            fix = "add one under settings.auth.issuers"
+        else:
+            needs = f"{entry.key} is not `public: true`, so it needs a verified bearer token"
+            fix = "add one under settings.auth.issuers, or make the route `public: true`"
+        out.append(
+            Finding(
+                "no-issuer",
+                f"{needs}, but settings.auth.issuers names no issuer to verify it: {fix}",
+                entry.origins[key][-1].location if key else entry.location,
+                ("routes", entry.key, key) if key else ("routes", entry.key),
+            )
+        )
+    return sorted(out, key=lambda f: (f.location.file, f.location.line, f.location.column))
+
+
+def _written_at(source: Source) -> tuple[bool, int, int]:
+    return source.label != "route", source.location.line, source.location.column
+
+
 def compile_route(entry: RouteEntry, env: Env) -> Chain:
     """The chain for one route; raise ConfigError when it sets a key nothing enforces."""
     missing = unenforced(entry.policy)
@@ -113,11 +153,15 @@ def compile_all(policies: PolicySet, env: Env) -> dict[tuple[str, str], Chain]:
     """Chains for every route of a policy set; collects every route's findings."""
     chains: dict[tuple[str, str], Chain] = {}
     findings: list[Finding] = []
+    # The auth maker knows no position; the set's first route that needs an issuer has one.
+    no_issuer = next(iter(no_issuer_findings(policies)), None)
     for match, entry in policies.routes.items():
         try:
             chains[match] = compile_route(entry, env)
         except ConfigError as exc:
-            findings.extend(exc.findings)
+            findings.extend(
+                no_issuer if no_issuer and f.code == "no-issuer" else f for f in exc.findings
+            )
     if findings:
         raise ConfigError(list(dict.fromkeys(findings)))  # settings findings repeat per route
     return chains

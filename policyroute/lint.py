@@ -27,7 +27,7 @@ from ._networks import WIDE_PREFIX, IPNetwork, public_cover
 from ._positions import Doc, KeyPath, read_docs
 from ._types import format_size
 from .binding import no_policy_finding, unmatched_entries, unpolicied
-from .compiler import unenforced
+from .compiler import no_issuer_findings, unenforced
 from .errors import ConfigError, Finding, Location
 from .gate import endpoints
 from .loader import Partial, PolicySet, RouteEntry, load_partial, policy_files
@@ -131,6 +131,11 @@ RULES: Mapping[str, Rule] = {
             "A debounce that joins repeats by a key callers share on an authenticated route, "
             "so one caller is answered with another's response.",
         ),
+        Rule(
+            "no-issuer",
+            "error",
+            "A route needs a verified bearer token, but settings.auth names no issuer.",
+        ),
         Rule("unused-profile", "warning", "A profile that no route uses."),
         Rule("inline-secret", "error", "A secret written inline in a policy file."),
     )
@@ -164,9 +169,12 @@ def lint(paths: Sequence[str | Path], app: FastAPI | None = None) -> list[Findin
 
 def _known(findings: Iterable[Finding], loaded: Partial) -> list[Finding]:
     """Drop rule findings that only stem from a part that failed validation (reported)."""
+    auth_unknown = ("settings", "auth") in loaded.invalid
     profiles_unknown = ("resilience",) in loaded.invalid
 
     def guessed(f: Finding) -> bool:
+        if f.code == "no-issuer":
+            return auth_unknown  # the issuers may be there, in settings that did not validate
         if f.code != "unknown-resilience-profile":
             return False
         return profiles_unknown or f.key_path in loaded.invalid  # `@resilient(NAME)`
@@ -255,6 +263,7 @@ def policy_findings(policies: PolicySet, docs: Sequence[Doc] = ()) -> list[Findi
         findings.extend(_replay_with_idempotency(entry, where))
         findings.extend(_throttle_delays(entry, where))
         findings.extend(_debounce_joins(entry, where))
+    findings.extend(_no_issuer(policies))
     findings.extend(_lockout_block(policies, docs))
     findings.extend(_unused_profiles(policies))
     findings.extend(resilience_findings(policies))
@@ -263,6 +272,13 @@ def policy_findings(policies: PolicySet, docs: Sequence[Doc] = ()) -> list[Findi
 
 def _finding(code: str, message: str, location: Location, path: KeyPath) -> Finding:
     return Finding(code, message, location, path, RULES[code].severity)
+
+
+def _no_issuer(policies: PolicySet) -> list[Finding]:
+    """What install refuses as `no-issuer`, once per route, at the key that needs a token."""
+    return [
+        _finding(f.code, f.message, f.location, f.key_path) for f in no_issuer_findings(policies)
+    ]
 
 
 def _shared_cache(entry: RouteEntry, where: _Locator) -> list[Finding]:

@@ -143,6 +143,10 @@ def test_lint_refuses_a_shared_cache_on_an_authenticated_route(
         "  GET /catalog:\n    cache: {ttl: 60s, shared: true, acknowledge_shared: true}\n"
         "  GET /public:\n    public: true\n    cache: {ttl: 60s, shared: true}\n"
     )
+    (policy_dir / "b.yaml").write_text(  # an issuer, so the routes that need a token may have one
+        "version: 1\nsettings:\n  auth:\n    issuers:\n"
+        "      - {issuer: https://auth.example.test/, audience: api, jwks: keys/jwks.json}\n"
+    )
     code, out, _ = run(capsys, "lint", str(policy_dir))
     assert code == 1
     lines = out.strip().splitlines()

@@ -14,7 +14,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
-from policyroute import compiler
+import policyroute
+from policyroute import ConfigError, compiler
 from policyroute.cli import main
 from policyroute.errors import Finding, Location
 from policyroute.lint import RULES, lint, render
@@ -208,6 +209,57 @@ def test_a_section_of_the_wrong_shape_is_a_finding_not_a_crash(policy_dir: Path)
     assert codes(lint([policy_dir])) == ["wrong-type", "retry-unsafe"]
 
 
+# --- a token no issuer can verify ------------------------------------------------------
+
+NO_ISSUER = """\
+version: 1
+profiles:
+  stepped: {mfa: required}
+routes:
+  GET /open:
+    public: true
+  GET /me: {}
+  POST /io-job:
+    roles: [io_job_runner]
+    scopes: [run:io_jobs]
+  POST /admin:
+    use: [stepped]
+"""
+
+
+def test_a_route_that_needs_a_token_without_an_issuer_is_an_error_at_the_key(
+    policy_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(policy_dir, NO_ISSUER)
+    findings = lint([policy_dir])
+    assert [(f.code, f.dotted_path, f.location.line, f.location.column) for f in findings] == [
+        ("no-issuer", "routes.POST /admin.mfa", 3, col_of(NO_ISSUER, "mfa:")),  # in its profile
+        ("no-issuer", "routes.GET /me", line_of(NO_ISSUER, "GET /me"), 3),  # not public
+        ("no-issuer", "routes.POST /io-job.roles", line_of(NO_ISSUER, "roles:"), 5),  # first written
+    ]
+    assert "POST /io-job sets `roles`, which needs a verified bearer token" in findings[2].message
+    assert "add one under settings.auth.issuers" in findings[2].message
+    code, out = run(capsys, "lint", str(policy_dir))
+    assert code == 1 and f"{path}:9:5: error[no-issuer]" in out
+    # install refuses the same policy as before, now at a position.
+    with pytest.raises(ConfigError) as refused:
+        policyroute.install(FastAPI(), policy_dir)
+    [finding] = refused.value.findings
+    assert finding.code == "no-issuer"
+    assert str(finding.location) == f"{path}:3:{col_of(NO_ISSUER, 'mfa:')}"
+    (policy_dir / "settings.yaml").write_text(ISSUER)
+    assert lint([policy_dir]) == []
+
+
+def test_settings_that_failed_validation_are_not_guessed_to_have_no_issuer(
+    policy_dir: Path,
+) -> None:
+    bad_auth = "settings:\n  auth:\n    issuers: [{issuer: https://a.test/}]\n"
+    write(policy_dir, NO_ISSUER.replace("version: 1\n", "version: 1\n" + bad_auth))
+    found = lint([policy_dir])
+    assert codes(found) == ["missing-key"]  # the issuer's audience; no `no-issuer` guessed
+
+
 # --- rules on the merged policy ----------------------------------------------------------
 
 RETRY = """\
@@ -227,7 +279,7 @@ routes:
 
 
 def test_retry_on_an_unsafe_method_without_idempotency_is_an_error(policy_dir: Path) -> None:
-    write(policy_dir, RETRY)
+    write(policy_dir, RETRY, issuer=True)
     [finding] = lint([policy_dir])
     assert finding.code == "retry-unsafe" and finding.severity == "error"
     assert finding.location.line == line_of(RETRY, "retry:")
@@ -252,7 +304,7 @@ routes:
 def test_cache_shared_by_every_caller_of_an_authenticated_route_is_an_error(
     policy_dir: Path,
 ) -> None:
-    write(policy_dir, SHARED)
+    write(policy_dir, SHARED, issuer=True)
     [finding] = lint([policy_dir])
     assert finding.code == "shared-cache-authenticated"
     assert finding.location.line == line_of(SHARED, "shared: true}")
@@ -278,7 +330,7 @@ routes:
 def test_credits_on_post_without_idempotency_is_a_warning_that_passes(
     policy_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = write(policy_dir, CREDITS)
+    path = write(policy_dir, CREDITS, issuer=True)
     [finding] = lint([policy_dir])
     assert (finding.code, finding.severity) == ("credits-without-idempotency", "warning")
     assert finding.location.line == line_of(CREDITS, "credits:")
@@ -381,7 +433,7 @@ routes:
 
 
 def test_limit_keyed_by_user_on_a_public_route_is_an_error_at_the_key(policy_dir: Path) -> None:
-    write(policy_dir, USER_LIMIT)
+    write(policy_dir, USER_LIMIT, issuer=True)
     findings = lint([policy_dir])
     assert codes(findings) == ["user-limit-on-public-route"] * 2
     first, second = findings
@@ -449,6 +501,7 @@ version: 1
 settings:
   auth:
     lockout: {failures: 10, per: 5m, block: 1m}
+    issuers: [{issuer: https://auth.example.test/, audience: api, jwks: keys/jwks.json}]
 routes:
   POST /once:
     replay: jti
@@ -478,9 +531,9 @@ def test_unsafe_settings_of_the_lockout_replay_throttle_and_debounce(policy_dir:
     found = [(f.code, f.severity, f.dotted_path, f.location.line) for f in findings]
     assert found == [
         ("lockout-short-block", "warning", "settings.auth.lockout.block", 4),
-        ("replay-blocks-idempotent-retry", "warning", "routes.POST /once.replay", 7),
-        ("throttle-long-delay", "warning", "routes.GET /queue.rate_limit[0]", 15),
-        ("debounce-join-shared", "error", "routes.POST /submit.rate_limit[0].key", 19),
+        ("replay-blocks-idempotent-retry", "warning", "routes.POST /once.replay", 8),
+        ("throttle-long-delay", "warning", "routes.GET /queue.rate_limit[0]", 16),
+        ("debounce-join-shared", "error", "routes.POST /submit.rate_limit[0].key", 20),
     ]
     short, replay, queue, join = findings
     assert short.location.column == col_of(PATTERNS, "block: 1m") + len("block: ")
@@ -509,7 +562,7 @@ routes:
 
 
 def test_profile_nobody_uses_is_a_warning_at_its_name(policy_dir: Path) -> None:
-    write(policy_dir, PROFILES)
+    write(policy_dir, PROFILES, issuer=True)
     [finding] = lint([policy_dir])
     assert (finding.code, finding.severity) == ("unused-profile", "warning")
     assert (finding.location.line, finding.location.column) == (5, 3)
@@ -727,7 +780,7 @@ def test_sarif_is_a_code_scanning_log_with_rules_and_relative_paths(
 
 
 def test_sarif_rules_carry_the_rule_severity(policy_dir: Path) -> None:
-    write(policy_dir, CREDITS)
+    write(policy_dir, CREDITS, issuer=True)
     log = json.loads(render(lint([policy_dir]), "sarif"))
     [rule] = log["runs"][0]["tool"]["driver"]["rules"]
     assert rule["id"] == "credits-without-idempotency"
@@ -738,7 +791,7 @@ def test_sarif_rules_carry_the_rule_severity(policy_dir: Path) -> None:
 def test_github_annotations_escape_their_properties(
     policy_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write(policy_dir, CREDITS)
+    write(policy_dir, CREDITS, issuer=True)
     monkeypatch.chdir(policy_dir.parent)
     [line] = render(lint(["policies"]), "github").splitlines()
     assert line.startswith(
@@ -752,7 +805,7 @@ def test_github_annotations_escape_their_properties(
 
 
 def test_json_lists_each_finding_with_its_severity(policy_dir: Path) -> None:
-    write(policy_dir, PROFILES)
+    write(policy_dir, PROFILES, issuer=True)
     [item] = json.loads(render(lint([policy_dir]), "json"))
     assert item["code"] == "unused-profile" and item["severity"] == "warning"
     assert (item["line"], item["column"], item["path"]) == (5, 3, "profiles.writer")
