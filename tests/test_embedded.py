@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pulsar
+import pytest
 import valkey
+
+from tests.servers import REPO, free_port
 
 
 def test_valkey_fixture_is_a_real_server(valkey_url: str) -> None:
@@ -86,3 +96,59 @@ def test_embedded_servers_listen_on_loopback_only(tmp_path: Path) -> None:
     finally:
         broker.stop()
         server.stop()
+
+
+def test_embedded_servers_remove_their_temporary_folders_on_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from policyroute.embedded import start_pulsar, start_valkey
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    server, broker = start_valkey(), start_pulsar()
+    assert len(list(tmp_path.iterdir())) == 2  # one folder each while they run
+    server.stop()
+    server.restart()  # as fault tests do: a new folder for the new server
+    assert len(list(tmp_path.iterdir())) == 2
+    broker.stop()
+    server.stop()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_policyroute_run_removes_its_embedded_folders_on_exit(
+    stop: signal.Signals, tmp_path: Path
+) -> None:
+    """`policyroute run` on embedded backends leaves no folder (and no server) behind,
+    whether it is stopped with Ctrl-C or SIGTERM (a process manager, `docker stop`)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYROUTE_")}
+    env.update(TMPDIR=str(temp), PYTHONPATH=str(REPO))
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "policyroute.cli", "run", "examples.app:app",
+             "--port", str(port)],
+            cwd=REPO, env=env, stdout=out, stderr=out,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        during = sorted(p.name.split("-")[1] for p in temp.iterdir())
+        assert during == ["pulsar", "valkey"], during
+        valkey_port = int(log.read_text().split("embedded Valkey at redis://127.0.0.1:")[1][:5])
+        proc.send_signal(stop)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert list(temp.iterdir()) == [], log.read_text()
+    with socket.socket() as s:  # the embedded Valkey was stopped, not orphaned
+        assert s.connect_ex(("127.0.0.1", valkey_port)) != 0
