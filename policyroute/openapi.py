@@ -196,6 +196,8 @@ def _limit(lim: RateLimit) -> dict[str, Any]:
     out: dict[str, Any] = {"name": limit_name(lim), "key": lim.key, "algorithm": lim.algorithm}
     if lim.capacity is not None:
         out["capacity"] = lim.capacity
+    if lim.algorithm == "token_bucket" and lim.capacity is not None:
+        out["refill"] = lim.refill or lim.capacity  # tokens added back each `per`
     if lim.per:
         out["per"] = format_duration(lim.per)
     if lim.algorithm == "throttle":

@@ -123,6 +123,21 @@ def test_protected_route_lists_its_scopes_and_every_problem_it_can_answer(
     assert post["x-policyroute"]["credits"] == 2 and post["x-policyroute"]["roles"] == ["runner"]
 
 
+def test_each_token_bucket_limit_shows_its_refill(policy_dir: Path, valkey_url: str) -> None:
+    """A bucket of 5 refilled by 1 a minute is another limit than one refilled by 5."""
+    policy = POLICY.replace("capacity: 5, refill: 5, per: 1m", "capacity: 5, refill: 1, per: 1m")
+    policy = policy.replace(
+        "    cache: {ttl: 30s}\n",
+        "    cache: {ttl: 30s}\n    rate_limit: {name: reads, key: user, capacity: 60, per: 1m}\n",
+    )
+    doc = installed(policy_dir, valkey_url, policy).openapi()
+    [post] = doc["paths"]["/jobs"]["post"]["x-policyroute"]["rate_limit"]
+    assert post == {"name": "per-user", "key": "user", "algorithm": "token_bucket",
+                    "capacity": 5, "refill": 1, "per": "1m"}  # fmt: skip
+    [read] = doc["paths"]["/jobs/{job_id}"]["get"]["x-policyroute"]["rate_limit"]
+    assert read["refill"] == 60  # unset: the bucket refills whole each `per`
+
+
 def test_routes_that_read_json_from_the_body_list_invalid_body(
     policy_dir: Path, valkey_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
