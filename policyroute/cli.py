@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -23,6 +25,16 @@ EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
 class UsageError(PolicyrouteError):
     """The command line is wrong (exit 2)."""
+
+
+def existing(paths: Sequence[str] | None, default: str = "policies") -> list[str]:
+    """The policy paths a command was given (or the default); a usage error names one that
+    does not exist."""
+    found = list(paths or [default])
+    missing = [p for p in found if not Path(p).exists()]
+    if missing:
+        raise UsageError(f"no policy file or directory {missing[0]!r}")
+    return found
 
 
 def load_app(spec: str) -> FastAPI:
@@ -57,8 +69,9 @@ def _cmd_lint(args: argparse.Namespace) -> int:
         for rule in RULES.values():
             print(f"{rule.code:<28} {rule.severity:<8} {rule.summary}")
         return EXIT_OK
+    paths = existing(args.paths)
     app = load_app(args.app) if args.app else None
-    findings = lint(args.paths or ["policies"], app)
+    findings = lint(paths, app)
     text = render(findings, args.format)
     if text:
         print(text)
@@ -73,17 +86,36 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
     text = schema_text()
     if args.output:
+        if not Path(args.output).parent.is_dir():
+            raise UsageError(f"no directory {str(Path(args.output).parent)!r} for {args.output}")
         Path(args.output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
     return EXIT_OK
 
 
-def _cmd_explain(args: argparse.Namespace) -> int:
-    from .explain import explain
+_ROUTE = re.compile(r"^\s*[A-Za-z]+\s+/")
 
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import UnknownRouteError, explain, explain_json
+
+    # Positional arguments are paths, as for lint; one of them may be a route ('GET /x').
+    routes = [a for a in args.targets if _ROUTE.match(a)]
+    if len(routes) > 1:
+        raise UsageError(f"explain takes one route, got {', '.join(map(repr, routes))}")
+    given = [a for a in args.targets if a not in routes] + list(args.paths or ())
     app = load_app(args.app) if args.app else None
-    print(explain(args.paths or ["policies"], app, args.route))
+    paths = existing(given) if given or app is None else []
+    route = routes[0] if routes else None
+    try:
+        if args.format == "json":
+            print(json.dumps(explain_json(paths, app, route), indent=2))
+        else:
+            print(explain(paths, app, route))
+    except UnknownRouteError as exc:
+        print(f"policyroute: {exc}", file=sys.stderr)
+        return EXIT_FINDINGS
     return EXIT_OK
 
 
@@ -121,9 +153,11 @@ def _optional_commands() -> list[Register]:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the `policyroute` command."""
+    from . import __version__
     from .lint import FORMATS
 
     top = argparse.ArgumentParser(prog="policyroute", description=__doc__)
+    top.add_argument("--version", action="version", version=f"policyroute {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("lint", help="check policy files (and an app's routes)")
@@ -134,9 +168,16 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_lint)
 
     p = sub.add_parser("explain", help="print each route's compiled chain and merged policy")
-    p.add_argument("route", nargs="?", help="only this route, e.g. 'POST /io-job'")
-    p.add_argument("--paths", nargs="*", help="policy files or directories (default: policies/)")
+    p.add_argument(
+        "targets",
+        nargs="*",
+        metavar="PATH|ROUTE",
+        help="policy files or directories (default: policies/), and at most one route to "
+        "explain alone, e.g. 'POST /io-job' or 'get /user/42'",
+    )
+    p.add_argument("--paths", nargs="*", help=argparse.SUPPRESS)  # before PATH was positional
     p.add_argument("--app", help="MODULE:ATTR of an app whose installed engine to explain")
+    p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the policy language")
@@ -182,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `policyroute` console script."""
     try:
         args = parser().parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help and --version
         return int(exc.code or 0)
     with _exit_on_sigterm():
         return _dispatch(args)

@@ -24,10 +24,14 @@ def add_parser(sub: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    """Run `cache`; exit 1 when a path did not answer 2xx or Valkey failed."""
+    """Run `cache`; exit 1 when a path did not answer 2xx or Valkey failed, 2 on usage."""
     from . import cache_api
     from .cli import UsageError, load_app
+    from .config import Settings
 
+    if not Settings().valkey_url:  # the cache lives there, for warm and invalidate alike
+        print("policyroute: set POLICYROUTE_VALKEY_URL to manage the cache", file=sys.stderr)
+        return 2
     app = load_app(args.app)
     engine = getattr(app.state, "policyroute", None)
     if engine is None:

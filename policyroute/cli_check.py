@@ -148,7 +148,7 @@ def _outcome(result: DryResult) -> str:
 
 
 async def _check(args: argparse.Namespace, request: DryRequest, url: str) -> int:
-    policies = load_policies(*(args.paths or ["policies"]))
+    policies = load_policies(*args.paths)
     async with dry_run(policies, url) as run:
         try:
             run.resolve(request.request)
@@ -173,6 +173,9 @@ async def _check(args: argparse.Namespace, request: DryRequest, url: str) -> int
 
 def handler(args: argparse.Namespace) -> int:
     """Run `check`."""
+    from .cli import existing
+
+    args.paths = existing(args.paths)
     request = request_of(args)
     with embedded_valkey() as url:
         return asyncio.run(_check(args, request, url))

@@ -44,8 +44,7 @@ def run_mfa(args: argparse.Namespace) -> int:
     """Enrol or revoke a subject's TOTP secret."""
     config = Settings()
     if not config.valkey_url:
-        print("policyroute mfa: set POLICYROUTE_VALKEY_URL to the Valkey that holds the secrets",
-              file=sys.stderr)
+        print("policyroute: set POLICYROUTE_VALKEY_URL to manage TOTP secrets", file=sys.stderr)
         return EXIT_USAGE
     action = _enrol if args.action == "enrol" else _revoke
     who = named(args)

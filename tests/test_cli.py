@@ -97,12 +97,10 @@ def test_explain_prints_the_example_chains(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_explain_one_route_shows_origins(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(
-        capsys, "explain", "GET /health", "--paths", str(REPO / "examples" / "policies")
-    )
+    code, out, _ = run(capsys, "explain", "GET /health", str(REPO / "examples" / "policies"))
     assert code == 0
     assert out.startswith("GET /health")
-    assert "public: True   <- route at" in out
+    assert "public: true   <- route at" in out
 
 
 def test_committed_schema_is_current() -> None:
@@ -166,3 +164,59 @@ def test_run_never_lets_uvicorn_trust_proxy_headers(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(uvicorn, "run", lambda target, **kw: seen.update(kw, target=target))
     assert run("examples.app:app", host="127.0.0.1", port=0, reload=False) == 0
     assert seen["target"] == "examples.app:app" and seen["proxy_headers"] is False
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import policyroute
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"policyroute {policyroute.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lint", "{missing}"],
+        ["lint"],  # the default, policies/, is missing too
+        ["explain", "{missing}"],
+        ["explain", "{missing}", "GET /health"],
+        ["check", "GET /health", "{missing}"],
+        ["test", "{missing}"],
+        ["diff", "{missing}", "{examples}"],
+        ["schema", "-o", "{missing}/schema.json"],
+    ],
+    ids=lambda argv: " ".join(argv),
+)
+def test_a_missing_path_is_a_usage_error(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no policies/ here
+    names = {"missing": str(tmp_path / "nowhere"), "examples": str(REPO / "examples" / "policies")}
+    code, out, err = run(capsys, *(a.format(**names) for a in argv))
+    assert code == 2, (out, err)
+    assert err.startswith("policyroute: no ") and ("nowhere" in err or "'policies'" in err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [
+        (["cache", "warm", "/health", "--app", "examples.app:app"], "the cache"),
+        (["cache", "invalidate", "GET /user/{user_id}", "--app", "examples.app:app"], "the cache"),
+        (["credits", "show", "alice"], "credits"),
+        (["mfa", "enrol", "alice"], "TOTP secrets"),
+    ],
+    ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else v,
+)
+def test_commands_on_valkey_without_its_url_say_so_in_one_line(
+    argv: list[str], what: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("POLICYROUTE_VALKEY_URL", raising=False)
+    monkeypatch.chdir(REPO)
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err == f"policyroute: set POLICYROUTE_VALKEY_URL to manage {what}\n"

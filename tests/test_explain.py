@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -90,7 +92,7 @@ def test_each_value_names_its_layer_and_position(layered: Path) -> None:
     assert lines["ttl: 30s"].endswith("<- defaults at " + ttl + "16")
     vary = f"{routes}.yaml:{line_of(ROUTES, 'vary_headers')}:"
     assert f"<- route at {vary}" in lines["vary_headers: [accept]"]
-    assert lines["vary_query: True"].endswith("(built-in default)")
+    assert lines["vary_query: true"].endswith("(built-in default)")
     # A list replaces: both items come from the profile, each at its own line.
     assert "<- profile heavy at" in lines["rate_limit:"]
     assert lines["name: burst"].endswith(f"{profiles}.yaml:{line_of(PROFILES, 'burst')}:16")
@@ -109,7 +111,7 @@ def test_each_value_names_its_layer_and_position(layered: Path) -> None:
 def test_public_routes_take_no_defaults(layered: Path) -> None:
     text = explain([layered], route="GET /health")
     assert text.startswith("GET /health")
-    assert "public: True   <- route at" in text
+    assert "public: true   <- route at" in text
     assert "cache" not in text and "rate_limit" not in text
 
 
@@ -138,11 +140,12 @@ async def test_explain_of_an_app_follows_its_reloads(layered: Path, valkey_url: 
     assert "GET /unlisted\n  1. deny" in text
 
 
-def test_cli_explain_names_an_unknown_route(
+def test_cli_explain_names_an_unknown_route_and_exits_one(
     layered: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["explain", "GET /nope", "--paths", str(layered)]) == 0
-    assert capsys.readouterr().out.strip() == "no route 'GET /nope' in the policies"
+    assert main(["explain", str(layered), "GET /nope"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "policyroute: no route 'GET /nope' in the policies\n"
 
 
 IDENTITY = f"""\
@@ -221,16 +224,91 @@ def test_explain_shows_lockout_one_time_tokens_throttle_and_debounce(policy_dir:
     steps = [line.split(":")[0].strip() for line in text.splitlines()[1:6]]
     assert steps == ["1. client", "2. auth", "3. mfa", "4. replay", "5. state"]
     assert (
-        "lockout after 5 failures in 600s per address, and per subject at the addresses that "
-        "failed for it, for 1800s" in text
+        "lockout after 5 failures in 10m per address, and per subject at the addresses that "
+        "failed for it, for 30m" in text
     )
     assert "(a wrong code also counts toward settings.auth.lockout)" in text
     assert "4. replay: a token's jti is accepted once (per issuer, until exp + 30s leeway)" in text
     assert (
-        "throttle: throttle to 2 per 1s per user, 4 may wait (1 of them go at once), none "
-        "longer than 1.5s; past that 429" in text
+        "throttle: throttle to 2 per 1s per user, 4 may wait (1 of them at once), none "
+        "longer than 1500ms; past that 429" in text
     )
     assert "debounce: debounce per user and request: a repeat within 3s of the last joins" in text
     public = explain([policy_dir], route="GET /status")
     assert ". auth" not in public.split("effective policy")[0]
     assert "a repeat within 1s of the last is refused (shadow: enforce false)" in public
+
+
+def test_explain_writes_values_as_a_policy_file_does(policy_dir: Path) -> None:
+    """Booleans as YAML writes them, every duration in one spelling (the policy's), and no
+    step line that starts or ends on a dangling word."""
+    (policy_dir / "routes.yaml").write_text(PATTERNS)
+    text = explain([policy_dir])
+    assert "True" not in text and "False" not in text
+    assert "enforce: true   (built-in default)" in text
+    assert re.search(r"\d+\.\d+s\b", text) is None  # no `60.0s`
+    assert re.search(r"\b(60|120|300|600|1800|3600|86400)s\b", text) is None  # 1m, 10m, 1d...
+    assert "mfa: a TOTP code in x-totp-code, each accepted once" in text  # not "mfa: or TOTP"
+    for line in text.splitlines():
+        step = re.match(r"\s+\d+\. \w+: (.*)", line)
+        if step:
+            first, last = step.group(1).split()[0], step.group(1).split()[-1]
+            assert first not in ("or", "and", "-", ";"), line
+            assert last not in ("or", "and", "-", "of"), line
+            assert " -;" not in line and "(0 of them" not in line, line
+
+
+def test_explain_names_files_relative_to_the_working_directory(
+    policy_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (policy_dir / "routes.yaml").write_text(PATTERNS)
+    monkeypatch.chdir(policy_dir.parent)
+    assert main(["explain", str(policy_dir.resolve()), "POST /pay"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("POST /pay  (policies/routes.yaml:8:3)")
+    assert str(policy_dir.parent) not in out
+    assert "<- route at policies/routes.yaml:" in out
+
+
+def test_explain_of_the_example_app_names_its_files_relative(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)
+    assert main(["explain", "--app", "examples.app:app", "GET /health"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("GET /health  (examples/policies/service.yaml:")
+    assert str(REPO) not in out
+
+
+def test_explain_json_gives_steps_policy_and_sources(
+    policy_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (policy_dir / "routes.yaml").write_text(PATTERNS)
+    monkeypatch.chdir(policy_dir.parent)
+    assert main(["explain", "policies", "get /status", "--format", "json"]) == 0
+    [status] = json.loads(capsys.readouterr().out)
+    assert status["route"] == "GET /status"
+    assert status["origin"] == f"policies/routes.yaml:{line_of(PATTERNS, 'GET /status')}:3"
+    assert status["notes"] == ["public: no authentication"]
+    assert [s["name"] for s in status["steps"]] == ["client", "state"]
+    assert status["steps"][1]["detail"].startswith("one Valkey round trip: rate_limit(")
+    assert status["policy"]["public"] is True
+    assert status["policy"]["rate_limit"][0]["per"] == "1s"
+    assert status["sources"]["public"].startswith("route at policies/routes.yaml:")
+    assert status["sources"]["rate_limit[0].cost"] == "built-in default"
+    assert main(["explain", "policies", "GET /nope", "--format", "json"]) == 1
+
+
+def test_explain_takes_paths_positionally_like_lint(
+    layered: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["explain", str(layered)]) == 0
+    assert "GET /reports/{report_id}" in capsys.readouterr().out
+    assert main(["explain", str(layered / "c_routes.yaml"), str(layered / "a_defaults.yaml"),
+                 str(layered / "b_profiles.yaml"), "GET /health"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith("GET /health")
+    assert main(["explain", str(layered / "missing"), "GET /health"]) == 2
+    assert capsys.readouterr().err == (
+        f"policyroute: no policy file or directory '{layered / 'missing'}'\n"
+    )
+    assert main(["explain", str(layered), "GET /health", "GET /x"]) == 2

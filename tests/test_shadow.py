@@ -257,8 +257,8 @@ def test_explain_marks_what_is_shadowed(policy_dir: Path) -> None:
     )
     text = explain([policy_dir])
     me = text.split("GET /ping")[0]
-    assert "2. scopes: all of a" in me and "enforce: False   <- route" in me
+    assert "2. scopes: all of a" in me and "enforce: false   <- route" in me
     assert "[shadow: enforce false]" in text.split("3. mfa:")[1].splitlines()[0]
-    assert "ip: token bucket of 9 per ip, +9 per 1.0s, cost 1 (shadow: enforce false)" in text
+    assert "ip: token bucket of 9 per ip, +9 per 1s, cost 1 (shadow: enforce false)" in text
     assert "user: token bucket of 5 per user" in text
     assert "credits(cost 1 (shadow: enforce false; read, never charged))" in text

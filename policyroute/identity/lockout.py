@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._ids import IDS
+from .._types import format_duration
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems, ProblemType, StorageError
 from ..observability.metrics import backend_error
@@ -103,8 +104,9 @@ class LockoutGuard:
         """One line for explain."""
         shadow = " (shadow: enforce false)" if not self.enforce else ""
         return (
-            f"lockout after {self.spec.failures} failures in {self.spec.per:g}s per address, "
-            f"and per subject at the addresses that failed for it, for {self.spec.block:g}s{shadow}"
+            f"lockout after {self.spec.failures} failures in {format_duration(self.spec.per)} "
+            "per address, and per subject at the addresses that failed for it, for "
+            f"{format_duration(self.spec.block)}{shadow}"
         )
 
     # --- the calls ------------------------------------------------------------------

@@ -129,5 +129,5 @@ class RetryPlan:
         if spec.deadline is not None:
             text += f" deadline {format_duration(spec.deadline)}"
         if spec.on != ["5xx", "timeout"]:
-            text += " on " + ",".join(spec.on)
+            text += " on " + ", ".join(spec.on)
         return text

@@ -11,7 +11,7 @@ from typing import Any
 from cachetools import Cache as LocalStore
 from cachetools import FIFOCache, LFUCache, LRUCache
 
-from .._types import format_size
+from .._types import format_duration, format_size
 from ..backends.valkey import Store
 from ..crypto import DataKeyError
 from ..identity.claims import claim_value
@@ -92,7 +92,7 @@ class CacheStep(Part):
         local = self.spec.local
         first = (
             f", in-process first tier of {local.max_entries} ({local.eviction}, "
-            f"ttl {self.local_ttl}s)"
+            f"ttl {format_duration(self.local_ttl)})"
             if local
             else ""
         )
@@ -103,7 +103,7 @@ class CacheStep(Part):
             else ""
         )
         return (
-            f"ttl {self.spec.ttl}s, {who}, varies by {', '.join(by)}{first}, "
+            f"ttl {format_duration(self.spec.ttl)}, {who}, varies by {', '.join(by)}{first}, "
             f"bodies up to {format_size(self.spec.max_body)} stored{bypass}"
         )
 

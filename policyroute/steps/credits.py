@@ -8,6 +8,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
+from .._types import format_duration
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems, StorageError
 from ..observability.metrics import backend_error
@@ -73,8 +74,8 @@ class CreditsStep(Part):
             return f"cost {self.spec.cost}{extra} (shadow: enforce false; read, never charged)"
         return (
             f"cost {self.spec.cost}, refund on {', '.join(self.spec.refund_on)}{extra}, "
-            f"held while the request runs, refunded {self.spec.hold}s after its process "
-            "stops renewing the hold"
+            f"held while the request runs, refunded {format_duration(self.spec.hold)} after "
+            "its process stops renewing the hold"
         )
 
     def prepare(self, req: Request) -> None:

@@ -114,7 +114,7 @@ class FieldsStep(Step):
             )
         if self.decrypt:
             out.append("open response fields " + ", ".join(self.decrypt_names))
-        return "; ".join(out) + f" (AES-256-GCM, active key {self.keyring.active})"
+        return "; ".join(out) + f" (AES-256-GCM, active key id {self.keyring.active!r})"
 
     async def around(self, ctx: Context, call_next: Handler) -> None:
         """Rewrite the request body, run the handler, rewrite the response body."""

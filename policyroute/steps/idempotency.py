@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .._types import format_size
+from .._types import format_duration, format_size
 from ..backends.valkey import Store
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems
@@ -63,7 +63,7 @@ class IdempotencyStep(Part):
         """Header, ttl and whether it is required."""
         need = "required" if self.spec.required else "optional"
         return (
-            f"{self.spec.header} {need}, records kept {self.spec.ttl}s, "
+            f"{self.spec.header} {need}, records kept {format_duration(self.spec.ttl)}, "
             f"responses up to {format_size(self.spec.max_body)} replayed, "
             f"request bodies over {format_size(self.body_limit)} refused (413)"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+from .._types import format_duration
 from ..compiler import Env, register
 from ..errors import Denial, Problems, StorageError
 from ..identity.challenge import bearer_challenge
@@ -116,16 +117,19 @@ class MfaStep(Step):
 
     def describe(self) -> str:
         """One line for explain."""
-        parts = []
+        ways = []
         if self.step_up:
-            parts.append(f"step-up (amr {', '.join(sorted(self.amr)) or '-'}; "
-                         f"acr {', '.join(sorted(self.acr)) or '-'}; max age {int(self.max_age)}s)")
+            claims = [f"{name} {', '.join(sorted(values))}"
+                      for name, values in (("amr", self.amr), ("acr", self.acr)) if values]
+            claims.append(f"at most {format_duration(self.max_age)} old")
+            ways.append(f"a step-up claim ({'; '.join(claims)})")
         if self.totp is not None:
-            parts.append(f"or TOTP code in {self.header}, once, lockout after "
-                         f"{self.totp.settings.max_failures} failures")
-        if self.lockout is not None and self.totp is not None:
-            parts.append("(a wrong code also counts toward settings.auth.lockout)")
-        return " ".join(parts)
+            code = (f"a TOTP code in {self.header}, each accepted once, lockout after "
+                    f"{self.totp.settings.max_failures} failures")
+            if self.lockout is not None:
+                code += " (a wrong code also counts toward settings.auth.lockout)"
+            ways.append(code)
+        return " or ".join(ways)
 
 
 def make_mfa(policy: RoutePolicy, env: Env) -> Step | None:

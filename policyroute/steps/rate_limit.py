@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._types import format_duration
 from ..backends.valkey import Arg, Store
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems, StorageError
@@ -220,25 +221,28 @@ class RateLimitStep(Part):
             if s.algorithm == "concurrency":
                 out.append(f"{lim.name}: at most {s.capacity} in flight per {per}")
             elif s.algorithm == "throttle":
-                bound = f"{throttle_bound(s):g}"
+                at_once = f" ({s.delay} of them at once)" if s.delay else ""
                 out.append(
-                    f"{lim.name}: throttle to {s.capacity} per {s.per:g}s per {per}, "
-                    f"{s.burst} may wait ({s.delay or 0} of them go at once), none longer than "
-                    f"{bound}s; past that 429"
+                    f"{lim.name}: throttle to {s.capacity} per {format_duration(s.per or 0)} per "
+                    f"{per}, {s.burst} may wait{at_once}, none longer than "
+                    f"{format_duration(throttle_bound(s))}; past that 429"
                 )
             elif s.algorithm == "debounce":
                 how = "joins its first's response" if s.on_repeat == "join" else "is refused"
                 out.append(
-                    f"{lim.name}: debounce per {per} and request: a repeat within {s.per:g}s "
-                    f"of the last {how}"
+                    f"{lim.name}: debounce per {per} and request: a repeat within "
+                    f"{format_duration(s.per or 0)} of the last {how}"
                 )
             elif s.algorithm == "token_bucket":
                 out.append(
                     f"{lim.name}: token bucket of {s.capacity} per {per}, "
-                    f"+{s.refill or s.capacity} per {s.per}s, cost {s.cost}"
+                    f"+{s.refill or s.capacity} per {format_duration(s.per or 0)}, cost {s.cost}"
                 )
             else:
-                out.append(f"{lim.name}: {s.capacity} per {s.per}s sliding window per {per}")
+                out.append(
+                    f"{lim.name}: {s.capacity} per {format_duration(s.per or 0)} sliding window "
+                    f"per {per}"
+                )
             if lim in self.shadows:
                 out[-1] += " (shadow: enforce false)"
         return "; ".join(out)

@@ -27,6 +27,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from .._ids import IDS
+from .._types import format_duration
 from ..backends.valkey import Store
 from ..compiler import Env, register
 from ..errors import Denial, Problems, StorageError
@@ -63,7 +64,7 @@ class ReplayStep(Step):
         shadow = "; shadow: enforce false" if not self.enforce else ""
         return (
             "a token's jti is accepted once (per issuer, until exp + "
-            f"{self.leeway}s leeway); a token without one is refused{shadow}"
+            f"{format_duration(self.leeway)} leeway); a token without one is refused{shadow}"
         )
 
     def _refuse(self, ctx: Context, denial: Denial, outcome: str) -> None:
