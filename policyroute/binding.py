@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import _fatal
 from ._problem import CONTENT_TYPE, problem_bytes
 from .chain import BoundChain, Chain
 from .compiler import Env, compile_all, deny_chain
@@ -290,16 +291,20 @@ def install(
     """
     config = settings or Settings()
     policy_paths = [str(p) for p in paths] or config.policy_paths()
-    engine = Engine(
-        app,
-        policy_paths,
-        config,
-        strict=config.strict if strict is None else strict,
-        services=services or default_services,
-    )
-    observe(app, engine, health=health, metrics=metrics)  # sanitized logs, health routes
-    gate_router(app.router, engine.decide)
-    engine.check_strict()
+    try:
+        engine = Engine(
+            app,
+            policy_paths,
+            config,
+            strict=config.strict if strict is None else strict,
+            services=services or default_services,
+        )
+        observe(app, engine, health=health, metrics=metrics)  # sanitized logs, health routes
+        gate_router(app.router, engine.decide)
+        engine.check_strict()
+    except ConfigError:
+        _fatal.briefly()  # uncaught, under `uvicorn app:app`: the findings, not a traceback
+        raise
     for key in engine.unmatched_policies():
         log.warning("policyroute: policy %s matches no route of the app", key)
     app.add_exception_handler(Denial, _denial_handler)

@@ -6,7 +6,7 @@ no step. The makers run in the fixed order of the request path (deny cheap first
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,12 +41,39 @@ class MissingService(Exception):  # noqa: N818 - converted to a Finding by compi
     def __init__(self, name: str, why: str) -> None:
         self.name = name
         self.why = why
-        hint = {
-            "valkey": "POLICYROUTE_VALKEY_URL",
-            "pulsar": "POLICYROUTE_PULSAR_URL",
-            "keyring": "POLICYROUTE_DATA_KEYS",
-        }.get(name, name)
-        super().__init__(f"{why} needs the {name} backend; set {hint}")
+        super().__init__(f"{why} needs the {name} backend; {backend_hint(name)}")
+
+
+_SETTINGS = {
+    "valkey": "POLICYROUTE_VALKEY_URL",
+    "pulsar": "POLICYROUTE_PULSAR_URL",
+    "keyring": "POLICYROUTE_DATA_KEYS",
+}
+
+
+def backend_hint(name: str) -> str:
+    """How to give the app a backend: its setting, and `policyroute run` for dev servers."""
+    hint = f"set {_SETTINGS.get(name, name)}"
+    if name in ("valkey", "pulsar"):
+        hint += " (`policyroute run` starts an embedded one when it is not set)"
+    return hint
+
+
+def missing_backend(found: Sequence[tuple[RouteEntry, MissingService]]) -> Finding:
+    """One finding for every route that needs the same absent backend (at the first)."""
+    entry, first = found[0]
+    if len(found) == 1:
+        return Finding(
+            "missing-backend", f"{entry.key}: {first}", entry.location, ("routes", entry.key)
+        )
+    whys = ", ".join(dict.fromkeys(exc.why for _, exc in found))
+    return Finding(
+        "missing-backend",
+        f"{entry.key} and {len(found) - 1} other route{'s' if len(found) > 2 else ''} need the "
+        f"{first.name} backend ({whys}); {backend_hint(first.name)}",
+        entry.location,
+        ("routes", entry.key),
+    )
 
 
 Maker = Callable[[RoutePolicy, Env], Step | None]
@@ -120,7 +147,15 @@ def _written_at(source: Source) -> tuple[bool, int, int]:
 
 
 def compile_route(entry: RouteEntry, env: Env) -> Chain:
-    """The chain for one route; raise ConfigError when it sets a key nothing enforces."""
+    """The chain for one route; raise ConfigError when it sets a key nothing enforces or
+    needs a backend that is not configured."""
+    try:
+        return _compile(entry, env)
+    except MissingService as exc:
+        raise ConfigError([missing_backend([(entry, exc)])]) from None
+
+
+def _compile(entry: RouteEntry, env: Env) -> Chain:
     missing = unenforced(entry.policy)
     if missing:
         raise ConfigError(
@@ -135,33 +170,32 @@ def compile_route(entry: RouteEntry, env: Env) -> Chain:
                 for k in missing
             ]
         )
-    try:
-        steps = tuple(step for _, make in MAKERS if (step := make(entry.policy, env)) is not None)
-    except MissingService as exc:
-        raise ConfigError(
-            [
-                Finding(
-                    "missing-backend", f"{entry.key}: {exc}", entry.location, ("routes", entry.key)
-                )
-            ]
-        ) from None
+    steps = tuple(step for _, make in MAKERS if (step := make(entry.policy, env)) is not None)
     notes = ("public: no authentication",) if entry.policy.public else ()
     return Chain(entry.key, steps, entry.location, notes)
 
 
 def compile_all(policies: PolicySet, env: Env) -> dict[tuple[str, str], Chain]:
-    """Chains for every route of a policy set; collects every route's findings."""
+    """Chains for every route of a policy set; collects every route's findings.
+
+    Routes that need the same absent backend make one finding (a server started without
+    POLICYROUTE_VALKEY_URL prints one line, not one per route).
+    """
     chains: dict[tuple[str, str], Chain] = {}
     findings: list[Finding] = []
     # The auth maker knows no position; the set's first route that needs an issuer has one.
     no_issuer = next(iter(no_issuer_findings(policies)), None)
+    absent: dict[str, list[tuple[RouteEntry, MissingService]]] = {}
     for match, entry in policies.routes.items():
         try:
-            chains[match] = compile_route(entry, env)
+            chains[match] = _compile(entry, env)
+        except MissingService as exc:
+            absent.setdefault(exc.name, []).append((entry, exc))
         except ConfigError as exc:
             findings.extend(
                 no_issuer if no_issuer and f.code == "no-issuer" else f for f in exc.findings
             )
+    findings.extend(missing_backend(found) for found in absent.values())
     if findings:
         raise ConfigError(list(dict.fromkeys(findings)))  # settings findings repeat per route
     return chains

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -220,3 +223,18 @@ def test_commands_on_valkey_without_its_url_say_so_in_one_line(
     code, out, err = run(capsys, *argv)
     assert (code, out) == (2, "")
     assert err == f"policyroute: set POLICYROUTE_VALKEY_URL to manage {what}\n"
+
+
+def test_plain_uvicorn_without_a_backend_url_prints_the_one_line_finding() -> None:
+    """`uvicorn examples.app:app` with no POLICYROUTE_VALKEY_URL: the finding that says what
+    to set, once for every route that needs it, and no traceback through uvicorn."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYROUTE_")}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "examples.app:app", "--port", "0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    [line] = done.stderr.strip().splitlines()
+    assert "error[missing-backend]" in line and "set POLICYROUTE_VALKEY_URL" in line
+    assert "other routes need the valkey backend" in line and "policyroute run" in line
