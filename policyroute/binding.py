@@ -28,6 +28,7 @@ from .observability.hooks import observe, request_ids
 from .observability.repeats import BACKEND as BACKEND_WARNINGS
 from .observability.requests import RequestIds
 from .policy import normalize_path
+from .reloader import Reloaded, file_digests
 from .resilience import bind as bind_resilience
 from .services import default_services
 from .steps.base import Step
@@ -120,7 +121,9 @@ class Engine:
         self.config = config
         self.strict = strict
         self.last_reload_error: ConfigError | None = None
+        self.last_reload: Reloaded | None = None  # what the last applied reload changed
         policies = load_policies(*paths)
+        self._digests = file_digests(policies.files)
         self.services: Mapping[str, Any] = services(self) if services else {}
         self.ids = request_ids(config)
         self.snapshot = self._build(policies)
@@ -176,7 +179,11 @@ class Engine:
             log.error("policyroute: reload refused, keeping the last good policy:\n%s", exc)
             reloader.record(exc, time.perf_counter() - started)
             return exc
+        digests = file_digests(policies.files)
+        old = self.snapshot.policies
+        self.last_reload = Reloaded.between(old, policies, self._digests, digests)
         self.snapshot = snapshot
+        self._digests = digests
         self.last_reload_error = None
         reloader.record(None, time.perf_counter() - started)
         return None

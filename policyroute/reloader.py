@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import signal
 import threading
 import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +33,8 @@ from .errors import ConfigError, Finding, Location
 
 if TYPE_CHECKING:
     from .binding import Engine
-    from .loader import PolicySet
+    from .loader import PolicySet, RouteEntry
+    from .policy import RoutePolicy
 
 log = logging.getLogger("policyroute")
 
@@ -51,6 +55,60 @@ RELOAD_SECONDS = Histogram(
 RELOAD_OK.set(1)
 
 _SUFFIXES = (".yaml", ".yml")
+
+
+def file_digests(files: Iterable[str]) -> dict[str, str]:
+    """A digest of each policy file's bytes, to say which files a reload changed."""
+    found: dict[str, str] = {}
+    for file in files:
+        with contextlib.suppress(OSError):  # gone since it was loaded: counts as changed
+            found[file] = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Reloaded:
+    """What an applied reload changed: files (by content) and routes (by merged policy)."""
+
+    files: tuple[str, ...]
+    routes: tuple[str, ...]
+    settings: bool
+
+    @classmethod
+    def between(
+        cls,
+        old: PolicySet,
+        new: PolicySet,
+        old_files: Mapping[str, str],
+        new_files: Mapping[str, str],
+    ) -> Reloaded:
+        """Compare two policy sets and the digests of their files."""
+        names = sorted(set(old_files) | set(new_files))
+        files = tuple(f for f in names if old_files.get(f) != new_files.get(f))
+        keys = dict.fromkeys([*old.routes, *new.routes])
+        routes = tuple(
+            (new.routes.get(k) or old.routes[k]).key
+            for k in keys
+            if _policy(old.routes.get(k)) != _policy(new.routes.get(k))
+        )
+        return cls(files, routes, old.settings != new.settings)
+
+    def __str__(self) -> str:
+        from .lint import relative
+
+        where = ", ".join(relative(f) for f in self.files) or "no file changed"
+        count = len(self.routes)
+        said = f"{count} route{'' if count == 1 else 's'} changed"
+        if self.routes:
+            shown = ", ".join(self.routes[:5]) + (", ..." if count > 5 else "")
+            said += f" ({shown})"
+        if self.settings:
+            said += "; settings changed"
+        return f"{where}: {said}"
+
+
+def _policy(entry: RouteEntry | None) -> RoutePolicy | None:
+    return entry.policy if entry is not None else None
 
 
 def check(policies: PolicySet) -> None:
@@ -98,7 +156,7 @@ async def reload_in_thread(engine: Engine) -> ConfigError | None:
     """Reload off the event loop: parsing and compiling are CPU work."""
     error = await asyncio.to_thread(reload_now, engine)
     if error is None:
-        log.info("policyroute: policies reloaded")
+        log.info("policyroute: policies reloaded: %s", engine.last_reload)
     return error
 
 

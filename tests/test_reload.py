@@ -122,6 +122,29 @@ async def test_an_editor_save_by_rename_of_a_watched_file_reloads(policy_dir: Pa
         assert engine.last_reload_error is None
 
 
+async def test_an_applied_reload_logs_one_info_line_with_its_files_and_routes(
+    policy_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    file, other = policy_dir / "routes.yaml", policy_dir / "other.yaml"
+    file.write_text(OPEN_A)
+    other.write_text("version: 1\nroutes:\n  GET /c:\n    public: true\n")
+    caplog.set_level(logging.INFO, logger="policyroute")
+    async with serving(policy_dir, reload=True) as (engine, client):
+        caplog.clear()
+        scratch = policy_dir / "routes.yaml.new"  # one event: an editor's save by rename
+        scratch.write_text(OPEN_B)
+        scratch.replace(file)
+
+        async def b_open() -> bool:
+            return (await client.get("/b")).status_code == 200 and engine.last_reload is not None
+
+        await until(b_open)
+        await asyncio.sleep(0.2)  # a second event of the same save would log a second line
+    lines = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    assert lines == [f"policyroute: policies reloaded: {file}: 2 routes changed (GET /a, GET /b)"]
+    assert [r.levelname for r in caplog.records if "reloaded" in r.getMessage()] == ["INFO"]
+
+
 def test_only_policy_files_trigger_a_reload(tmp_path: Path) -> None:
     dirs, files = {str(tmp_path)}, {str(tmp_path / "other" / "one.yml")}
     assert is_policy_change(str(tmp_path / "a.yaml"), files, dirs)
