@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _fatal
 from ._problem import CONTENT_TYPE, problem_bytes
+from .api_docs import with_api_docs
 from .chain import BoundChain, Chain
 from .compiler import Env, compile_all, deny_chain
 from .config import Settings
@@ -122,7 +123,7 @@ class Engine:
         self.strict = strict
         self.last_reload_error: ConfigError | None = None
         self.last_reload: Reloaded | None = None  # what the last applied reload changed
-        policies = load_policies(*paths)
+        policies = with_api_docs(load_policies(*paths), app)
         self._digests = file_digests(policies.files)
         self.services: Mapping[str, Any] = services(self) if services else {}
         self.ids = request_ids(config)
@@ -173,6 +174,7 @@ class Engine:
         try:
             policies = load_policies(*self.paths)
             reloader.check(policies)
+            policies = with_api_docs(policies, self.app)
             snapshot = self._build(policies)
         except ConfigError as exc:
             self.last_reload_error = exc  # carries every finding, for /readyz

@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute
 from ._networks import WIDE_PREFIX, IPNetwork, public_cover
 from ._positions import Doc, KeyPath, read_docs
 from ._types import format_size
+from .api_docs import with_api_docs
 from .binding import no_policy_finding, unmatched_entries, unpolicied
 from .compiler import no_issuer_findings, unenforced
 from .errors import ConfigError, Finding, Location
@@ -163,7 +164,8 @@ def lint(paths: Sequence[str | Path], app: FastAPI | None = None) -> list[Findin
     ruled = _of_app(policy_findings(policies, docs), policies, app)
     findings = [*_without_repeats(loaded.findings, raw), *raw, *_known(ruled, loaded)]
     if app is not None and loaded.complete:
-        findings.extend(app_findings(policies, app, broken=loaded.invalid_routes))
+        documented = with_api_docs(policies, app)  # settings.api_docs: FastAPI's own routes
+        findings.extend(app_findings(documented, app, broken=loaded.invalid_routes))
     return _ordered(findings)
 
 

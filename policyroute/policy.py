@@ -210,6 +210,13 @@ class GlobalSettings(Model):
     # One header only: a proxy that appends to X-Forwarded-For passes a client's own
     # Forwarded header through untouched, so reading both would let the client pick its address.
     forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+    api_docs: Literal["public"] | None = Field(
+        default=None,
+        description="public: FastAPI's own documentation routes (openapi_url, docs_url, "
+        "its OAuth2 redirect, redoc_url, where the app serves them) are public routes "
+        "without a policy entry each; a route the policy lists keeps its own policy. Unset, "
+        "they are app routes like any other: denied unless listed.",
+    )
 
     @model_validator(mode="after")
     def _no_open_proxy(self) -> GlobalSettings:
