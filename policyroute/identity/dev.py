@@ -20,10 +20,13 @@ from joserfc.jwk import Key, KeySet, RSAKey
 DEV_KEYS = Path("examples") / "keys"
 DEV_PRIVATE_KEY = DEV_KEYS / "dev-private-jwk.json"
 DEV_JWKS = DEV_KEYS / "dev-jwks.json"
+# Outside the repository, `policyroute token` makes a DEV ONLY pair of its own here, once.
+LOCAL_DEV_KEYS = Path("dev-keys")
 DEV_ISSUER = "https://auth.example.com/"
 DEV_AUDIENCE = "io-api"
 DEV_KID = "dev-only-not-for-production"
 WARNING = "DEV ONLY: this key is public in the policyroute repository; never trust it in production"
+LOCAL_WARNING = "DEV ONLY: made by `policyroute token` to try an app; never trust it in production"
 
 
 def load_private_key(path: str | Path = DEV_PRIVATE_KEY) -> Key:
@@ -63,14 +66,33 @@ def mint(key: Key, subject: str, *, scopes: Iterable[str] = (), roles: Iterable[
     return jwt.encode(header, claims, key, algorithms=["RS256"])
 
 
-def write_dev_keys(directory: str | Path = DEV_KEYS) -> tuple[Path, Path]:
-    """Generate a new DEV ONLY RSA key pair: the private JWK and the public JWKS."""
+def write_dev_keys(
+    directory: str | Path = DEV_KEYS, comment: str = WARNING
+) -> tuple[Path, Path]:
+    """Generate a new DEV ONLY RSA key pair: the private JWK, the public JWKS and a README
+    that says what they are (`comment` also heads each JSON file)."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     key = RSAKey.generate_key(2048, parameters={"kid": DEV_KID, "use": "sig", "alg": "RS256"})
-    private = {"_comment": WARNING, **key.as_dict(private=True)}
-    public = {"_comment": WARNING, **KeySet([key]).as_dict(private=False)}
+    private = {"_comment": comment, **key.as_dict(private=True)}
+    public = {"_comment": comment, **KeySet([key]).as_dict(private=False)}
     private_path, public_path = folder / DEV_PRIVATE_KEY.name, folder / DEV_JWKS.name
+    private_path.touch(mode=0o600)  # readable by its owner only, before the key is in it
     private_path.write_text(json.dumps(private, indent=2) + "\n")
     public_path.write_text(json.dumps(public, indent=2) + "\n")
+    if comment != WARNING:  # the repository's pair has a README of its own
+        (folder / "README.md").write_text(_README.format(comment=comment))
     return private_path, public_path
+
+
+_README = f"""# DEV ONLY keys, never for production
+
+{{comment}}.
+
+- `{DEV_PRIVATE_KEY.name}`: the private JWK `policyroute token` signs with. Whoever reads
+  it can sign tokens that a policy trusting the pair accepts. Keep it out of version control.
+- `{DEV_JWKS.name}`: the public JWKS a dev policy trusts with
+  `jwks: <path to this file, relative to the policy file>` under `settings.auth.issuers`.
+
+Delete the folder to make a new pair on the next `policyroute token`.
+"""

@@ -81,3 +81,55 @@ def test_mfa_needs_a_valkey_url(
     monkeypatch.delenv("POLICYROUTE_VALKEY_URL", raising=False)
     assert main(["mfa", "enrol", "alice"]) == 2
     assert "POLICYROUTE_VALKEY_URL" in capsys.readouterr().err
+
+
+async def test_token_outside_the_repository_makes_a_dev_key_once_and_says_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no examples/keys here
+    monkeypatch.delenv("POLICYROUTE_POLICIES", raising=False)
+    assert main(["token", "--sub", "alice"]) == 0
+    first = capsys.readouterr()
+    keys = tmp_path / "dev-keys"
+    assert "created a DEV ONLY key pair in dev-keys/" in first.err
+    assert "dev-keys/dev-private-jwk.json" in first.err and "jwks: ../dev-keys/dev-jwks.json" in first.err
+    assert (keys / "dev-private-jwk.json").stat().st_mode & 0o777 == 0o600
+    assert "DEV ONLY" in (keys / "README.md").read_text()
+    assert "DEV ONLY" in (keys / "dev-jwks.json").read_text()
+    assert main(["token", "--sub", "bob"]) == 0
+    second = capsys.readouterr()
+    assert "created" not in second.err and "DEV ONLY token" in second.err  # made once
+    issuer = Issuer(issuer=DEV_ISSUER, audience=DEV_AUDIENCE, jwks=str(keys / "dev-jwks.json"))
+    verify = Authenticator(AuthSettings(issuers=[issuer])).authenticate
+    assert (await verify(first.out.strip())).subject == "alice"
+    assert (await verify(second.out.strip())).subject == "bob"
+
+
+async def test_token_takes_issuer_and_audience_from_the_policy_it_is_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("POLICYROUTE_POLICIES", raising=False)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "api.yaml").write_text(
+        "version: 1\nsettings:\n  auth:\n    issuers:\n"
+        "      - {issuer: https://dev.local/, audience: items, jwks: ../dev-keys/dev-jwks.json}\n"
+        "routes:\n  GET /x: {public: true}\n"
+    )
+    assert main(["token", "--sub", "alice"]) == 0
+    token = capsys.readouterr().out.strip()
+    issuer = Issuer(issuer="https://dev.local/", audience="items",
+                    jwks=str(tmp_path / "dev-keys" / "dev-jwks.json"))
+    principal = await Authenticator(AuthSettings(issuers=[issuer])).authenticate(token)
+    assert (principal.claims["iss"], principal.claims["aud"]) == ("https://dev.local/", "items")
+
+
+def test_token_with_a_missing_key_names_the_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["token", "--sub", "alice", "--key", "mine.json"]) == 2
+    assert capsys.readouterr().err == (
+        "policyroute token: no key file 'mine.json'; --key takes a private JWK file\n"
+    )
+    assert not (tmp_path / "dev-keys").exists()  # --key given: nothing is made
