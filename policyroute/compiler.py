@@ -66,11 +66,12 @@ def missing_backend(found: Sequence[tuple[RouteEntry, MissingService]]) -> Findi
         return Finding(
             "missing-backend", f"{entry.key}: {first}", entry.location, ("routes", entry.key)
         )
-    whys = ", ".join(dict.fromkeys(exc.why for _, exc in found))
+    whys = list(dict.fromkeys(exc.why for _, exc in found))
+    others = f"{len(found) - 1} other route{'s' if len(found) > 2 else ''}"
     return Finding(
         "missing-backend",
-        f"{entry.key} and {len(found) - 1} other route{'s' if len(found) > 2 else ''} need the "
-        f"{first.name} backend ({whys}); {backend_hint(first.name)}",
+        f"{entry.key} and {others}: {', '.join(whys)} need{'s' if len(whys) == 1 else ''} "
+        f"the {first.name} backend; {backend_hint(first.name)}",
         entry.location,
         ("routes", entry.key),
     )
