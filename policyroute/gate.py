@@ -400,7 +400,7 @@ def _inside(
     route: Mount | Host, kind: str, sub: str, match: Match, scope: Scope, depth: int
 ) -> Resolved:
     """What a matched mount or host serves, resolved in its own router if it has one."""
-    inner = _router_of(_mount_app(route))
+    inner, select = _plan(route)
     if inner is None or depth > _MAX_DEPTH:
         return Resolved(match, _served_whole(route, sub, kind))
     found = resolve(inner, scope, sub, depth + 1)
@@ -410,7 +410,6 @@ def _inside(
         return Resolved(_FULL, None)
     found.final = True
     if found.match is _FULL:
-        select = _skippable(route, inner)
         if found.top is not None and found.child is not None and select is not None:
             if found.hops is None:
                 found.hops = []
@@ -418,6 +417,28 @@ def _inside(
         else:
             found.hops = None  # the handoff stops at this mount: it dispatches itself
     return found
+
+
+def _plan(route: Mount | Host) -> tuple[Any | None, Select | None]:
+    """The router a mount or host routes to (None: served whole), and how to select in it
+    in its place (None: the mount dispatches itself); remembered per route while its app
+    and the router's middleware stack stay the same objects."""
+    app, outer = _mount_app(route), route.app
+    cached = _PLANS.get(id(route))
+    if cached is not None and cached[0] is route and cached[1] is app and cached[2] is outer:
+        inner = cached[3]
+        if inner is None or getattr(inner, "middleware_stack", None) is cached[4]:
+            return inner, cached[5]
+    inner = _router_of(app)
+    select = _skippable(route, inner) if inner is not None else None
+    if len(_PLANS) >= _MAX_ENDPOINTS:
+        _PLANS.clear()  # routes replaced many times over: start again
+    stack = getattr(inner, "middleware_stack", None)
+    _PLANS[id(route)] = (route, app, outer, inner, stack, select)
+    return inner, select
+
+
+_PLANS: dict[int, tuple[Any, Any, Any, Any, Any, Select | None]] = {}
 
 
 def _skippable(route: Mount | Host, inner: Any) -> Select | None:
