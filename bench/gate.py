@@ -27,7 +27,7 @@ from starlette.routing import Route, Router
 from starlette.types import Message, Scope
 
 import policyroute
-from policyroute.gate import gate_router
+from policyroute.asgi.gate import gate_router
 
 TARGET_US = 2.0
 ROUNDS = 25

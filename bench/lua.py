@@ -32,7 +32,7 @@ from bench.apps import VALKEY_URL_ENV
 from bench.backend import Valkey
 from bench.backend import valkey as start_valkey
 from bench.scenarios import HEADERS
-from policyroute.credits import set_balance
+from policyroute.admin.credits import set_balance
 
 APP_MODULE = "bench.apps.policyroute_app"
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Any], Awaitable[None]]

@@ -153,12 +153,12 @@ def sample(fn: Callable[[], object], times: int) -> tuple[float, ...]:
 
 def lint_timings(work: Path, samples: int = 5) -> list[Timing]:
     """Lint of the 1,000-route set, alone and against its app; load+lint+compile."""
-    from policyroute.compiler import Env, compile_all
-    from policyroute.lint import lint
-    from policyroute.loader import load_policies
-    from policyroute.reloader import check
+    from policyroute.compile.compiler import Env, compile_all
+    from policyroute.engine.reload import check
+    from policyroute.engine.services import OFFLINE_VALKEY_URL
+    from policyroute.language.loader import load_policies
     from policyroute.resilience import with_profiles
-    from policyroute.services import OFFLINE_VALKEY_URL
+    from policyroute.review.lint import lint
 
     directory = work / "lint"
     routes = write_policy_set(directory, LINT_ROUTES)
@@ -201,7 +201,7 @@ async def reload_timing(work: Path, valkey_url: str, samples: int = 9) -> Timing
     from asgi_lifespan import LifespanManager
 
     import policyroute
-    from policyroute.reloader import Reloader
+    from policyroute.engine.reload import Reloader
 
     directory = work / "reload"
     routes = write_policy_set(directory, RELOAD_ROUTES)
@@ -260,7 +260,7 @@ def table(timings: list[Timing]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Measure, print the table and the targets; missed targets are reported, not fatal."""
-    from policyroute.embedded import start_valkey
+    from policyroute.backends.embedded import start_valkey
 
     work = Path(tempfile.mkdtemp(prefix="policyroute-workflow-"))
     print("[bench] workflow: lint and reload timings", file=sys.stderr, flush=True)

@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 import policyroute
-from policyroute.binding import Engine
 from policyroute.crypto import Keyring
-from policyroute.services import default_services
+from policyroute.engine.engine import Engine
+from policyroute.engine.services import default_services
 
 HERE = Path(__file__).resolve().parent
 POLICIES = HERE / "policies"

@@ -36,7 +36,7 @@ import httpx
 import pyotp
 from joserfc.jwk import RSAKey
 
-from policyroute import credits
+from policyroute.admin import credits
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.errors import PROBLEM_BASE
 from policyroute.identity.dev import DEV_KID, load_private_key, mint
@@ -738,7 +738,7 @@ def _wait_healthy(url: str, server: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def example_server() -> Iterator[tuple[str, str, str]]:
     """Embedded Valkey and broker, and the example app under `policyroute run`."""
-    from policyroute.embedded import start_pulsar, start_valkey
+    from policyroute.backends.embedded import start_pulsar, start_valkey
 
     valkey = start_valkey()
     broker = start_pulsar()

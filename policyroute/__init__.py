@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .binding import Engine, install
-from .chain import Chain
+from .asgi.chain import Chain
 from .config import Settings
+from .engine.engine import Engine, install
 from .errors import ConfigError, Denial, Finding, PolicyrouteError, StorageError
 from .events import Message, Worker, consumer, consumers
-from .loader import PolicySet, load_policies
+from .language.loader import PolicySet, load_policies
 from .principal import Principal, principal
 from .resilience import resilient
 from .steps import load_builtin as _load_builtin

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from .errors import Denial, Problems
 
 if TYPE_CHECKING:
-    from .policy import AuthSettings
+    from .language.policy import AuthSettings
 
 SCOPE_KEY = "policyroute.principal"
 

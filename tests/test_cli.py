@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from policyroute.cli import main
-from policyroute.loader import is_test_file
-from policyroute.schema import policy_schema, schema_text
+from policyroute.language.loader import is_test_file
+from policyroute.language.schema import policy_schema, schema_text
 
 from .conftest import REPO
 
@@ -160,7 +160,7 @@ def test_run_never_lets_uvicorn_trust_proxy_headers(monkeypatch: pytest.MonkeyPa
     """Only the policy's trusted_proxies may replace a client address (ip_allowlist relies on it)."""
     import uvicorn
 
-    from policyroute.runner import run
+    from policyroute.cli.run import run
 
     seen: dict[str, object] = {}
     monkeypatch.setenv("POLICYROUTE_VALKEY_URL", "redis://127.0.0.1:1/0")  # no embedded servers

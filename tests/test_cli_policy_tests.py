@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 import yaml
 
-from policyroute import policytest
 from policyroute.cli import main
+from policyroute.review import policytest
 
 from .conftest import REPO
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 import policyroute
-from policyroute import credits
+from policyroute.admin import credits
 from policyroute.backends.valkey import ValkeyStore
 from tests.servers import uvicorn
 from tests.steps.identity_kit import SETTINGS, bearer, subject, token

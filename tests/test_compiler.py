@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from policyroute import compiler, steps
-from policyroute.explain import explain
+from policyroute import steps
+from policyroute.compile import compiler
+from policyroute.review.explain import explain
 from policyroute.steps import BUILTIN, load_builtin
 from tests.steps.identity_kit import SETTINGS
 

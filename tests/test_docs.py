@@ -16,7 +16,7 @@ import pytest
 import policyroute
 from policyroute.cli import main
 from policyroute.errors import Problems, ProblemType
-from policyroute.schema import policy_schema
+from policyroute.language.schema import policy_schema
 
 REPO = Path(__file__).resolve().parent.parent
 HOOK = REPO / "docs" / "_hooks" / "generate.py"

@@ -76,7 +76,7 @@ def test_embedded_servers_listen_on_loopback_only(tmp_path: Path) -> None:
     is reachable from this machine only."""
     from pulsar_lite.process_manager import process_manager
 
-    from policyroute.embedded import start_pulsar, start_valkey
+    from policyroute.backends.embedded import start_pulsar, start_valkey
 
     server = start_valkey()
     broker = start_pulsar(tmp_path / "broker")
@@ -101,7 +101,7 @@ def test_embedded_servers_listen_on_loopback_only(tmp_path: Path) -> None:
 def test_embedded_servers_remove_their_temporary_folders_on_stop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from policyroute.embedded import start_pulsar, start_valkey
+    from policyroute.backends.embedded import start_pulsar, start_valkey
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     server, broker = start_valkey(), start_pulsar()

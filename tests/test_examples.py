@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 from policyroute.cli import load_app
-from policyroute.lint import lint
-from policyroute.loader import load_policies
-from policyroute.policy import RoutePolicy
+from policyroute.language.loader import load_policies
+from policyroute.language.policy import RoutePolicy
+from policyroute.review.lint import lint
 
 from .conftest import REPO
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 import policyroute
 from policyroute.cli import main
-from policyroute.explain import explain
+from policyroute.review.explain import explain
 
 from .conftest import REPO
 

@@ -10,7 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policyroute import ConfigError, compiler, load_policies
+from policyroute import ConfigError, load_policies
+from policyroute.compile import compiler
 from policyroute.errors import Finding
 
 ROUTE_KEYS = sorted(compiler.enforced_keys())

@@ -27,7 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 import policyroute
-from policyroute.lint import lint
+from policyroute.review.lint import lint
 
 STANDARD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 ODD = ("TRACE", "PROPFIND", "QUERY", "SEARCH", "PURGE", "LOCK", "FOO", "get")

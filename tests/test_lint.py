@@ -15,10 +15,11 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
 import policyroute
-from policyroute import ConfigError, compiler
+from policyroute import ConfigError
 from policyroute.cli import main
+from policyroute.compile import compiler
 from policyroute.errors import Finding, Location
-from policyroute.lint import RULES, lint, render
+from policyroute.review.lint import RULES, lint, render
 
 from .conftest import REPO
 

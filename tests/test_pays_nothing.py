@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from policyroute import credits
+from policyroute.admin import credits
 from policyroute.backends.pipeline import Pipeline
 from policyroute.steps.auth import AuthStep, LockoutAuthStep
 from policyroute.steps.rate_limit import RateLimitStep

@@ -18,9 +18,9 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
 import policyroute
-from policyroute import credits
-from policyroute.binding import Engine
-from policyroute.reloader import Hangup, Reloader, is_policy_change
+from policyroute.admin import credits
+from policyroute.engine.engine import Engine
+from policyroute.engine.reload import Hangup, Reloader, is_policy_change
 from tests.servers import policyroute_run
 
 OPEN_A = "version: 1\nroutes:\n  GET /a:\n    public: true\n"

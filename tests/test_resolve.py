@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from policyroute.cli import main
-from policyroute.loader import load_policies, policy_files
-from policyroute.resolve import RouteNotFound, resolve_request
+from policyroute.language.loader import load_policies, policy_files
+from policyroute.language.resolve import RouteNotFound, resolve_request
 
 from .conftest import REPO
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from policyroute import credits
+from policyroute.admin import credits
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.errors import Problems
 from policyroute.identity.totp import code_at, enrol

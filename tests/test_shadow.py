@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from policyroute.admin.credits import set_balance, show
 from policyroute.backends.valkey import ValkeyStore
-from policyroute.credits import set_balance, show
-from policyroute.explain import explain
 from policyroute.identity.totp import code_at, enrol
+from policyroute.review.explain import explain
 from tests.observability.canary import recording
 from tests.observability.kit import (
     SETTINGS,

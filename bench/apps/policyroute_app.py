@@ -33,7 +33,7 @@ async def fund_the_bench_subject(_: FastAPI) -> AsyncIterator[None]:
     """Give the bench subject enough credits for any run (the full chain charges 1 a call)."""
     store = engine.services.get("valkey")
     if store is not None:
-        from policyroute.credits import set_balance
+        from policyroute.admin.credits import set_balance
 
         await set_balance(store, "bench-user", 10**12)
     yield

@@ -77,8 +77,8 @@ def sources() -> Sources:
         sys.path.insert(0, str(ROOT))
     from policyroute import Settings
     from policyroute.errors import Problems, ProblemType
-    from policyroute.lint import RULES
-    from policyroute.schema import policy_schema
+    from policyroute.language.schema import policy_schema
+    from policyroute.review.lint import RULES
     from policyroute.steps import BUILTIN
 
     problems = [p for p in vars(Problems).values() if isinstance(p, ProblemType)]

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .backends.valkey import ValkeyStore
-from .principal import address_tag, subject_tag
+from ..backends.valkey import ValkeyStore
+from ..principal import address_tag, subject_tag
 
 
 def account_tag(account: str, *, ip: bool = False) -> str:

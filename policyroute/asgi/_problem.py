@@ -6,7 +6,7 @@ import json
 
 from starlette.types import Send
 
-from .errors import Denial
+from ..errors import Denial
 
 CONTENT_TYPE = b"application/problem+json"
 

@@ -19,15 +19,15 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..errors import Denial, Location, Problems
+from ..language.policy import RoutePolicy
+from ..observability.logs import CURRENT, Current
+from ..observability.metrics import STEP_OF_PROBLEM, RouteMeter
+from ..observability.requests import RequestIds
+from ..observability.shadow import shadow_denial
+from ..observability.tracing import PREFIX, active, extract, fail, inject
+from ..steps.base import Context, Handler, Step
 from ._problem import send_problem
-from .errors import Denial, Location, Problems
-from .observability.logs import CURRENT, Current
-from .observability.metrics import STEP_OF_PROBLEM, RouteMeter
-from .observability.requests import RequestIds
-from .observability.shadow import shadow_denial
-from .observability.tracing import PREFIX, active, extract, fail, inject
-from .policy import RoutePolicy
-from .steps.base import Context, Handler, Step
 
 ACCESS = logging.getLogger("policyroute.access")
 # `ctx.state` key the events step copies into the message properties (steps/events.py).

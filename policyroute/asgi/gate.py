@@ -57,10 +57,10 @@ from typing import Any
 from starlette.routing import BaseRoute, Host, Match, Mount, Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..errors import Denial, Problems
+from ..language.policy import METHODS
 from ._entry import arm
 from ._problem import send_problem
-from .errors import Denial, Problems
-from .policy import METHODS
 
 log = logging.getLogger("policyroute")
 

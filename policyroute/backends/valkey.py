@@ -84,12 +84,12 @@ class _Call:
 
 
 def lua_source(name: str) -> str:
-    """The text of `policyroute/lua/<name>.lua`, with the files it includes prepended.
+    """The text of `policyroute/backends/lua/<name>.lua`, with the files it includes prepended.
 
     A line `-- include: NAME` pulls in `NAME.lua` (shared local functions) once, before
     the script: scripts cannot load one another on the server.
     """
-    folder = importlib.resources.files("policyroute.lua")
+    folder = importlib.resources.files("policyroute.backends.lua")
     text = folder.joinpath(f"{name}.lua").read_text()
     shared = [
         folder.joinpath(f"{line.split(':', 1)[1].strip()}.lua").read_text()

@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Settings
-from .errors import ConfigError
-from .loader import load_policies
-from .principal import Accounts
+from ..config import Settings
+from ..errors import ConfigError
+from ..language.loader import load_policies
+from ..principal import Accounts
 
 _UNSET = object()
 
@@ -54,7 +54,7 @@ def _tenant(args: argparse.Namespace) -> Any:
 
 
 def _usage(message: str) -> Exception:
-    from .cli import UsageError
+    from .main import UsageError
 
     return UsageError(message)
 

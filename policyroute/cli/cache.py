@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
-from .errors import StorageError
+from ..errors import StorageError
 
 
 def add_parser(sub: Any) -> None:
@@ -25,9 +25,9 @@ def add_parser(sub: Any) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     """Run `cache`; exit 1 when a path did not answer 2xx or Valkey failed, 2 on usage."""
-    from . import cache_api
-    from .cli import UsageError, load_app
-    from .config import Settings
+    from ..admin import cache as cache_api
+    from ..config import Settings
+    from .main import UsageError, load_app
 
     if not Settings().valkey_url:  # the cache lives there, for warm and invalidate alike
         print("policyroute: set POLICYROUTE_VALKEY_URL to manage the cache", file=sys.stderr)
@@ -56,7 +56,7 @@ def handler(args: argparse.Namespace) -> int:
 
 
 async def _invalidate(store: Any, route: str, path: str | None) -> int:
-    from . import cache_api
+    from ..admin import cache as cache_api
 
     try:
         return await cache_api.invalidate(store, route, path)

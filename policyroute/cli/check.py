@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .dryrun import (
+from ..language.loader import load_policies
+from ..language.resolve import RouteNotFound
+from ..review.dryrun import (
     DEFAULT_CLIENT,
     DryRequest,
     DryResult,
@@ -24,14 +26,12 @@ from .dryrun import (
     dry_run,
     embedded_valkey,
 )
-from .loader import load_policies
-from .resolve import RouteNotFound
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
 
 def _usage(message: str) -> Exception:
-    from .cli import UsageError
+    from .main import UsageError
 
     return UsageError(message)
 
@@ -173,7 +173,7 @@ async def _check(args: argparse.Namespace, request: DryRequest, url: str) -> int
 
 def handler(args: argparse.Namespace) -> int:
     """Run `check`."""
-    from .cli import existing
+    from .main import existing
 
     args.paths = existing(args.paths)
     request = request_of(args)

@@ -11,10 +11,10 @@ import asyncio
 import sys
 from typing import Any
 
-from .backends.valkey import ValkeyStore
-from .cli_principal import Named, add_arguments, named
-from .config import Settings
-from .errors import StorageError
+from ..backends.valkey import ValkeyStore
+from ..config import Settings
+from ..errors import StorageError
+from ._principal import Named, add_arguments, named
 
 
 def add_parser(sub: Any) -> None:
@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
 
 
 async def _run(args: argparse.Namespace, store: ValkeyStore, who: Named) -> str:
-    from . import credits
+    from ..admin import credits
 
     try:
         if args.action == "grant":
@@ -52,7 +52,7 @@ def _who(args: argparse.Namespace) -> Named:
     if not args.ip:
         return named(args)
     if args.issuer is not None or args.tenant is not None or args.tenant_json is not None:
-        from .cli import UsageError
+        from .main import UsageError
 
         raise UsageError("--ip names an anonymous caller's address: drop --issuer and --tenant")
     return Named(args.subject, args.subject)

@@ -12,14 +12,22 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from .diff import FORMATS, KINDS, DiffError, diff_policies, git_checkout, load_side, parse_kinds
-from .diff import render as render_diff
+from ..review.diff import (
+    FORMATS,
+    KINDS,
+    DiffError,
+    diff_policies,
+    git_checkout,
+    load_side,
+    parse_kinds,
+)
+from ..review.diff import render as render_diff
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _usage(message: str) -> Exception:
-    from .cli import UsageError
+    from .main import UsageError
 
     return UsageError(message)
 

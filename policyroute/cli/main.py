@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from .errors import ConfigError, PolicyrouteError
+from ..errors import ConfigError, PolicyrouteError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
@@ -63,7 +63,7 @@ def load_app(spec: str) -> FastAPI:
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:
-    from .lint import RULES, lint, render
+    from ..review.lint import RULES, lint, render
 
     if args.list_rules:
         for rule in RULES.values():
@@ -82,7 +82,7 @@ def _cmd_lint(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from .schema import schema_text
+    from ..language.schema import schema_text
 
     text = schema_text()
     if args.output:
@@ -98,7 +98,7 @@ _ROUTE = re.compile(r"^\s*[A-Za-z]+\s+/")
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from .explain import UnknownRouteError, explain, explain_json
+    from ..review.explain import UnknownRouteError, explain, explain_json
 
     # Positional arguments are paths, as for lint; one of them may be a route ('GET /x').
     routes = [a for a in args.targets if _ROUTE.match(a)]
@@ -120,7 +120,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .runner import run
+    from .run import run
 
     return run(args.target, host=args.host, port=args.port, reload=args.reload)
 
@@ -132,19 +132,19 @@ def _optional_commands() -> list[Register]:
     """Subcommands that live in their own modules (added as capabilities land)."""
     found: list[Register] = []
     for name in (
-        "cli_token",
-        "cli_mfa",
-        "cli_credits",
-        "cli_cache",
-        "cli_worker",
-        "cli_test",
-        "cli_check",
-        "cli_diff",
+        "token",
+        "mfa",
+        "credits",
+        "cache",
+        "worker",
+        "test",
+        "check",
+        "diff",
     ):
         try:
-            module = importlib.import_module(f"policyroute.{name}")
+            module = importlib.import_module(f"policyroute.cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"policyroute.{name}":
+            if exc.name != f"policyroute.cli.{name}":
                 raise
             continue
         found.append(module.add_parser)
@@ -153,8 +153,8 @@ def _optional_commands() -> list[Register]:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the `policyroute` command."""
-    from . import __version__
-    from .lint import FORMATS
+    from .. import __version__
+    from ..review.lint import FORMATS
 
     top = argparse.ArgumentParser(prog="policyroute", description=__doc__)
     top.add_argument("--version", action="version", version=f"policyroute {__version__}")
@@ -240,10 +240,3 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_FINDINGS
     return code
 
-
-if __name__ == "__main__":  # pragma: no cover
-    # `python -m policyroute.cli`: run the module the subcommands import, so the errors they
-    # raise (`policyroute.cli.UsageError`) are the ones its `main` catches.
-    from policyroute.cli import main as _main
-
-    sys.exit(_main())

@@ -10,11 +10,11 @@ import argparse
 import asyncio
 import sys
 
-from .backends.valkey import ValkeyStore
-from .cli_principal import Named, add_arguments, named
-from .config import Settings
-from .errors import StorageError
-from .identity.totp import enrol, revoke
+from ..backends.valkey import ValkeyStore
+from ..config import Settings
+from ..errors import StorageError
+from ..identity.totp import enrol, revoke
+from ._principal import Named, add_arguments, named
 
 EXIT_USAGE = 2
 

@@ -12,9 +12,9 @@ def run(target: str, *, host: str, port: int, reload: bool) -> int:
     """Start missing backends, export their URLs, then serve `target` until interrupted."""
     import uvicorn
 
-    from .config import Settings
-    from .embedded import start_pulsar, start_valkey
-    from .observability.logs import uvicorn_log_config
+    from ..backends.embedded import start_pulsar, start_valkey
+    from ..config import Settings
+    from ..observability.logs import uvicorn_log_config
 
     with ExitStack() as stack:
         if not os.environ.get("POLICYROUTE_VALKEY_URL"):

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from .policytest import FORMATS, render, run_tests, schema_text, summary
+from ..review.policytest import FORMATS, render, run_tests, schema_text, summary
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

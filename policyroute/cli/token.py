@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._types import parse_duration
-from .config import Settings
-from .errors import ConfigError
-from .identity.dev import (
+from .._types import parse_duration
+from ..config import Settings
+from ..errors import ConfigError
+from ..identity.dev import (
     DEV_AUDIENCE,
     DEV_ISSUER,
     DEV_JWKS,
@@ -28,7 +28,7 @@ from .identity.dev import (
     mint,
     write_dev_keys,
 )
-from .loader import load_policies
+from ..language.loader import load_policies
 
 EXIT_USAGE = 2
 

@@ -10,13 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chain import Chain
-from .config import Settings
-from .errors import ConfigError, Finding, Location
-from .loader import PolicySet, RouteEntry, Source
-from .policy import GlobalSettings, RoutePolicy
-from .steps.base import Step
-from .steps.deny import DenyStep
+from ..asgi.chain import Chain
+from ..config import Settings
+from ..errors import ConfigError, Finding, Location
+from ..language.loader import PolicySet, RouteEntry, Source
+from ..language.policy import GlobalSettings, RoutePolicy
+from ..steps.base import Step
+from ..steps.deny import DenyStep
 
 
 @dataclass(frozen=True, slots=True)

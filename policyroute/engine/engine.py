@@ -16,23 +16,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..asgi._problem import CONTENT_TYPE, problem_bytes
+from ..asgi.api_docs import with_api_docs
+from ..asgi.chain import BoundChain, Chain
+from ..asgi.gate import Endpoint, endpoints, gate_router
+from ..compile.compiler import Env, compile_all, deny_chain
+from ..config import Settings
+from ..errors import ConfigError, Denial, Finding, Location
+from ..language.loader import PolicySet, RouteEntry, load_policies
+from ..language.policy import normalize_path
+from ..observability.repeats import BACKEND as BACKEND_WARNINGS
+from ..observability.requests import RequestIds
+from ..resilience import bind as bind_resilience
+from ..steps.base import Step
 from . import _fatal
-from ._problem import CONTENT_TYPE, problem_bytes
-from .api_docs import with_api_docs
-from .chain import BoundChain, Chain
-from .compiler import Env, compile_all, deny_chain
-from .config import Settings
-from .errors import ConfigError, Denial, Finding, Location
-from .gate import Endpoint, endpoints, gate_router
-from .loader import PolicySet, RouteEntry, load_policies
-from .observability.hooks import observe, request_ids
-from .observability.repeats import BACKEND as BACKEND_WARNINGS
-from .observability.requests import RequestIds
-from .policy import normalize_path
-from .reloader import Reloaded, file_digests
-from .resilience import bind as bind_resilience
+from .observe import observe, request_ids
+from .reload import Reloaded, file_digests
 from .services import default_services
-from .steps.base import Step
 
 log = logging.getLogger("policyroute")
 
@@ -168,7 +168,7 @@ class Engine:
 
     def reload(self) -> ConfigError | None:
         """Load, lint, compile and swap all chains at once; keep the old ones on any error."""
-        from . import reloader  # the reload checks and metrics
+        from . import reload as reloader  # the reload checks and metrics
 
         started = time.perf_counter()
         try:
@@ -318,7 +318,8 @@ def install(
         log.warning("policyroute: policy %s matches no route of the app", key)
     app.add_exception_handler(Denial, _denial_handler)
     _wrap_lifespan(app, engine)
-    from . import openapi, reloader
+    from . import openapi
+    from . import reload as reloader
 
     openapi.install(app, engine)  # the policy in /openapi.json, updated on reload
     reloader.attach(engine)  # SIGHUP reloads under a server

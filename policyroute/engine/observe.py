@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from . import slow as _slow  # noqa: F401 - registers the `slow` policy key
-from .health import add_routes
-from .logs import REDACTION, configure_logging, protect
-from .requests import RequestIds
+from ..observability.health import add_routes
+from ..observability.logs import REDACTION, configure_logging, protect
+from ..observability.requests import RequestIds
+from ..steps import slow as _slow  # noqa: F401 - registers the `slow` policy key
 
 if TYPE_CHECKING:
-    from ..binding import Engine
     from ..config import Settings
+    from .engine import Engine
 
 
 def request_ids(config: Settings) -> RequestIds:

@@ -12,16 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._types import format_duration
-from .errors import Problems, ProblemType
-from .loader import PolicySet
-from .policy import RateLimit, RoutePolicy
-from .steps.rate_limit import limit_name, throttle_bound
+from .._types import format_duration
+from ..errors import Problems, ProblemType
+from ..language.loader import PolicySet
+from ..language.policy import RateLimit, RoutePolicy
+from ..steps.rate_limit import limit_name, throttle_bound
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from .binding import Engine
+    from .engine import Engine
 
 SCHEME = "bearer"
 PROBLEM = "Problem"
@@ -118,7 +118,7 @@ Add = Callable[..., None]
 def _body(policy: RoutePolicy, policies: PolicySet, add: Add) -> None:
     """413 where the body has a limit (the route's, or the default of a step that reads it
     whole), 415 where its media types are listed."""
-    from .resilience.profiles import effective
+    from ..resilience.profiles import effective
 
     limits = policy.request
     profile = effective(policy, policies.resilience)
@@ -156,7 +156,7 @@ def _state(policy: RoutePolicy, add: Add) -> None:
 
 
 def _resilience(policy: RoutePolicy, policies: PolicySet, add: Add) -> None:
-    from .resilience.profiles import effective
+    from ..resilience.profiles import effective
 
     found = effective(policy, policies.resilience)
     if found is None:

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from .errors import ConfigError, Finding, Location
+from ..errors import ConfigError, Finding, Location
 
 if TYPE_CHECKING:
-    from .binding import Engine
-    from .loader import PolicySet, RouteEntry
-    from .policy import RoutePolicy
+    from ..language.loader import PolicySet, RouteEntry
+    from ..language.policy import RoutePolicy
+    from .engine import Engine
 
 log = logging.getLogger("policyroute")
 
@@ -94,7 +94,7 @@ class Reloaded:
         return cls(files, routes, old.settings != new.settings)
 
     def __str__(self) -> str:
-        from .lint import relative
+        from ..review.lint import relative
 
         where = ", ".join(relative(f) for f in self.files) or "no file changed"
         count = len(self.routes)
@@ -113,7 +113,7 @@ def _policy(entry: RouteEntry | None) -> RoutePolicy | None:
 
 def check(policies: PolicySet) -> None:
     """Refuse a reload whose policy has lint errors; log its warnings."""
-    from .lint import reload_findings
+    from ..review.lint import reload_findings
 
     findings = reload_findings(policies)
     for finding in findings:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .backends.valkey import ValkeyStore
-from .crypto import Keyring
+from ..backends.valkey import ValkeyStore
+from ..crypto import Keyring
 
 # `lint` and `explain` import apps to read their routes; clients connect lazily, so an
 # address nothing listens on lets the app compile without a backend, and is never used.
@@ -13,7 +13,7 @@ OFFLINE_VALKEY_URL = "redis://127.0.0.1:1/0"
 OFFLINE_PULSAR_URL = "pulsar://127.0.0.1:1"
 
 if TYPE_CHECKING:
-    from .binding import Engine
+    from .engine import Engine
 
 
 def default_services(engine: Engine) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def default_services(engine: Engine) -> dict[str, Any]:
         services["keyring"] = keyring
     pulsar_url = config.pulsar_url or (OFFLINE_PULSAR_URL if config.offline else None)
     if pulsar_url:
-        from .events.bus import EventBus
+        from ..events.bus import EventBus
 
         # After Valkey, so shutdown stops it first: its last events go to the Valkey outbox.
         services["pulsar"] = EventBus(
@@ -44,7 +44,7 @@ def default_services(engine: Engine) -> dict[str, Any]:
             offline=config.offline,
         )
     if config.reload:
-        from .reloader import Reloader
+        from .reload import Reloader
 
         services["reloader"] = Reloader(engine)
     return services

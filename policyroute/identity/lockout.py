@@ -40,10 +40,10 @@ from .._ids import IDS
 from .._types import format_duration
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems, ProblemType, StorageError
+from ..language.policy import Lockout
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
-from ..policy import Lockout
 from ..principal import address_tag, subject_tag
 from ..steps.base import Context
 

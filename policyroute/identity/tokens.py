@@ -20,7 +20,7 @@ from joserfc.errors import ClaimError, ExpiredTokenError, InvalidClaimError, Jos
 from joserfc.jwk import Key, OctKey
 
 from ..errors import PolicyrouteError
-from ..policy import AuthSettings, Issuer
+from ..language.policy import AuthSettings, Issuer
 from ..principal import Accounts, Principal
 from .claims import claim_reader, number
 from .jwks import Fetch, KeySource, fetch_jwks

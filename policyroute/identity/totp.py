@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 import pyotp
 
 from ..backends.valkey import Store, ValkeyStore
-from ..policy import TotpSettings
+from ..language.policy import TotpSettings
 from ..principal import Principal
 
 STEP_SECONDS = 30

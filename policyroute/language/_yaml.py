@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, Finding, Location
+from ..errors import ConfigError, Finding, Location
 
 Path = tuple[str | int, ...]
 MAX_NODES = 200_000  # alias bombs expand exponentially; a real policy has far fewer nodes

@@ -20,9 +20,9 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ValidationError
 
+from ..errors import ConfigError, Finding, Location
 from ._yaml import Located, load_yaml
 from ._yaml import Path as KeyPath
-from .errors import ConfigError, Finding, Location
 from .policy import (
     AuthSettings,
     GlobalSettings,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from starlette.routing import compile_path
 
-from .errors import PolicyrouteError
+from ..errors import PolicyrouteError
 from .loader import PolicySet, RouteEntry
 from .policy import METHODS
 

@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 if TYPE_CHECKING:
-    from ..binding import Engine
+    from ..engine.engine import Engine
 
 HEALTHZ, READYZ, METRICS = "/healthz", "/readyz", "/metrics"
 NO_STORE = {"cache-control": "no-store"}

@@ -23,7 +23,7 @@ import pybreaker
 
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems, StorageError
-from ..policy import Breaker
+from ..language.policy import Breaker
 from ..steps.state import route_id
 from .metrics import BREAKER_STATE, BREAKER_TRANSITIONS, STATE_VALUES
 

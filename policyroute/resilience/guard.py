@@ -11,7 +11,7 @@ from typing import TypeVar
 import anyio
 
 from .._types import format_duration
-from ..policy import Breaker, Resilience, Retry
+from ..language.policy import Breaker, Resilience, Retry
 from .breaker import CircuitBreaker
 from .names import resolve_all
 from .retry import AttemptTimeout, RetryPlan

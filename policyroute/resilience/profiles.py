@@ -11,18 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from .._yaml import Located, load_yaml
-from .._yaml import Path as KeyPath
 from ..backends.valkey import Store
 from ..errors import ConfigError, Finding, Location
-from ..loader import PolicySet, RouteEntry
-from ..policy import RETRY_CONDITIONS, Resilience, RoutePolicy
+from ..language._yaml import Located, load_yaml
+from ..language._yaml import Path as KeyPath
+from ..language.loader import PolicySet, RouteEntry
+from ..language.policy import RETRY_CONDITIONS, Resilience, RoutePolicy
 from .breaker import CircuitBreaker, LocalBreaker, SharedBreaker
 from .guard import Guard, Spec
 from .names import resolve_all, resolve_exception
 
 if TYPE_CHECKING:
-    from ..binding import Engine
+    from ..engine.engine import Engine
 
 P = ParamSpec("P")
 T = TypeVar("T")

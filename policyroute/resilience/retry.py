@@ -9,7 +9,7 @@ import tenacity
 from tenacity.asyncio import AsyncRetrying
 
 from .._types import format_duration
-from ..policy import Retry
+from ..language.policy import Retry
 from .metrics import RETRIES
 
 T = TypeVar("T")

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PolicyrouteError
-from .loader import PolicySet, RouteEntry, load_policies
-from .policy import GlobalSettings, RateLimit, RoutePolicy
+from ..errors import PolicyrouteError
+from ..language.loader import PolicySet, RouteEntry, load_policies
+from ..language.policy import GlobalSettings, RateLimit, RoutePolicy
 
 KINDS = ("added", "removed", "loosened", "tightened", "changed")
 FORMATS = ("text", "json", "markdown")
@@ -570,7 +570,7 @@ def _portable(policies: PolicySet) -> GlobalSettings:
 
     The loader makes them absolute, so one file checked out in two places would differ.
     """
-    from ._positions import read_docs
+    from ..language._positions import read_docs
 
     settings = policies.settings
     holder = next(
@@ -594,7 +594,7 @@ def _portable(policies: PolicySet) -> GlobalSettings:
 
 def load_side(paths: Sequence[str | Path]) -> PolicySet | None:
     """A side's policies; None when it has no policy file at all (everything added/removed)."""
-    from .loader import policy_files
+    from ..language.loader import policy_files
 
     existing = [p for p in paths if Path(p).exists()]
     if not existing or not policy_files(existing):

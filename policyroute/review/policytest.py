@@ -36,8 +36,12 @@ from xml.etree import ElementTree as ET
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ._types import Duration
-from ._yaml import Located, load_yaml
+from .._types import Duration
+from ..errors import ConfigError, Finding, Location, Problems, ProblemType
+from ..language._yaml import Located, load_yaml
+from ..language.loader import TEST_SUFFIXES, PolicySet, load_policies
+from ..language.resolve import RouteNotFound
+from ..observability.metrics import STEP_OF_PROBLEM
 from .dryrun import (
     DEFAULT_CLIENT,
     DryRequest,
@@ -48,10 +52,6 @@ from .dryrun import (
     TokenSpec,
     embedded_valkey,
 )
-from .errors import ConfigError, Finding, Location, Problems, ProblemType
-from .loader import TEST_SUFFIXES, PolicySet, load_policies
-from .observability.metrics import STEP_OF_PROBLEM
-from .resolve import RouteNotFound
 
 FORMATS = ("text", "json", "github", "junit")
 REASONS = sorted(
@@ -250,7 +250,7 @@ def find_test_files(paths: Iterable[str | Path]) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
-            from .cli import UsageError
+            from ..cli.main import UsageError
 
             raise UsageError(f"no test file or directory {str(p)!r}")
     return found

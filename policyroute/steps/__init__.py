@@ -33,7 +33,7 @@ def load_builtin() -> None:
     """
     for name in BUILTIN:
         importlib.import_module(f"{__name__}.{name}")
-    from ..compiler import MAKERS
+    from ..compile.compiler import MAKERS
 
     def rank(item: tuple[object, object]) -> int:
         module = str(getattr(item[1], "__module__", ""))

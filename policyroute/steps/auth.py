@@ -9,13 +9,13 @@ import re
 from collections.abc import Awaitable
 from urllib.parse import unquote_to_bytes
 
-from ..compiler import Env, register
+from ..compile.compiler import Env, register
 from ..errors import ConfigError, Denial, Finding, Location, Problems
 from ..identity.challenge import bearer_challenge
 from ..identity.jwks import Fetch, KeysUnavailableError, fetch_jwks
 from ..identity.lockout import LockoutGuard
 from ..identity.tokens import Authenticator, TokenError, shared_authenticator
-from ..policy import RoutePolicy
+from ..language.policy import RoutePolicy
 from ..principal import Principal
 from .base import Context, Step
 

@@ -15,7 +15,7 @@ from .._types import format_duration, format_size
 from ..backends.valkey import Store
 from ..crypto import DataKeyError
 from ..identity.claims import claim_value
-from ..policy import Cache, RoutePolicy
+from ..language.policy import Cache, RoutePolicy
 from .base import Context
 from .state import (
     PLAIN,

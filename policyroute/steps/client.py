@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from ..compiler import Env, register
+from ..compile.compiler import Env, register
 from ..errors import Denial, Problems
 from ..identity.client import ClientResolver, parse_address, xff_hops
-from ..policy import RoutePolicy
+from ..language.policy import RoutePolicy
 from .base import Context, Step
 
 log = logging.getLogger("policyroute")

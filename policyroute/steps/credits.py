@@ -11,10 +11,10 @@ from starlette.requests import ClientDisconnect
 from .._types import format_duration
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems, StorageError
+from ..language.policy import Credits, RoutePolicy
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
-from ..policy import Credits, RoutePolicy
 from .state import ClientGone, Outcome, Part, Request, Vault, principal_tag
 
 

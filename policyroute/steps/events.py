@@ -13,10 +13,10 @@ from typing import Protocol
 
 from starlette.types import Message, Send
 
-from ..compiler import Env, register
+from ..compile.compiler import Env, register
 from ..errors import Denial, Problems
 from ..events.envelope import Event, TooDeep, envelope, new_event_id, parse_json, pick
-from ..policy import Events, RoutePolicy
+from ..language.policy import Events, RoutePolicy
 from .base import Context, Handler, Step
 from .state import is_json, read_body_upto
 

@@ -17,10 +17,10 @@ from typing import Any
 from starlette.types import Message
 
 from .._types import format_size
-from ..compiler import Env, register
+from ..compile.compiler import Env, register
 from ..crypto import DataKeyError, Keyring
 from ..errors import Denial, Problems
-from ..policy import RoutePolicy
+from ..language.policy import RoutePolicy
 from .base import Context, Handler, Step
 from .state import DEFAULT_MAX_BODY, body_limit, is_json, read_body, replay
 

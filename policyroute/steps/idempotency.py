@@ -9,8 +9,8 @@ from .._types import format_duration, format_size
 from ..backends.valkey import Store
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems
+from ..language.policy import Idempotency, RoutePolicy
 from ..observability.shadow import shadow_denial
-from ..policy import Idempotency, RoutePolicy
 from .base import Context
 from .state import (
     PLAIN,

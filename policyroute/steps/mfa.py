@@ -6,7 +6,7 @@ import logging
 import time
 
 from .._types import format_duration
-from ..compiler import Env, register
+from ..compile.compiler import Env, register
 from ..errors import Denial, Problems, StorageError
 from ..identity.challenge import bearer_challenge
 from ..identity.lockout import LockoutGuard
@@ -15,9 +15,9 @@ from ..identity.totp import (
     SecretSource,
     TotpGuard,
 )
+from ..language.policy import RoutePolicy, StepUp
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
-from ..policy import RoutePolicy, StepUp
 from ..principal import Principal
 from .base import Context, Step
 

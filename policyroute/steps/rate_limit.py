@@ -32,10 +32,10 @@ from .._types import format_duration
 from ..backends.valkey import Arg, Store
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems, StorageError
+from ..language.policy import RateLimit, RoutePolicy
 from ..observability.metrics import THROTTLE_WAIT, backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
-from ..policy import RateLimit, RoutePolicy
 from ..principal import address_tag
 from .base import Context
 from .slots import run_state

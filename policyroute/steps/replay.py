@@ -29,13 +29,13 @@ from starlette.types import Receive, Scope, Send
 from .._ids import IDS
 from .._types import format_duration
 from ..backends.valkey import Store
-from ..compiler import Env, register
+from ..compile.compiler import Env, register
 from ..errors import Denial, Problems, StorageError
 from ..identity.challenge import bearer_challenge
+from ..language.policy import RoutePolicy
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
-from ..policy import RoutePolicy
 from .base import Context, Handler, Step
 from .state import digest
 

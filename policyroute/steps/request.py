@@ -12,9 +12,9 @@ from __future__ import annotations
 from starlette.types import Message, Receive, Send
 
 from .._types import format_size
-from ..compiler import Env, register
+from ..compile.compiler import Env, register
 from ..errors import Denial, Problems
-from ..policy import RequestLimits, RoutePolicy
+from ..language.policy import RequestLimits, RoutePolicy
 from .base import Context, Handler, Step
 from .state import BODY_REFUSED, body_too_large, declared_length
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from starlette.types import Message, Send
 
 from ..backends.valkey import Store
-from ..compiler import Env, register
+from ..compile.compiler import Env, register
 from ..errors import ConfigError, Denial, Finding, Location, Problems
-from ..policy import RoutePolicy
+from ..language.policy import RoutePolicy
 from ..resilience.guard import Guard, Spec
 from ..resilience.profiles import PROFILES_SERVICE, SAFE_METHODS, Profiles, Registry, effective
 from ..resilience.retry import AttemptTimeout, ServerError

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..compiler import Env, register
+from ..compile.compiler import Env, register
 from ..errors import Denial, Problems
 from ..identity.challenge import bearer_challenge
-from ..policy import RoutePolicy
+from ..language.policy import RoutePolicy
 from .base import Context, Step
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import time
 
-from ..compiler import Env, register
-from ..policy import RoutePolicy
-from ..steps.base import Context, Handler, Step
-from .metrics import SLOW
+from ..compile.compiler import Env, register
+from ..language.policy import RoutePolicy
+from ..observability.metrics import SLOW
+from .base import Context, Handler, Step
 
 log = logging.getLogger("policyroute")
 

@@ -20,15 +20,15 @@ from typing import Any
 import anyio
 from starlette.types import Message, Receive, Send
 
-from .._entry import ENTERED
 from .._ids import IDS
+from ..asgi._entry import ENTERED
 from ..backends.valkey import Arg, Store
-from ..compiler import Env, register
+from ..compile.compiler import Env, register
 from ..crypto import Keyring
 from ..errors import Denial, Problems, StorageError
+from ..language.policy import RoutePolicy
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
-from ..policy import RoutePolicy
 from ..principal import address_tag, subject_tag
 from .base import Context, Handler, Step
 from .slots import run_finish, run_state

@@ -13,10 +13,10 @@ import pytest
 import valkey.asyncio as avalkey
 from valkey.exceptions import ValkeyError
 
+from policyroute.admin.credits import set_balance, show
+from policyroute.backends.embedded import start_valkey
 from policyroute.backends.pipeline import Pipeline
 from policyroute.backends.valkey import ValkeyStore
-from policyroute.credits import set_balance, show
-from policyroute.embedded import start_valkey
 from policyroute.errors import StorageError
 
 

@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 import policyroute
-from policyroute.binding import Engine
+from policyroute.engine.engine import Engine
 
 QUIET = logging.getLogger("tests.pulsar")
 

@@ -13,7 +13,7 @@ import pytest
 import valkey.asyncio
 import valkey.exceptions
 
-from policyroute.embedded import start_pulsar, start_valkey
+from policyroute.backends.embedded import start_pulsar, start_valkey
 from policyroute.events.outbox import GROUP
 
 from .kit import (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from policyroute.embedded import EmbeddedValkey, start_valkey
+from policyroute.backends.embedded import EmbeddedValkey, start_valkey
 
 from .kit import thaw
 from .proxy import FaultProxy

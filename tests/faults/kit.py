@@ -9,7 +9,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from policyroute.embedded import EmbeddedPulsar, EmbeddedValkey
+from policyroute.backends.embedded import EmbeddedPulsar, EmbeddedValkey
 
 from .proxy import FaultProxy
 

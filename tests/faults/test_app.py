@@ -31,9 +31,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from policyroute import credits
+from policyroute.admin import credits
+from policyroute.backends.embedded import EmbeddedValkey
 from policyroute.backends.valkey import ValkeyStore
-from policyroute.embedded import EmbeddedValkey
 from policyroute.errors import Problems
 from tests.servers import uvicorn
 from tests.steps.identity_kit import bearer, subject, token

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from policyroute.embedded import EmbeddedPulsar, start_pulsar
+from policyroute.backends.embedded import EmbeddedPulsar, start_pulsar
 from policyroute.events.consumer import Message, Worker
 from tests.events.kit import Listener, install, outbox_entries, running, topic
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
+from policyroute.backends.embedded import EmbeddedValkey
 from policyroute.backends.valkey import ValkeyStore
-from policyroute.embedded import EmbeddedValkey
 from policyroute.errors import StorageError
 
 from .kit import RECOVERY, valkey_faults

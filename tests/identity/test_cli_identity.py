@@ -12,7 +12,7 @@ from policyroute.backends.valkey import ValkeyStore
 from policyroute.cli import main
 from policyroute.identity.dev import DEV_AUDIENCE, DEV_ISSUER
 from policyroute.identity.tokens import Authenticator
-from policyroute.policy import AuthSettings, Issuer
+from policyroute.language.policy import AuthSettings, Issuer
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = REPO / "examples" / "keys"

@@ -22,7 +22,7 @@ from policyroute.identity.jwks import (
     freshness,
     parse_jwks,
 )
-from policyroute.policy import Issuer
+from policyroute.language.policy import Issuer
 
 URL = "https://idp.test/jwks"
 

@@ -13,7 +13,7 @@ from joserfc.jwk import OctKey
 from policyroute.identity.claims import claim_reader
 from policyroute.identity.dev import DEV_AUDIENCE, DEV_ISSUER, load_private_key, mint
 from policyroute.identity.tokens import Authenticator, TokenError
-from policyroute.policy import AuthSettings, Issuer
+from policyroute.language.policy import AuthSettings, Issuer
 
 KEYS = Path(__file__).resolve().parents[2] / "examples" / "keys"
 DEV = Issuer(issuer=DEV_ISSUER, audience=DEV_AUDIENCE, jwks=str(KEYS / "dev-jwks.json"))

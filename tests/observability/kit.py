@@ -18,7 +18,7 @@ from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import REGISTRY
 
 import policyroute
-from policyroute.binding import Engine
+from policyroute.engine.engine import Engine
 from policyroute.observability import tracing
 from policyroute.observability.logs import sanitize_logger
 from tests.steps.identity_kit import SETTINGS, bearer, token

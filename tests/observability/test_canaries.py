@@ -15,8 +15,8 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+from policyroute.admin.credits import set_balance
 from policyroute.backends.valkey import ValkeyStore
-from policyroute.credits import set_balance
 from policyroute.identity.totp import enrol
 from policyroute.observability.logs import JsonFormatter
 from tests.events.kit import topic

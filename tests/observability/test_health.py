@@ -8,7 +8,7 @@ import pytest
 
 import policyroute
 from policyroute import ConfigError
-from policyroute.embedded import start_valkey
+from policyroute.backends.embedded import start_valkey
 from tests.events.kit import dead_pulsar_url
 
 from .kit import install, make_app, problem, running, write

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from policyroute.admin.credits import set_balance
 from policyroute.backends.valkey import ValkeyStore
-from policyroute.credits import set_balance
 
 from .kit import bearer, install, problem, running, sample, token
 

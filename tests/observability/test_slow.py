@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from policyroute.explain import explain
+from policyroute.review.explain import explain
 
 from .kit import install, running, sample, write
 

@@ -12,8 +12,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
 import policyroute
+from policyroute.admin.credits import set_balance
 from policyroute.backends.valkey import ValkeyStore
-from policyroute.credits import set_balance
 from policyroute.events.consumer import Message, Worker
 from policyroute.observability import tracing
 from tests.events.kit import topic

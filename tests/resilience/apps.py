@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 import policyroute
-from policyroute.binding import Engine
+from policyroute.engine.engine import Engine
 
 
 def make_app(calls: Counter[str]) -> FastAPI:

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from policyroute.backends.valkey import ValkeyStore
-from policyroute.policy import Breaker
+from policyroute.language.policy import Breaker
 from policyroute.resilience import CircuitOpen, LocalBreaker, SharedBreaker
 from policyroute.resilience.breaker import CircuitBreaker
 

@@ -9,7 +9,7 @@ import pytest
 
 import policyroute
 from policyroute import ConfigError
-from policyroute.lint import lint
+from policyroute.review.lint import lint
 
 from .apps import engine, install, make_app
 

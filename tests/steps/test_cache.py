@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from policyroute import cache_api, credits
+from policyroute.admin import cache as cache_api
+from policyroute.admin import credits
 from policyroute.cli import main
 
 from .identity_kit import SETTINGS, bearer, subject, token

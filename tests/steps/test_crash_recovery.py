@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 import policyroute
-from policyroute import credits
+from policyroute.admin import credits
 from tests.servers import uvicorn
 
 from .stateful import make_app, running

@@ -16,11 +16,11 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 import policyroute
-from policyroute import credits
+from policyroute.admin import credits
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.cli import main
 from policyroute.errors import Problems
-from policyroute.policy import Credits
+from policyroute.language.policy import Credits
 from policyroute.steps.base import Context
 from policyroute.steps.credits import CreditsStep
 from policyroute.steps.state import Outcome

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from policyroute import credits
+from policyroute.admin import credits
 from policyroute.backends.valkey import ValkeyStore
 from tests.servers import uvicorn
 

@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 
 import policyroute
-from policyroute import credits
+from policyroute.admin import credits
 from policyroute.crypto import Keyring
 from policyroute.errors import ConfigError, Problems
 

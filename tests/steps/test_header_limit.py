@@ -10,7 +10,7 @@ from fastapi import FastAPI, WebSocket
 from starlette.types import Message
 
 import policyroute
-from policyroute import credits
+from policyroute.admin import credits
 from policyroute.errors import Problems
 from tests.test_gate import scope_of
 

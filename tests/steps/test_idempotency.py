@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from policyroute import credits
+from policyroute.admin import credits
 from policyroute.errors import Problems
 from tests.servers import uvicorn
 

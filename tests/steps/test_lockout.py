@@ -21,8 +21,8 @@ import pytest
 import policyroute
 import policyroute.testing
 from policyroute.backends.valkey import ValkeyStore
+from policyroute.engine.services import default_services
 from policyroute.identity.totp import code_at, enrol
-from policyroute.services import default_services
 from tests.observability.kit import sample
 
 from .identity_kit import ISSUER_YAML, bearer, make_app, problem_type, subject, token

@@ -12,7 +12,8 @@ import pytest
 from joserfc import jwt
 
 import policyroute
-from policyroute import ConfigError, credits
+from policyroute import ConfigError
+from policyroute.admin import credits
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.identity.dev import DEV_AUDIENCE, DEV_ISSUER
 from policyroute.steps.state import digest

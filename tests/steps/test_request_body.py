@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 import policyroute
-from policyroute import credits
+from policyroute.admin import credits
 from policyroute.crypto import ENV, Keyring
 from policyroute.errors import Problems
 

@@ -15,7 +15,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
-from policyroute import credits
+from policyroute.admin import credits
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.errors import Problems
 from tests.resilience.apps import engine, install
@@ -305,7 +305,7 @@ async def test_route_uses_a_profile_and_its_own_keys_override(
 async def test_shared_breaker_falls_back_to_local_state_when_valkey_is_down(
     policy_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from policyroute.embedded import start_valkey
+    from policyroute.backends.embedded import start_valkey
 
     server = start_valkey()
     calls: Counter[str] = Counter()

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from policyroute import ConfigError, credits
+from policyroute import ConfigError
+from policyroute.admin import credits
 from policyroute.errors import Problems
 from tests.observability.kit import sample
 

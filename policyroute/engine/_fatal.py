@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _hook(

@@ -17,10 +17,10 @@ from collections.abc import Iterable
 from fastapi import FastAPI
 from starlette.routing import Route
 
-from ._positions import read_docs
-from .errors import Location
-from .loader import PolicySet, RouteEntry, Source
-from .policy import RoutePolicy, normalize_path
+from ..errors import Location
+from ..language._positions import read_docs
+from ..language.loader import PolicySet, RouteEntry, Source
+from ..language.policy import RoutePolicy, normalize_path
 
 SETTING = ("settings", "api_docs")
 LABEL = "settings.api_docs"

@@ -1,0 +1,1 @@
+"""Operator actions on live state: credits and cached responses."""

@@ -1,0 +1,1 @@
+"""From a merged route policy to an immutable chain of steps."""

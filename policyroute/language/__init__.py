@@ -1,0 +1,1 @@
+"""The policy language: models, the loader and its positioned YAML, the JSON Schema."""
