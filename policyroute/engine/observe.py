@@ -9,7 +9,6 @@ from fastapi import FastAPI
 from ..observability.health import add_routes
 from ..observability.logs import REDACTION, configure_logging, protect
 from ..observability.requests import RequestIds
-from ..steps import slow as _slow  # noqa: F401 - registers the `slow` policy key
 
 if TYPE_CHECKING:
     from ..config import Settings

@@ -22,6 +22,7 @@ BUILTIN = (
     "fields",
     "events",
     "resilience",
+    "slow",
 )
 
 
