@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .asgi.chain import Chain
 from .config import Settings
-from .engine.engine import Engine, install
+from .engine.engine import Engine
+from .engine.install import install
 from .errors import ConfigError, Denial, Finding, PolicyrouteError, StorageError
 from .events import Message, Worker, consumer, consumers
 from .language.loader import PolicySet, load_policies

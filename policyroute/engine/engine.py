@@ -1,55 +1,62 @@
-"""Bind compiled chains to a FastAPI (Starlette) app's routes; the engine that owns them."""
+"""The engine of one app: its policies, compiled chains and services, and the hooks
+through which features attach to it.
+
+The engine loads and compiles the policies, binds each chain once into a `Snapshot` and
+swaps snapshots whole on reload; the gate calls `Engine.decide` for every request. What
+else an app gets (the OpenAPI document, reload on file change or SIGHUP, health routes,
+sanitized logs, resilience profiles) attaches through the `Hook`s `install` passes in:
+the engine calls them at its moments and imports none of them.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..asgi._problem import CONTENT_TYPE, problem_bytes
 from ..asgi.api_docs import with_api_docs
 from ..asgi.chain import BoundChain, Chain
-from ..asgi.gate import Endpoint, endpoints, gate_router
+from ..asgi.coverage import no_policy_finding, unmatched_entries, unpolicied
+from ..asgi.gate import Endpoint, endpoints
 from ..compile.compiler import Env, compile_all, deny_chain
 from ..config import Settings
-from ..errors import ConfigError, Denial, Finding, Location
-from ..language.loader import PolicySet, RouteEntry, load_policies
+from ..errors import ConfigError
+from ..language.loader import PolicySet, load_policies
 from ..language.policy import normalize_path
 from ..observability.repeats import BACKEND as BACKEND_WARNINGS
 from ..observability.requests import RequestIds
-from ..resilience import bind as bind_resilience
 from ..steps.base import Step
-from . import _fatal
-from .observe import observe, request_ids
-from .reload import Reloaded, file_digests
-from .services import default_services
+from .changes import Reloaded, file_digests
 
 log = logging.getLogger("policyroute")
 
 ServiceFactory = Callable[["Engine"], Mapping[str, Any]]
 
 
-def unpolicied(endpoint: Endpoint, policies: PolicySet) -> list[str]:
-    """Methods of an endpoint no policy governs (HEAD only when there is no GET: it follows
-    GET); every method of an endpoint the gate does not know."""
-    if not endpoint.known:
-        return list(endpoint.methods)
-    return [
-        m
-        for m in endpoint.methods
-        if policies.get(m, endpoint.path) is None
-        and not (m == "HEAD" and "GET" in endpoint.methods)
-    ]
+class Hook:
+    """A feature attached to an engine; each method is one moment of the engine's life,
+    and does nothing unless the feature overrides it."""
+
+    def attach(self, engine: Engine) -> None:
+        """At install, once the policies compiled: add routes, services or wrappers."""
+
+    def services(
+        self, engine: Engine, policies: PolicySet, services: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        """The services the makers see when `policies` compile: `services`, or more."""
+        return services
+
+    def check(self, engine: Engine, policies: PolicySet) -> None:
+        """Before a reload compiles `policies`: raise ConfigError to refuse it."""
+
+    def reloaded(self, engine: Engine, error: ConfigError | None, seconds: float) -> None:
+        """After a reload: applied (`error` is None) or refused."""
 
 
 @dataclass(slots=True)
@@ -116,23 +123,32 @@ class Engine:
         *,
         strict: bool,
         services: ServiceFactory | None = None,
+        hooks: Iterable[Hook] = (),
     ) -> None:
         self.app = app
         self.paths = paths
         self.config = config
         self.strict = strict
+        self.hooks = tuple(hooks)
         self.last_reload_error: ConfigError | None = None
         self.last_reload: Reloaded | None = None  # what the last applied reload changed
         policies = with_api_docs(load_policies(*paths), app)
         self._digests = file_digests(policies.files)
         self.services: Mapping[str, Any] = services(self) if services else {}
-        self.ids = request_ids(config)
+        self.ids = RequestIds(config.request_id_header)
         self.snapshot = self._build(policies)
 
+    def attach(self) -> None:
+        """Let each hook attach its feature (`install` calls this once)."""
+        for hook in self.hooks:
+            hook.attach(self)
+
     def env(self, policies: PolicySet) -> Env:
-        """The compile environment for a policy set."""
-        # The hook that lets route makers and `@resilient` see this policy's profiles.
-        return Env(policies.settings, self.config, bind_resilience(self, policies))
+        """The compile environment for a policy set (services as the hooks extend them)."""
+        services = self.services
+        for hook in self.hooks:
+            services = hook.services(self, policies, services)
+        return Env(policies.settings, self.config, services)
 
     def _build(self, policies: PolicySet) -> Snapshot:
         chains = compile_all(policies, self.env(policies))
@@ -167,19 +183,18 @@ class Engine:
         await bound(scope, receive, send, app, endpoint.marks_entry)
 
     def reload(self) -> ConfigError | None:
-        """Load, lint, compile and swap all chains at once; keep the old ones on any error."""
-        from . import reload as reloader  # the reload checks and metrics
-
+        """Load, check, compile and swap all chains at once; keep the old ones on any error."""
         started = time.perf_counter()
         try:
             policies = load_policies(*self.paths)
-            reloader.check(policies)
+            for hook in self.hooks:
+                hook.check(self, policies)  # the reload hook runs lint's rules here
             policies = with_api_docs(policies, self.app)
             snapshot = self._build(policies)
         except ConfigError as exc:
             self.last_reload_error = exc  # carries every finding, for /readyz
             log.error("policyroute: reload refused, keeping the last good policy:\n%s", exc)
-            reloader.record(exc, time.perf_counter() - started)
+            self._reloaded(exc, time.perf_counter() - started)
             return exc
         digests = file_digests(policies.files)
         old = self.snapshot.policies
@@ -187,8 +202,12 @@ class Engine:
         self.snapshot = snapshot
         self._digests = digests
         self.last_reload_error = None
-        reloader.record(None, time.perf_counter() - started)
+        self._reloaded(None, time.perf_counter() - started)
         return None
+
+    def _reloaded(self, error: ConfigError | None, seconds: float) -> None:
+        for hook in self.hooks:
+            hook.reloaded(self, error, seconds)
 
     def chains(self) -> list[Chain]:
         """Every compiled chain, then the deny chains of app routes no policy names."""
@@ -201,48 +220,6 @@ class Engine:
     def unmatched_policies(self) -> list[str]:
         """Policy routes that name no route of the app."""
         return [e.key for e in unmatched_entries(self.snapshot.policies, self.endpoints())]
-
-
-def no_policy_finding(route: str) -> Finding:
-    """The finding for an app route (METHOD + template) that no policy governs."""
-    return Finding(
-        "no-policy",
-        f"app route {route} has no policy; it is denied with 403 (add a policy or `public: true`)",
-        Location("<app>"),
-        (),
-    )
-
-
-def unmatched_entries(policies: PolicySet, found: Iterable[Endpoint]) -> list[RouteEntry]:
-    """Policy routes that name no endpoint among `found`."""
-    served = {(m, normalize_path(e.path)) for e in found if e.known for m in e.methods}
-    return [e for k, e in policies.routes.items() if k not in served]
-
-
-async def _denial_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, Denial)
-    return Response(
-        problem_bytes(exc, request.url.path),
-        status_code=exc.status,
-        headers=exc.headers,
-        media_type=CONTENT_TYPE.decode(),
-    )
-
-
-def _wrap_lifespan(app: FastAPI, engine: Engine) -> None:
-    original = app.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(inner: Any) -> AsyncIterator[Any]:
-        engine.check_strict()  # routes added between `install` and startup
-        await engine_start(engine)
-        try:
-            async with original(inner) as state:
-                yield state
-        finally:
-            await engine_stop(engine)
-
-    app.router.lifespan_context = lifespan
 
 
 def _steps(engine: Engine) -> list[Step]:
@@ -280,48 +257,3 @@ async def engine_stop(engine: Engine) -> None:
         if stop is not None:
             await stop()
     BACKEND_WARNINGS.flush()  # counts of repeated warnings not logged yet
-
-
-def install(
-    app: FastAPI,
-    *paths: str | Path,
-    strict: bool | None = None,
-    settings: Settings | None = None,
-    services: ServiceFactory | None = None,
-    health: bool = False,
-    metrics: bool = False,
-) -> Engine:
-    """Compile the policies and gate every route of `app`; return the engine.
-
-    Routes no policy names answer 403 (deny by default); with `strict=True` they make
-    `install` raise `ConfigError` instead. `health=True` adds `GET /healthz` and
-    `GET /readyz`, `metrics=True` adds `GET /metrics`: the policy governs them like any
-    other route (list them, e.g. `GET /healthz: {public: true}`).
-    """
-    config = settings or Settings()
-    policy_paths = [str(p) for p in paths] or config.policy_paths()
-    try:
-        engine = Engine(
-            app,
-            policy_paths,
-            config,
-            strict=config.strict if strict is None else strict,
-            services=services or default_services,
-        )
-        observe(app, engine, health=health, metrics=metrics)  # sanitized logs, health routes
-        gate_router(app.router, engine.decide)
-        engine.check_strict()
-    except ConfigError:
-        _fatal.briefly()  # uncaught, under `uvicorn app:app`: the findings, not a traceback
-        raise
-    for key in engine.unmatched_policies():
-        log.warning("policyroute: policy %s matches no route of the app", key)
-    app.add_exception_handler(Denial, _denial_handler)
-    _wrap_lifespan(app, engine)
-    from . import openapi
-    from . import reload as reloader
-
-    openapi.install(app, engine)  # the policy in /openapi.json, updated on reload
-    reloader.attach(engine)  # SIGHUP reloads under a server
-    app.state.policyroute = engine
-    return engine

@@ -1,23 +1,12 @@
-"""What `policyroute.install` sets up for observability, in one call."""
+"""What `policyroute.install` sets up for observability: sanitized logs, health routes."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
 from ..observability.health import add_routes
 from ..observability.logs import REDACTION, configure_logging, protect
-from ..observability.requests import RequestIds
-
-if TYPE_CHECKING:
-    from ..config import Settings
-    from .engine import Engine
-
-
-def request_ids(config: Settings) -> RequestIds:
-    """The request-id reader of an engine (header from `POLICYROUTE_REQUEST_ID_HEADER`)."""
-    return RequestIds(config.request_id_header)
+from .engine import Engine, Hook
 
 
 def observe(app: FastAPI, engine: Engine, *, health: bool, metrics: bool) -> None:
@@ -35,3 +24,15 @@ def observe(app: FastAPI, engine: Engine, *, health: bool, metrics: bool) -> Non
     protect()
     if health or metrics:
         add_routes(app, health=health, metrics_route=metrics)
+
+
+class Observe(Hook):
+    """The observability an engine attaches at install (`install(health=, metrics=)`)."""
+
+    def __init__(self, *, health: bool, metrics: bool) -> None:
+        self.health = health
+        self.metrics = metrics
+
+    def attach(self, engine: Engine) -> None:
+        """Sanitize logs and add the routes asked for."""
+        observe(engine.app, engine, health=self.health, metrics=self.metrics)

@@ -17,11 +17,10 @@ from ..errors import Problems, ProblemType
 from ..language.loader import PolicySet
 from ..language.policy import RateLimit, RoutePolicy
 from ..steps.rate_limit import limit_name, throttle_bound
+from .engine import Engine, Hook
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
-
-    from .engine import Engine
 
 SCHEME = "bearer"
 PROBLEM = "Problem"
@@ -301,3 +300,11 @@ def install(app: FastAPI, engine: Engine) -> None:
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+class OpenAPI(Hook):
+    """The policy in the app's OpenAPI document, updated on reload."""
+
+    def attach(self, engine: Engine) -> None:
+        """Wrap the app's `openapi`."""
+        install(engine.app, engine)

@@ -17,24 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import signal
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from ..errors import ConfigError, Finding, Location
+from .engine import Engine, Hook
 
 if TYPE_CHECKING:
-    from ..language.loader import PolicySet, RouteEntry
-    from ..language.policy import RoutePolicy
-    from .engine import Engine
+    from ..language.loader import PolicySet
 
 log = logging.getLogger("policyroute")
 
@@ -55,60 +51,6 @@ RELOAD_SECONDS = Histogram(
 RELOAD_OK.set(1)
 
 _SUFFIXES = (".yaml", ".yml")
-
-
-def file_digests(files: Iterable[str]) -> dict[str, str]:
-    """A digest of each policy file's bytes, to say which files a reload changed."""
-    found: dict[str, str] = {}
-    for file in files:
-        with contextlib.suppress(OSError):  # gone since it was loaded: counts as changed
-            found[file] = hashlib.sha256(Path(file).read_bytes()).hexdigest()
-    return found
-
-
-@dataclass(frozen=True, slots=True)
-class Reloaded:
-    """What an applied reload changed: files (by content) and routes (by merged policy)."""
-
-    files: tuple[str, ...]
-    routes: tuple[str, ...]
-    settings: bool
-
-    @classmethod
-    def between(
-        cls,
-        old: PolicySet,
-        new: PolicySet,
-        old_files: Mapping[str, str],
-        new_files: Mapping[str, str],
-    ) -> Reloaded:
-        """Compare two policy sets and the digests of their files."""
-        names = sorted(set(old_files) | set(new_files))
-        files = tuple(f for f in names if old_files.get(f) != new_files.get(f))
-        keys = dict.fromkeys([*old.routes, *new.routes])
-        routes = tuple(
-            (new.routes.get(k) or old.routes[k]).key
-            for k in keys
-            if _policy(old.routes.get(k)) != _policy(new.routes.get(k))
-        )
-        return cls(files, routes, old.settings != new.settings)
-
-    def __str__(self) -> str:
-        from ..review.lint import relative
-
-        where = ", ".join(relative(f) for f in self.files) or "no file changed"
-        count = len(self.routes)
-        said = f"{count} route{'' if count == 1 else 's'} changed"
-        if self.routes:
-            shown = ", ".join(self.routes[:5]) + (", ..." if count > 5 else "")
-            said += f" ({shown})"
-        if self.settings:
-            said += "; settings changed"
-        return f"{where}: {said}"
-
-
-def _policy(entry: RouteEntry | None) -> RoutePolicy | None:
-    return entry.policy if entry is not None else None
 
 
 def check(policies: PolicySet) -> None:
@@ -286,7 +228,23 @@ class Hangup:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def attach(engine: Engine) -> None:
-    """The install hook: add the SIGHUP service to the engine's services."""
-    if not any(isinstance(s, Hangup) for s in engine.services.values()):
-        engine.services = {**engine.services, "sighup": Hangup(engine)}
+class Reload(Hook):
+    """Reload as an engine feature: lint's checks before a reload compiles, its metrics,
+    the watch of the policy files (`POLICYROUTE_RELOAD`) and SIGHUP under a server."""
+
+    def attach(self, engine: Engine) -> None:
+        """Add the watch (when the settings ask for it) and the SIGHUP service."""
+        added: dict[str, Any] = {}
+        if engine.config.reload and "reloader" not in engine.services:
+            added["reloader"] = Reloader(engine)
+        if not any(isinstance(s, Hangup) for s in engine.services.values()):
+            added["sighup"] = Hangup(engine)
+        engine.services = {**engine.services, **added}
+
+    def check(self, engine: Engine, policies: PolicySet) -> None:
+        """Refuse a reload whose policy has lint errors."""
+        check(policies)
+
+    def reloaded(self, engine: Engine, error: ConfigError | None, seconds: float) -> None:
+        """Count the reload."""
+        record(error, seconds)

@@ -43,8 +43,4 @@ def default_services(engine: Engine) -> dict[str, Any]:
             config=config,
             offline=config.offline,
         )
-    if config.reload:
-        from .reload import Reloader
-
-        services["reloader"] = Reloader(engine)
     return services

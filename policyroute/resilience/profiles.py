@@ -95,21 +95,24 @@ class Declaration:
 _DECLARED: weakref.WeakSet[Declaration] = weakref.WeakSet()
 
 
-def bind(engine: Engine, policies: PolicySet) -> Mapping[str, Any]:
-    """The install/reload hook: check the profiles, make them current, return compile services.
+def bind(
+    engine: Engine, policies: PolicySet, services: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """At install and reload: check the profiles, make them current, return `services`
+    plus the profiles for the makers.
 
     Raises ConfigError (install refuses to start, a reload keeps the last good policy) when
     a route or a `@resilient` names an unknown profile or an exception that does not exist.
     """
     global _current
-    findings = check(policies, has_valkey="valkey" in engine.services)
+    findings = check(policies, has_valkey="valkey" in services)
     if findings:
         raise ConfigError(findings)
     registry = _REGISTRIES.get(engine)
     if registry is None:
         registry = _REGISTRIES[engine] = Registry()
     _current = weakref.ref(engine)
-    return {**engine.services, PROFILES_SERVICE: Profiles(registry, policies.resilience)}
+    return {**services, PROFILES_SERVICE: Profiles(registry, policies.resilience)}
 
 
 def with_profiles(policies: PolicySet, services: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,9 +25,9 @@ from starlette.routing import BaseRoute
 
 from .._types import format_size
 from ..asgi.api_docs import with_api_docs
+from ..asgi.coverage import no_policy_finding, unmatched_entries, unpolicied
 from ..asgi.gate import endpoints
 from ..compile.compiler import no_issuer_findings, unenforced
-from ..engine.engine import no_policy_finding, unmatched_entries, unpolicied
 from ..errors import ConfigError, Finding, Location
 from ..language._networks import WIDE_PREFIX, IPNetwork, public_cover
 from ..language._positions import Doc, KeyPath, read_docs
