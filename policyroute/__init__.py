@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._version import __version__ as __version__
 from .asgi.chain import Chain
 from .config import Settings
 from .engine.engine import Engine
@@ -35,4 +36,3 @@ __all__ = [
     "principal",
     "resilient",
 ]
-__version__ = "0.1.0"

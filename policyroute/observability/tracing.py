@@ -23,6 +23,8 @@ from opentelemetry.trace import (
     TracerProvider,
 )
 
+from .._version import __version__
+
 NAME = "policyroute"
 PREFIX = "policyroute."
 
@@ -60,8 +62,6 @@ def active() -> Tracer | None:
     if provider is None or isinstance(provider, ProxyTracerProvider | NoOpTracerProvider):
         _tracer = None
     else:
-        from .. import __version__
-
         assert isinstance(provider, TracerProvider)
         _tracer = provider.get_tracer(NAME, __version__)
     return _tracer
