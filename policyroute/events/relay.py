@@ -15,19 +15,25 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from ..errors import StorageError
 from ._pulsar import is_transient, result_name
+from .envelope import Event
 from .metrics import EVENTS, OUTBOX_DEPTH
 from .outbox import Entry, Outbox, OutboxError
-
-if TYPE_CHECKING:
-    from .bus import EventBus
 
 log = logging.getLogger("policyroute")
 
 Kind = Literal["done", "blocked", "retry", "park"]
+
+
+class Publisher(Protocol):
+    """What a relay needs of the bus that owns it: sending one event to its topic."""
+
+    async def publish(self, event: Event, *, dlq: bool = False) -> None:
+        """Send `event` to its topic (or its DLQ topic); raise on failure."""
+        ...
 
 
 async def _pause(event: asyncio.Event, seconds: float) -> None:
@@ -50,7 +56,7 @@ class Relay:
     """Drains the outbox into Pulsar."""
 
     def __init__(
-        self, bus: EventBus, outbox: Outbox, *, batch: int, poll: float, claim_idle: float
+        self, bus: Publisher, outbox: Outbox, *, batch: int, poll: float, claim_idle: float
     ) -> None:
         self.bus = bus
         self.outbox = outbox
