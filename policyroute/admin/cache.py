@@ -7,9 +7,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message
 
+from ..backends.keys import digest, route_id
 from ..backends.valkey import ValkeyStore
 from ..errors import StorageError
-from ..steps.state import digest, route_id
 
 
 def entry_pattern(store: ValkeyStore, route: str, path: str | None = None) -> str:

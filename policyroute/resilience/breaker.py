@@ -21,10 +21,10 @@ from typing import Any, NoReturn, Protocol
 import anyio
 import pybreaker
 
+from ..backends.keys import route_id
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems, StorageError
 from ..language.policy import Breaker
-from ..steps.state import route_id
 from .metrics import BREAKER_STATE, BREAKER_TRANSITIONS, STATE_VALUES
 
 log = logging.getLogger("policyroute")

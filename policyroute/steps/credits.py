@@ -15,7 +15,7 @@ from ..language.policy import Credits, RoutePolicy
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
-from .state import ClientGone, Outcome, Part, Request, Vault, principal_tag
+from .parts import ClientGone, Outcome, Part, Request, Vault, principal_tag
 
 
 def hold_keys(store: Store, tag: str) -> tuple[str, str, str]:

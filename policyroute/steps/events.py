@@ -13,12 +13,12 @@ from typing import Protocol
 
 from starlette.types import Message, Send
 
+from ..asgi.body import is_json, read_body_upto
 from ..compile.compiler import Env, register
 from ..errors import Denial, Problems
 from ..events.envelope import Event, TooDeep, envelope, new_event_id, parse_json, pick
 from ..language.policy import Events, RoutePolicy
 from .base import Context, Handler, Step
-from .state import is_json, read_body_upto
 
 # A request id longer than this is not an id; it is replaced by a generated one.
 MAX_REQUEST_ID = 200

@@ -17,12 +17,13 @@ from typing import Any
 from starlette.types import Message
 
 from .._types import format_size
+from ..asgi.body import DEFAULT_MAX_BODY, is_json, read_body, replay
 from ..compile.compiler import Env, register
 from ..crypto import DataKeyError, Keyring
 from ..errors import Denial, Problems
 from ..language.policy import RoutePolicy
 from .base import Context, Handler, Step
-from .state import DEFAULT_MAX_BODY, body_limit, is_json, read_body, replay
+from .request import body_limit
 
 Path = tuple[str, ...]
 

@@ -6,24 +6,15 @@ import re
 from typing import Any
 
 from .._types import format_duration, format_size
+from ..asgi.body import read_body
+from ..backends.keys import digest, route_id
 from ..backends.valkey import Store
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems
 from ..language.policy import Idempotency, RoutePolicy
 from ..observability.shadow import shadow_denial
 from .base import Context
-from .state import (
-    PLAIN,
-    Outcome,
-    Part,
-    Request,
-    Stored,
-    Vault,
-    digest,
-    principal_tag,
-    read_body,
-    route_id,
-)
+from .parts import PLAIN, Outcome, Part, Request, Stored, Vault, principal_tag
 
 # An in-flight record outlives a process that died holding it for at most this long.
 IN_FLIGHT_MS = 300_000

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._types import format_duration
+from ..asgi.body import Header, read_body
+from ..backends.keys import digest, route_id
 from ..backends.valkey import Arg, Store
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems, StorageError
@@ -38,22 +40,8 @@ from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
 from ..principal import address_tag
 from .base import Context
+from .parts import PAUSES, PLAIN, Outcome, Part, Request, Stored, Vault, principal_tag, sleep_ms
 from .slots import run_state
-from .state import (
-    PAUSES,
-    PLAIN,
-    Header,
-    Outcome,
-    Part,
-    Request,
-    Stored,
-    Vault,
-    digest,
-    principal_tag,
-    read_body,
-    route_id,
-    sleep_ms,
-)
 
 # How long a concurrency slot outlives a process that died holding it (unless `lease`).
 CONCURRENCY_LEASE_MS = 300_000

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from .._ids import IDS
 from .._types import format_duration
+from ..backends.keys import digest
 from ..backends.valkey import Store
 from ..compile.compiler import Env, register
 from ..errors import Denial, Problems, StorageError
@@ -37,7 +38,6 @@ from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
 from .base import Context, Handler, Step
-from .state import digest
 
 # The record outlives the last moment the token is accepted by this much.
 MARGIN_MS = 1000

@@ -12,11 +12,11 @@ from __future__ import annotations
 from starlette.types import Message, Receive, Send
 
 from .._types import format_size
+from ..asgi.body import BODY_REFUSED, body_too_large, declared_length
 from ..compile.compiler import Env, register
 from ..errors import Denial, Problems
 from ..language.policy import RequestLimits, RoutePolicy
 from .base import Context, Handler, Step
-from .state import BODY_REFUSED, body_too_large, declared_length
 
 
 class _Overrun:
@@ -146,6 +146,15 @@ def make_request(policy: RoutePolicy, env: Env) -> Step | None:
     if limits is None or (limits.max_body is None and not limits.content_types):
         return None
     return RequestStep(limits)
+
+
+def body_limit(policy: RoutePolicy, env: Env) -> int:
+    """The most a step of the route reads of a request body: `request.max_body`, else
+    the process's `max_body` setting."""
+    limits = policy.request
+    if limits is not None and limits.max_body is not None:
+        return limits.max_body
+    return env.config.max_body
 
 
 register(("request",), make_request)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from starlette.types import Message, Send
 
+from ..asgi.body import DEFAULT_MAX_BODY, read_body, replay
 from ..backends.valkey import Store
 from ..compile.compiler import Env, register
 from ..errors import ConfigError, Denial, Finding, Location, Problems
@@ -20,7 +21,7 @@ from ..resilience.guard import Guard, Spec
 from ..resilience.profiles import PROFILES_SERVICE, SAFE_METHODS, Profiles, Registry, effective
 from ..resilience.retry import AttemptTimeout, ServerError
 from .base import Context, Handler, Step
-from .state import DEFAULT_MAX_BODY, body_limit, read_body, replay
+from .request import body_limit
 
 
 class _Buffer:

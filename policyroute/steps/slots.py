@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..backends.valkey import Arg, Store
 
 if TYPE_CHECKING:
-    from .state import Request
+    from .parts import Request
 
 LIMIT_OPS = frozenset({"tb", "sw", "cc", "th", "db"})
 Op = tuple[list[str], list[Arg]]

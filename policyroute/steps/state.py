@@ -3,18 +3,16 @@
 `rate_limit`, `credits`, `idempotency` and `cache` each compile to their own part
 (`RateLimitStep`, `CreditsStep`, `IdempotencyStep`, `CacheStep`). The compiler folds the
 parts of a route into one `StateStep`, which evaluates `lua/state.lua` once before the
-handler and `lua/finish.lua` once after it.
+handler and `lua/finish.lua` once after it. The parts know only the protocol in
+`steps/parts.py`; this module composes them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -22,257 +20,27 @@ from starlette.types import Message, Receive, Send
 
 from .._ids import IDS
 from ..asgi._entry import ENTERED
-from ..backends.valkey import Arg, Store
+from ..asgi.body import BODY_REFUSED, DEFAULT_MAX_BODY, Header, read_body
+from ..backends.valkey import Store
 from ..compile.compiler import Env, register
-from ..crypto import Keyring
 from ..errors import Denial, Problems, StorageError
 from ..language.policy import RoutePolicy
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
-from ..principal import address_tag, subject_tag
 from .base import Context, Handler, Step
+from .cache import make_cache_part
+from .credits import make_credits_part
+from .idempotency import make_idempotency_part
+from .parts import PAUSES, PLAIN, PROBES, ClientGone, Outcome, Part, Request, Stored, Vault
+from .rate_limit import make_rate_limit_part
+from .request import body_limit
 from .slots import run_finish, run_state
 
-# The most a step reads of a request body when neither the route nor the settings say.
-DEFAULT_MAX_BODY = 1 << 20
 # Requests that went on without a policy backend (a step configured `on_backend_error: open`).
 BACKEND_FAILED_OPEN: Counter[str] = Counter()
 
-Header = tuple[bytes, bytes]
-
-
-@functools.lru_cache(maxsize=4096)
-def route_id(route: str) -> str:
-    """A short stable id of a route for key names (no spaces, no user input)."""
-    return hashlib.sha256(route.encode()).hexdigest()[:12]
-
-
-def digest(value: str | bytes) -> str:
-    """A short digest of a request-supplied value, so raw keys never appear in Valkey."""
-    raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-    return hashlib.sha256(raw).hexdigest()[:32]
-
-
-def principal_tag(ctx: Context) -> str:
-    """The hash tag of the caller's state: its account when authenticated, else its address.
-
-    Every per-principal key (credits, `user` limits and concurrency slots, idempotency
-    records, private cache entries) is made under this tag; the account names issuer and
-    tenant when the settings need them (`principal.Accounts`).
-    """
-    account = ctx.principal.account
-    if account is not None:
-        return subject_tag(account)
-    return address_tag(ctx.client)
-
-
-@dataclass(slots=True)
-class Stored:
-    """A response as stored in Valkey: status, raw headers, body.
-
-    `unkept` is the size of a body too large to keep: the record then holds the status
-    alone (an idempotency record of a response past `idempotency.max_body`).
-    """
-
-    status: int
-    headers: list[Header]
-    body: bytes
-    unkept: int = 0
-
-    def encode(self) -> tuple[int, bytes, bytes]:
-        """(status, header block, body) for the Lua scripts, which keep them opaque.
-
-        The header block is names and values joined by NUL, which no valid header holds;
-        headers that do hold one (or an empty list) are written as a JSON list instead.
-        A record without its body has a JSON object there, which neither form starts with.
-        """
-        if self.unkept:
-            return self.status, json.dumps({"unkept": self.unkept}).encode(), b""
-        flat = [item for pair in self.headers for item in pair]
-        block = b"\0".join(flat)
-        if block.count(b"\0") != len(flat) - 1 or block[:1] == b"[":
-            pairs = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers]
-            block = json.dumps(pairs, separators=(",", ":")).encode()
-        return self.status, block, self.body
-
-    @classmethod
-    def decode(cls, code: Any, headers: Any, body: Any) -> Stored:
-        """The response from the script's reply fields (either header block form)."""
-        raw = headers.encode() if isinstance(headers, str) else bytes(headers)
-        if raw[:1] == b"{":
-            return cls(int(code), [], b"", unkept=int(json.loads(raw)["unkept"]))
-        if raw[:1] == b"[":
-            pairs = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in json.loads(raw)]
-        else:
-            items = raw.split(b"\0")
-            pairs = list(zip(items[::2], items[1::2], strict=True))
-        return cls(int(code), pairs, bytes(body))
-
-    async def send(self, send: Send, extra: Sequence[Header], head: bool) -> None:
-        """Send the stored response byte for byte, plus `extra` headers."""
-        start: Message = {
-            "type": "http.response.start",
-            "status": self.status,
-            "headers": [*self.headers, *extra],
-        }
-        await send(start)
-        await send({"type": "http.response.body", "body": b"" if head else self.body})
-
-
-@dataclass(frozen=True, slots=True)
-class Vault:
-    """How a route's records reach Valkey: as they are, or sealed with the data keys.
-
-    Routes marked `sensitive` (or naming encrypt/decrypt fields) keep cached responses
-    and idempotency records as AES-GCM ciphertext bound to their Valkey key, and
-    fingerprint request bodies with a keyed digest instead of a plain hash.
-    """
-
-    keyring: Keyring | None = None
-
-    def pack(self, stored: Stored, key: str) -> tuple[int, bytes, bytes]:
-        """The record fields the finish script writes."""
-        code, headers, body = stored.encode()
-        if self.keyring is None:
-            return code, headers, body
-        aad = key.encode()
-        return code, self.keyring.seal(headers, aad), self.keyring.seal(body, aad)
-
-    def unpack(self, key: str, code: Any, headers: Any, body: Any) -> Stored:
-        """The response from stored record fields; raise DataKeyError when it does not open."""
-        if self.keyring is not None:
-            aad = key.encode()
-            headers = self.keyring.open(bytes(headers), aad)
-            body = self.keyring.open(bytes(body), aad)
-        return Stored.decode(code, headers, body)
-
-    def fingerprint(self, data: bytes) -> str:
-        """A digest of a request for comparing repeats (keyed when sealed)."""
-        if self.keyring is None:
-            return hashlib.sha256(data).hexdigest()
-        return self.keyring.fingerprint(data)
-
-
-PLAIN = Vault()
-
-
-@dataclass(slots=True)
-class Request:
-    """What the parts of one request compute and share.
-
-    Ops are appended with `op` (before the handler) and `finish` (after it); each op is
-    an opcode with its arguments and the keys it touches, kept flat for one script call
-    and marked so a cluster can split them by hash tag (`steps/slots.py`).
-    """
-
-    ctx: Context
-    keys: list[str] = field(default_factory=list)
-    args: list[Arg] = field(default_factory=list)
-    marks: list[tuple[int, int]] = field(default_factory=list)
-    token: str = ""
-    extra: list[Header] = field(default_factory=list)
-    finish_keys: list[str] = field(default_factory=list)
-    finish_args: list[Arg] = field(default_factory=list)
-    finish_marks: list[tuple[int, int]] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def op(self, keys: Sequence[str], args: Sequence[Arg]) -> None:
-        """Queue an op (opcode first in `args`) for the before-handler script."""
-        self.marks.append((len(self.keys), len(self.args)))
-        self.keys.extend(keys)
-        self.args.extend(args)
-
-    def finish(self, op: str, keys: Sequence[str], *args: Arg) -> None:
-        """Queue an op for the after-handler script."""
-        self.finish_marks.append((len(self.finish_keys), len(self.finish_args)))
-        self.finish_keys.extend(keys)
-        self.finish_args.append(op)
-        self.finish_args.extend(args)
-
-    def probe(self, call: Callable[[], Awaitable[None]]) -> None:
-        """Run `call` alongside the before-handler script (shadow-mode evaluations).
-
-        A probe never raises: it keeps its findings in `data` for its part's `settle`.
-        """
-        self.data.setdefault(PROBES, []).append(call)
-
-    def absorb(self, other: Request) -> None:
-        """Take over another request's after-handler ops (a probe's releases and undos)."""
-        k0, a0 = len(self.finish_keys), len(self.finish_args)
-        self.finish_marks.extend((k + k0, a + a0) for k, a in other.finish_marks)
-        self.finish_keys.extend(other.finish_keys)
-        self.finish_args.extend(other.finish_args)
-
-
-PROBES = "probes"
-# req.data: what must be awaited after the parts settled and before the answer or the
-# handler (a throttle's turn, a debounce waiting to join another request's response).
-PAUSES = "pauses"
 # The reply of a request whose parts asked Valkey nothing but shadow probes.
 NOTHING_ASKED = ["go", [], [], []]
-
-
-@dataclass(slots=True)
-class Outcome:
-    """How the request ended, as the after-handler parts need it."""
-
-    handler_ran: bool = False
-    status: int = 0
-    headers: list[Header] = field(default_factory=list)
-    body: bytearray = field(default_factory=bytearray)
-    started: bool = False
-    done: bool = False
-    error: BaseException | None = None
-    # Body bytes sent, counted while a part keeps the body; `dropped` once they passed
-    # what any part keeps (`body` is then empty, and the response streamed through).
-    size: int = 0
-    dropped: bool = False
-    # The app was told the client disconnected (`http.disconnect`): a response it left
-    # unfinished without raising was cut short by the client, not by the app.
-    gone: bool = False
-
-    @property
-    def complete(self) -> Stored | None:
-        """The full response when one was sent completely and kept."""
-        if not self.done or self.dropped:
-            return None
-        return Stored(self.status, list(self.headers), bytes(self.body))
-
-
-class Part(Step):
-    """One stateful policy key inside the fused `StateStep`."""
-
-    guard = False
-    fail_open: bool = False
-    # Whether the handler must stop (and this part settle) when the client goes away.
-    watch_disconnect: bool = False
-    # Whether `after` needs to know that the app was told the client left (`Outcome.gone`).
-    hears_disconnect: bool = False
-
-    def peek(self, req: Request) -> None:
-        """Answer from process memory before any part queues an op (the cache's first tier)."""
-
-    # Whether `prepare` must await (read the request body): then `prepare_io` runs instead.
-    needs_io: bool = False
-    # The most a part that reads the whole request body reads (`make_state` sets it).
-    body_limit: int = DEFAULT_MAX_BODY
-
-    def prepare(self, req: Request) -> None:
-        """Check what needs no backend (may raise Denial) and append this part's op."""
-
-    async def prepare_io(self, req: Request) -> None:
-        """`prepare` for a part that must await first (`needs_io`)."""
-        self.prepare(req)
-
-    def settle(self, req: Request, reply: list[Any]) -> None:
-        """Read this part's share of the script's reply; may raise Denial."""
-
-    def keeps(self, req: Request) -> int | None:
-        """The most body bytes this part keeps of the request's response; None: none."""
-        return None
-
-    def after(self, req: Request, outcome: Outcome) -> None:
-        """Queue after-handler ops for the finish script."""
 
 
 def _reply_text(value: Any) -> str:
@@ -280,13 +48,6 @@ def _reply_text(value: Any) -> str:
 
 
 FINISHED = "finished"  # req.data: the after-handler ops ran (once, early or at the end)
-# ctx.state: the request's body was refused (413) as it was read, by a step or the handler;
-# the request then counts as refused before its endpoint ran (never charged).
-BODY_REFUSED = "body_refused"
-
-
-class ClientGone(Exception):  # noqa: N818 - an outcome, recorded rather than raised
-    """The client disconnected while the handler ran."""
 
 
 class StateStep(Step):
@@ -594,109 +355,6 @@ def _recording(
     return record
 
 
-def body_too_large(limit: int, size: int | None = None) -> Denial:
-    """413 body-too-large: of `size` bytes as declared, or (None) grown past `limit`."""
-    if size is None:
-        detail = f"the request body is larger than this route takes ({limit} bytes)"
-    else:
-        detail = f"the request body is {size} bytes; this route takes at most {limit}"
-    return Denial(Problems.BODY_TOO_LARGE, detail, extra={"limit": limit})
-
-
-def declared_length(ctx: Context) -> int | None:
-    """The request's Content-Length, when it sends a valid one."""
-    length = ctx.headers.get("content-length")
-    return int(length) if length is not None and length.isdigit() else None
-
-
-async def read_body(ctx: Context, limit: int | None = None) -> bytes:
-    """Read the whole request body once and let the handler read it again.
-
-    With a `limit`, a larger body is refused (413): before anything is read when its
-    Content-Length says so, else as soon as it grows past it, so at most `limit` bytes
-    are ever held.
-    """
-    if limit is not None:
-        declared = declared_length(ctx)
-        if declared is not None and declared > limit:
-            ctx.state[BODY_REFUSED] = True
-            raise body_too_large(limit, declared)
-    body, whole = await _read(ctx, limit)
-    if not whole:
-        assert limit is not None
-        ctx.state[BODY_REFUSED] = True
-        raise body_too_large(limit)
-    return body
-
-
-async def read_body_upto(ctx: Context, limit: int) -> bytes | None:
-    """The whole request body when it is at most `limit` bytes, else None.
-
-    Refuses nothing: past `limit` it stops reading, and the handler reads what was read
-    followed by the rest as it streams, so at most `limit` bytes are held.
-    """
-    declared = declared_length(ctx)
-    if declared is not None and declared > limit:
-        return None
-    body, whole = await _read(ctx, limit)
-    return body if whole else None
-
-
-async def _read(ctx: Context, limit: int | None) -> tuple[bytes, bool]:
-    """Read the body, at most `limit` bytes of it; (what was read, whether it is whole).
-
-    The handler then reads it again: the whole body, or what was read followed by the
-    rest as it streams.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    receive = ctx.receive
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        chunks.append(chunk)
-        more = bool(message.get("more_body", False))
-        if limit is not None and size > limit:
-            ctx.receive = replay(b"".join(chunks), receive, more=more)
-            return b"", False
-        if not more:
-            break
-    body = b"".join(chunks)
-    ctx.receive = replay(body, receive)
-    return body, True
-
-
-def is_json(headers: Sequence[Header]) -> bool:
-    """Whether response headers declare a JSON body (application/json or any +json type)."""
-    for name, value in headers:
-        if name.lower() == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            return media == b"application/json" or media.endswith(b"+json")
-    return False
-
-
-def replay(body: bytes, then: Receive, *, more: bool = False) -> Receive:
-    """A receive that yields `body` once, then whatever `then` yields.
-
-    `body` is the whole request, or with `more` the start of it (the rest comes from
-    `then`). The server's own receive stays reachable as its `upstream` attribute.
-    """
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": more}
-        return await then()
-
-    receive.upstream = getattr(then, "upstream", then)  # type: ignore[attr-defined]
-    return receive
-
-
 # Bodies up to this size are read before the handler so a disconnect can be watched for;
 # a larger or streamed body goes to the handler as it arrives (its slot is then released
 # and its credits settled when the handler ends, not when the client leaves).
@@ -717,11 +375,6 @@ def _after_replay(receive: Receive) -> Receive:
     return found
 
 
-async def sleep_ms(ms: float) -> None:
-    """Sleep a number of milliseconds."""
-    await asyncio.sleep(ms / 1000)
-
-
 STATE_KEYS = ("rate_limit", "credits", "idempotency", "cache")
 
 
@@ -732,11 +385,6 @@ def sealed(policy: RoutePolicy) -> bool:
 
 def make_state(policy: RoutePolicy, env: Env) -> Step | None:
     """The fused step of a route's stateful keys; None when it sets none of them."""
-    from .cache import make_cache_part
-    from .credits import make_credits_part
-    from .idempotency import make_idempotency_part
-    from .rate_limit import make_rate_limit_part
-
     makers = (make_rate_limit_part, make_credits_part, make_idempotency_part, make_cache_part)
     wanted = [m for m, k in zip(makers, STATE_KEYS, strict=True) if getattr(policy, k)]
     if not wanted:
@@ -748,15 +396,6 @@ def make_state(policy: RoutePolicy, env: Env) -> Step | None:
         vault = Vault(env.service("keyring", "sensitive data at rest (POLICYROUTE_DATA_KEYS)"))
     parts = [p for m in wanted if (p := m(policy, store, vault)) is not None]
     return StateStep(store, parts, body_limit(policy, env))
-
-
-def body_limit(policy: RoutePolicy, env: Env) -> int:
-    """The most a step of the route reads of a request body: `request.max_body`, else
-    the process's `max_body` setting."""
-    limits = policy.request
-    if limits is not None and limits.max_body is not None:
-        return limits.max_body
-    return env.config.max_body
 
 
 register(STATE_KEYS, make_state)

@@ -206,7 +206,7 @@ async def test_a_first_tier_hit_costs_no_credits_and_no_round_trip(
 def test_a_stored_response_comes_back_with_the_same_headers(
     headers: list[tuple[bytes, bytes]],
 ) -> None:
-    from policyroute.steps.state import Stored
+    from policyroute.steps.parts import Stored
 
     stored = Stored(201, headers, b"\0body")
     assert Stored.decode(*stored.encode()) == stored

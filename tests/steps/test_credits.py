@@ -23,8 +23,8 @@ from policyroute.errors import Problems
 from policyroute.language.policy import Credits
 from policyroute.steps.base import Context
 from policyroute.steps.credits import CreditsStep
-from policyroute.steps.state import Outcome
-from policyroute.steps.state import Request as StateRequest
+from policyroute.steps.parts import Outcome
+from policyroute.steps.parts import Request as StateRequest
 
 from .stateful import engine, install, running
 

@@ -14,9 +14,9 @@ from joserfc import jwt
 import policyroute
 from policyroute import ConfigError
 from policyroute.admin import credits
+from policyroute.backends.keys import digest
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.identity.dev import DEV_AUDIENCE, DEV_ISSUER
-from policyroute.steps.state import digest
 from tests.observability.kit import sample
 
 from .identity_kit import SETTINGS, bearer, challenge, dev_key, problem_type, subject, token
