@@ -173,3 +173,7 @@ class StorageError(PolicyrouteError):
     def __str__(self) -> str:
         mode = "failed open" if self.fail_open else "failed closed"
         return f"{self.backend} error during {self.operation} ({mode}): {self.cause!r}"
+
+
+class UsageError(PolicyrouteError):
+    """The command line is wrong (exit 2)."""

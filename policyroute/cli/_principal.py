@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Settings
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from ..language.loader import load_policies
 from ..principal import Accounts
 
@@ -54,7 +54,6 @@ def _tenant(args: argparse.Namespace) -> Any:
 
 
 def _usage(message: str) -> Exception:
-    from .main import UsageError
 
     return UsageError(message)
 

@@ -7,7 +7,8 @@ import asyncio
 import sys
 from typing import Any
 
-from ..errors import StorageError
+from ..errors import StorageError, UsageError
+from ._common import load_app
 
 
 def add_parser(sub: Any) -> None:
@@ -27,7 +28,6 @@ def handler(args: argparse.Namespace) -> int:
     """Run `cache`; exit 1 when a path did not answer 2xx or Valkey failed, 2 on usage."""
     from ..admin import cache as cache_api
     from ..config import Settings
-    from .main import UsageError, load_app
 
     if not Settings().valkey_url:  # the cache lives there, for warm and invalidate alike
         print("policyroute: set POLICYROUTE_VALKEY_URL to manage the cache", file=sys.stderr)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from ..language.loader import load_policies
 from ..language.resolve import RouteNotFound
 from ..review.dryrun import (
@@ -26,12 +27,12 @@ from ..review.dryrun import (
     dry_run,
     embedded_valkey,
 )
+from ._common import existing
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
 
 def _usage(message: str) -> Exception:
-    from .main import UsageError
 
     return UsageError(message)
 
@@ -173,8 +174,6 @@ async def _check(args: argparse.Namespace, request: DryRequest, url: str) -> int
 
 def handler(args: argparse.Namespace) -> int:
     """Run `check`."""
-    from .main import existing
-
     args.paths = existing(args.paths)
     request = request_of(args)
     with embedded_valkey() as url:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..backends.valkey import ValkeyStore
 from ..config import Settings
-from ..errors import StorageError
+from ..errors import StorageError, UsageError
 from ._principal import Named, add_arguments, named
 
 
@@ -52,8 +52,6 @@ def _who(args: argparse.Namespace) -> Named:
     if not args.ip:
         return named(args)
     if args.issuer is not None or args.tenant is not None or args.tenant_json is not None:
-        from .main import UsageError
-
         raise UsageError("--ip names an anonymous caller's address: drop --issuer and --tenant")
     return Named(args.subject, args.subject)
 

@@ -12,6 +12,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from ..review.diff import (
     FORMATS,
     KINDS,
@@ -27,7 +28,6 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _usage(message: str) -> Exception:
-    from .main import UsageError
 
     return UsageError(message)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 
 def run(target: str, *, host: str, port: int, reload: bool) -> int:
@@ -48,3 +50,18 @@ def run(target: str, *, host: str, port: int, reload: bool) -> int:
             proxy_headers=False,
         )
     return 0
+
+
+def handler(args: argparse.Namespace) -> int:
+    """Run `run`."""
+    return run(args.target, host=args.host, port=args.port, reload=args.reload)
+
+
+def add_parser(sub: Any) -> None:
+    """Register the `run` subcommand."""
+    p = sub.add_parser("run", help="serve an app; starts embedded backends when no URLs are set")
+    p.add_argument("target", help="MODULE:ATTR of the FastAPI app")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--reload", action="store_true", help="reload policies when their files change")
+    p.set_defaults(func=handler)

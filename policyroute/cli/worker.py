@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import PolicyrouteError
+from ..errors import PolicyrouteError, UsageError
 
 DESCRIPTION = """\
 Run the Pulsar consumers of a module until SIGINT or SIGTERM, then close cleanly
@@ -47,7 +47,6 @@ def add_parser(sub: Any) -> None:
 def load_worker(spec: str) -> Any:
     """Import the target and return its Worker."""
     from ..events.consumer import Worker, consumers
-    from .main import UsageError
 
     module_name, _, attr = spec.partition(":")
     if not module_name:
@@ -69,7 +68,6 @@ def load_worker(spec: str) -> Any:
 def handler(args: argparse.Namespace) -> int:
     """Run `worker`; exit 0 after a clean stop, 1 when the broker refused the subscriptions."""
     from ..config import Settings
-    from .main import UsageError
 
     worker = load_worker(args.target)
     url = args.pulsar_url or Settings().pulsar_url

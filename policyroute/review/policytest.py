@@ -37,7 +37,7 @@ from xml.etree import ElementTree as ET
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .._types import Duration
-from ..errors import ConfigError, Finding, Location, Problems, ProblemType
+from ..errors import ConfigError, Finding, Location, Problems, ProblemType, UsageError
 from ..language._yaml import Located, load_yaml
 from ..language.loader import TEST_SUFFIXES, PolicySet, load_policies
 from ..language.resolve import RouteNotFound
@@ -250,8 +250,6 @@ def find_test_files(paths: Iterable[str | Path]) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
-            from ..cli.main import UsageError
-
             raise UsageError(f"no test file or directory {str(p)!r}")
     return found
 
