@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._version import __version__ as __version__
-from .asgi.chain import Chain
+from .compile.chain import Chain
 from .config import Settings
 from .engine.engine import Engine
 from .engine.install import install

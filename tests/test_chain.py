@@ -7,9 +7,10 @@ from collections.abc import Awaitable
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from policyroute.asgi.chain import BoundChain, Chain
+from policyroute.asgi.chain import BoundChain
+from policyroute.compile.chain import Chain
+from policyroute.compile.step import Context, Step
 from policyroute.errors import Denial, Problems
-from policyroute.steps.base import Context, Step
 
 
 class AsyncOnly(Step):

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from starlette.types import Message, Receive
 
+from ..compile.step import Context
 from ..errors import Denial, Problems
-from ..steps.base import Context
 
 # The most a step reads of a request body when neither the route nor the settings say.
 DEFAULT_MAX_BODY = 1 << 20

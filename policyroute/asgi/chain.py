@@ -1,4 +1,5 @@
-"""A route's compiled chain: data built once, folded once, run per request.
+"""A route's compiled chain, bound: built once (`compile.chain.Chain`), folded once, run
+per request.
 
 Binding a chain also binds its observability: the route's metric label children, the
 shadow-mode wrappers of guards that do not enforce, and a second fold whose steps open
@@ -12,21 +13,21 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import Denial, Location, Problems
+from ..compile.chain import Chain
+from ..compile.step import Context, Handler, Step
+from ..errors import Denial, Problems
 from ..language.policy import RoutePolicy
 from ..observability.logs import CURRENT, Current
 from ..observability.metrics import STEP_OF_PROBLEM, RouteMeter
 from ..observability.requests import RequestIds
 from ..observability.shadow import shadow_denial
 from ..observability.tracing import PREFIX, active, extract, fail, inject
-from ..steps.base import Context, Handler, Step
 from ._problem import send_problem
 
 ACCESS = logging.getLogger("policyroute.access")
@@ -38,27 +39,6 @@ DEFAULT_IDS = RequestIds()
 def _child(tracer: Tracer, name: str) -> Any:
     """A child span of the current one; exceptions are named by type only (see `fail`)."""
     return tracer.start_as_current_span(name, record_exception=False, set_status_on_exception=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Chain:
-    """The ordered steps that guard one METHOD + path template."""
-
-    route: str
-    steps: tuple[Step, ...]
-    origin: Location | None = None
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    def __repr__(self) -> str:
-        lines = [f"{self.route}" + (f"  ({self.origin})" if self.origin else "")]
-        lines.extend(f"  note: {n}" for n in self.notes)
-        if not self.steps:
-            lines.append("  (no steps: the handler runs unguarded)")
-        for i, step in enumerate(self.steps, 1):
-            detail = step.describe()
-            shadow = " [shadow: enforce false]" if not step.enforce else ""
-            lines.append(f"  {i}. {step.name}" + (f": {detail}" if detail else "") + shadow)
-        return "\n".join(lines)
 
 
 _TRACE_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})

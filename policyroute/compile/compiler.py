@@ -10,13 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..asgi.chain import Chain
 from ..config import Settings
 from ..errors import ConfigError, Finding, Location
 from ..language.loader import PolicySet, RouteEntry, Source
 from ..language.policy import GlobalSettings, RoutePolicy
-from ..steps.base import Step
-from ..steps.deny import DenyStep
+from .chain import Chain
+from .deny import DenyStep
+from .step import Step
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,17 +21,18 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..asgi.api_docs import with_api_docs
-from ..asgi.chain import BoundChain, Chain
+from ..asgi.chain import BoundChain
 from ..asgi.coverage import no_policy_finding, unmatched_entries, unpolicied
 from ..asgi.gate import Endpoint, endpoints
+from ..compile.chain import Chain
 from ..compile.compiler import Env, compile_all, deny_chain
+from ..compile.step import Step
 from ..config import Settings
 from ..errors import ConfigError
 from ..language.loader import PolicySet, load_policies
 from ..language.policy import normalize_path
 from ..observability.repeats import BACKEND as BACKEND_WARNINGS
 from ..observability.requests import RequestIds
-from ..steps.base import Step
 from .changes import Reloaded, file_digests
 
 log = logging.getLogger("policyroute")

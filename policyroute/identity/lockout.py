@@ -39,13 +39,13 @@ from typing import Any
 from .._ids import IDS
 from .._types import format_duration
 from ..backends.valkey import Arg, Store
+from ..compile.step import Context
 from ..errors import Denial, Problems, ProblemType, StorageError
 from ..language.policy import Lockout
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
 from ..principal import address_tag, subject_tag
-from ..steps.base import Context
 
 log = logging.getLogger("policyroute.auth")
 

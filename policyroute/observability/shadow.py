@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import logging
 
+from ..compile.step import Context
 from ..errors import Denial
-from ..steps.base import Context
 
 log = logging.getLogger("policyroute.shadow")
 

@@ -36,9 +36,11 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, Key, KeyParameters, KeySet, OctKey, OKPKey, RSAKey
 from starlette.types import Message, Receive, Scope, Send
 
-from ..asgi.chain import BoundChain, Chain
+from ..asgi.chain import BoundChain
 from ..backends.valkey import ValkeyStore
+from ..compile.chain import Chain
 from ..compile.compiler import Env, compile_route
+from ..compile.step import Context, Handler, Step
 from ..config import Settings
 from ..crypto import Keyring
 from ..errors import Denial, PolicyrouteError
@@ -50,7 +52,6 @@ from ..language.resolve import Resolved, resolve_request
 from ..observability.metrics import STEP_OF_PROBLEM, RouteMeter
 from ..principal import Accounts
 from ..resilience import with_profiles
-from ..steps.base import Context, Handler, Step
 from ..steps.credits import CreditsStep
 from ..steps.rate_limit import RateLimitStep
 from ..steps.roles import RolesStep

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 
-from ..asgi.chain import Chain
 from ..backends.valkey import ValkeyStore
+from ..compile.chain import Chain
 from ..compile.compiler import Env, compile_route
 from ..crypto import Keyring
 from ..engine.services import OFFLINE_PULSAR_URL, OFFLINE_VALKEY_URL

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Context, Handler, Step
+from ..compile.step import Context, Handler, Step
 
 # The modules that register a maker, in request-path order (deny cheap before expensive).
-# They import `compiler.register`, and the compiler imports this package, so they are
-# loaded by `load_builtin()` once the compiler exists rather than imported here.
+# The compiler knows no step module: `policyroute` calls `load_builtin()`, which imports
+# them (each registers its maker with `compiler.register`) and puts the makers in order.
 BUILTIN = (
     "client",
     "ip_allowlist",

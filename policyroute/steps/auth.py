@@ -10,6 +10,7 @@ from collections.abc import Awaitable
 from urllib.parse import unquote_to_bytes
 
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Step
 from ..errors import ConfigError, Denial, Finding, Location, Problems
 from ..identity.challenge import bearer_challenge
 from ..identity.jwks import Fetch, KeysUnavailableError, fetch_jwks
@@ -17,7 +18,6 @@ from ..identity.lockout import LockoutGuard
 from ..identity.tokens import Authenticator, TokenError, shared_authenticator
 from ..language.policy import RoutePolicy
 from ..principal import Principal
-from .base import Context, Step
 
 log = logging.getLogger("policyroute.auth")
 

@@ -14,10 +14,10 @@ from cachetools import FIFOCache, LFUCache, LRUCache
 from .._types import format_duration, format_size
 from ..backends.keys import digest, route_id
 from ..backends.valkey import Store
+from ..compile.step import Context
 from ..crypto import DataKeyError
 from ..identity.claims import claim_value
 from ..language.policy import Cache, RoutePolicy
-from .base import Context
 from .parts import PLAIN, Outcome, Part, Request, Stored, Vault, principal_tag, sleep_ms
 
 # How long the first miss may take to fill the entry before a waiter runs the handler too

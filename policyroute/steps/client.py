@@ -20,10 +20,10 @@ import logging
 from collections.abc import Iterable
 
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Step
 from ..errors import Denial, Problems
 from ..identity.client import ClientResolver, parse_address, xff_hops
 from ..language.policy import RoutePolicy
-from .base import Context, Step
 
 log = logging.getLogger("policyroute")
 _XFF = b"x-forwarded-for"

@@ -15,10 +15,10 @@ from starlette.types import Message, Send
 
 from ..asgi.body import is_json, read_body_upto
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Handler, Step
 from ..errors import Denial, Problems
 from ..events.envelope import Event, TooDeep, envelope, new_event_id, parse_json, pick
 from ..language.policy import Events, RoutePolicy
-from .base import Context, Handler, Step
 
 # A request id longer than this is not an id; it is replaced by a generated one.
 MAX_REQUEST_ID = 200

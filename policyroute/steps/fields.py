@@ -19,10 +19,10 @@ from starlette.types import Message
 from .._types import format_size
 from ..asgi.body import DEFAULT_MAX_BODY, is_json, read_body, replay
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Handler, Step
 from ..crypto import DataKeyError, Keyring
 from ..errors import Denial, Problems
 from ..language.policy import RoutePolicy
-from .base import Context, Handler, Step
 from .request import body_limit
 
 Path = tuple[str, ...]

@@ -9,11 +9,11 @@ from .._types import format_duration, format_size
 from ..asgi.body import read_body
 from ..backends.keys import digest, route_id
 from ..backends.valkey import Store
+from ..compile.step import Context
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems
 from ..language.policy import Idempotency, RoutePolicy
 from ..observability.shadow import shadow_denial
-from .base import Context
 from .parts import PLAIN, Outcome, Part, Request, Stored, Vault, principal_tag
 
 # An in-flight record outlives a process that died holding it for at most this long.

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Step
 from ..errors import Denial, Problems
 from ..identity.client import IPNetwork, parse_address
 from ..language.policy import RoutePolicy
-from .base import Context, Step
 
 _MEMO_MAX = 4096
 

@@ -7,6 +7,7 @@ import time
 
 from .._types import format_duration
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Step
 from ..errors import Denial, Problems, StorageError
 from ..identity.challenge import bearer_challenge
 from ..identity.lockout import LockoutGuard
@@ -19,7 +20,6 @@ from ..language.policy import RoutePolicy, StepUp
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..principal import Principal
-from .base import Context, Step
 
 log = logging.getLogger("policyroute.auth")
 

@@ -20,9 +20,9 @@ from starlette.types import Message, Send
 
 from ..asgi.body import DEFAULT_MAX_BODY, Header
 from ..backends.valkey import Arg
+from ..compile.step import Context, Step
 from ..crypto import Keyring
 from ..principal import address_tag, subject_tag
-from .base import Context, Step
 
 
 def principal_tag(ctx: Context) -> str:

@@ -32,6 +32,7 @@ from .._types import format_duration
 from ..asgi.body import Header, read_body
 from ..backends.keys import digest, route_id
 from ..backends.valkey import Arg, Store
+from ..compile.step import Context
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems, StorageError
 from ..language.policy import RateLimit, RoutePolicy
@@ -39,7 +40,6 @@ from ..observability.metrics import THROTTLE_WAIT, backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
 from ..principal import address_tag
-from .base import Context
 from .parts import PAUSES, PLAIN, Outcome, Part, Request, Stored, Vault, principal_tag, sleep_ms
 from .slots import run_state
 

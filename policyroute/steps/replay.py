@@ -31,13 +31,13 @@ from .._types import format_duration
 from ..backends.keys import digest
 from ..backends.valkey import Store
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Handler, Step
 from ..errors import Denial, Problems, StorageError
 from ..identity.challenge import bearer_challenge
 from ..language.policy import RoutePolicy
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
-from .base import Context, Handler, Step
 
 # The record outlives the last moment the token is accepted by this much.
 MARGIN_MS = 1000

@@ -14,9 +14,9 @@ from starlette.types import Message, Receive, Send
 from .._types import format_size
 from ..asgi.body import BODY_REFUSED, body_too_large, declared_length
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Handler, Step
 from ..errors import Denial, Problems
 from ..language.policy import RequestLimits, RoutePolicy
-from .base import Context, Handler, Step
 
 
 class _Overrun:

@@ -15,12 +15,12 @@ from starlette.types import Message, Send
 from ..asgi.body import DEFAULT_MAX_BODY, read_body, replay
 from ..backends.valkey import Store
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Handler, Step
 from ..errors import ConfigError, Denial, Finding, Location, Problems
 from ..language.policy import RoutePolicy
 from ..resilience.guard import Guard, Spec
 from ..resilience.profiles import PROFILES_SERVICE, SAFE_METHODS, Profiles, Registry, effective
 from ..resilience.retry import AttemptTimeout, ServerError
-from .base import Context, Handler, Step
 from .request import body_limit
 
 

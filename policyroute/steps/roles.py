@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Step
 from ..errors import Denial, Problems
 from ..language.policy import RoutePolicy
-from .base import Context, Step
 
 
 class RolesStep(Step):

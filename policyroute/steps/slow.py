@@ -13,9 +13,9 @@ import logging
 import time
 
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Handler, Step
 from ..language.policy import RoutePolicy
 from ..observability.metrics import SLOW
-from .base import Context, Handler, Step
 
 log = logging.getLogger("policyroute")
 

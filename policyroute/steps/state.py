@@ -23,11 +23,11 @@ from ..asgi._entry import ENTERED
 from ..asgi.body import BODY_REFUSED, DEFAULT_MAX_BODY, Header, read_body
 from ..backends.valkey import Store
 from ..compile.compiler import Env, register
+from ..compile.step import Context, Handler, Step
 from ..errors import Denial, Problems, StorageError
 from ..language.policy import RoutePolicy
 from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
-from .base import Context, Handler, Step
 from .cache import make_cache_part
 from .credits import make_credits_part
 from .idempotency import make_idempotency_part

@@ -19,9 +19,9 @@ import policyroute
 from policyroute.admin import credits
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.cli import main
+from policyroute.compile.step import Context
 from policyroute.errors import Problems
 from policyroute.language.policy import Credits
-from policyroute.steps.base import Context
 from policyroute.steps.credits import CreditsStep
 from policyroute.steps.parts import Outcome
 from policyroute.steps.parts import Request as StateRequest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import Denial, Problems
-from .base import Context, Step
+from .step import Context, Step
 
 
 class DenyStep(Step):
