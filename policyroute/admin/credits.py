@@ -7,9 +7,10 @@ reserved by a running request sit in the sorted set `...:credits:held` (member
 request never finished is refunded after `credits.hold`. Anonymous
 callers of public routes are charged by client address (`ip=True`).
 
-`account` is the principal's account name (`principal.Accounts.name`): its subject when
-one issuer is configured and no tenant claim, else a name that also holds issuer and
-tenant (`policyroute credits --issuer --tenant` makes it from the policy settings).
+`account` is the principal's account name (`identity.accounts.Accounts.name`): its
+subject when one issuer is configured and no tenant claim, else a name that also holds
+issuer and tenant (`policyroute credits --issuer --tenant` makes it from the policy
+settings).
 
 A running request's hold is renewed every quarter of `hold`, so only a process that
 stopped (died, or stalled for most of `hold`) loses its reservations to the next charge,

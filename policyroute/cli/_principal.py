@@ -1,9 +1,9 @@
 """How `policyroute credits` and `policyroute mfa` name a principal: as the routes do.
 
 The account a principal's state is kept under depends on the policy settings (one issuer
-or several, a `tenant_claim` or none; `principal.Accounts`), so these commands read the
-same policy set as the app (`--policies`, else POLICYROUTE_POLICIES) and make the name
-with the same function the steps use.
+or several, a `tenant_claim` or none; `identity.accounts.Accounts`), so these commands
+read the same policy set as the app (`--policies`, else POLICYROUTE_POLICIES) and make
+the name with the same function the steps use.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import ConfigError, UsageError
+from ..identity.accounts import Accounts
 from ..language.loader import load_policies
-from ..principal import Accounts
 
 _UNSET = object()
 

@@ -21,7 +21,8 @@ from joserfc.jwk import Key, OctKey
 
 from ..errors import PolicyrouteError
 from ..language.policy import AuthSettings, Issuer
-from ..principal import Accounts, Principal
+from ..principal import Principal
+from .accounts import Accounts
 from .claims import claim_reader, number
 from .jwks import Fetch, KeySource, fetch_jwks
 

@@ -45,12 +45,12 @@ from ..config import Settings
 from ..crypto import Keyring
 from ..errors import Denial, PolicyrouteError
 from ..events.envelope import Event
+from ..identity.accounts import Accounts
 from ..identity.client import ClientResolver
 from ..language.loader import PolicySet, RouteEntry
 from ..language.policy import AuthSettings, GlobalSettings, Issuer
 from ..language.resolve import Resolved, resolve_request
 from ..observability.metrics import STEP_OF_PROBLEM, RouteMeter
-from ..principal import Accounts
 from ..resilience import with_profiles
 from ..steps.credits import CreditsStep
 from ..steps.rate_limit import RateLimitStep

@@ -30,7 +30,7 @@ def principal_tag(ctx: Context) -> str:
 
     Every per-principal key (credits, `user` limits and concurrency slots, idempotency
     records, private cache entries) is made under this tag; the account names issuer and
-    tenant when the settings need them (`principal.Accounts`).
+    tenant when the settings need them (`identity.accounts.Accounts`).
     """
     account = ctx.principal.account
     if account is not None:
