@@ -153,9 +153,9 @@ def sample(fn: Callable[[], object], times: int) -> tuple[float, ...]:
 
 def lint_timings(work: Path, samples: int = 5) -> list[Timing]:
     """Lint of the 1,000-route set, alone and against its app; load+lint+compile."""
+    from policyroute.backends.offline import OFFLINE_VALKEY_URL
     from policyroute.compile.compiler import Env, compile_all
     from policyroute.engine.reload import check
-    from policyroute.engine.services import OFFLINE_VALKEY_URL
     from policyroute.language.loader import load_policies
     from policyroute.resilience import with_profiles
     from policyroute.review.lint import lint

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..backends.offline import OFFLINE_PULSAR_URL, OFFLINE_VALKEY_URL
 from ..backends.valkey import ValkeyStore
 from ..crypto import Keyring
-
-# `lint` and `explain` import apps to read their routes; clients connect lazily, so an
-# address nothing listens on lets the app compile without a backend, and is never used.
-OFFLINE_VALKEY_URL = "redis://127.0.0.1:1/0"
-OFFLINE_PULSAR_URL = "pulsar://127.0.0.1:1"
 
 if TYPE_CHECKING:
     from .engine import Engine

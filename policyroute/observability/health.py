@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
@@ -30,11 +31,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-if TYPE_CHECKING:
-    from ..engine.engine import Engine
+from ..config import Settings
+from ..errors import ConfigError
 
 HEALTHZ, READYZ, METRICS = "/healthz", "/readyz", "/metrics"
 NO_STORE = {"cache-control": "no-store"}
+
+
+class InstalledEngine(Protocol):
+    """What readiness reads of the installed engine (`policyroute.Engine`)."""
+
+    config: Settings
+    services: Mapping[str, Any]
+    last_reload_error: ConfigError | None
+
+    @property
+    def snapshot(self) -> Any:
+        """The policies and chains in use (`.policies.routes`)."""
+        ...
 
 
 async def healthz(request: Request) -> Response:
@@ -44,7 +58,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Readiness: backends reachable and policies loaded (503 otherwise)."""
-    engine: Engine | None = getattr(request.app.state, "policyroute", None)
+    engine: InstalledEngine | None = getattr(request.app.state, "policyroute", None)
     if engine is None:
         return JSONResponse(
             {"status": "unready", "checks": {"policies": {"ok": False}}},
@@ -65,7 +79,9 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-async def readiness(engine: Engine, limit: float | None = None) -> dict[str, dict[str, Any]]:
+async def readiness(
+    engine: InstalledEngine, limit: float | None = None
+) -> dict[str, dict[str, Any]]:
     """Each readiness check by name: `ok` plus what it saw."""
     limit = limit if limit is not None else engine.config.ready_timeout
     checks: dict[str, dict[str, Any]] = {"policies": _policies(engine)}
@@ -84,7 +100,7 @@ async def readiness(engine: Engine, limit: float | None = None) -> dict[str, dic
     return checks
 
 
-def _policies(engine: Engine) -> dict[str, Any]:
+def _policies(engine: InstalledEngine) -> dict[str, Any]:
     error = engine.last_reload_error
     return {
         "ok": True,

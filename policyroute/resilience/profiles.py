@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from ..backends.valkey import Store
 from ..errors import ConfigError, Finding, Location
@@ -21,15 +21,19 @@ from .breaker import CircuitBreaker, LocalBreaker, SharedBreaker
 from .guard import Guard, Spec
 from .names import resolve_all, resolve_exception
 
-if TYPE_CHECKING:
-    from ..engine.engine import Engine
-
 P = ParamSpec("P")
 T = TypeVar("T")
 
 # The compile-environment service through which route makers see the profiles.
 PROFILES_SERVICE = "resilience_profiles"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class BoundEngine(Protocol):
+    """What the profiles keep of the engine they were bound for (`policyroute.Engine`):
+    `@resilient` coroutines read its services and current snapshot."""
+
+    services: Mapping[str, Any]
 
 
 class Registry:
@@ -79,8 +83,8 @@ class Profiles:
     profiles: Mapping[str, Resilience]
 
 
-_REGISTRIES: weakref.WeakKeyDictionary[Engine, Registry] = weakref.WeakKeyDictionary()
-_current: weakref.ref[Engine] | None = None
+_REGISTRIES: weakref.WeakKeyDictionary[BoundEngine, Registry] = weakref.WeakKeyDictionary()
+_current: weakref.ref[BoundEngine] | None = None
 
 
 @dataclass(eq=False, slots=True, weakref_slot=True)
@@ -96,7 +100,7 @@ _DECLARED: weakref.WeakSet[Declaration] = weakref.WeakSet()
 
 
 def bind(
-    engine: Engine, policies: PolicySet, services: Mapping[str, Any]
+    engine: BoundEngine, policies: PolicySet, services: Mapping[str, Any]
 ) -> Mapping[str, Any]:
     """At install and reload: check the profiles, make them current, return `services`
     plus the profiles for the makers.

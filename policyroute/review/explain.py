@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 
+from ..backends.offline import OFFLINE_PULSAR_URL, OFFLINE_VALKEY_URL
 from ..backends.valkey import ValkeyStore
 from ..compile.chain import Chain
 from ..compile.compiler import Env, compile_route
 from ..crypto import Keyring
-from ..engine.services import OFFLINE_PULSAR_URL, OFFLINE_VALKEY_URL
 from ..errors import Location, PolicyrouteError
 from ..events.bus import EventBus
 from ..language._positions import Doc, KeyPath, read_docs
