@@ -20,14 +20,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 import policyroute
-from policyroute.crypto import Keyring
-from policyroute.engine.engine import Engine
-from policyroute.engine.services import default_services
 
 HERE = Path(__file__).resolve().parent
 POLICIES = HERE / "policies"
 # DEV ONLY: a published data key, so sealed fields work out of the box. Production sets
-# POLICYROUTE_DATA_KEYS (which wins over this file).
+# POLICYROUTE_DATA_KEYS (which wins over this file) or its own POLICYROUTE_DATA_KEYS_FILE.
 DEV_DATA_KEY = HERE / "keys" / "dev-data-key.txt"
 
 app = FastAPI(title="io-job example")
@@ -263,12 +260,6 @@ async def generate_report() -> dict[str, str]:
     return {"report_id": f"r-{next(next_id)}"}
 
 
-def services(engine: Engine) -> dict[str, Any]:
-    """The default backends, plus the DEV ONLY data key when none is configured."""
-    found = default_services(engine)
-    if "keyring" not in found:
-        found["keyring"] = Keyring.parse(DEV_DATA_KEY.read_text().strip())
-    return found
-
-
-engine = policyroute.install(app, POLICIES, services=services)
+engine = policyroute.install(
+    app, POLICIES, settings=policyroute.Settings(data_keys_file=DEV_DATA_KEY)
+)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -25,6 +27,12 @@ class Settings(BaseSettings):
         default=False, description="Compile without backends (set by lint and explain)."
     )
     key_prefix: str = Field(default="pr", description="Prefix of every Valkey key.")
+    data_keys_file: Path | None = Field(
+        default=None,
+        description="A file holding the data keys (`kid:base64,...`, as POLICYROUTE_DATA_KEYS "
+        "takes them), read when POLICYROUTE_DATA_KEYS is not set: a dev key, or keys "
+        "mounted as a secret file. Not read by lint and explain (offline).",
+    )
     request_id_header: str = Field(
         default="x-request-id", description="Header carrying a request id."
     )

@@ -1,6 +1,7 @@
 """Data at rest: AES-256-GCM with key ids, so keys rotate without losing old records.
 
-Keys come from the environment: `POLICYROUTE_DATA_KEYS="k2:<base64 32 bytes>,k1:<...>"`.
+Keys come from the environment: `POLICYROUTE_DATA_KEYS="k2:<base64 32 bytes>,k1:<...>"`,
+or else from the file `POLICYROUTE_DATA_KEYS_FILE` names (the same text).
 The first key seals; every listed key opens. A sealed value is
 `PRS1.<kid>.<base64url nonce+ciphertext>` as bytes; the associated data (the Valkey key
 or the event's route) binds a ciphertext to where it was stored.
@@ -14,6 +15,7 @@ import hmac
 import os
 import secrets
 from collections.abc import Mapping
+from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -70,6 +72,18 @@ class Keyring:
         """The keyring of `POLICYROUTE_DATA_KEYS`, or None when it is not set."""
         spec = (environ if environ is not None else os.environ).get(ENV, "")
         return cls.parse(spec) if spec.strip() else None
+
+    @classmethod
+    def from_file(cls, path: Path) -> Keyring:
+        """The keyring written in a file (`kid:base64,...`, surrounding whitespace ignored)."""
+        try:
+            spec = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise DataKeyError(f"data keys file {str(path)!r}: {exc.strerror or exc}") from exc
+        try:
+            return cls.parse(spec.strip())
+        except DataKeyError as exc:
+            raise DataKeyError(f"data keys file {str(path)!r}: {exc}") from exc
 
     @staticmethod
     def generate(kid: str) -> str:

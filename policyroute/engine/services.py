@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 
 def default_services(engine: Engine) -> dict[str, Any]:
-    """Valkey when `POLICYROUTE_VALKEY_URL` is set; more backends join as steps need them."""
+    """Valkey when `POLICYROUTE_VALKEY_URL` is set, the data keys (`POLICYROUTE_DATA_KEYS`,
+    else `POLICYROUTE_DATA_KEYS_FILE`) and Pulsar when `POLICYROUTE_PULSAR_URL` is set."""
     services: dict[str, Any] = {}
     config = engine.config
     url = config.valkey_url or (OFFLINE_VALKEY_URL if config.offline else None)
@@ -25,6 +26,8 @@ def default_services(engine: Engine) -> dict[str, Any]:
     if keyring is None and config.offline:
         # lint and explain compile sealed routes without the real keys; nothing is stored
         keyring = Keyring.parse(Keyring.generate("offline"))
+    if keyring is None and config.data_keys_file is not None:
+        keyring = Keyring.from_file(config.data_keys_file)
     if keyring is not None:
         services["keyring"] = keyring
     pulsar_url = config.pulsar_url or (OFFLINE_PULSAR_URL if config.offline else None)
