@@ -1,6 +1,6 @@
 """Observability: OpenTelemetry spans, Prometheus metrics, sanitized JSON logs, health routes.
 
-The chain (`policyroute/chain.py`) uses these on every request; applications use
+The bound chain (`policyroute/asgi/chain.py`) uses these on every request; applications use
 `configure_logging`, `sanitize_logger`, `add_routes` and `set_provider`. Submodules load
 on first use, so importing this package costs nothing.
 """
