@@ -1,8 +1,9 @@
 """Policy reload: a watch on the policy files, SIGHUP under a server, and what every reload
 checks before its chains are swapped in.
 
-`Engine.reload()` loads the files, runs every lint rule that needs no app (`check`),
-compiles, and swaps one snapshot, so each request sees the old chains or the new ones.
+`Engine.reload()` loads the files, runs every lint rule that needs no app (`check`, through
+the `Reload` hook), compiles, and swaps one snapshot, so each request sees the old chains
+or the new ones.
 A refused reload keeps the last good policy, logs each finding at file:line:col, keeps
 them in `engine.last_reload_error` (for `/readyz`) and shows in the metrics below.
 
