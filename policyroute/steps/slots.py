@@ -86,15 +86,36 @@ def _release_lock(req: Request, op: Op) -> None:
         req.finish("cau", [keys[1]], args[2])
 
 
-def run_state(store: Store, req: Request, operation: str, fail_open: bool) -> Awaitable[Any]:
-    """The before-handler verdict: one script call, or one per hash tag on a cluster.
+def state_reply(raw: Any) -> list[Any]:
+    """`state.lua`'s flat reply as [verdict, limit rows, credit, answer].
 
-    Not a coroutine itself: on one server (or one tag) it is the store's call, so the
-    request's hot path awaits no extra frame.
+    The script answers a head `verdict|row;row|credit` (each row `ok,left,reset,retry,cur,
+    wait`, the credit `from_a,from_b,balance,period`), followed by the stored answer's
+    fields when it answers (a replay, a cache hit, a joined response).
     """
+    if isinstance(raw, list):
+        first, answer = raw[0], raw[1:]
+    else:
+        first, answer = raw, []
+    verdict, rows, credit = _text(first).split("|", 2)
+    return [
+        verdict,
+        [row.split(",") for row in rows.split(";")] if rows else [],
+        credit.split(",") if credit else [],
+        answer,
+    ]
+
+
+def run_state(store: Store, req: Request, operation: str, fail_open: bool) -> Awaitable[Any]:
+    """The before-handler verdict: one script call, or one per hash tag on a cluster."""
     if not store.cluster or len({hash_tag(k) for k in req.keys}) < 2:
-        return store.run("state", req.keys, req.args, operation=operation, fail_open=fail_open)
+        call = store.run("state", req.keys, req.args, operation=operation, fail_open=fail_open)
+        return _one(call)
     return _run_state_by_tag(store, req, operation, fail_open)
+
+
+async def _one(call: Awaitable[Any]) -> list[Any]:
+    return state_reply(await call)
 
 
 async def _run_state_by_tag(store: Store, req: Request, operation: str, fail_open: bool) -> Any:
@@ -103,7 +124,9 @@ async def _run_state_by_tag(store: Store, req: Request, operation: str, fail_ope
     async def call(group: list[int]) -> Any:
         keys = [k for i in group for k in ops[i][0]]
         args = [a for i in group for a in ops[i][1]]
-        return await store.run("state", keys, args, operation=operation, fail_open=fail_open)
+        return state_reply(
+            await store.run("state", keys, args, operation=operation, fail_open=fail_open)
+        )
 
     limits = [i for i, op in enumerate(ops) if op[1][0] in LIMIT_OPS]
     rows: dict[int, Any] = {}

@@ -18,6 +18,7 @@ from policyroute.backends.embedded import start_valkey
 from policyroute.backends.pipeline import Pipeline
 from policyroute.backends.valkey import ValkeyStore
 from policyroute.errors import StorageError
+from policyroute.steps.slots import state_reply
 
 
 def _store(url: str) -> ValkeyStore:
@@ -77,7 +78,8 @@ async def test_script_flush_is_recovered_transparently(valkey_url: str) -> None:
         first = await store.run("state", keys, args, operation="t", fail_open=False)
         await store.command("SCRIPT", "FLUSH", operation="flush")
         second = await store.run("state", keys, args, operation="t", fail_open=False)
-        assert first[0] == second[0] == b"go"
+        first, second = state_reply(first), state_reply(second)
+        assert first[0] == second[0] == "go"
         assert int(first[1][0][1]) == 4 and int(second[1][0][1]) == 3  # tokens left
     finally:
         await store.stop()
@@ -107,7 +109,7 @@ async def test_server_stop_fails_fast_and_restart_reconnects() -> None:
     keys = [store.key("s:bob", "rl", "r", "0")]
     args: list[str | int] = ["tb", 5, 5, 60_000, 1]
     try:
-        assert (await store.run("state", keys, args, operation="t", fail_open=False))[0] == b"go"
+        assert state_reply(await store.run("state", keys, args, operation="t", fail_open=False))[0] == "go"
         server.stop()
         started = time.monotonic()
         with pytest.raises(StorageError) as caught:
@@ -117,7 +119,7 @@ async def test_server_stop_fails_fast_and_restart_reconnects() -> None:
         server.restart()
         # A fresh server: no scripts loaded, a new connection; both recovered on the next call.
         reply = await store.run("state", keys, args, operation="t", fail_open=False)
-        assert reply[0] == b"go"
+        assert state_reply(reply)[0] == "go"
     finally:
         await store.stop()
         server.stop()
@@ -140,7 +142,7 @@ BUCKET: list[str | int] = ["tb", 100, 100, 60_000, 1]
 async def _tokens_left(store: ValkeyStore, keys: list[str]) -> int:
     """Take one more token and say how many are left."""
     reply = await store.run("state", keys, BUCKET, operation="t", fail_open=False)
-    return int(reply[1][0][1])
+    return int(state_reply(reply)[1][0][1])
 
 
 async def test_submitted_calls_are_seen_by_later_calls_even_after_a_script_flush(

@@ -25,6 +25,7 @@ from policyroute.language.policy import Credits
 from policyroute.steps.credits import CreditsStep
 from policyroute.steps.parts import Outcome
 from policyroute.steps.parts import Request as StateRequest
+from policyroute.steps.slots import state_reply
 
 from .stateful import engine, install, running
 
@@ -333,8 +334,9 @@ async def test_a_commit_whose_hold_was_swept_charges_once_even_when_run_twice(
     async def reserve(step: CreditsStep) -> StateRequest:
         req = StateRequest(_context(), token=uuid.uuid4().hex)
         step.prepare(req)
-        reply = await store.run("state", req.keys, req.args, operation="test", fail_open=False)
-        req.data["verdict"] = reply[0].decode()
+        raw = await store.run("state", req.keys, req.args, operation="test", fail_open=False)
+        reply = state_reply(raw)
+        req.data["verdict"] = reply[0]
         step.settle(req, reply)
         return req
 

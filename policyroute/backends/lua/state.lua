@@ -5,8 +5,19 @@
 -- limits ('joined'): it takes no credits, opens no record and takes no lock. The first refusal returns at once, so later ops consume nothing (a short balance
 -- waits until idempotency and cache could answer without the handler); credits are
 -- taken only when the handler will run (never for a replay or a cache hit).
+-- The reply is flat (a Lua table made into nested replies costs the server more than the
+-- script's own commands): a head 'verdict|row;row|credit', each limit row
+-- 'ok,left,reset,retry,cur,wait' and the credit 'from_a,from_b,balance,period'; an answer
+-- (a replay, a cache hit, a joined response) follows the head as more bulk strings.
 -- include: _period
 -- include: _account
+local function head(verdict, rows, credit)
+  local parts = {}
+  for i, r in ipairs(rows) do
+    parts[i] = string.format('%d,%d,%d,%d,%d,%d', r[1], r[2], r[3], r[4], r[5], r[6] or 0)
+  end
+  return verdict .. '|' .. table.concat(parts, ';') .. '|' .. credit
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- Keys and arguments are read in place (no helper closures: they would be made anew on
@@ -139,7 +150,7 @@ if denied then
   if touches then
     for i = 1, #touches, 2 do redis.call('PEXPIRE', touches[i], touches[i + 1]) end
   end
-  return {'rate', limits, {}, {}}
+  return head('rate', limits, '')
 end
 for _, w in ipairs(writes) do
   local kind, k = w[1], w[2]
@@ -164,9 +175,11 @@ for _, w in ipairs(writes) do
     if redis.call('PTTL', k) < w[3] then redis.call('PEXPIRE', k, w[3]) end
   end
 end
-if joined then return {'joined', limits, {}, joined} end
+if joined then
+  return {head('joined', limits, ''), joined[1], joined[2], joined[3], joined[4], joined[5]}
+end
 
-local credit = {}
+local credit = ''
 -- A short balance is answered only after idempotency and cache had their say: a replay
 -- or a cache hit costs nothing, so it must not be refused for want of credits.
 local short = nil
@@ -194,11 +207,11 @@ if op == 'cr' then
     if p ~= cur then a = amount; p = cur end
   end
   if b + a < cost then
-    short = {'credits', limits, {0, 0, b + a, p}, {}}
+    short = head('credits', limits, string.format('0,0,%d,', b + a) .. p)
   else
     local from_a = math.min(a, cost)
     local from_b = cost - from_a
-    credit = {from_a, from_b, b + a - cost, p}
+    credit = string.format('%d,%d,%d,', from_a, from_b, b + a - cost) .. p
     take = {k, b - from_b, a - from_a, p, held, now + hold,
       from_a .. ':' .. from_b .. ':' .. p .. ':' .. token}
   end
@@ -207,7 +220,6 @@ if op == 'cr' then
 end
 
 local verdict = 'go'
-local answer = {}
 if op == 'id' then
   local k = KEYS[ki]
   ki = ki + 1
@@ -219,11 +231,11 @@ if op == 'id' then
     redis.call('HSET', k, 'fp', fp, 'st', '0')
     redis.call('PEXPIRE', k, lock)
   elseif s[1] ~= fp then
-    return {'reused', limits, {}, {}}
+    return head('reused', limits, '')
   elseif s[2] == '0' then
-    return {'inflight', limits, {}, {}}
+    return head('inflight', limits, '')
   else
-    return {'replay', limits, {}, {s[3], s[4], s[5]}}
+    return {head('replay', limits, ''), s[3], s[4], s[5]}
   end
   op = ARGV[ai]
   ai = ai + 1
@@ -237,7 +249,7 @@ if op == 'ca' then
   local s = redis.call('HMGET', v, 'code', 'hd', 'bd')
   if s[1] then
     -- an idempotency record opened above is completed by finish.lua with this answer
-    return {'hit', limits, {}, {s[1], s[2], s[3]}}
+    return {head('hit', limits, ''), s[1], s[2], s[3]}
   end
   if short then return short end
   if not redis.call('SET', lk, token, 'NX', 'PX', lock) then verdict = 'wait' end
@@ -251,4 +263,4 @@ if take then
   -- An empty set is removed by the server, so settled accounts keep no extra key.
   redis.call('ZADD', take[5], take[6], take[7])
 end
-return {verdict, limits, credit, answer}
+return head(verdict, limits, credit)
