@@ -9,6 +9,13 @@ first one warms up and is not kept. On this 2-core machine the figures move by 3
 between runs where req/s over HTTP moves by tens: measure a Lua change with this before
 and after it. Requests here finish one by one, so after-handler calls are rarely joined
 (2 script calls per request for the full chain, about 1.06 under HTTP load).
+
+``python -m bench.lua --alone [--against CHECKOUT] [POLICY ...]`` times the scripts alone:
+it records the state and finish calls one round of requests makes, then sends them again
+pipelined (200 a write, no app in between), in alternating rounds when ``--against``
+names another checkout whose ``policyroute/lua`` scripts to compare. It prints, per
+request, the time inside the scripts and Valkey's CPU time, least and median over the
+rounds: the least is what a script costs when nothing else wants the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import statistics
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import valkey
@@ -167,13 +175,118 @@ async def measure(policy: str, backend: Valkey, requests: int, rounds: int) -> l
     return found
 
 
+Call = tuple[str, list[str], list[str]]
+
+
+async def record(policy: str, backend: Valkey, requests: int) -> list[Call]:
+    """The script calls (name, keys, arguments) of one round of `requests` requests."""
+    from policyroute.backends import valkey as store_module
+
+    calls: list[Call] = []
+    store = store_module.ValkeyStore
+    run, submit = store.run, store.submit
+
+    def note(script: str, keys: Any, args: Any) -> None:
+        calls.append((script, list(keys), [a if isinstance(a, str) else str(a) for a in args]))
+
+    async def running(self: Any, script: str, keys: Any, args: Any, **options: Any) -> Any:
+        note(script, keys, args)
+        return await run(self, script, keys, args, **options)
+
+    def submitting(self: Any, script: str, keys: Any, args: Any, **options: Any) -> None:
+        note(script, keys, args)
+        submit(self, script, keys, args, **options)
+
+    store.run, store.submit = running, submitting  # type: ignore[method-assign]
+    try:
+        await measure(policy, backend, requests, 1)
+    finally:
+        store.run, store.submit = run, submit  # type: ignore[method-assign]
+    return calls[len(calls) // 2 :]  # the kept round (the first warmed up)
+
+
+def script_source(root: Path, name: str) -> str:
+    """`lua_source` of another checkout: its script with the files it includes first."""
+    folder = root / "policyroute" / "lua"
+    text = (folder / f"{name}.lua").read_text()
+    shared = [
+        (folder / (line.split(":", 1)[1].strip() + ".lua")).read_text()
+        for line in text.splitlines()
+        if line.startswith("-- include:")
+    ]
+    return "\n".join([*shared, text])
+
+
+def replay(backend: Valkey, calls: list[Call], roots: list[Path], rounds: int) -> dict[Path, Any]:
+    """Per checkout: (us in scripts, Valkey CPU us) per request of each round."""
+    client: Any = valkey.Valkey.from_url(backend.url)
+    requests = sum(1 for name, _, _ in calls if name == "state")
+    # Every account the calls charge holds plenty (a balance key ends in `:credits`).
+    accounts = {k for name, keys, _ in calls if name == "state" for k in keys}
+    accounts = {k for k in accounts if k.endswith(":credits")}
+    shas = {
+        root: {name: client.script_load(script_source(root, name)) for name in ("state", "finish")}
+        for root in roots
+    }
+    found: dict[Path, list[tuple[float, float]]] = {root: [] for root in roots}
+    try:
+        for _ in range(rounds):
+            for root in roots:
+                client.flushall()
+                for account in accounts:
+                    client.hset(account, "b", 10**12)
+                client.config_resetstat()
+                before = backend.cpu_seconds()
+                pipe = client.pipeline(transaction=False)
+                for n, (name, keys, args) in enumerate(calls, 1):
+                    pipe.evalsha(shas[root][name], len(keys), *keys, *args)
+                    if n % 200 == 0:
+                        pipe.execute(raise_on_error=True)
+                        pipe = client.pipeline(transaction=False)
+                pipe.execute(raise_on_error=True)
+                spent = backend.cpu_seconds() - before
+                row = client.info("commandstats").get("cmdstat_evalsha", {"usec": 0})
+                found[root].append((int(row["usec"]) / requests, spent / requests * 1e6))
+    finally:
+        client.close()
+    return found
+
+
+def alone(policies: list[str], against: str | None, requests: int, rounds: int) -> None:
+    """Print the scripts' own cost per request, this checkout's and `against`'s."""
+    here = Path(__file__).resolve().parent.parent
+    roots = [here, *([Path(against).resolve()] if against else [])]
+    with start_valkey() as backend:
+        os.environ[VALKEY_URL_ENV] = backend.url
+        for policy in policies:
+            backend.flush()
+            calls = asyncio.run(record(policy, backend, requests))
+            found = replay(backend, calls, roots, rounds)
+            per = len(calls) / max(1, sum(1 for c in calls if c[0] == "state"))
+            print(f"{policy}: scripts alone, {per:.2f} calls per request (us per request, "
+                  f"least / median of {rounds} rounds)")
+            for root, rows in found.items():
+                inside = [r[0] for r in rows]
+                cpu_us = [r[1] for r in rows]
+                print(
+                    f"  {root}: in scripts {min(inside):.1f} / {statistics.median(inside):.1f}; "
+                    f"Valkey CPU {min(cpu_us):.1f} / {statistics.median(cpu_us):.1f}"
+                )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print Valkey µs and commands per request for each policy set."""
     parser = argparse.ArgumentParser(prog="python -m bench.lua", description=__doc__)
     parser.add_argument("policies", nargs="*", default=["full"])
     parser.add_argument("--requests", type=int, default=10000, help="per round (default 10000)")
     parser.add_argument("--rounds", type=int, default=5, help="default 5; the median is shown")
+    parser.add_argument("--alone", action="store_true", help="time the scripts alone")
+    parser.add_argument("--against", help="another checkout whose scripts to compare (--alone)")
     args = parser.parse_args(argv)
+    if args.alone:
+        with _borrowed({"BENCH_POLICY": "", VALKEY_URL_ENV: ""}, cpu.plan().others):
+            alone(args.policies, args.against, min(args.requests, 2000), max(args.rounds, 15))
+        return 0
     # Valkey and this process share one CPU (the one a server under test leaves free):
     # Valkey's figures are its own CPU time, which waiting for the CPU does not add to.
     borrowed = {"BENCH_POLICY": "", VALKEY_URL_ENV: ""}  # both set below, put back after
