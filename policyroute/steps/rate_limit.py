@@ -112,6 +112,9 @@ class Limit:
     op: tuple[Arg, ...]
     policy_item: str
     label: str  # the name as a structured-field string
+    # The key space of its state: a token bucket is one string "tokens at" (`tb`), the
+    # others their own structures (`rl`); shadowed limits count in `<space>s`.
+    space: str = "rl"
 
     def item(self, remaining: int, reset_ms: int) -> str:
         """This limit's `RateLimit` header item (draft-ietf-httpapi-ratelimit-headers)."""
@@ -158,7 +161,8 @@ def compile_limit(spec: RateLimit, index: int, names: set[str]) -> Limit:
         else:
             op = ("sw", capacity, per_ms, spec.cost)
         item = f"{_sf_name(name)};q={capacity};w={window}"
-    return Limit(spec, name, _tag_of(spec.key), str(index), op, item, _sf_name(name))
+    space = "tb" if op[0] == "tb" else "rl"
+    return Limit(spec, name, _tag_of(spec.key), str(index), op, item, _sf_name(name), space)
 
 
 def throttle_bound(spec: RateLimit) -> float:
@@ -244,8 +248,9 @@ class RateLimitStep(Part):
         req.data["db_request"] = digest(self.vault.fingerprint(raw + b"\0" + body))
         self.prepare(req)
 
-    def _key(self, req: Request, lim: Limit, kind: str, rid: str) -> str:
-        key = self.store.key(lim.tag(req.ctx), kind, rid, lim.index)
+    def _key(self, req: Request, lim: Limit, shadow: bool, rid: str) -> str:
+        space = lim.space + "s" if shadow else lim.space
+        key = self.store.key(lim.tag(req.ctx), space, rid, lim.index)
         return f"{key}:{req.data['db_request']}" if lim.op[0] == "db" else key
 
     def prepare(self, req: Request) -> None:
@@ -256,7 +261,7 @@ class RateLimitStep(Part):
             self._probe(req, rid)
         if not self.limits:
             return
-        keys = [self._key(req, lim, "rl", rid) for lim in self.limits]
+        keys = [self._key(req, lim, False, rid) for lim in self.limits]
         for key, lim in zip(keys, self.limits, strict=True):
             req.op((key,), (*lim.op, req.token) if lim.op[0] in _OWNED else lim.op)
         req.data["rl_keys"] = keys
@@ -269,7 +274,7 @@ class RateLimitStep(Part):
         """
         store, ctx = self.store, req.ctx
         sub = Request(ctx, token=req.token)
-        keys = [self._key(req, lim, "rls", rid) for lim in self.shadows]
+        keys = [self._key(req, lim, True, rid) for lim in self.shadows]
         for key, lim in zip(keys, self.shadows, strict=True):
             op = lim.op if lim.op[0] != "db" else (*lim.op[:2], "0", *lim.op[3:])
             sub.op((key,), (*op, req.token) if lim.op[0] in _OWNED else op)

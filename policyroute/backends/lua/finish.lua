@@ -65,8 +65,12 @@ while op do
     local k = KEYS[ki]
     local cap, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
     ki, ai = ki + 1, ai + 2
-    local t = tonumber(redis.call('HGET', k, 't'))
-    if t then redis.call('HSET', k, 't', tostring(math.min(cap, t + cost))) end
+    local v = redis.call('GET', k)
+    if v then
+      local sp = string.find(v, ' ', 1, true)
+      local t = tonumber(string.sub(v, 1, sp - 1))
+      redis.call('SET', k, tostring(math.min(cap, t + cost)) .. string.sub(v, sp), 'KEEPTTL')
+    end
   elseif op == 'uth' then
     -- give back a throttle's place a refused request took on a cluster
     local k, back = KEYS[ki], tonumber(ARGV[ai])

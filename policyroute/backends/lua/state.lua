@@ -41,9 +41,14 @@ while op == 'tb' or op == 'sw' or op == 'cc' or op == 'th' or op == 'db' do
     local cap, refill, per = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
     local cost = tonumber(ARGV[ai + 3])
     ai = ai + 4
-    local s = redis.call('HMGET', k, 't', 'ts')
-    local tokens = tonumber(s[1]) or cap
-    local ts = tonumber(s[2]) or now
+    -- the bucket is one string, "tokens at" (ms), with its expiry: one read, one write
+    local tokens, ts = cap, now
+    local v = redis.call('GET', k)
+    if v then
+      local sp = string.find(v, ' ', 1, true)
+      tokens = tonumber(string.sub(v, 1, sp - 1)) or cap
+      ts = tonumber(string.sub(v, sp + 1)) or now
+    end
     local rate = refill / per
     if now > ts then tokens = math.min(cap, tokens + (now - ts) * rate) end
     ok = tokens >= cost
@@ -155,8 +160,7 @@ end
 for _, w in ipairs(writes) do
   local kind, k = w[1], w[2]
   if kind == 'tb' then
-    redis.call('HSET', k, 't', w[3], 'ts', now)
-    redis.call('PEXPIRE', k, w[4])
+    redis.call('SET', k, w[3] .. ' ' .. now, 'PX', w[4])
   elseif kind == 'sw' then
     local now_us = t[1] .. string.format('%06d', tonumber(t[2]))
     local n = w[3]
