@@ -367,3 +367,58 @@ async def test_a_commit_whose_hold_was_swept_charges_once_even_when_run_twice(
         await stalled.stop()
         await steady.stop()
         await store.stop()
+
+
+async def test_a_charge_searches_the_held_reservations_only_once_they_may_have_expired(
+    valkey_url: str,
+) -> None:
+    """The account keeps a bound before which no hold expires: charges before it skip the
+    search of the held set, and the first charge after a stalled hold's expiry still finds
+    it and refunds it."""
+    store = ValkeyStore(valkey_url, prefix="t" + uuid.uuid4().hex[:10])
+    steady = CreditsStep(store, Credits(cost=1, hold=60))
+    stalled = CreditsStep(store, Credits(cost=1, hold=0.05))
+
+    async def searches() -> int:
+        stats = await store.command("INFO", "commandstats", operation="test")
+        text = stats.decode() if isinstance(stats, bytes) else str(stats)
+        for line in text.splitlines():
+            if line.startswith("cmdstat_zrangebyscore:"):
+                return int(line.split("calls=")[1].split(",")[0])
+        return 0
+
+    async def charge(step: CreditsStep, *, settle: bool = True) -> StateRequest:
+        req = StateRequest(_context(), token=uuid.uuid4().hex)
+        step.prepare(req)
+        raw = await store.run("state", req.keys, req.args, operation="test", fail_open=False)
+        reply = state_reply(raw)
+        req.data["verdict"] = reply[0]
+        step.settle(req, reply)
+        if settle:
+            step.after(req, Outcome(handler_ran=True, status=200, started=True, done=True))
+            await store.run("finish", req.finish_keys, req.finish_args, operation="test",
+                            fail_open=False)  # fmt: skip
+        return req
+
+    try:
+        await credits.set_balance(store, "127.0.0.1", 100, ip=True)
+        before = await searches()
+        for _ in range(10):
+            await charge(steady)
+        # The first charge found no bound (the account was just set): one search in ten.
+        assert await searches() - before == 1
+        await charge(stalled, settle=False)  # its process stalls: the hold is never settled
+        stalled.live.clear()  # ... nor renewed
+        assert (await credits.show(store, "127.0.0.1", ip=True)).total == 89
+        await charge(steady)  # before the stalled hold expires: no search, no refund
+        assert (await credits.show(store, "127.0.0.1", ip=True)).total == 88
+        await asyncio.sleep(0.1)
+        before = await searches()
+        await charge(steady)  # the bound has passed: this charge searches and refunds
+        assert await searches() - before == 1
+        balance = await credits.show(store, "127.0.0.1", ip=True)
+        assert (balance.total, balance.held) == (88, 0)
+    finally:
+        await steady.stop()
+        await stalled.stop()
+        await store.stop()

@@ -5,13 +5,24 @@
 -- ('from_a:from_b:period:token', scored by expiry); allowance comes back only within the
 -- period it was taken from. What a charge sweeps is remembered (member scored by when it
 -- is forgotten) for SWEPT_KEPT ms in the account's `:swept` set.
+-- The account's field `n` is a bound the charges keep: no hold expires before it (NONE_HELD
+-- when none is held). The held set is searched only once `n` has passed, or when the
+-- account has no `n` (written by an earlier version): most charges skip that search. Also
+-- returned: the bound read (nil once it has passed: the caller finds the next one) and
+-- whether the account exists.
 local SWEPT_KEPT = 86400000
+local NONE_HELD = 9007199254740991
 local function account(balance_key, held_key, now)
-  local s = redis.call('HMGET', balance_key, 'b', 'a', 'p')
+  local s = redis.call('HMGET', balance_key, 'b', 'a', 'p', 'n')
   local b = tonumber(s[1]) or 0
   local a = tonumber(s[2]) or 0
   local p = s[3] or ''
-  local lost = redis.call('ZRANGEBYSCORE', held_key, '-inf', now, 'LIMIT', 0, 64)
+  local due = tonumber(s[4])
+  local searched = not due or due <= now
+  local lost = {}
+  if searched then
+    lost = redis.call('ZRANGEBYSCORE', held_key, '-inf', now, 'LIMIT', 0, 64)
+  end
   for _, m in ipairs(lost) do
     local ra, rb, rp = string.match(m, '^(%d+):(%d+):([^:]*):')
     if rb then
@@ -19,5 +30,6 @@ local function account(balance_key, held_key, now)
       if rp == p then a = a + tonumber(ra) end
     end
   end
-  return b, a, p, lost
+  if searched then due = nil end
+  return b, a, p, lost, due, (s[1] or s[2] or s[3] or s[4]) and true or false
 end

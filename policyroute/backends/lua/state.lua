@@ -196,15 +196,22 @@ if op == 'cr' then
   local cost, amount, every = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), ARGV[ai + 2]
   local hold, token = tonumber(ARGV[ai + 3]), ARGV[ai + 4]
   ai = ai + 5
-  local b, a, p, lost = account(k, held, now)
-  if #lost > 0 then
-    redis.call('ZREM', held, unpack(lost))
-    redis.call('HSET', k, 'b', b, 'a', a, 'p', p)
-    -- Remember what was swept for a day: a request that was still running commits it
-    -- later, and its commit then charges it again (finish.lua, 'com').
-    redis.call('ZREMRANGEBYSCORE', swept, '-inf', now)
-    for _, m in ipairs(lost) do redis.call('ZADD', swept, now + SWEPT_KEPT, m) end
-    redis.call('PEXPIRE', swept, SWEPT_KEPT)
+  local b, a, p, lost, due, exists = account(k, held, now)
+  if not due then
+    -- the holds were searched: sweep what expired, then bound the ones left
+    if #lost > 0 then redis.call('ZREM', held, unpack(lost)) end
+    local first = redis.call('ZRANGE', held, 0, 0, 'WITHSCORES')
+    due = tonumber(first[2]) or NONE_HELD
+    if #lost > 0 then
+      redis.call('HSET', k, 'b', b, 'a', a, 'p', p, 'n', due)
+      -- Remember what was swept for a day: a request that was still running commits it
+      -- later, and its commit then charges it again (finish.lua, 'com').
+      redis.call('ZREMRANGEBYSCORE', swept, '-inf', now)
+      for _, m in ipairs(lost) do redis.call('ZADD', swept, now + SWEPT_KEPT, m) end
+      redis.call('PEXPIRE', swept, SWEPT_KEPT)
+    elseif exists then
+      redis.call('HSET', k, 'n', due)
+    end
   end
   if amount > 0 then
     local cur = period(now, every)
@@ -217,7 +224,7 @@ if op == 'cr' then
     local from_b = cost - from_a
     credit = string.format('%d,%d,%d,', from_a, from_b, b + a - cost) .. p
     take = {k, b - from_b, a - from_a, p, held, now + hold,
-      from_a .. ':' .. from_b .. ':' .. p .. ':' .. token}
+      from_a .. ':' .. from_b .. ':' .. p .. ':' .. token, due}
   end
   op = ARGV[ai]
   ai = ai + 1
@@ -263,7 +270,9 @@ end
 
 if short then return short end
 if take then
-  redis.call('HSET', take[1], 'b', take[2], 'a', take[3], 'p', take[4])
+  -- the bound on the holds: this one's expiry when it is the first to expire
+  redis.call('HSET', take[1], 'b', take[2], 'a', take[3], 'p', take[4], 'n',
+    math.min(take[8], take[6]))
   -- An empty set is removed by the server, so settled accounts keep no extra key.
   redis.call('ZADD', take[5], take[6], take[7])
 end
