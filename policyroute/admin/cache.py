@@ -15,7 +15,7 @@ from ..errors import StorageError
 def entry_pattern(store: ValkeyStore, route: str, path: str | None = None) -> str:
     """The SCAN pattern of a route's entries (every caller, every variant), or one path's."""
     where = digest(path) if path is not None else "*"
-    return f"{store.prefix}:*:c:{route_id(route)}:{where}:*"
+    return f"{store.prefix}:*:ce:{route_id(route)}:{where}:*"
 
 
 async def invalidate(store: ValkeyStore, route: str, path: str | None = None) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from cachetools import Cache as LocalStore
@@ -29,10 +28,27 @@ CREDENTIAL_HEADERS = ("authorization", "cookie", "x-api-key")
 log = logging.getLogger("policyroute")
 
 
-def cache_keys(store: Store, tag: str, route: str, path: str, vary: str) -> tuple[str, str]:
-    """The (value, lock) keys of one cache entry."""
-    value = store.key(tag, "c", route_id(route), digest(path), digest(vary))
-    return value, value + ":lock"
+def cache_key(store: Store, tag: str, route: str, path: str, vary: str) -> str:
+    """The key of one cache entry: the stored response, or the stampede lock of its miss.
+
+    One string either way (`E...` a response, `L<token>` the request computing it), so a
+    lookup that misses takes the lock in the same command: `SET key L<token> NX GET PX`.
+    """
+    return store.key(tag, "ce", route_id(route), digest(path), digest(vary))
+
+
+def entry(code: int, headers: bytes, body: bytes) -> bytes:
+    """A stored response as one string: `E<status> <header bytes>\n<headers><body>`."""
+    return b"E%d %d\n" % (code, len(headers)) + headers + body
+
+
+def entry_fields(value: Any) -> tuple[int, bytes, bytes]:
+    """(status, header block, body) of a stored entry string."""
+    raw = value.encode("latin-1") if isinstance(value, str) else bytes(value)
+    line, _, rest = raw.partition(b"\n")
+    code, size = line[1:].split(b" ")
+    length = int(size)
+    return int(code), rest[:length], rest[length:]
 
 
 def shared_tag(route: str) -> str:
@@ -150,8 +166,8 @@ class CacheStep(Part):
             return
         tag = shared_tag(ctx.route) if self.spec.shared else principal_tag(ctx)
         path = ctx.scope.get("path", "")
-        value, lock = cache_keys(self.store, tag, ctx.route, path, self.vary(ctx))
-        req.data["ca_keys"] = (value, lock)
+        value = cache_key(self.store, tag, ctx.route, path, self.vary(ctx))
+        req.data["ca_key"] = value
         local = self._local_get(value)
         if local is not None:
             # First tier hit: no cache op, no credit reservation; limits still apply.
@@ -163,8 +179,7 @@ class CacheStep(Part):
     def prepare(self, req: Request) -> None:
         """Append the lookup op (and the stampede lock on a miss)."""
         if not req.data.get("ca_local") and not req.data.get("ca_bypass"):
-            value, lock = req.data["ca_keys"]
-            req.op((value, lock), ("ca", self.lock_ms, req.token))
+            req.op((req.data["ca_key"],), ("ca", self.lock_ms, req.token))
 
     def settle(self, req: Request, reply: list[Any]) -> None:
         """A hit answers; a miss that lost the lock waits for the first one."""
@@ -172,11 +187,11 @@ class CacheStep(Part):
         if req.data.get("ca_local") or req.data.get("ca_bypass"):
             return
         if verdict == "hit":
-            stored = self._open(req.data["ca_keys"][0], reply[3])
+            stored = self._open(req.data["ca_key"], reply[3][0])
             if stored is None:
                 req.ctx.decide("cache", "miss")
                 return  # an unreadable entry is a miss that stores nothing
-            self._local_put(req.data["ca_keys"][0], stored)
+            self._local_put(req.data["ca_key"], stored)
             req.data["answer"] = stored
             req.data["answer_headers"] = [HIT]
             req.ctx.decide("cache", "hit")
@@ -189,28 +204,27 @@ class CacheStep(Part):
 
     async def wait(self, req: Request) -> Stored | None:
         """Poll until the leader stored the entry; None when it gave up (run the handler)."""
-        value, lock = req.data["ca_keys"]
+        value = req.data["ca_key"]
         deadline = time.monotonic() + self.lock_ms / 1000
         pause = 2.0
         while time.monotonic() < deadline:
             await sleep_ms(pause)
             pause = min(pause * 2, 50.0)
             found = await self.store.run(
-                "cache_poll", [value, lock], [], operation="cache wait", fail_open=self.fail_open
+                "cache_poll", [value], [], operation="cache wait", fail_open=self.fail_open
             )
-            state = found[0].decode() if isinstance(found[0], bytes) else str(found[0])
-            if state == "hit":
-                stored = self._open(value, found[1:])
+            if found is None:
+                return None  # the lock is gone with no entry: run the handler
+            if found[:1] == b"E":
+                stored = self._open(value, found)
                 if stored is not None:
                     req.data["answer_headers"] = [HIT]
                 return stored
-            if state == "free":
-                return None
         return None
 
-    def _open(self, key: str, fields: Sequence[Any]) -> Stored | None:
+    def _open(self, key: str, value: Any) -> Stored | None:
         try:
-            return self.vault.unpack(key, *fields)
+            return self.vault.unpack(key, *entry_fields(value))
         except DataKeyError as exc:
             log.error("policyroute: cached entry of a sealed route does not open: %s", exc)
             return None
@@ -244,16 +258,15 @@ class CacheStep(Part):
         """Store the response (and release the lock) when this request led the miss."""
         if not req.data.get("ca_leader"):
             return
-        value, lock = req.data["ca_keys"]
+        value = req.data["ca_key"]
         stored = self.storable(outcome) if req.ctx.method == "GET" else None
         if stored is None:
             if self._too_large(outcome):
                 req.ctx.decide("unkept", "cache")
-            req.finish("cau", [lock], req.token)
+            req.finish("cau", [value], req.token)
             return
         self._local_put(value, stored)
-        code, headers, body = self.vault.pack(stored, value)
-        req.finish("cas", [value, lock], code, headers, body, self.ttl_ms, req.token)
+        req.finish("cas", [value], entry(*self.vault.pack(stored, value)), self.ttl_ms)
 
 
 def make_cache_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:

@@ -83,7 +83,7 @@ def _undo_limit(req: Request, op: Op) -> None:
 def _release_lock(req: Request, op: Op) -> None:
     keys, args = op
     if args[0] == "ca":
-        req.finish("cau", [keys[1]], args[2])
+        req.finish("cau", [keys[0]], args[2])
 
 
 def state_reply(raw: Any) -> list[Any]:

@@ -1,5 +1,3 @@
--- A stampede waiter's look: the stored response, or whether the leader still holds the lock.
-local s = redis.call('HMGET', KEYS[1], 'code', 'hd', 'bd')
-if s[1] then return {'hit', s[1], s[2], s[3]} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'locked'} end
-return {'free'}
+-- A stampede waiter's look at a cache entry: the stored response ('E...'), the lock of
+-- the request computing it ('L<token>'), or nothing (the lock went: run the handler).
+return redis.call('GET', KEYS[1])

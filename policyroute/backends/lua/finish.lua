@@ -54,12 +54,9 @@ while op do
     ki = ki + 1
     if redis.call('HGET', k, 'st') == '0' then redis.call('DEL', k) end
   elseif op == 'cas' then
-    local v, lk = KEYS[ki], KEYS[ki + 1]
-    -- a record always has these three fields: HSET replaces one a lapsed lock let in
-    redis.call('HSET', v, 'code', ARGV[ai], 'hd', ARGV[ai + 1], 'bd', ARGV[ai + 2])
-    redis.call('PEXPIRE', v, ARGV[ai + 3])
-    if redis.call('GET', lk) == ARGV[ai + 4] then redis.call('DEL', lk) end
-    ki, ai = ki + 2, ai + 5
+    -- the response replaces the lock (or an entry a lapsed lock let another request store)
+    redis.call('SET', KEYS[ki], ARGV[ai], 'PX', ARGV[ai + 1])
+    ki, ai = ki + 1, ai + 2
   elseif op == 'utb' then
     -- give back tokens a refused request took on a cluster (limits are all-or-nothing)
     local k = KEYS[ki]
@@ -95,8 +92,9 @@ while op do
     redis.call('ZPOPMAX', KEYS[ki], tonumber(ARGV[ai]))
     ki, ai = ki + 1, ai + 1
   elseif op == 'cau' then
-    local lk = KEYS[ki]
-    if redis.call('GET', lk) == ARGV[ai] then redis.call('DEL', lk) end
+    -- no response to keep: the lock goes, if it is still this request's
+    local v = KEYS[ki]
+    if redis.call('GET', v) == 'L' .. ARGV[ai] then redis.call('DEL', v) end
     ki, ai = ki + 1, ai + 1
   end
   op = ARGV[ai]

@@ -253,17 +253,22 @@ if op == 'id' then
 end
 
 if op == 'ca' then
-  local v, lk = KEYS[ki], KEYS[ki + 1]
-  ki = ki + 2
+  -- one key holds the stored response ('E...') or the lock of the request computing it
+  -- ('L<token>'): a lookup that misses takes the lock in the same command
+  local v = KEYS[ki]
+  ki = ki + 1
   local lock, token = ARGV[ai], ARGV[ai + 1]
   ai = ai + 2
-  local s = redis.call('HMGET', v, 'code', 'hd', 'bd')
-  if s[1] then
+  local found = redis.call('SET', v, 'L' .. token, 'NX', 'GET', 'PX', lock)
+  if found and string.byte(found, 1) == 69 then -- 'E'
     -- an idempotency record opened above is completed by finish.lua with this answer
-    return {head('hit', limits, ''), s[1], s[2], s[3]}
+    return {head('hit', limits, ''), found}
   end
-  if short then return short end
-  if not redis.call('SET', lk, token, 'NX', 'PX', lock) then verdict = 'wait' end
+  if short then
+    if not found then redis.call('DEL', v) end -- the lock just taken: no handler will run
+    return short
+  end
+  if found then verdict = 'wait' end
   op = ARGV[ai]
   ai = ai + 1
 end
