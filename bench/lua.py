@@ -12,8 +12,9 @@ and after it. Requests here finish one by one, so after-handler calls are rarely
 
 ``python -m bench.lua --alone [--against CHECKOUT] [POLICY ...]`` times the scripts alone:
 it records the state and finish calls one round of requests makes, then sends them again
-pipelined (200 a write, no app in between), in alternating rounds when ``--against``
-names another checkout whose ``policyroute/lua`` scripts to compare. It prints, per
+pipelined (200 a write, no app in between). With ``--against`` another checkout (one that
+has this option) records its own calls, and each checkout's calls go through its own
+``policyroute/lua`` scripts, in alternating rounds on one server. It prints, per
 request, the time inside the scripts and Valkey's CPU time, least and median over the
 rounds: the least is what a script costs when nothing else wants the CPU.
 """
@@ -24,9 +25,12 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,24 +221,25 @@ def script_source(root: Path, name: str) -> str:
     return "\n".join([*shared, text])
 
 
-def replay(backend: Valkey, calls: list[Call], roots: list[Path], rounds: int) -> dict[Path, Any]:
-    """Per checkout: (us in scripts, Valkey CPU us) per request of each round."""
+def replay(backend: Valkey, runs: dict[Path, list[Call]], rounds: int) -> dict[Path, Any]:
+    """Per checkout, its own calls through its own scripts, in alternating rounds: (us in
+    scripts, Valkey CPU us) per request of each round."""
     client: Any = valkey.Valkey.from_url(backend.url)
-    requests = sum(1 for name, _, _ in calls if name == "state")
-    # Every account the calls charge holds plenty (a balance key ends in `:credits`).
-    accounts = {k for name, keys, _ in calls if name == "state" for k in keys}
-    accounts = {k for k in accounts if k.endswith(":credits")}
     shas = {
         root: {name: client.script_load(script_source(root, name)) for name in ("state", "finish")}
-        for root in roots
+        for root in runs
     }
-    found: dict[Path, list[tuple[float, float]]] = {root: [] for root in roots}
+    found: dict[Path, list[tuple[float, float]]] = {root: [] for root in runs}
     try:
         for _ in range(rounds):
-            for root in roots:
+            for root, calls in runs.items():
+                requests = sum(1 for name, _, _ in calls if name == "state")
                 client.flushall()
-                for account in accounts:
-                    client.hset(account, "b", 10**12)
+                # Every account the calls charge holds plenty (its key ends in `:credits`).
+                for name, keys, _ in calls:
+                    for key in keys if name == "state" else ():
+                        if key.endswith(":credits"):
+                            client.hset(key, "b", 10**12)
                 client.config_resetstat()
                 before = backend.cpu_seconds()
                 pipe = client.pipeline(transaction=False)
@@ -252,25 +257,41 @@ def replay(backend: Valkey, calls: list[Call], roots: list[Path], rounds: int) -
     return found
 
 
+def recorded_elsewhere(root: Path, policy: str, requests: int) -> list[Call]:
+    """The calls another checkout's code makes (it records them itself, `--record-to`)."""
+    with tempfile.TemporaryDirectory() as work:
+        out = Path(work) / "calls.json"
+        subprocess.run(
+            [sys.executable, "-m", "bench.lua", "--record-to", str(out),
+             "--requests", str(requests), policy],
+            cwd=root, check=True, env={**os.environ, "PYTHONPATH": str(root)},
+        )  # fmt: skip
+        return [(name, keys, args) for name, keys, args in json.loads(out.read_text())]
+
+
 def alone(policies: list[str], against: str | None, requests: int, rounds: int) -> None:
     """Print the scripts' own cost per request, this checkout's and `against`'s."""
     here = Path(__file__).resolve().parent.parent
-    roots = [here, *([Path(against).resolve()] if against else [])]
     with start_valkey() as backend:
         os.environ[VALKEY_URL_ENV] = backend.url
         for policy in policies:
             backend.flush()
-            calls = asyncio.run(record(policy, backend, requests))
-            found = replay(backend, calls, roots, rounds)
-            per = len(calls) / max(1, sum(1 for c in calls if c[0] == "state"))
-            print(f"{policy}: scripts alone, {per:.2f} calls per request (us per request, "
-                  f"least / median of {rounds} rounds)")
+            runs = {here: asyncio.run(record(policy, backend, requests))}
+            if against:
+                runs[Path(against).resolve()] = recorded_elsewhere(
+                    Path(against).resolve(), policy, requests
+                )
+            found = replay(backend, runs, rounds)
+            print(f"{policy}: scripts alone (us per request, least / median of {rounds} rounds)")
             for root, rows in found.items():
+                calls = runs[root]
+                per = len(calls) / max(1, sum(1 for c in calls if c[0] == "state"))
                 inside = [r[0] for r in rows]
                 cpu_us = [r[1] for r in rows]
                 print(
                     f"  {root}: in scripts {min(inside):.1f} / {statistics.median(inside):.1f}; "
-                    f"Valkey CPU {min(cpu_us):.1f} / {statistics.median(cpu_us):.1f}"
+                    f"Valkey CPU {min(cpu_us):.1f} / {statistics.median(cpu_us):.1f}; "
+                    f"{per:.2f} calls"
                 )
 
 
@@ -281,8 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=10000, help="per round (default 10000)")
     parser.add_argument("--rounds", type=int, default=5, help="default 5; the median is shown")
     parser.add_argument("--alone", action="store_true", help="time the scripts alone")
-    parser.add_argument("--against", help="another checkout whose scripts to compare (--alone)")
+    parser.add_argument(
+        "--against", help="another checkout whose calls and scripts to compare (--alone)"
+    )
+    parser.add_argument("--record-to", help=argparse.SUPPRESS)  # what --against runs
     args = parser.parse_args(argv)
+    if args.record_to:
+        with start_valkey() as backend:
+            os.environ[VALKEY_URL_ENV] = backend.url
+            calls = asyncio.run(record(args.policies[0], backend, args.requests))
+        Path(args.record_to).write_text(json.dumps(calls))
+        return 0
     if args.alone:
         with _borrowed({"BENCH_POLICY": "", VALKEY_URL_ENV: ""}, cpu.plan().others):
             alone(args.policies, args.against, min(args.requests, 2000), max(args.rounds, 15))
