@@ -269,10 +269,10 @@ async def test_stop_sends_and_settles_every_submitted_call_first(valkey_url: str
 
 
 async def _locks(store: ValkeyStore, n: int) -> list[str]:
-    """`n` stampede locks, each held by the token that is its own index."""
-    keys = [store.key("s:gina", "lock", str(i)) for i in range(n)]
+    """`n` stampede locks (cache keys holding `L<token>`), each token its own index."""
+    keys = [store.key("s:gina", "ce", str(i)) for i in range(n)]
     for i, key in enumerate(keys):
-        await store.command("SET", key, str(i), operation="t")
+        await store.command("SET", key, f"L{i}", operation="t")
     await store.run("finish", [], [], operation="t", fail_open=False)  # loaded: no ops
     return keys
 
