@@ -14,7 +14,7 @@ and after it. Requests here finish one by one, so after-handler calls are rarely
 it records the state and finish calls one round of requests makes, then sends them again
 pipelined (200 a write, no app in between). With ``--against`` another checkout (one that
 has this option) records its own calls, and each checkout's calls go through its own
-``policyroute/lua`` scripts, in alternating rounds on one server. It prints, per
+Lua scripts, in alternating rounds on one server. It prints, per
 request, the time inside the scripts and Valkey's CPU time, least and median over the
 rounds: the least is what a script costs when nothing else wants the CPU.
 """
@@ -211,7 +211,9 @@ async def record(policy: str, backend: Valkey, requests: int) -> list[Call]:
 
 def script_source(root: Path, name: str) -> str:
     """`lua_source` of another checkout: its script with the files it includes first."""
-    folder = root / "policyroute" / "lua"
+    folder = root / "policyroute" / "backends" / "lua"
+    if not folder.is_dir():
+        folder = root / "policyroute" / "lua"  # where checkouts before the package layers keep them
     text = (folder / f"{name}.lua").read_text()
     shared = [
         (folder / (line.split(":", 1)[1].strip() + ".lua")).read_text()
