@@ -202,6 +202,10 @@ class EventBus:
             for future in late:
                 future.cancel()
             await asyncio.gather(*closing, return_exceptions=True)
+        # No native producer may outlive the collection below in this frame: one destroyed
+        # at interpreter exit instead aborts the process (see `release_clients`).
+        producers.clear()
+        closing.clear()
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._client.close(), self.flush_timeout)
