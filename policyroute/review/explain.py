@@ -30,23 +30,13 @@ from ..language.loader import PolicySet, RouteEntry, load_policies
 from ..language.policy import RoutePolicy
 from ..language.resolve import route_key
 from ..resilience import with_profiles
+from .lint import relative
 
 BUILT_IN = "   (built-in default)"
 
 
 class UnknownRouteError(PolicyrouteError):
     """`explain ROUTE` named a route no policy (or app route) has."""
-
-
-def relative(file: str) -> str:
-    """A path relative to the working directory when it lies below it."""
-    path = Path(file)
-    if not path.is_absolute():
-        return file
-    try:
-        return path.relative_to(Path.cwd()).as_posix()
-    except ValueError:
-        return file
 
 
 def _relative(location: Location) -> Location:

@@ -322,6 +322,26 @@ def _context() -> Context:
     return Context(scope, receive, send, "GET /charge", app)
 
 
+async def _reserve(store: ValkeyStore, step: CreditsStep) -> StateRequest:
+    """The step's before-handler op, run as the state step runs it."""
+    req = StateRequest(_context(), token=uuid.uuid4().hex)
+    step.prepare(req)
+    raw = await store.run("state", req.keys, req.args, operation="test", fail_open=False)
+    reply = state_reply(raw)
+    req.data["verdict"] = reply[0]
+    step.settle(req, reply)
+    return req
+
+
+async def _commit(store: ValkeyStore, step: CreditsStep, req: StateRequest) -> None:
+    """The after-handler ops of a request that succeeded, as the step queues them."""
+    req.finish_keys.clear()
+    req.finish_args.clear()
+    req.finish_marks.clear()
+    step.after(req, Outcome(handler_ran=True, status=200, started=True, done=True))
+    await store.run("finish", req.finish_keys, req.finish_args, operation="test", fail_open=False)
+
+
 async def test_a_commit_whose_hold_was_swept_charges_once_even_when_run_twice(
     valkey_url: str,
 ) -> None:
@@ -332,22 +352,11 @@ async def test_a_commit_whose_hold_was_swept_charges_once_even_when_run_twice(
     steady = CreditsStep(store, Credits(cost=1, hold=60))
 
     async def reserve(step: CreditsStep) -> StateRequest:
-        req = StateRequest(_context(), token=uuid.uuid4().hex)
-        step.prepare(req)
-        raw = await store.run("state", req.keys, req.args, operation="test", fail_open=False)
-        reply = state_reply(raw)
-        req.data["verdict"] = reply[0]
-        step.settle(req, reply)
-        return req
+        return await _reserve(store, step)
 
     async def commit(step: CreditsStep, req: StateRequest) -> None:
         """The after-handler ops of a request that succeeded, as the step queues them."""
-        req.finish_keys.clear()
-        req.finish_args.clear()
-        req.finish_marks.clear()
-        step.after(req, Outcome(handler_ran=True, status=200, started=True, done=True))
-        await store.run("finish", req.finish_keys, req.finish_args, operation="test",
-                        fail_open=False)  # fmt: skip
+        await _commit(store, step, req)
 
     try:
         await credits.set_balance(store, "127.0.0.1", 5, ip=True)
@@ -388,16 +397,9 @@ async def test_a_charge_searches_the_held_reservations_only_once_they_may_have_e
         return 0
 
     async def charge(step: CreditsStep, *, settle: bool = True) -> StateRequest:
-        req = StateRequest(_context(), token=uuid.uuid4().hex)
-        step.prepare(req)
-        raw = await store.run("state", req.keys, req.args, operation="test", fail_open=False)
-        reply = state_reply(raw)
-        req.data["verdict"] = reply[0]
-        step.settle(req, reply)
+        req = await _reserve(store, step)
         if settle:
-            step.after(req, Outcome(handler_ran=True, status=200, started=True, done=True))
-            await store.run("finish", req.finish_keys, req.finish_args, operation="test",
-                            fail_open=False)  # fmt: skip
+            await _commit(store, step, req)
         return req
 
     try:
