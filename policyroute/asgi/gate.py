@@ -17,9 +17,10 @@ answer through their own matcher), descending into mounts and hosts whose app is
 Then:
 
 - a known endpoint matched: the chain of METHOD + template runs, then the top-level route
-  the gate matched is handed to the router's own selection code (`Handoff`), so it is not
-  matched twice; a router the gate does not know dispatches itself (`Dispatch`). Either runs
-  on a copy of the scope, so a retried handler is dispatched afresh;
+  the gate matched is handed to the router's own selection code (the handoff,
+  `Resolved.__call__`), so it is not matched twice; a router the gate does not know
+  dispatches itself (`Dispatch`). Either runs on a copy of the scope, so a retried handler
+  is dispatched afresh;
 - a route matched the path but not the method: 405 from the gate itself, nothing runs
   (inside a mount or host too: the router has committed to the mount and tries no later
   route);
@@ -75,7 +76,7 @@ _FULL, _PARTIAL, _NOMATCH = Match.FULL, Match.PARTIAL, Match.NONE
 # A router's selection of a matched route (what its `app` does on a full match).
 Select = Callable[[Any, Scope, Any, Scope], None]
 # One plain mount or host passed on the way down: its router, the route it selects, the
-# child scope, and the selection `Handoff` makes in the router's place.
+# child scope, and the selection the handoff makes in the router's place.
 Hop = tuple[Any, Any, Scope, Select]
 
 
@@ -254,18 +255,20 @@ class Resolved:
     # later route is tried (the mounted router answers 405).
     final: bool = False
     # Below `top`, the selections the routers of plain mounts and hosts will make, innermost
-    # first: (router, route, child scope). `Handoff` makes them itself, so no router inside
+    # first: (router, route, child scope). The handoff makes them itself, so no router inside
     # a mount matches its routes again; the chain stops at the first mount it cannot skip.
     hops: list[Hop] | None = None
     # Through FastAPI included routers: the selections their `_handle_selected` would make
-    # after matching again, made by `Handoff` from what the gate matched (see `Included`).
+    # after matching again, made by the handoff from what the gate matched (see `Included`).
     included: Included | None = None
     # Set by the gate once it let the request through: the top router and its selection.
     router: Any = None
     select: Select | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The rest of the routers' dispatch (`Handoff`): select as they would, then handle.
+        """The rest of the routers' dispatch (the handoff): select as they would, then handle.
+
+        The resolution is the handoff itself: one object per request, not two.
 
         On a fresh scope each time (a retried handler is dispatched afresh); through plain
         mounts and hosts each inner router's selection too, and through FastAPI inclusions
@@ -288,8 +291,6 @@ class Resolved:
         await route.handle(fresh, receive, send)
 
 
-# The handoff is the resolution itself: one object per request, not two.
-Handoff = Resolved
 
 
 @dataclass(slots=True)
@@ -297,7 +298,7 @@ class Included:
     """A route reached through FastAPI included routers, as the gate matched it.
 
     `levels` are the inclusions passed, outermost first; `route`, `child` and `context` are
-    what the innermost one's `_match` returns. `Handoff` replays the few lines each level's
+    what the innermost one's `_match` returns. The handoff replays the few lines each level's
     `_handle_selected` runs after its match, so no level matches its candidates again (FastAPI
     matches an inclusion once per level above it, and once more in each level's `handle`).
     """

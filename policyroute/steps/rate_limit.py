@@ -41,7 +41,7 @@ from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
 from ..principal import address_tag
 from .parts import PAUSES, PLAIN, Outcome, Part, Request, Stored, Vault, principal_tag, sleep_ms
-from .slots import run_state
+from .slots import run_state, state_reply
 
 # How long a concurrency slot outlives a process that died holding it (unless `lease`).
 CONCURRENCY_LEASE_MS = 300_000
@@ -282,7 +282,7 @@ class RateLimitStep(Part):
 
         async def evaluate() -> None:
             try:
-                reply = await run_state(store, sub, "rate_limit (shadow)", True)
+                reply = state_reply(await run_state(store, sub, "rate_limit (shadow)", True))
             except StorageError as exc:
                 backend_error(ctx.route, exc)
                 backend_warning(ctx.route, exc)

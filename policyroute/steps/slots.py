@@ -91,8 +91,12 @@ def state_reply(raw: Any) -> list[Any]:
 
     The script answers a head `verdict|row;row|credit` (each row `ok,left,reset,retry,cur,
     wait`, the credit `from_a,from_b,balance,period`), followed by the stored answer's
-    fields when it answers (a replay, a cache hit, a joined response).
+    fields when it answers (a replay, a cache hit, a joined response). A reply read
+    already (a cluster's, merged from one call per tag) is returned as it is: the server
+    sends bytes, a read reply starts with its verdict as text.
     """
+    if isinstance(raw, list) and raw and isinstance(raw[0], str):
+        return raw
     if isinstance(raw, list):
         first, answer = raw[0], raw[1:]
     else:
@@ -107,15 +111,14 @@ def state_reply(raw: Any) -> list[Any]:
 
 
 def run_state(store: Store, req: Request, operation: str, fail_open: bool) -> Awaitable[Any]:
-    """The before-handler verdict: one script call, or one per hash tag on a cluster."""
+    """The before-handler verdict: one script call, or one per hash tag on a cluster.
+
+    Not a coroutine itself: on one server (or one tag) it is the store's call, so the
+    request's hot path awaits no extra frame. Read its reply with `state_reply`.
+    """
     if not store.cluster or len({hash_tag(k) for k in req.keys}) < 2:
-        call = store.run("state", req.keys, req.args, operation=operation, fail_open=fail_open)
-        return _one(call)
+        return store.run("state", req.keys, req.args, operation=operation, fail_open=fail_open)
     return _run_state_by_tag(store, req, operation, fail_open)
-
-
-async def _one(call: Awaitable[Any]) -> list[Any]:
-    return state_reply(await call)
 
 
 async def _run_state_by_tag(store: Store, req: Request, operation: str, fail_open: bool) -> Any:

@@ -34,7 +34,7 @@ from .idempotency import make_idempotency_part
 from .parts import PAUSES, PLAIN, PROBES, ClientGone, Outcome, Part, Request, Stored, Vault
 from .rate_limit import make_rate_limit_part
 from .request import body_limit
-from .slots import run_finish, run_state
+from .slots import run_finish, run_state, state_reply
 
 # Requests that went on without a policy backend (a step configured `on_backend_error: open`).
 BACKEND_FAILED_OPEN: Counter[str] = Counter()
@@ -105,7 +105,7 @@ class StateStep(Step):
             if probes:
                 reply = await self._with_probes(req, probes)
             else:
-                reply = await run_state(self.store, req, self.names, self.fail_open)
+                reply = state_reply(await run_state(self.store, req, self.names, self.fail_open))
         except StorageError as exc:
             await self._without_backend(ctx, call_next, exc)
             return
@@ -145,7 +145,7 @@ class StateStep(Step):
             return NOTHING_ASKED
         if isinstance(results[0], BaseException):
             raise results[0]
-        return results[0]
+        return state_reply(results[0])
 
     async def _local(self, req: Request) -> None:
         """Answer from an in-process tier with no Valkey round trip at all."""
