@@ -1,17 +1,20 @@
 """Worker CPU per request of a bench policy set, in process: no HTTP, no load generator.
 
     .venv/bin/python -m bench.inproc full local        # this checkout
+    .venv/bin/python -m bench.inproc --tasks 32 bare full   # 32 requests in flight
     (cd OTHER && /path/to/.venv/bin/python -m bench.inproc full)   # another, to compare
 
-Serves ``bench/policies/<set>`` through the ASGI app against a real Valkey and prints the
-process CPU µs per request over 12 rounds of 1,000 requests (each with its own query, the
-bench's bearer token), least and median. Whole-bench ratios move 10-20 % and more between
-runs on a shared 2-core machine; alternating this between two checkouts, process after
-process, shows a few µs.
+Serves ``bench/policies/<set>`` (or ``bare``: the handler alone) through the ASGI app
+against a real Valkey and prints the process CPU µs per request over 12 rounds of 1,000
+requests (each with its own query, the bench's bearer token), least and median, with
+`--tasks` requests in flight. Whole-bench ratios move 10-20 % and more between runs on a
+shared 2-core machine; alternating this between two checkouts, process after process,
+shows a few µs.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib
 import os
@@ -25,47 +28,42 @@ from asgi_lifespan import LifespanManager
 
 from bench.apps import VALKEY_URL_ENV
 from bench.backend import valkey as start_valkey
-from bench.lua import _scopes
+from bench.lua import _drive, _scopes
 
 ROUNDS = 12
 PER_ROUND = 1000
 
 
-async def measure(policy: str) -> list[float]:
-    """Process CPU µs per request of each round."""
+async def measure(policy: str, tasks: int = 1) -> list[float]:
+    """Process CPU µs per request of each round, `tasks` requests at a time."""
     os.environ["BENCH_POLICY"] = policy
-    sys.modules.pop("bench.apps.policyroute_app", None)
-    app: Any = importlib.import_module("bench.apps.policyroute_app").app
-    statuses: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(int(message["status"]))
-
+    module = "bench.apps.bare" if policy == "bare" else "bench.apps.policyroute_app"
+    sys.modules.pop(module, None)
+    app: Any = importlib.import_module(module).app
     rounds = []
+    ok = 0
     async with LifespanManager(app):
         for number in range(ROUNDS):
             started = time.process_time()
-            for scope in _scopes("/ping", PER_ROUND, number * PER_ROUND):
-                await app(scope, receive, send)
+            ok += await _drive(app, _scopes("/ping", PER_ROUND, number * PER_ROUND), tasks)
             rounds.append((time.process_time() - started) / PER_ROUND * 1e6)
-    if any(status != 200 for status in statuses):
-        raise RuntimeError(f"{policy}: not every request answered 200")
+    if ok != ROUNDS * PER_ROUND:
+        raise RuntimeError(f"{policy}: not every request answered 2xx")
     return rounds
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print least and median µs per request for each policy set named."""
-    policies = (argv if argv is not None else sys.argv[1:]) or ["full"]
+    parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__)
+    parser.add_argument("policies", nargs="*", default=["full"], help="bench/policies sets or bare")
+    parser.add_argument("--tasks", type=int, default=1, help="requests in flight (wrk's -c)")
+    args = parser.parse_args(argv)
     with start_valkey() as backend:
         os.environ[VALKEY_URL_ENV] = backend.url
-        for policy in policies:
-            rounds = asyncio.run(measure(policy))
+        for policy in args.policies:
+            rounds = asyncio.run(measure(policy, args.tasks))
             print(
-                f"{Path.cwd()} {policy}: worker CPU {min(rounds):.1f} least, "
+                f"{Path.cwd()} {policy} x{args.tasks}: worker CPU {min(rounds):.1f} least, "
                 f"{statistics.median(rounds):.1f} median us per request"
             )
     return 0

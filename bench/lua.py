@@ -106,8 +106,8 @@ def _scopes(path: str, count: int, first: int = 0) -> Iterator[dict[str, Any]]:
         }
 
 
-async def _drive(app: ASGIApp, scopes: Iterator[dict[str, Any]]) -> int:
-    """Send every request from TASKS concurrent tasks; return how many answered 2xx."""
+async def _drive(app: ASGIApp, scopes: Iterator[dict[str, Any]], tasks: int = TASKS) -> int:
+    """Send every request from `tasks` concurrent tasks; return how many answered 2xx."""
     ok = 0
 
     async def receive() -> dict[str, Any]:
@@ -126,7 +126,7 @@ async def _drive(app: ASGIApp, scopes: Iterator[dict[str, Any]]) -> int:
             await app(scope, receive, send)
             ok += 200 <= status < 300
 
-    await asyncio.gather(*(worker() for _ in range(TASKS)))
+    await asyncio.gather(*(worker() for _ in range(tasks)))
     return ok
 
 
