@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -240,3 +241,116 @@ def test_plain_uvicorn_without_a_backend_url_prints_the_one_line_finding() -> No
     assert "error[missing-backend]" in line and "set POLICYROUTE_VALKEY_URL" in line
     assert re.search(r" and \d+ other routes: settings\.auth\.lockout .*need the valkey ", line)
     assert "policyroute run" in line
+
+
+SMALL_APP = """\
+from fastapi import FastAPI
+
+import policyroute
+
+app = FastAPI()
+
+
+@app.get("/search")
+def search() -> dict[str, str]:
+    return {}
+
+
+policyroute.install(app, "policies")
+"""
+SMALL_POLICY = """\
+version: 1
+routes:
+  GET /search:
+    public: true
+    rate_limit: {name: searches, key: ip, capacity: 3, per: 10s}
+"""
+FINDING = "error[missing-backend] GET /search: rate_limit needs the valkey backend"
+
+
+def small_app_without_its_backend(folder: Path) -> dict[str, str]:
+    """An app in `folder` whose policy needs Valkey; the environment that names none."""
+    (folder / "policies").mkdir()
+    (folder / "policies" / "api.yaml").write_text(SMALL_POLICY, encoding="utf-8")
+    (folder / "svc.py").write_text(SMALL_APP, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYROUTE_")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def server_lines(stderr: str) -> list[str]:
+    """The lines of stderr that are not uvicorn's own log lines."""
+    own = ("INFO:", "WARNING:", "ERROR:")
+    return [line for line in stderr.strip().splitlines() if not line.startswith(own)]
+
+
+def test_in_a_worker_process_install_prints_the_findings_and_raises_a_config_error_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What ends a worker: still a ConfigError to catch, and a SystemExit with code 3."""
+    import multiprocessing
+
+    from fastapi import FastAPI
+
+    import policyroute
+    from policyroute.errors import ConfigError
+
+    small_app_without_its_backend(tmp_path)
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())
+    app = FastAPI()
+    app.get("/search")(lambda: {})
+    with pytest.raises(ConfigError) as caught:
+        policyroute.install(app, tmp_path / "policies", settings=policyroute.Settings(valkey_url=None))
+    assert isinstance(caught.value, SystemExit) and caught.value.code == 3
+    assert [f.code for f in caught.value.findings] == ["missing-backend"]
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert FINDING in line
+
+
+def test_uvicorn_workers_without_a_backend_url_print_the_one_line_finding_and_stop(
+    tmp_path: Path,
+) -> None:
+    """`uvicorn --workers 2`: each worker says what to set in one line, no traceback through
+    multiprocessing, and exits 3, on which uvicorn's supervisor stops instead of looping."""
+    from uvicorn.supervisors import multiprocess
+
+    if not hasattr(multiprocess, "STARTUP_FAILURE"):
+        pytest.skip("this uvicorn's supervisor starts a failed worker again whatever its exit")
+    env = small_app_without_its_backend(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "svc:app", "--port", "0", "--workers", "2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr
+    lines = server_lines(done.stderr)
+    assert lines and all(FINDING in line for line in lines), done.stderr
+    assert "failed to start, stopping the parent process" in done.stderr
+
+
+def test_uvicorn_reload_without_a_backend_url_prints_the_one_line_finding(
+    tmp_path: Path,
+) -> None:
+    """`uvicorn --reload`: the worker says what to set in one line and the reloader waits
+    for a change, with no traceback through multiprocessing."""
+    folder = tmp_path / "app"  # the reloader watches it; the log is kept outside
+    folder.mkdir()
+    env = small_app_without_its_backend(folder)
+    log = tmp_path / "stderr.log"
+    with log.open("w", encoding="utf-8") as err:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "svc:app", "--port", "0", "--reload"],
+            cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while FINDING not in log.read_text(encoding="utf-8") and server.poll() is None:
+                assert time.monotonic() < deadline, log.read_text(encoding="utf-8")
+                time.sleep(0.1)
+            time.sleep(0.5)  # for anything the worker or the reloader would print after it
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    stderr = log.read_text(encoding="utf-8")
+    assert "Traceback" not in stderr
+    lines = server_lines(stderr)
+    assert len(lines) == 1 and FINDING in lines[0], stderr

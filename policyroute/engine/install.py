@@ -91,7 +91,8 @@ def install(
         engine.attach()
         gate_router(app.router, engine.decide)
         engine.check_strict()
-    except ConfigError:
+    except ConfigError as exc:
+        _fatal.in_worker(exc)  # under `uvicorn --workers N` or `--reload`: findings, exit 3
         _fatal.briefly()  # uncaught, under `uvicorn app:app`: the findings, not a traceback
         raise
     for key in engine.unmatched_policies():
