@@ -178,6 +178,12 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out == f"policyroute {policyroute.__version__}\n"
 
 
+def test_help_ends_with_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "check", "--help")
+    assert code == 0
+    assert out.split("exit codes:\n")[1].startswith("  0  the chain lets the request on\n")
+
+
 @pytest.mark.parametrize(
     "argv",
     [

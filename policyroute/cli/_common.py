@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
 from ..errors import UsageError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose `--help` ends with the command's exit codes (`exits`)."""
+
+    def __init__(self, *args: Any, exits: Mapping[int, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exits: dict[int, str] = dict(exits or {})
+
+    def format_help(self) -> str:
+        """The help argparse writes, then an `exit codes:` section."""
+        text = super().format_help()
+        if not self.exits:
+            return text
+        width = max(shutil.get_terminal_size().columns - 2, 40)  # as argparse wraps
+        pad = max(len(str(code)) for code in self.exits)
+        lines = [text.rstrip("\n"), "", "exit codes:"]
+        for code, when in self.exits.items():
+            first = f"  {code:<{pad}}  "
+            lines.append(textwrap.fill(when, width, initial_indent=first,
+                                       subsequent_indent=" " * len(first)))
+        return "\n".join(lines) + "\n"
 
 
 def existing(paths: Sequence[str] | None, default: str = "policies") -> list[str]:

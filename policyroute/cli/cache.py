@@ -8,13 +8,25 @@ import sys
 from typing import Any
 
 from ..errors import StorageError, UsageError
-from ._common import load_app
+from ._common import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, load_app
+
+EXITS = {
+    EXIT_OK: "every path warmed answered 2xx, or the entries were removed",
+    EXIT_FINDINGS: "a path warmed did not answer 2xx, or Valkey failed",
+    EXIT_USAGE: "a usage error: POLICYROUTE_VALKEY_URL is not set, an --app that cannot be "
+    "imported or has no policyroute engine",
+}
 
 
 def add_parser(sub: Any) -> None:
     """Register the `cache` subcommand."""
-    p = sub.add_parser("cache", help="warm listed paths or invalidate a route's cache")
-    p.add_argument("action", choices=("warm", "invalidate"))
+    p = sub.add_parser(
+        "cache", help="warm listed paths or invalidate a route's cache", exits=EXITS
+    )
+    p.add_argument(
+        "action", choices=("warm", "invalidate"),
+        help="warm: GET each path through the app; invalidate: remove a route's entries",
+    )
     p.add_argument("targets", nargs="+", help="warm: paths to GET; invalidate: 'GET /route'")
     p.add_argument("--app", required=True, help="MODULE:ATTR of the FastAPI app")
     p.add_argument(

@@ -30,6 +30,12 @@ from ..review.dryrun import (
 from ._common import existing
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+EXITS = {
+    EXIT_OK: "the chain lets the request on",
+    EXIT_REFUSED: "a step refuses it, no policy names the route (the gate denies it), or a "
+    "policy file is invalid",
+    EXIT_USAGE: "a usage error: no such policy path, a malformed option value",
+}
 
 
 def _usage(message: str) -> Exception:
@@ -185,6 +191,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "check",
         help="dry-run one request through its route's chain and print every step's decision",
+        exits=EXITS,
     )
     p.add_argument("request", help="the request, e.g. 'POST /io-job' or 'get /user/42'")
     p.add_argument("paths", nargs="*", help="policy files or directories (default: policies/)")
@@ -210,5 +217,7 @@ def add_parser(sub: Any) -> None:
         "--status", default="200", help="what the stand-in handler answers (503,200: per call)"
     )
     p.add_argument("--repeat", type=int, default=1, help="send the request N times (same state)")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument(
+        "--format", choices=("text", "json"), default="text", help="text to read, or JSON"
+    )
     p.set_defaults(func=handler)

@@ -14,13 +14,28 @@ from typing import Any
 from ..backends.valkey import ValkeyStore
 from ..config import Settings
 from ..errors import StorageError, UsageError
+from ._common import EXIT_OK, EXIT_USAGE
 from ._principal import Named, add_arguments, named
+
+EXIT_STORAGE = 1
+EXITS = {
+    EXIT_OK: "the balance was printed",
+    EXIT_STORAGE: "Valkey failed",
+    EXIT_USAGE: "a usage error: no amount for grant or set, POLICYROUTE_VALKEY_URL is not "
+    "set, the policy set cannot be read, --issuer or --tenant missing or not of the policy "
+    "settings",
+}
 
 
 def add_parser(sub: Any) -> None:
     """Register the `credits` subcommand."""
-    p = sub.add_parser("credits", help="grant, set or show a subject's credit balance")
-    p.add_argument("action", choices=("grant", "show", "set"))
+    p = sub.add_parser(
+        "credits", help="grant, set or show a subject's credit balance", exits=EXITS
+    )
+    p.add_argument(
+        "action", choices=("grant", "show", "set"),
+        help="grant: add AMOUNT credits; set: make AMOUNT the balance; show: print it",
+    )
     p.add_argument("subject", help="the token subject (or a client address with --ip)")
     p.add_argument(
         "amount", nargs="?", type=int, help="credits to grant (grant) or the balance (set)"

@@ -25,6 +25,11 @@ from ..review.diff import (
 from ..review.diff import render as render_diff
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXITS = {
+    EXIT_OK: "the diff was printed (and has no kind --fail-on names)",
+    EXIT_FAIL: "the diff has a kind --fail-on names, or a policy file is invalid",
+    EXIT_USAGE: "a usage error: not OLD and NEW, no such path, a REV git does not know",
+}
 
 
 def _usage(message: str) -> Exception:
@@ -66,7 +71,9 @@ def handler(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     """Register the `diff` subcommand."""
     p = sub.add_parser(
-        "diff", help="compare the effective policy of every route between two policy sets"
+        "diff",
+        help="compare the effective policy of every route between two policy sets",
+        exits=EXITS,
     )
     p.add_argument(
         "sides", nargs="*", metavar="PATH",
@@ -75,7 +82,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--git", metavar="REV", help="compare PATH at git revision REV with the working tree"
     )
-    p.add_argument("--format", choices=FORMATS, default="text")
+    p.add_argument("--format", choices=FORMATS, default="text", help="how the diff is printed")
     p.add_argument(
         "--fail-on", action="append", metavar="KIND",
         help=f"exit 1 when a change is of this kind ({', '.join(KINDS)}; comma-separated)",

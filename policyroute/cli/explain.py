@@ -10,9 +10,16 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
-from ._common import EXIT_FINDINGS, EXIT_OK, existing, load_app
+from ._common import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, existing, load_app
 
 _ROUTE = re.compile(r"^\s*[A-Za-z]+\s+/")
+
+EXITS = {
+    EXIT_OK: "the chains were printed",
+    EXIT_FINDINGS: "no policy or app route has the route given, or a policy file is invalid",
+    EXIT_USAGE: "a usage error: more than one route, no such policy path, an --app that "
+    "cannot be imported",
+}
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -40,7 +47,9 @@ def handler(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register the `explain` subcommand."""
-    p = sub.add_parser("explain", help="print each route's compiled chain and merged policy")
+    p = sub.add_parser(
+        "explain", help="print each route's compiled chain and merged policy", exits=EXITS
+    )
     p.add_argument(
         "targets",
         nargs="*",
@@ -50,5 +59,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--paths", nargs="*", help=argparse.SUPPRESS)  # before PATH was positional
     p.add_argument("--app", help="MODULE:ATTR of an app whose installed engine to explain")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument(
+        "--format", choices=("text", "json"), default="text", help="text to read, or JSON"
+    )
     p.set_defaults(func=handler)

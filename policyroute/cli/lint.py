@@ -7,7 +7,13 @@ import sys
 from typing import Any
 
 from ..review.lint import FORMATS, RULES, lint, render
-from ._common import EXIT_FINDINGS, EXIT_OK, existing, load_app
+from ._common import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, existing, load_app
+
+EXITS = {
+    EXIT_OK: "no error findings (warnings allowed), or the rules were listed",
+    EXIT_FINDINGS: "at least one error finding",
+    EXIT_USAGE: "a usage error: no such policy path, an --app that cannot be imported",
+}
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -30,9 +36,9 @@ def handler(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register the `lint` subcommand."""
-    p = sub.add_parser("lint", help="check policy files (and an app's routes)")
+    p = sub.add_parser("lint", help="check policy files (and an app's routes)", exits=EXITS)
     p.add_argument("paths", nargs="*", help="policy files or directories (default: policies/)")
     p.add_argument("--app", help="MODULE:ATTR of the FastAPI app to check routes against")
-    p.add_argument("--format", choices=FORMATS, default="text")
+    p.add_argument("--format", choices=FORMATS, default="text", help="how findings are printed")
     p.add_argument("--list-rules", action="store_true", help="print each rule's code and severity")
     p.set_defaults(func=handler)

@@ -13,15 +13,25 @@ from types import FrameType
 from .._version import __version__
 from ..errors import ConfigError, UsageError
 from . import cache, check, credits, diff, explain, lint, mfa, run, schema, test, token, worker
-from ._common import EXIT_FINDINGS, EXIT_USAGE
+from ._common import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, CommandParser
 
 # Each subcommand's module registers its parser, in the order `--help` lists them.
 COMMANDS = (lint, explain, schema, run, token, mfa, credits, cache, worker, test, check, diff)
+# What every command's exit code means; each command's `--help` lists its own.
+EXITS = {
+    EXIT_OK: "the command did what it was asked",
+    EXIT_FINDINGS: "the command's check failed (each command says which), or a policy file it "
+    "read is invalid: its findings are printed, one per line",
+    EXIT_USAGE: "a usage error, said in one line: an unknown option, a missing argument, a "
+    "path that does not exist",
+    128 + signal.SIGTERM: "ended by SIGTERM, after stopping what the command started "
+    "(embedded servers, temporary folders)",
+}
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the `policyroute` command."""
-    top = argparse.ArgumentParser(prog="policyroute", description=__doc__)
+    top = CommandParser(prog="policyroute", description=__doc__, exits=EXITS)
     top.add_argument("--version", action="version", version=f"policyroute {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
     for command in COMMANDS:

@@ -16,7 +16,14 @@ from ..errors import StorageError
 from ..identity.totp import enrol, revoke
 from ._principal import Named, add_arguments, named
 
-EXIT_USAGE = 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXITS = {
+    EXIT_OK: "the secret was enrolled (its URI and secret printed) or revoked",
+    EXIT_FAILED: "enrol: the subject has a secret already (see --replace); revoke: it has "
+    "none; or Valkey failed",
+    EXIT_USAGE: "a usage error: POLICYROUTE_VALKEY_URL is not set, the policy set cannot be "
+    "read, --issuer or --tenant missing or not of the policy settings",
+}
 
 
 async def _enrol(store: ValkeyStore, args: argparse.Namespace, who: Named) -> int:
@@ -66,8 +73,11 @@ def run_mfa(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the `mfa` subcommand."""
-    p = sub.add_parser("mfa", help="enrol or revoke a subject's TOTP secret (in Valkey)")
-    p.add_argument("action", choices=("enrol", "revoke"))
+    p = sub.add_parser(
+        "mfa", help="enrol or revoke a subject's TOTP secret (in Valkey)", exits=EXITS
+    )
+    p.add_argument("action", choices=("enrol", "revoke"),
+                   help="enrol: make a secret and print its otpauth:// URI; revoke: delete it")
     p.add_argument("subject", help="the subject (the token's `sub`)")
     p.add_argument("--replace", action="store_true", help="enrol: replace an existing secret")
     p.add_argument("--digits", type=int, choices=(6, 7, 8), default=6,

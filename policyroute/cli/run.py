@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
+from ._common import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE
+
+EXIT_STARTUP = 3  # uvicorn's own, when it cannot import or start the app
+EXITS = {
+    EXIT_OK: "the server stopped on SIGINT",
+    EXIT_FINDINGS: "the app cannot start: its policy findings are printed, one per line",
+    EXIT_USAGE: "a usage error: an unknown option, no target",
+    EXIT_STARTUP: "uvicorn could not import or start the app (uvicorn's startup failure)",
+    128 + signal.SIGTERM: "the server stopped on SIGTERM",
+}
 
 
 def run(target: str, *, host: str, port: int, reload: bool) -> int:
@@ -49,7 +61,7 @@ def run(target: str, *, host: str, port: int, reload: bool) -> int:
             log_config=log_config,
             proxy_headers=False,
         )
-    return 0
+    return EXIT_OK
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -59,9 +71,11 @@ def handler(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register the `run` subcommand."""
-    p = sub.add_parser("run", help="serve an app; starts embedded backends when no URLs are set")
+    p = sub.add_parser(
+        "run", help="serve an app; starts embedded backends when no URLs are set", exits=EXITS
+    )
     p.add_argument("target", help="MODULE:ATTR of the FastAPI app")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="the port to listen on")
     p.add_argument("--reload", action="store_true", help="reload policies when their files change")
     p.set_defaults(func=handler)

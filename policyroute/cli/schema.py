@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ._common import EXIT_OK
+from ._common import EXIT_OK, EXIT_USAGE
+
+EXITS = {
+    EXIT_OK: "the schema was printed or written",
+    EXIT_USAGE: "a usage error: the folder of --output does not exist",
+}
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -27,6 +32,6 @@ def handler(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register the `schema` subcommand."""
-    p = sub.add_parser("schema", help="print the JSON Schema of the policy language")
+    p = sub.add_parser("schema", help="print the JSON Schema of the policy language", exits=EXITS)
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=handler)

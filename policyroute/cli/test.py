@@ -13,6 +13,11 @@ from typing import Any
 from ..review.policytest import FORMATS, render, run_tests, schema_text, summary
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXITS = {
+    EXIT_OK: "every case passed (or --schema printed the schema)",
+    EXIT_FAILED: "a case failed, or a test file is malformed (reported at its file:line:col)",
+    EXIT_USAGE: "a usage error: no such path, no test file found",
+}
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -36,12 +41,16 @@ def handler(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     """Register the `test` subcommand."""
     p = sub.add_parser(
-        "test", help="run policy test files (*.test.yaml): requests and their expected outcome"
+        "test",
+        help="run policy test files (*.test.yaml): requests and their expected outcome",
+        exits=EXITS,
     )
     p.add_argument(
         "paths", nargs="*", help="test files or directories of *.test.yaml (default: policies/)"
     )
-    p.add_argument("--format", choices=FORMATS, default="text")
+    p.add_argument(
+        "--format", choices=FORMATS, default="text", help="how the results are printed"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
     p.add_argument(
         "--schema", action="store_true", help="print the JSON Schema of test files and exit"

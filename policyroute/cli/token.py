@@ -30,7 +30,12 @@ from ..identity.dev import (
 )
 from ..language.loader import load_policies
 
-EXIT_USAGE = 2
+EXIT_OK, EXIT_USAGE = 0, 2
+EXITS = {
+    EXIT_OK: "the token was printed",
+    EXIT_USAGE: "a usage error: no such key file, a key file that is no private JWK, a --ttl "
+    "that is no duration",
+}
 
 
 def _words(values: list[str] | None) -> list[str]:
@@ -98,12 +103,14 @@ def run_token(args: argparse.Namespace) -> int:
     print(f"DEV ONLY token: signed with the dev key {file}; never trust that key in production",
           file=sys.stderr)
     print(token)
-    return 0
+    return EXIT_OK
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the `token` subcommand."""
-    p = sub.add_parser("token", help="mint a DEV ONLY bearer token for trying routes locally")
+    p = sub.add_parser(
+        "token", help="mint a DEV ONLY bearer token for trying routes locally", exits=EXITS
+    )
     p.add_argument("--sub", required=True, help="the subject (user id)")
     p.add_argument("--scope", action="append", help="a granted scope (repeatable)")
     p.add_argument("--role", action="append", help="a granted role (repeatable)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PolicyrouteError, UsageError
+from ._common import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE
 
 DESCRIPTION = """\
 Run the Pulsar consumers of a module until SIGINT or SIGTERM, then close cleanly
@@ -26,6 +27,12 @@ max_redeliveries, moved to its dlq topic. Handlers with resilience="profile" rea
 profile from the installed policies: the module must import the app that calls
 policyroute.install.
 """
+EXITS = {
+    EXIT_OK: "the consumers stopped cleanly on SIGINT or SIGTERM",
+    EXIT_FINDINGS: "the broker refused the subscriptions",
+    EXIT_USAGE: "a usage error: TARGET cannot be imported, is no Worker or has no consumers; "
+    "no broker URL",
+}
 
 
 def add_parser(sub: Any) -> None:
@@ -35,6 +42,7 @@ def add_parser(sub: Any) -> None:
         help="run a module's Pulsar consumers until SIGINT/SIGTERM",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        exits=EXITS,
     )
     p.add_argument("target", help="MODULE:ATTR of a policyroute.Worker, or MODULE")
     p.add_argument("--pulsar-url", help="pulsar:// URL (default: POLICYROUTE_PULSAR_URL)")
@@ -77,8 +85,8 @@ def handler(args: argparse.Namespace) -> int:
         asyncio.run(_serve(worker, url, args.grace))
     except PolicyrouteError as exc:
         print(f"policyroute: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FINDINGS
+    return EXIT_OK
 
 
 async def _serve(worker: Any, url: str, grace: float) -> None:
