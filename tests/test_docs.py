@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import re
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 import policyroute
-from policyroute.cli import main
+from policyroute.cli import main, parser
 from policyroute.errors import Problems, ProblemType
 from policyroute.language.schema import policy_schema
 
@@ -113,6 +114,36 @@ def test_the_deployment_page_lists_every_setting_and_the_server_flags(site: Path
     assert "POLICYROUTE_VALKEY_CLUSTER" in html and "pulsar://" in html
 
 
+def subcommands(top: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand's parser, by name."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in top._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.update(action.choices)
+    return found
+
+
+def test_the_cli_reference_has_every_subcommand_with_its_options_and_exit_codes(
+    site: Path,
+) -> None:
+    html = page(site, "reference/cli")
+    commands = subcommands(parser())
+    assert len(commands) >= 12
+    for name, command in commands.items():
+        start = html.find(f'<h2 id="{name}"')
+        assert start >= 0, f"policyroute {name} has no section"
+        end = html.find("<h2 ", start + 1)
+        section = html[start : end if end >= 0 else len(html)]
+        assert f"<code>policyroute {name}</code>" in section
+        assert f"usage: policyroute {name}" in section
+        for action in command._actions:  # all but -h, which every command has
+            if action.help != argparse.SUPPRESS and not isinstance(action, argparse._HelpAction):
+                for option in action.option_strings:
+                    assert option in section, f"policyroute {name} {option}"
+        for code in getattr(command, "exits", {}):
+            assert f"<td><code>{code}</code></td>" in section, f"policyroute {name}: exit {code}"
+
+
 def test_there_is_a_page_per_step_with_its_failure_modes(site: Path) -> None:
     for step in (
         "ip_allowlist", "auth", "lockout", "scopes", "roles", "mfa", "request", "replay",
@@ -151,3 +182,16 @@ def test_the_reference_finds_a_key_without_description_or_a_note_for_no_key(
     assert any("'route.scopes' has no description" in f for f in found)
     assert any("'route.scopez' is no key" in f for f in found)
     assert any("'route.enforce' is described by the schema now" in f for f in found)
+
+
+def test_the_cli_reference_finds_a_subcommand_or_option_without_help(hook: ModuleType) -> None:
+    assert hook.Cli(parser()).problems() == []
+    top = argparse.ArgumentParser(prog="policyroute")
+    sub = top.add_subparsers()
+    quiet = sub.add_parser("quiet")
+    quiet.add_argument("--loud")
+    sub.add_parser("said", help="has help").add_argument("target")
+    found = hook.Cli(top).problems()
+    assert "policyroute quiet has no help text (add_parser's help=)" in found
+    assert "policyroute quiet --loud LOUD has no help text" in found
+    assert "policyroute said target has no help text" in found

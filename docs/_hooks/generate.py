@@ -9,17 +9,21 @@ A page names what it wants generated with a marker line, `<!-- generated: NAME -
 - `lint-rules`: every rule `policyroute lint --list-rules` lists.
 - `problem-types`: every problem type a denial can carry, with the pages that document it.
 - `settings`: every `POLICYROUTE_*` setting of `policyroute.Settings`.
+- `cli-reference`: every subcommand of `policyroute`, from its argparse parser: usage,
+  description, each option with its help text and default, and its exit codes.
 
 What would make a page wrong is logged as a warning, so `mkdocs build --strict` (`make
 docs`, `tests/test_docs.py`) fails on it: a key without a description or example, a
 `keys.yaml` entry for a key that does not exist or that the schema now describes itself,
 a failure-mode row (`| 429 | `rate-limited` | ...`) whose problem type does not exist or
-has another status, a problem type no page documents, and a request-path diagram whose
-step nodes are not the compiled chain's steps in order.
+has another status, a problem type no page documents, a request-path diagram whose
+step nodes are not the compiled chain's steps in order, and a subcommand or option of the
+command line without help text.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -66,6 +70,7 @@ class Sources:
     problems: tuple[tuple[str, int, str, str], ...]  # slug, status, title, type URI
     steps: tuple[str, ...]  # the chain's steps in request-path order
     settings: tuple[tuple[str, str, str], ...]  # env var, default, description
+    cli: argparse.ArgumentParser  # the `policyroute` command's parser
 
 
 @functools.cache
@@ -76,6 +81,7 @@ def sources() -> Sources:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from policyroute import Settings
+    from policyroute.cli import parser
     from policyroute.errors import Problems, ProblemType
     from policyroute.language.schema import policy_schema
     from policyroute.review.lint import RULES
@@ -92,6 +98,7 @@ def sources() -> Sources:
             ((prefix + name).upper(), _setting_default(info.default), info.description or "")
             for name, info in Settings.model_fields.items()
         ),
+        cli=parser(),
     )
 
 
@@ -176,8 +183,9 @@ def _check_diagram(text: str) -> None:
 
 
 def _cell(text: str) -> str:
-    """Text safe inside a markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text safe inside a markdown table cell (a pipe in a `code` span splits no cell)."""
+    parts = re.split(r"(`[^`]+`)", " ".join(text.split()))  # odd parts are the spans
+    return "".join(p if i % 2 else p.replace("|", "\\|") for i, p in enumerate(parts))
 
 
 def _code(text: str) -> str:
@@ -529,9 +537,159 @@ def _settings(page: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------
+# the command line
+
+# Markdown's own characters in help text, outside its `code` spans.
+MARKDOWN_CHARS = re.compile(r"([\\*_<>\[\]])")
+USAGE_WIDTH = 88  # the usage lines as a terminal this wide shows them
+
+
+def _prose(text: str) -> str:
+    """Plain help text as markdown: its backquoted spans stay code, the rest is escaped."""
+    parts = re.split(r"(`[^`]+`)", " ".join(text.split()))  # odd parts are the spans
+    return "".join(p if i % 2 else MARKDOWN_CHARS.sub(r"\\\1", p) for i, p in enumerate(parts))
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One parser of the command line: `policyroute` itself or a subcommand."""
+
+    name: str  # "" for `policyroute` itself
+    about: str  # the help line `policyroute --help` lists it with
+    parser: argparse.ArgumentParser
+
+    @property
+    def anchor(self) -> str:
+        return self.name or "policyroute"
+
+
+class Cli:
+    """The `policyroute` command as its argparse parsers describe it, and how to render it.
+
+    argparse has no public API to list a parser's actions or format one alone, so this reads
+    `_actions` and the formatter's helpers, as `--help` does.
+    """
+
+    def __init__(self, top: argparse.ArgumentParser) -> None:
+        self.top = Command("", top.description or "", top)
+        self.commands: list[Command] = []
+        for action in top._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                about = {a.dest: a.help or "" for a in action._choices_actions}
+                for name, parser in action.choices.items():
+                    self.commands.append(Command(name, about.get(name, ""), parser))
+
+    @staticmethod
+    def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+        """The arguments `--help` lists, but -h and the subcommands."""
+        return [
+            a
+            for a in parser._actions
+            if a.help != argparse.SUPPRESS
+            and not isinstance(a, argparse._HelpAction | argparse._SubParsersAction)
+        ]
+
+    @staticmethod
+    def _formatter(parser: argparse.ArgumentParser) -> argparse.HelpFormatter:
+        kind = parser.formatter_class  # a HelpFormatter class, which takes the width too
+        assert isinstance(kind, type) and issubclass(kind, argparse.HelpFormatter)
+        return kind(prog=parser.prog, width=USAGE_WIDTH)
+
+    def invocation(self, parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+        """How `--help` names an argument: `-o OUTPUT, --output OUTPUT`, `paths`."""
+        return self._formatter(parser)._format_action_invocation(action)
+
+    def usage(self, parser: argparse.ArgumentParser) -> str:
+        formatter = self._formatter(parser)
+        formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups)
+        return formatter.format_help().strip()
+
+    def help(self, parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+        """An argument's help text as `--help` prints it (its `%(default)s` filled in)."""
+        return self._formatter(parser)._expand_help(action) if action.help else ""
+
+    @staticmethod
+    def default(action: argparse.Action) -> str:
+        # argparse marks a positional `nargs="*"` required; it may be left out all the same.
+        if action.required and action.nargs not in ("?", "*"):
+            return "required"
+        if action.nargs == 0:  # a flag: --version, --reload
+            return "" if action.default == argparse.SUPPRESS else "off"
+        if action.default in (None, []):
+            listed = action.nargs in ("*", "+") or isinstance(action, argparse._AppendAction)
+            return "none" if listed else "unset"
+        return _code(str(action.default))
+
+    def problems(self) -> list[str]:
+        """What keeps the reference from saying what each command and option is for."""
+        found = []
+        for command in [self.top, *self.commands]:
+            named = f"policyroute {command.name}".strip()
+            if not command.about.strip():
+                found.append(f"{named} has no help text (add_parser's help=)")
+            for action in self.options(command.parser):
+                if not (action.help or "").strip():
+                    argument = self.invocation(command.parser, action)
+                    found.append(f"{named} {argument} has no help text")
+        return found
+
+    def markdown(self) -> str:
+        lines = ["| Command | What it does |", "|---|---|"]
+        for command in self.commands:
+            link = f"[`{command.name}`](#{command.anchor})"
+            lines.append(f"| {link} | {_cell(_prose(_sentence(command.about)))} |")
+        out = ["\n".join(lines) + "\n"]
+        for command in [self.top, *self.commands]:
+            out.append(self._command(command))
+        return "\n".join(out)
+
+    def _command(self, command: Command) -> str:
+        parser = command.parser
+        title = f"policyroute {command.name}".strip()
+        lines = [f"## `{title}` {{#{command.anchor}}}", ""]
+        lines += [_prose(_sentence(command.about)), ""]
+        if parser.description and command.name:
+            for paragraph in re.split(r"\n\s*\n", parser.description.strip()):
+                lines += [_prose(paragraph), ""]
+        lines += ["```text", self.usage(parser), "```", ""]
+        options = self.options(parser)
+        if options:
+            lines += ["| Argument | Default | Description |", "|---|---|---|"]
+            for action in options:
+                cells = (
+                    _code(self.invocation(parser, action)),
+                    self.default(action),
+                    _prose(self.help(parser, action)),
+                )
+                lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+            lines.append("")
+        exits: dict[int, str] = getattr(parser, "exits", {})
+        if exits:
+            whose = "Exit codes of every command" if not command.name else "Exit codes"
+            lines += [f"{whose}:", "", "| Code | When |", "|---|---|"]
+            for code, when in exits.items():
+                lines.append(f"| `{code}` | {_cell(_prose(_sentence(when)))} |")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _cli_reference(page: str) -> str:
+    cli = Cli(sources().cli)
+    for problem in cli.problems():
+        log.warning("%s", problem)
+    return cli.markdown()
+
+
 GENERATORS = {
     "policy-reference": _reference,
     "lint-rules": _lint_rules,
     "problem-types": _problem_types,
     "settings": _settings,
+    "cli-reference": _cli_reference,
 }
