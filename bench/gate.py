@@ -88,9 +88,14 @@ def _layouts() -> dict[str, tuple[FastAPI, str, str]]:
     return out
 
 
-def _pass(scope: Scope, receive: Any, send: Any, endpoint: Any, app: Any) -> Any:
-    """A decision that allows everything (no frame of its own): what is left is the gate."""
+def _through(scope: Scope, receive: Any, send: Any, app: Any, marks_entry: bool) -> Any:
+    """A chain that allows everything (no frame of its own): what is left is the gate."""
     return app(scope, receive, send)
+
+
+def _pass(method: str, endpoint: Any) -> Any:
+    """A decision that allows everything."""
+    return _through
 
 
 def _rounds(apps: list[FastAPI], path: str) -> list[list[float]]:

@@ -57,13 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__)
     parser.add_argument("policies", nargs="*", default=["full"], help="bench/policies sets or bare")
     parser.add_argument("--tasks", type=int, default=1, help="requests in flight (wrk's -c)")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (production's loop)")
     args = parser.parse_args(argv)
     with start_valkey() as backend:
         os.environ[VALKEY_URL_ENV] = backend.url
         for policy in args.policies:
-            rounds = asyncio.run(measure(policy, args.tasks))
+            if args.uvloop:
+                import uvloop
+
+                rounds = uvloop.run(measure(policy, args.tasks))
+            else:
+                rounds = asyncio.run(measure(policy, args.tasks))
             print(
-                f"{Path.cwd()} {policy} x{args.tasks}: worker CPU {min(rounds):.1f} least, "
+                f"{Path.cwd()} {policy} x{args.tasks}{' uvloop' if args.uvloop else ''}: worker CPU {min(rounds):.1f} least, "
                 f"{statistics.median(rounds):.1f} median us per request"
             )
     return 0

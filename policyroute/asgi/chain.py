@@ -231,7 +231,26 @@ class BoundChain:
                 ctx.denied_by = "gate"
                 reason = await self._deny(ctx, out, too_large)
             elif (tracer := active()) is None:
-                reason = await self._run(ctx, out)
+                # `_run`, inline: every frame here is entered again on each resumption.
+                guard = None
+                try:
+                    for guard, check, _, now in self.guards:  # noqa: B007 - read on a refusal
+                        if now is None:
+                            await check(ctx)
+                        else:
+                            pending = now(ctx)
+                            if pending is not None:
+                                await pending
+                    guard = None
+                    handler = self.handler
+                    if handler is _innermost:
+                        await app(ctx.scope, ctx.receive, ctx.send)
+                    else:
+                        await handler(ctx)
+                except Denial as denial:
+                    if guard is not None:
+                        ctx.denied_by = guard
+                    reason = await self._deny(ctx, out, denial)
             else:
                 reason = await self._traced(ctx, out, tracer, sent)
             outcome = "allowed" if reason is None else "denied"

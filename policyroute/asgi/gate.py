@@ -51,7 +51,7 @@ Hosts are named in the policy language in the network-path form of RFC 3986:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -670,7 +670,11 @@ def _unknown(route: Any, scope: Scope, prefix: str) -> Resolved:
 # --- the gate ------------------------------------------------------------------------------
 
 
-Decide = Callable[[Scope, Receive, Send, Endpoint, ASGIApp], Any]
+# The chain of a resolved endpoint for a method, run as chain(scope, receive, send, app,
+# marks_entry) around the router's dispatch `app`. Chosen, then awaited by the gate itself:
+# no coroutine frame between the gate and the chain.
+Guarded = Callable[[Scope, Receive, Send, ASGIApp, bool], Awaitable[None]]
+Decide = Callable[[str, Endpoint], Guarded]
 
 
 def _not_allowed(methods: Sequence[str]) -> Denial:
@@ -817,7 +821,7 @@ class RouterGate:
         else:
             found.router, found.select = self.router, select
             app = found
-        await self.decide(scope, receive, send, endpoint, app)
+        await self.decide(method, endpoint)(scope, receive, send, app, endpoint.marks_entry)
 
     async def _refuse(self, scope: Scope, send: Send, denial: Denial) -> None:
         await send_problem(send, denial, instance=scope.get("path"), head=scope["method"] == "HEAD")

@@ -20,3 +20,9 @@ def digest(value: str | bytes) -> str:
     """A short digest of a request-supplied value, so raw keys never appear in Valkey."""
     raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
     return hashlib.sha256(raw).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=8192)
+def path_digest(path: str) -> str:
+    """`digest` of a request path, remembered: a route's callers ask for few paths."""
+    return digest(path)

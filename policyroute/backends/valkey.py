@@ -61,6 +61,9 @@ class Store(Protocol):
         ...
 
 
+# Key names remembered (`ValkeyStore.key`); past this many the memo starts again.
+KEY_MEMO = 65_536
+
 # Submitted calls waiting to be sent again at most (past it, a failure is given up at once),
 # and the longest wait between two tries (the first is RETRY_FIRST, doubling).
 RETRY_LIMIT = 10_000
@@ -132,6 +135,7 @@ class ValkeyStore:
                 url, max_connections=max_connections, **kwargs
             )
         self._scripts: dict[str, Any] = {}
+        self._keys: dict[tuple[str, ...], str] = {}
         self._sources: dict[str, tuple[str, str]] = {}
         # Script calls (the per-request hot path) are auto-pipelined on one connection;
         # a cluster routes each call by slot through the cluster client instead.
@@ -157,7 +161,14 @@ class ValkeyStore:
 
     def key(self, tag: str, *parts: str) -> str:
         """`<prefix>:{<tag>}:<part>:...`; the tag is a cluster hash tag."""
-        return ":".join((self.prefix, "{" + _escape_tag(tag) + "}", *parts))
+        # Requests of one caller on one route ask for the same keys: one lookup, not a join.
+        memo = (tag, *parts)
+        found = self._keys.get(memo)
+        if found is None:
+            if len(self._keys) >= KEY_MEMO:
+                self._keys.clear()  # many callers: start again rather than grow
+            found = self._keys[memo] = ":".join((self.prefix, "{" + _escape_tag(tag) + "}", *parts))
+        return found
 
     def _script(self, name: str) -> Any:
         script = self._scripts.get(name)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..asgi.api_docs import with_api_docs
 from ..asgi.chain import BoundChain
@@ -171,17 +170,12 @@ class Engine:
             if missing:
                 raise ConfigError([no_policy_finding(r) for r in missing])
 
-    async def decide(
-        self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, app: ASGIApp
-    ) -> None:
-        """Run the chain of the resolved endpoint around the router's dispatch."""
-        method = scope["method"] if scope["type"] == "http" else "GET"
-        bound = (
-            self.snapshot.chain_for(method, endpoint.path)
-            if endpoint.known
-            else (self.snapshot.deny(method, endpoint.path))
-        )
-        await bound(scope, receive, send, app, endpoint.marks_entry)
+    def decide(self, method: str, endpoint: Endpoint) -> BoundChain:
+        """The chain of the resolved endpoint for `method` (the gate runs it, then dispatches)."""
+        snapshot = self.snapshot
+        if endpoint.known:
+            return snapshot.chain_for(method, endpoint.path)
+        return snapshot.deny(method, endpoint.path)
 
     def reload(self) -> ConfigError | None:
         """Load, check, compile and swap all chains at once; keep the old ones on any error."""

@@ -11,7 +11,7 @@ from cachetools import Cache as LocalStore
 from cachetools import FIFOCache, LFUCache, LRUCache
 
 from .._types import format_duration, format_size
-from ..backends.keys import digest, route_id
+from ..backends.keys import digest, path_digest, route_id
 from ..backends.valkey import Store
 from ..compile.step import Context
 from ..crypto import DataKeyError
@@ -34,7 +34,8 @@ def cache_key(store: Store, tag: str, route: str, path: str, vary: str) -> str:
     One string either way (`E...` a response, `L<token>` the request computing it), so a
     lookup that misses takes the lock in the same command: `SET key L<token> NX GET PX`.
     """
-    return store.key(tag, "ce", route_id(route), digest(path), digest(vary))
+    # The part before the variant repeats from request to request: remembered by the store.
+    return store.key(tag, "ce", route_id(route), path_digest(path)) + ":" + digest(vary)
 
 
 def entry(code: int, headers: bytes, body: bytes) -> bytes:
@@ -83,6 +84,7 @@ class CacheStep(Part):
             if spec.ignore_credentials
             else tuple(h for h in CREDENTIAL_HEADERS if h not in self.vary_headers)
         )
+        self.raw_credentials = frozenset(h.encode("latin-1") for h in self.credentials)
         self.local: LocalStore[str, tuple[float, Stored]] | None = None
         self.local_ttl = 0.0
         if spec.local is not None:
@@ -120,11 +122,12 @@ class CacheStep(Part):
         policy acknowledged one copy for every caller). Headers named in `vary_headers`
         are in the key. Anything else may have shaped a response meant for its holder.
         """
-        headers = ctx.headers
-        for name in self.credentials:
-            if not headers.get(name, "").strip():
+        credentials = self.raw_credentials
+        for raw_name, value in ctx.scope["headers"]:
+            name = raw_name.lower()
+            if name not in credentials or not value.strip():
                 continue
-            if name == "authorization" and ctx.principal.authenticated:
+            if name == b"authorization" and ctx.principal.authenticated:
                 continue
             return True
         return False

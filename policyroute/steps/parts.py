@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import Message, Send
@@ -128,7 +128,6 @@ class Vault:
 PLAIN = Vault()
 
 
-@dataclass(slots=True)
 class Request:
     """What the parts of one request compute and share.
 
@@ -137,16 +136,31 @@ class Request:
     and marked so a cluster can split them by hash tag (`steps/slots.py`).
     """
 
-    ctx: Context
-    keys: list[str] = field(default_factory=list)
-    args: list[Arg] = field(default_factory=list)
-    marks: list[tuple[int, int]] = field(default_factory=list)
-    token: str = ""
-    extra: list[Header] = field(default_factory=list)
-    finish_keys: list[str] = field(default_factory=list)
-    finish_args: list[Arg] = field(default_factory=list)
-    finish_marks: list[tuple[int, int]] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
+    __slots__ = (
+        "args",
+        "ctx",
+        "data",
+        "extra",
+        "finish_args",
+        "finish_keys",
+        "finish_marks",
+        "keys",
+        "marks",
+        "token",
+    )
+
+    def __init__(self, ctx: Context, token: str = "") -> None:
+        # Plain slots, not a dataclass: one is made for every request of a stateful route.
+        self.ctx = ctx
+        self.token = token
+        self.keys: list[str] = []
+        self.args: list[Arg] = []
+        self.marks: list[tuple[int, int]] = []
+        self.extra: list[Header] = []
+        self.finish_keys: list[str] = []
+        self.finish_args: list[Arg] = []
+        self.finish_marks: list[tuple[int, int]] = []
+        self.data: dict[str, Any] = {}
 
     def op(self, keys: Sequence[str], args: Sequence[Arg]) -> None:
         """Queue an op (opcode first in `args`) for the before-handler script."""
@@ -182,24 +196,44 @@ PROBES = "probes"
 PAUSES = "pauses"
 
 
-@dataclass(slots=True)
 class Outcome:
     """How the request ended, as the after-handler parts need it."""
 
-    handler_ran: bool = False
-    status: int = 0
-    headers: list[Header] = field(default_factory=list)
-    body: bytearray = field(default_factory=bytearray)
-    started: bool = False
-    done: bool = False
-    error: BaseException | None = None
-    # Body bytes sent, counted while a part keeps the body; `dropped` once they passed
-    # what any part keeps (`body` is then empty, and the response streamed through).
-    size: int = 0
-    dropped: bool = False
-    # The app was told the client disconnected (`http.disconnect`): a response it left
-    # unfinished without raising was cut short by the client, not by the app.
-    gone: bool = False
+    __slots__ = (
+        "body",
+        "done",
+        "dropped",
+        "error",
+        "gone",
+        "handler_ran",
+        "headers",
+        "size",
+        "started",
+        "status",
+    )
+
+    def __init__(
+        self,
+        *,
+        handler_ran: bool = False,
+        status: int = 0,
+        started: bool = False,
+        done: bool = False,
+    ) -> None:
+        self.handler_ran = handler_ran
+        self.status = status
+        self.headers: list[Header] = []
+        self.body = bytearray()
+        self.started = started
+        self.done = done
+        self.error: BaseException | None = None
+        # Body bytes sent, counted while a part keeps the body; `dropped` once they passed
+        # what any part keeps (`body` is then empty, and the response streamed through).
+        self.size = 0
+        self.dropped = False
+        # The app was told the client disconnected (`http.disconnect`): a response it left
+        # unfinished without raising was cut short by the client, not by the app.
+        self.gone = False
 
     @property
     def complete(self) -> Stored | None:

@@ -261,9 +261,17 @@ class RateLimitStep(Part):
             self._probe(req, rid)
         if not self.limits:
             return
-        keys = [self._key(req, lim, False, rid) for lim in self.limits]
-        for key, lim in zip(keys, self.limits, strict=True):
-            req.op((key,), (*lim.op, req.token) if lim.op[0] in _OWNED else lim.op)
+        keys = []
+        key_of = self.store.key
+        for lim in self.limits:
+            # `_key`, inline for the limits that are not a debounce (one per request).
+            kind = lim.op[0]
+            if kind == "db":
+                key = self._key(req, lim, False, rid)
+            else:
+                key = key_of(lim.tag(ctx), lim.space, rid, lim.index)
+            keys.append(key)
+            req.op((key,), (*lim.op, req.token) if kind in _OWNED else lim.op)
         req.data["rl_keys"] = keys
 
     def _probe(self, req: Request, rid: str) -> None:
@@ -327,13 +335,17 @@ class RateLimitStep(Part):
         retry_ms = 0
         refused: Limit | None = None
         for lim, row in zip(self.limits, rows, strict=True):
-            ok, remaining, reset_ms, retry = int(row[0]), int(row[1]), int(row[2]), int(row[3])
-            items.append(lim.item(remaining, reset_ms if ok else max(reset_ms, retry)))
-            if not ok:
-                retry_ms = max(retry_ms, retry)
-                refused = refused or lim
-        req.extra.append(self.policy_header)
-        req.extra.append((b"ratelimit", ", ".join(items).encode()))
+            remaining, reset_ms = int(row[1]), int(row[2])
+            if row[0] == "1":
+                items.append(lim.item(remaining, reset_ms))
+                continue
+            retry = int(row[3])
+            items.append(lim.item(remaining, max(reset_ms, retry)))
+            retry_ms = max(retry_ms, retry)
+            refused = refused or lim
+        extra = req.extra
+        extra.append(self.policy_header)
+        extra.append((b"ratelimit", (items[0] if len(items) == 1 else ", ".join(items)).encode()))
         ctx = req.ctx
         if refused is None:
             req.data["rl_held"] = True

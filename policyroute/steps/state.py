@@ -72,6 +72,14 @@ class StateStep(Step):
         self.watch = any(p.watch_disconnect for p in self.parts)
         self.hear = any(p.hears_disconnect for p in self.parts)
         self.keepers = tuple(p for p in self.parts if type(p).keeps is not Part.keeps)
+        self._failed: tuple[str, Callable[[StorageError], None]] | None = None
+
+    def _on_error(self, route: str) -> Callable[[StorageError], None]:
+        """`_finish_failed` for the route, made once (a step serves one route and its HEAD)."""
+        made = self._failed
+        if made is None or made[0] != route:
+            made = self._failed = (route, functools.partial(_finish_failed, route))
+        return made[1]
 
     def describe(self) -> str:
         """One line for explain: the parts in evaluation order."""
@@ -109,8 +117,7 @@ class StateStep(Step):
         except StorageError as exc:
             await self._without_backend(ctx, call_next, exc)
             return
-        verdict = _reply_text(reply[0])
-        req.data["verdict"] = verdict
+        req.data["verdict"] = _reply_text(reply[0])
         outcome = Outcome()
         try:
             for part in self.parts:
@@ -258,7 +265,7 @@ class StateStep(Step):
                 req.finish_keys,
                 req.finish_args,
                 operation=self.finish_op,
-                on_error=functools.partial(_finish_failed, route),
+                on_error=self._on_error(route),
                 joins=True,
             )
             return
