@@ -27,6 +27,7 @@ from typing import Any
 from asgi_lifespan import LifespanManager
 
 from bench.apps import VALKEY_URL_ENV
+from bench.backend import Valkey
 from bench.backend import valkey as start_valkey
 from bench.lua import _drive, _scopes
 
@@ -34,8 +35,13 @@ ROUNDS = 12
 PER_ROUND = 1000
 
 
-async def measure(policy: str, tasks: int = 1) -> list[float]:
-    """Process CPU µs per request of each round, `tasks` requests at a time."""
+async def measure(
+    policy: str, tasks: int = 1, backend: Valkey | None = None
+) -> list[tuple[float, float]]:
+    """(process, Valkey) CPU µs per request of each round, `tasks` requests at a time.
+
+    Valkey's is 0 without `backend` (the server's own CPU count, read before and after).
+    """
     os.environ["BENCH_POLICY"] = policy
     module = "bench.apps.bare" if policy == "bare" else "bench.apps.policyroute_app"
     sys.modules.pop(module, None)
@@ -44,9 +50,13 @@ async def measure(policy: str, tasks: int = 1) -> list[float]:
     ok = 0
     async with LifespanManager(app):
         for number in range(ROUNDS):
+            server = backend.cpu_seconds() if backend is not None else 0.0
             started = time.process_time()
             ok += await _drive(app, _scopes("/ping", PER_ROUND, number * PER_ROUND), tasks)
-            rounds.append((time.process_time() - started) / PER_ROUND * 1e6)
+            worker = (time.process_time() - started) / PER_ROUND * 1e6
+            if backend is not None:
+                server = (backend.cpu_seconds() - server) / PER_ROUND * 1e6
+            rounds.append((worker, server))
     if ok != ROUNDS * PER_ROUND:
         raise RuntimeError(f"{policy}: not every request answered 2xx")
     return rounds
@@ -65,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.uvloop:
                 import uvloop
 
-                rounds = uvloop.run(measure(policy, args.tasks))
+                rounds = uvloop.run(measure(policy, args.tasks, backend))
             else:
-                rounds = asyncio.run(measure(policy, args.tasks))
+                rounds = asyncio.run(measure(policy, args.tasks, backend))
+            worker = [w for w, _ in rounds]
+            server = [v for _, v in rounds]
+            loop = " uvloop" if args.uvloop else ""
             print(
-                f"{Path.cwd()} {policy} x{args.tasks}{' uvloop' if args.uvloop else ''}: worker CPU {min(rounds):.1f} least, "
-                f"{statistics.median(rounds):.1f} median us per request"
+                f"{Path.cwd()} {policy} x{args.tasks}{loop}: worker CPU {min(worker):.1f} least, "
+                f"{statistics.median(worker):.1f} median; Valkey CPU {min(server):.1f} least, "
+                f"{statistics.median(server):.1f} median us per request"
             )
     return 0
 

@@ -85,6 +85,8 @@ class CacheStep(Part):
             else tuple(h for h in CREDENTIAL_HEADERS if h not in self.vary_headers)
         )
         self.raw_credentials = frozenset(h.encode("latin-1") for h in self.credentials)
+        # The variant is method and query alone (no header, no claim named): see `variant`.
+        self.by_query_only = spec.vary_query and not self.vary_headers and not self.vary_claims
         self.local: LocalStore[str, tuple[float, Stored]] | None = None
         self.local_ttl = 0.0
         if spec.local is not None:
@@ -147,6 +149,14 @@ class CacheStep(Part):
         if self.local is not None:
             self.local[key] = (time.monotonic() + self.local_ttl, stored)
 
+    def variant(self, ctx: Context) -> str:
+        """`digest` of `vary(ctx)`; by method and query alone, read from the raw bytes."""
+        if self.by_query_only:
+            query: bytes = ctx.scope.get("query_string", b"")
+            if query.isascii():  # what `vary` gives, encoded, without decoding it first
+                return digest(ctx.method.encode() + b"\0" + query)
+        return digest(self.vary(ctx))
+
     def vary(self, ctx: Context) -> str:
         """The request's variant: method, query, the named headers and the named claims."""
         parts = [ctx.method]
@@ -167,9 +177,11 @@ class CacheStep(Part):
             req.data["ca_bypass"] = True
             ctx.decide("cache", "bypass")
             return
-        tag = shared_tag(ctx.route) if self.spec.shared else principal_tag(ctx)
-        path = ctx.scope.get("path", "")
-        value = cache_key(self.store, tag, ctx.route, path, self.vary(ctx))
+        route = ctx.route
+        tag = shared_tag(route) if self.spec.shared else principal_tag(ctx)
+        # `cache_key`, with the variant digested from the raw query where it can be.
+        place = self.store.key(tag, "ce", route_id(route), path_digest(ctx.scope.get("path", "")))
+        value = place + ":" + self.variant(ctx)
         req.data["ca_key"] = value
         local = self._local_get(value)
         if local is not None:

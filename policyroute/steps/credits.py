@@ -139,10 +139,10 @@ class CreditsStep(Part):
                 headers={k.decode(): v.decode() for k, v in req.extra},
             )
         if row:
-            from_a, from_b = int(row[0]), int(row[1])
             period = row[3].decode() if isinstance(row[3], bytes) else str(row[3])
-            req.data["cr_taken"] = (from_a, from_b, period)
-            self._keep(req, f"{from_a}:{from_b}:{period}:{req.token}")
+            member = f"{int(row[0])}:{int(row[1])}:{period}:{req.token}"
+            req.data["cr_taken"] = member
+            self._keep(req, member)
 
     def _keep(self, req: Request, member: str) -> None:
         """Renew this reservation's hold until the request settles it."""
@@ -217,20 +217,21 @@ class CreditsStep(Part):
 
     def after(self, req: Request, outcome: Outcome) -> None:
         """Refund the reservation when the outcome says so (else it is committed)."""
-        taken = req.data.get("cr_taken")
-        if taken is None:
+        member: str | None = req.data.get("cr_taken")  # `from_a:from_b:period:token`
+        if member is None:
             return
         self.live.pop(req.token, None)
         keys = req.data["cr_keys"]
         ctx = req.ctx
         if self.refund(outcome):
-            req.finish("ref", keys, *taken, req.token)
+            from_a, from_b, period, token = member.split(":", 3)
+            req.finish("ref", keys, int(from_a), int(from_b), period, token)
             ctx.decide("credits", "refunded")
         else:
-            from_a, from_b, period = taken
-            req.finish("com", keys, f"{from_a}:{from_b}:{period}:{req.token}")
+            req.finish("com", keys, member)
             ctx.decide("credits", "charged")
-            ctx.note("credits.charged", self.spec.cost)
+            if ctx.span is not None:
+                ctx.note("credits.charged", self.spec.cost)
 
 
 def make_credits_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:

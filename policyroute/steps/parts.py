@@ -271,6 +271,9 @@ class Part(Step):
     def settle(self, req: Request, reply: list[Any]) -> None:
         """Read this part's share of the script's reply; may raise Denial."""
 
+    # Whether `keeps` may ever say more than None for this part's policy.
+    may_keep: bool = True
+
     def keeps(self, req: Request) -> int | None:
         """The most body bytes this part keeps of the request's response; None: none."""
         return None

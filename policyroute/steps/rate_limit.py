@@ -203,6 +203,7 @@ class RateLimitStep(Part):
         self.joins = next(
             (lim for lim in self.limits if lim.op[0] == "db" and lim.op[2] == "1"), None
         )
+        self.may_keep = self.joins is not None  # only a joining debounce keeps a response
 
     def describe(self) -> str:
         """The limits in one line."""

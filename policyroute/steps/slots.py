@@ -95,9 +95,12 @@ def state_reply(raw: Any) -> list[Any]:
     already (a cluster's, merged from one call per tag) is returned as it is: the server
     sends bytes, a read reply starts with its verdict as text.
     """
-    if isinstance(raw, list) and raw and isinstance(raw[0], str):
+    if type(raw) is bytes:  # the common reply: the head alone
+        first: Any = raw
+        answer: list[Any] = []
+    elif isinstance(raw, list) and raw and isinstance(raw[0], str):
         return raw
-    if isinstance(raw, list):
+    elif isinstance(raw, list):
         first, answer = raw[0], raw[1:]
     else:
         first, answer = raw, []

@@ -71,7 +71,9 @@ class StateStep(Step):
         self.peekers = tuple(p for p in self.parts if type(p).peek is not Part.peek)
         self.watch = any(p.watch_disconnect for p in self.parts)
         self.hear = any(p.hears_disconnect for p in self.parts)
-        self.keepers = tuple(p for p in self.parts if type(p).keeps is not Part.keeps)
+        self.keepers = tuple(
+            p for p in self.parts if p.may_keep and type(p).keeps is not Part.keeps
+        )
         self._failed: tuple[str, Callable[[StorageError], None]] | None = None
 
     def _on_error(self, route: str) -> Callable[[StorageError], None]:
