@@ -204,6 +204,13 @@ class RateLimitStep(Part):
             (lim for lim in self.limits if lim.op[0] == "db" and lim.op[2] == "1"), None
         )
         self.may_keep = self.joins is not None  # only a joining debounce keeps a response
+        # One enforced limit that neither waits nor joins, none shadowed: the common route,
+        # settled without the general loop (`settle`).
+        self.single = (
+            self.limits[0] if len(self.limits) == 1 and not self.shadows and not self.special
+            else None
+        )
+        self.single_label = self.single.label.encode() if self.single is not None else b""
 
     def describe(self) -> str:
         """The limits in one line."""
@@ -327,6 +334,23 @@ class RateLimitStep(Part):
 
     def settle(self, req: Request, reply: list[Any]) -> None:
         """Set the RateLimit headers; raise 429 when a limit refused; queue a wait or a join."""
+        single = self.single
+        if single is not None:
+            row = reply[1][0]
+            if row[0] == "1":  # allowed: the headers, one count
+                extra = req.extra
+                extra.append(self.policy_header)
+                reset = int(row[2])
+                extra.append(
+                    (
+                        b"ratelimit",
+                        b"%s;r=%d;t=%d"
+                        % (self.single_label, max(0, int(row[1])), max(0, -(-reset // 1000))),
+                    )
+                )
+                req.data["rl_held"] = True
+                req.ctx.decide("rate_limit", "allowed")
+                return
         if self.shadows:
             self._settle_shadow(req)
         if not self.limits:
