@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..compile.chain import Chain
-from ..compile.step import Context, Handler, Step
+from ..compile.step import Context, Handler, Step, innermost
 from ..errors import Denial, Problems
 from ..language.policy import RoutePolicy
 from ..observability.logs import CURRENT, Current
@@ -49,12 +49,8 @@ def _propagated(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return any(name in _TRACE_HEADERS for name, _ in headers)
 
 
-async def _innermost(ctx: Context) -> None:
-    await ctx.app(ctx.scope, ctx.receive, ctx.send)
-
-
 def _fold(steps: Sequence[Step], traced: bool = False) -> Handler:
-    handler: Handler = _innermost
+    handler: Handler = innermost
     for step in reversed(steps):
         handler = _wrap_traced(step, handler) if traced and step.traced else _wrap(step, handler)
     return handler
@@ -243,7 +239,7 @@ class BoundChain:
                                 await pending
                     guard = None
                     handler = self.handler
-                    if handler is _innermost:
+                    if handler is innermost:
                         await app(ctx.scope, ctx.receive, ctx.send)
                     else:
                         await handler(ctx)

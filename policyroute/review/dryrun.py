@@ -40,7 +40,7 @@ from ..asgi.chain import BoundChain
 from ..backends.valkey import ValkeyStore
 from ..compile.chain import Chain
 from ..compile.compiler import Env, compile_route
-from ..compile.step import Context, Handler, Step
+from ..compile.step import Context, Handler, Step, innermost
 from ..config import Settings
 from ..crypto import Keyring
 from ..errors import Denial, PolicyrouteError
@@ -430,14 +430,10 @@ class RecordingChain(BoundChain):
             (name, _guard(step, check, trail), traced, None)
             for step, (name, check, traced, _) in zip(guards, self.guards, strict=True)
         )
-        handler: Handler = _innermost
+        handler: Handler = innermost
         for step in reversed([s for s in chain.steps if not s.guard]):
             handler = _around(step, handler, trail)
         self.handler = self.traced_handler = handler
-
-
-async def _innermost(ctx: Context) -> None:
-    await ctx.app(ctx.scope, ctx.receive, ctx.send)
 
 
 class _Events:

@@ -23,7 +23,7 @@ from ..asgi._entry import ENTERED
 from ..asgi.body import BODY_REFUSED, DEFAULT_MAX_BODY, Header, read_body
 from ..backends.valkey import Store
 from ..compile.compiler import Env, register
-from ..compile.step import Context, Handler, Step
+from ..compile.step import Context, Handler, Step, innermost
 from ..errors import Denial, Problems, StorageError
 from ..language.policy import RoutePolicy
 from ..observability.metrics import backend_error
@@ -134,10 +134,49 @@ class StateStep(Step):
             for pause in req.data.get(PAUSES, ()):
                 await pause()
             stored: Stored | None = req.data.get("answer")
+            if stored is None:
+                wait = req.data.get("wait")
+                if wait is not None:
+                    stored = await self._waited(req, wait)
             if stored is not None:
                 await self._answer(req, stored, outcome)
             else:
-                await self._run(req, call_next, outcome)
+                # The handler, in this frame (no coroutine of its own on every request).
+                marks = ctx.marks_entry
+                original = ctx.send
+                received = ctx.receive
+                if self.hear:
+                    ctx.receive = _hearing(received, outcome)
+                # A request that owns an idempotency record stores it before the client sees
+                # the end of the response, so a retry sent right after the response is a
+                # replay, not a 409 for a request still "in flight".
+                ctx.send = _recording(
+                    original,
+                    outcome,
+                    req.extra,
+                    keep=self._keep(req) if self.keepers else None,
+                    before_last=(
+                        (lambda: self._finish(req, outcome)) if req.data.get("id_owner") else None
+                    ),
+                )
+                # A FastAPI endpoint marks `outcome` when it is called: validation may refuse
+                # the request (422, 400) inside the route without calling it. Any other runs
+                # when called.
+                entered = ENTERED.set(outcome) if marks else None
+                if entered is None:
+                    outcome.handler_ran = True
+                try:
+                    if self.watch and _buffered(ctx):
+                        await self._watched(ctx, call_next, outcome)
+                    elif call_next is innermost:
+                        await ctx.app(ctx.scope, ctx.receive, ctx.send)
+                    else:
+                        await call_next(ctx)
+                finally:
+                    ctx.send = original
+                    ctx.receive = received
+                    if entered is not None:
+                        ENTERED.reset(entered)
         except Denial as denial:
             if not outcome.started:
                 outcome.status = denial.status
@@ -181,50 +220,15 @@ class StateStep(Step):
         send = _recording(req.ctx.send, outcome, req.extra, keep=self._keep(req))
         await stored.send(send, req.data.get("answer_headers", []), req.ctx.method == "HEAD")
 
-    async def _run(self, req: Request, call_next: Handler, outcome: Outcome) -> None:
-        wait = req.data.get("wait")
-        if wait is not None:
-            try:
-                stored = await wait()
-            except StorageError as exc:
-                # The backend went away while this miss waited on another request's
-                # entry: run the handler (fail open) or refuse, as for the first call.
-                _without_backend(req.ctx.route, exc, exc.fail_open)
-                stored = None
-            if stored is not None:
-                await self._answer(req, stored, outcome)
-                return
-        ctx = req.ctx
-        original = ctx.send
-        received = ctx.receive
-        if self.hear:
-            ctx.receive = _hearing(received, outcome)
-        # A request that owns an idempotency record stores it before the client sees the
-        # end of the response, so a retry sent right after the response is a replay, not
-        # a 409 for a request still "in flight".
-        settle_first = req.data.get("id_owner")
-        ctx.send = _recording(
-            original,
-            outcome,
-            req.extra,
-            keep=self._keep(req),
-            before_last=(lambda: self._finish(req, outcome)) if settle_first else None,
-        )
-        # A FastAPI endpoint marks `outcome` when it is called: validation may refuse the
-        # request (422, 400) inside the route without calling it. Any other runs when called.
-        entered = ENTERED.set(outcome) if ctx.marks_entry else None
-        if entered is None:
-            outcome.handler_ran = True
+    async def _waited(self, req: Request, wait: Callable[[], Awaitable[Stored | None]]) -> Any:
+        """A miss that lost the lock: the entry the first one stored, or None to run the handler."""
         try:
-            if self.watch and _buffered(ctx):
-                await self._watched(ctx, call_next, outcome)
-            else:
-                await call_next(ctx)
-        finally:
-            ctx.send = original
-            ctx.receive = received
-            if entered is not None:
-                ENTERED.reset(entered)
+            return await wait()
+        except StorageError as exc:
+            # The backend went away while this miss waited on another request's entry: run
+            # the handler (fail open) or refuse, as for the first call.
+            _without_backend(req.ctx.route, exc, exc.fail_open)
+            return None
 
     async def _watched(self, ctx: Context, call_next: Handler, outcome: Outcome) -> None:
         """Run the handler, cancelling it when the client goes away before the response.
