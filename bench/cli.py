@@ -226,7 +226,13 @@ def median_round(outcomes: list[runner.Outcome]) -> runner.Outcome:
         return failed[0]
     ranked = sorted(outcomes, key=lambda o: o.result.rps if o.result else 0.0)
     every = tuple(
-        runner.Round(o.result.rps, o.cpu_us, *(o.base or (None, None)))
+        runner.Round(
+            o.result.rps,
+            o.cpu_us,
+            o.base[0] if o.base else None,
+            o.base[1] if o.base else None,
+            o.backend_us,
+        )
         for o in outcomes
         if o.result is not None
     )
@@ -244,8 +250,8 @@ def publish(outcomes: list[runner.Outcome], run_meta: dict[str, Any]) -> int:
     print(
         f"generator: {run_meta['generator']}  cpus: {run_meta['cpu_pinning']}  "
         f"connections: {run_meta['connections']}  measured: {run_meta['duration_s']} s, "
-        f"median of {run_meta.get('rounds', 1)} interleaved round(s); ratios are medians of "
-        "per-round ratios"
+        f"median of {run_meta.get('rounds', 1)} interleaved round(s); ratios and differences "
+        "are medians of per-round ones"
     )
     print(report.table(outcomes))
     verdicts = targets.evaluate(outcomes, targets.GOALS_OF_SETUP.get(setup, targets.GOALS))

@@ -25,7 +25,7 @@ HEADER = (
     "valkey us/req",
     "errors",
 )
-TARGET_HEADER = ("target", "measured", "req/s", "status")
+TARGET_HEADER = ("target", "measured", "from", "status")
 MISSING = "-"
 
 
@@ -121,19 +121,11 @@ def _line(cells: tuple[str, ...], widths: list[int], left: int) -> str:
 
 
 def target_row(verdict: Verdict) -> tuple[str, ...]:
-    """Return one row of the targets section as strings."""
-    ratio = verdict.ratio
-    if ratio is None:
-        goal = verdict.goal
-        measured = ((goal.scenario, verdict.scenario_rps), (goal.reference, verdict.reference_rps))
-        failed = ", ".join(name for name, rps in measured if rps is None)
-        return (goal.label, MISSING, f"{failed} FAILED", verdict.status)
-    return (
-        verdict.goal.label,
-        f"{ratio:.2f} x",
-        f"{verdict.scenario_rps:.0f} vs {verdict.reference_rps:.0f}",
-        verdict.status,
-    )
+    """Return one row of the targets section: what it was measured from, or why it was not."""
+    value = verdict.value
+    if value is None:
+        return (verdict.goal.label, MISSING, verdict.reason, verdict.status)
+    return (verdict.goal.label, verdict.goal.shown(value), verdict.figures, verdict.status)
 
 
 def targets_table(verdicts: Sequence[Verdict]) -> str:

@@ -48,7 +48,7 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Round:
-    """One round of a scenario: req/s, CPU µs per request, and the baseline's at that time.
+    """One round of a scenario: req/s, CPU µs per request, the baseline's then, Valkey's µs.
 
     The baseline runs first and last in every round; `base_*` is interpolated between the
     two by the scenario's place in the round, so a machine that drifts during the round
@@ -59,6 +59,7 @@ class Round:
     cpu_us: float | None = None
     base_rps: float | None = None
     base_cpu: float | None = None
+    backend_us: float | None = None  # Valkey's CPU µs per request in this round
 
 
 def measure(

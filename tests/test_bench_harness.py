@@ -7,14 +7,14 @@ import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
 from bench import cli, pyload, report, targets, wrk
 from bench.loadgen import LoadResult, Target
-from bench.runner import Outcome
+from bench.runner import Outcome, Round
 
 AUTH = ("Authorization", "Bearer dev-only")
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
@@ -186,7 +186,7 @@ def test_targets_pass_miss_and_skip() -> None:
         # equal is not more
         "policyroute_cache_hit_1conn > 1 x bare_sleep_1ms_1conn": "MISS",
     }
-    assert verdicts["policyroute_full >= 2 x slowapi"].ratio == pytest.approx(1.75)
+    assert verdicts["policyroute_full >= 2 x slowapi"].value == pytest.approx(1.75)
     only_two = targets.evaluate([ok("bare", 1000), ok("policyroute_local", 800)])
     assert [v.goal.label for v in only_two] == ["policyroute_local >= 0.85 x bare"]
     assert targets.evaluate([ok("bare", 1000)]) == []
@@ -214,8 +214,159 @@ def test_publish_reports_missed_targets_with_status_0_and_a_failure_with_1(
     out = capsys.readouterr().out
     assert "policyroute_local >= 0.85 x bare" in out and "MISS" in out
     stored = json.loads(results.read_text())["targets"]
-    assert stored[0]["status"] == "MISS" and stored[0]["ratio"] == pytest.approx(0.1)
+    assert stored[0]["status"] == "MISS" and stored[0]["measured"] == pytest.approx(0.1)
+    assert stored[0]["kind"] == "ratio" and stored[0]["bound"] == 0.85
     assert cli.publish([ok("bare", 1000), failed("policyroute_local")], meta) == 1
+
+
+def measured(
+    name: str, rps: float, cpu: float | None, valkey: float | None, *rounds: Round
+) -> Outcome:
+    """An outcome with its worker's and Valkey's CPU µs per request, and its rounds if any."""
+    return replace(ok(name, rps), cpu_us=cpu, backend_us=valkey, rounds=rounds)
+
+
+def production(outcomes: list[Outcome]) -> dict[str, targets.Verdict]:
+    """The production verdicts by label."""
+    return {v.goal.label: v for v in targets.evaluate(outcomes, targets.PRODUCTION_GOALS)}
+
+
+CPU_OVER = "policyroute_full cpu us/req <= bare + 55"
+FULL_VALKEY = "policyroute_full valkey us/req <= 25"
+LIMIT_VALKEY = "policyroute_limit valkey us/req <= 10"
+
+
+def test_production_cpu_over_bare_is_the_median_of_per_round_differences() -> None:
+    bare_rounds = (Round(5000, 130.0), Round(4500, 150.0), Round(4800, 170.0))
+    bare = measured("bare", 4800, 150.0, None, *bare_rounds)
+    # Round by round the full chain costs 55, 50 and 60 µs more than bare interpolated to
+    # its place: the median, 55, passes. Its median round (200 µs) against bare's median
+    # round (150 µs) would say 50.
+    rounds = (
+        Round(3500, 185.0, 5000, 130.0),
+        Round(3000, 200.0, 4500, 150.0),
+        Round(3200, 230.0, 4800, 170.0),
+    )
+    verdict = production([bare, measured("policyroute_full", 3200, 200.0, 20.0, *rounds)])[CPU_OVER]
+    assert verdict.value == pytest.approx(55.0) and verdict.status == "PASS"
+    over = (replace(rounds[0], cpu_us=186.0), replace(rounds[1], cpu_us=206.0), rounds[2])
+    verdict = production([bare, measured("policyroute_full", 3200, 200.0, 20.0, *over)])[CPU_OVER]
+    assert verdict.value == pytest.approx(56.0) and verdict.status == "MISS"
+    # Rounds of another count than bare's do not pair: the two median rounds' figures.
+    unpaired = production([bare, measured("policyroute_full", 3200, 206.0, 20.0, *over[:2])])
+    assert unpaired[CPU_OVER].value == pytest.approx(56.0)
+    # No rounds at all: the same.
+    alone = measured("bare", 5000, 130.0, None)
+    within = production([alone, measured("policyroute_full", 3200, 185.0, 20.0)])[CPU_OVER]
+    beyond = production([alone, measured("policyroute_full", 3200, 185.5, 20.0)])[CPU_OVER]
+    assert within.value == pytest.approx(55.0) and within.status == "PASS"
+    assert beyond.value == pytest.approx(55.5) and beyond.status == "MISS"
+    # A worker CPU that was not read, or a failed scenario, is a miss that says why.
+    unread = production([alone, measured("policyroute_full", 3200, None, 20.0)])[CPU_OVER]
+    assert (unread.value, unread.status) == (None, "MISS")
+    assert unread.reason == "no cpu us/req for policyroute_full"
+    assert production([failed("bare"), ok("policyroute_full", 3200)])[CPU_OVER].reason == (
+        "bare FAILED"
+    )
+
+
+def test_production_valkey_bounds_pass_up_to_their_bound_and_miss_beyond() -> None:
+    bare = ok("bare", 5000)
+    at_bound = production(
+        [bare, measured("policyroute_full", 3200, 200.0, 25.0), measured("policyroute_limit", 4000, 150.0, 10.0)]
+    )
+    assert at_bound[FULL_VALKEY].status == at_bound[LIMIT_VALKEY].status == "PASS"
+    beyond = production(
+        [bare, measured("policyroute_full", 3200, 200.0, 25.1), measured("policyroute_limit", 4000, 150.0, 10.2)]
+    )
+    assert (beyond[FULL_VALKEY].value, beyond[FULL_VALKEY].status) == (25.1, "MISS")
+    assert (beyond[LIMIT_VALKEY].value, beyond[LIMIT_VALKEY].status) == (10.2, "MISS")
+    # Valkey spending nothing is a figure, and within the bound.
+    assert production([measured("policyroute_limit", 4000, 150.0, 0.0)])[LIMIT_VALKEY].status == "PASS"
+    # Over rounds, the median of the rounds' figures: the median req/s round read 12 µs.
+    runs = ((4000, 12.0), (3900, 9.5), (4100, 9.0))
+    limit = cli.median_round([measured("policyroute_limit", r, 150.0, v) for r, v in runs])
+    assert [r.backend_us for r in limit.rounds] == [12.0, 9.5, 9.0] and limit.backend_us == 12.0
+    verdict = production([limit])[LIMIT_VALKEY]
+    assert (verdict.value, verdict.status, verdict.figures) == (9.5, "PASS", "median of 3 rounds")
+    # No Valkey figure, or a failed scenario: a miss with its reason. Not run: skipped.
+    unread = production([measured("policyroute_limit", 4000, 150.0, None)])
+    assert unread[LIMIT_VALKEY].status == "MISS"
+    assert unread[LIMIT_VALKEY].reason == "no valkey us/req for policyroute_limit"
+    assert production([failed("policyroute_limit")])[LIMIT_VALKEY].reason == "policyroute_limit FAILED"
+    assert production([bare]) == {}
+    assert set(production([measured("policyroute_full", 3200, 200.0, 20.0)])) == {FULL_VALKEY}
+
+
+def test_production_cache_hit_over_one_connection_needs_2_5_times_a_1_ms_handler() -> None:
+    sleep = ok("bare_sleep_1ms_1conn", 500)
+    label = "policyroute_cache_hit_1conn >= 2.5 x bare_sleep_1ms_1conn"
+    assert production([sleep, ok("policyroute_cache_hit_1conn", 1250)])[label].status == "PASS"
+    assert production([sleep, ok("policyroute_cache_hit_1conn", 1240)])[label].status == "MISS"
+    # The plain setup keeps its target: beat the 1 ms handler.
+    (plain,) = targets.evaluate([sleep, ok("policyroute_cache_hit_1conn", 510)])
+    assert (plain.goal.label, plain.status) == (
+        "policyroute_cache_hit_1conn > 1 x bare_sleep_1ms_1conn",
+        "PASS",
+    )
+
+
+def test_publish_prints_and_stores_every_production_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "RESULTS", tmp_path / "results.json")
+    meta = {"generator": "wrk", "cpu_pinning": "server=0 others=1", "connections": 32}
+    meta |= {"duration_s": 4, "setup": "production"}
+    outcomes = [
+        measured("bare", 5000, 130.0, 0.2),
+        measured("slowapi", 1500, 340.0, 60.0),
+        measured("policyroute_limit", 4000, 150.0, 9.2),
+        measured("policyroute_local", 4600, 140.0, 0.0),
+        measured("policyroute_full", 3600, 180.0, 31.4),
+        ok("bare_sleep_1ms_1conn", 500),
+        failed("policyroute_cache_hit_1conn"),
+    ]
+    assert cli.publish(outcomes, meta) == 1  # a scenario failed
+    out = capsys.readouterr().out
+    section = out[out.index("targets (reported, not enforced):") :].split("\n\n")[0]
+    rows = {line.split("  ")[0]: line for line in section.splitlines()[2:]}
+    assert list(rows) == [
+        "policyroute_local >= 0.9 x bare",
+        "policyroute_full >= 0.7 x bare",
+        "policyroute_full >= 2.3 x slowapi",
+        CPU_OVER,
+        FULL_VALKEY,
+        LIMIT_VALKEY,
+        "policyroute_cache_hit_1conn >= 2.5 x bare_sleep_1ms_1conn",
+    ]
+    assert section.splitlines()[1].split() == ["target", "measured", "from", "status"]
+    assert "0.92 x" in rows["policyroute_local >= 0.9 x bare"]
+    assert "+50.0 us" in rows[CPU_OVER] and "180 vs 130 cpu us/req" in rows[CPU_OVER]
+    assert rows[CPU_OVER].endswith("PASS")
+    assert "31.4 us" in rows[FULL_VALKEY] and rows[FULL_VALKEY].endswith("MISS")
+    assert "9.2 us" in rows[LIMIT_VALKEY] and rows[LIMIT_VALKEY].endswith("PASS")
+    cache = rows["policyroute_cache_hit_1conn >= 2.5 x bare_sleep_1ms_1conn"]
+    assert "policyroute_cache_hit_1conn FAILED" in cache and cache.endswith("MISS")
+    stored = json.loads((tmp_path / "results-production.json").read_text())["targets"]
+    by_label = {t["target"]: t for t in stored}
+    assert by_label[CPU_OVER] | {"measured": pytest.approx(50.0)} == {
+        "target": CPU_OVER,
+        "kind": "difference",
+        "scenario": "policyroute_full",
+        "reference": "bare",
+        "measure": "cpu_us",
+        "comparison": "<=",
+        "bound": 55,
+        "measured": pytest.approx(50.0),
+        "scenario_value": 180.0,
+        "reference_value": 130.0,
+        "status": "PASS",
+        "reason": None,
+    }
+    assert by_label[FULL_VALKEY]["kind"] == "bound" and by_label[FULL_VALKEY]["reference"] is None
+    assert (by_label[FULL_VALKEY]["measured"], by_label[FULL_VALKEY]["status"]) == (31.4, "MISS")
+    missed = by_label["policyroute_cache_hit_1conn >= 2.5 x bare_sleep_1ms_1conn"]
+    assert missed["measured"] is None and missed["reason"] == "policyroute_cache_hit_1conn FAILED"
 
 
 def test_each_scenario_reports_its_median_round_and_a_failed_round_fails_it() -> None:
@@ -232,7 +383,7 @@ def test_ratios_are_medians_of_per_round_ratios_so_a_slow_spell_moves_both_sides
     assert [r.rps for r in full.rounds] == [660, 400, 700]
     # Medians taken apart: 660 / 1000 = 0.66; round by round: 0.66, 0.667, 0.636 -> 0.66.
     (verdict,) = [v for v in targets.evaluate([bare, full]) if v.goal.reference == "bare"]
-    assert verdict.ratio == pytest.approx(0.66)
+    assert verdict.value == pytest.approx(0.66)
     skewed = [ok("bare", 1000), ok("bare", 600), ok("bare", 610)]
     # Taken apart the medians would say 660 / 610 = 1.08; paired by round it stays ~0.66.
     (paired,) = [
@@ -240,7 +391,7 @@ def test_ratios_are_medians_of_per_round_ratios_so_a_slow_spell_moves_both_sides
         for v in targets.evaluate([cli.median_round(skewed), full])
         if v.goal.reference == "bare"
     ]
-    assert paired.ratio == pytest.approx(0.667, abs=0.01)
+    assert paired.value == pytest.approx(0.667, abs=0.01)
     line = next(
         row for row in report.table([cli.median_round(skewed), full]).splitlines()
         if row.startswith("policyroute_full")
