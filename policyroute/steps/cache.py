@@ -87,6 +87,7 @@ class CacheStep(Part):
         self.raw_credentials = frozenset(h.encode("latin-1") for h in self.credentials)
         # The variant is method and query alone (no header, no claim named): see `variant`.
         self.by_query_only = spec.vary_query and not self.vary_headers and not self.vary_claims
+        self.route = self.route_id = self.shared_tag = ""  # the route served, set at first use
         self.local: LocalStore[str, tuple[float, Stored]] | None = None
         self.local_ttl = 0.0
         if spec.local is not None:
@@ -178,9 +179,11 @@ class CacheStep(Part):
             ctx.decide("cache", "bypass")
             return
         route = ctx.route
-        tag = shared_tag(route) if self.spec.shared else principal_tag(ctx)
+        if route is not self.route:  # a part serves one route (and its HEAD): once
+            self.route, self.route_id, self.shared_tag = route, route_id(route), shared_tag(route)
+        tag = self.shared_tag if self.spec.shared else principal_tag(ctx)
         # `cache_key`, with the variant digested from the raw query where it can be.
-        place = self.store.key(tag, "ce", route_id(route), path_digest(ctx.scope.get("path", "")))
+        place = self.store.key(tag, "ce", self.route_id, path_digest(ctx.scope.get("path", "")))
         value = place + ":" + self.variant(ctx)
         req.data["ca_key"] = value
         local = self._local_get(value)

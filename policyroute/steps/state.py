@@ -146,7 +146,7 @@ class StateStep(Step):
                 original = ctx.send
                 received = ctx.receive
                 if self.hear:
-                    ctx.receive = _hearing(received, outcome)
+                    ctx.receive = _Hearing(received, outcome)
                 # A request that owns an idempotency record stores it before the client sees
                 # the end of the response, so a retry sent right after the response is a
                 # replay, not a 409 for a request still "in flight".
@@ -187,7 +187,9 @@ class StateStep(Step):
             outcome.error = exc
             raise
         finally:
-            await self._finish(req, outcome)
+            pending = self._finish_now(req, outcome)
+            if pending is not None:
+                await pending
 
     async def _with_probes(self, req: Request, probes: list[Callable[[], Awaitable[None]]]) -> Any:
         """The script's reply, with the shadow probes sent in the same write (pipelined)."""
@@ -256,15 +258,23 @@ class StateStep(Step):
 
     async def _finish(self, req: Request, outcome: Outcome) -> None:
         """Queue the after-handler ops; await their reply when a retry depends on it."""
+        pending = self._finish_now(req, outcome)
+        if pending is not None:
+            await pending
+
+    def _finish_now(self, req: Request, outcome: Outcome) -> Awaitable[None] | None:
+        """`_finish` without a coroutine where nothing is awaited (the common case): the
+        ops are queued now; an awaitable is returned only when their reply must be awaited.
+        """
         if req.data.get(FINISHED):
-            return
+            return None
         req.data[FINISHED] = True
         if req.ctx.state.get(BODY_REFUSED):
             outcome.handler_ran = False
         for after in self.afters:
             after(req, outcome)
         if not req.finish_args:
-            return
+            return None
         store = self.store
         route = req.ctx.route
         if store.queues_first and not req.data.get("id_owner"):
@@ -281,7 +291,12 @@ class StateStep(Step):
                 on_error=self._on_error(route),
                 joins=True,
             )
-            return
+            return None
+        return self._settled(req, route)
+
+    async def _settled(self, req: Request, route: str) -> None:
+        """The after-handler ops, their reply awaited (an idempotency owner, a cluster)."""
+        store = self.store
         try:
             if store.queues_first:
                 # Queued before the first await: a cancelled request still settles; no shield.
@@ -318,17 +333,25 @@ def _finish_failed(route: str, exc: StorageError) -> None:
     backend_warning(route, exc)
 
 
-def _hearing(receive: Receive, outcome: Outcome) -> Receive:
-    """A `receive` that marks `outcome.gone` when it hands the app an `http.disconnect`."""
+class _Hearing:
+    """A `receive` that marks `outcome.gone` when it hands the app an `http.disconnect`.
 
-    async def hear() -> Message:
-        message = await receive()
+    An object, not a closure with an attribute: made for every request of a route with
+    credits, and most handlers never call it.
+    """
+
+    __slots__ = ("outcome", "receive", "upstream")
+
+    def __init__(self, receive: Receive, outcome: Outcome) -> None:
+        self.receive = receive
+        self.outcome = outcome
+        self.upstream: Receive = getattr(receive, "upstream", receive)
+
+    async def __call__(self) -> Message:
+        message = await self.receive()
         if message["type"] == "http.disconnect":
-            outcome.gone = True
+            self.outcome.gone = True
         return message
-
-    hear.upstream = getattr(receive, "upstream", receive)  # type: ignore[attr-defined]
-    return hear
 
 
 def _recording(
