@@ -227,26 +227,7 @@ class BoundChain:
                 ctx.denied_by = "gate"
                 reason = await self._deny(ctx, out, too_large)
             elif (tracer := active()) is None:
-                # `_run`, inline: every frame here is entered again on each resumption.
-                guard = None
-                try:
-                    for guard, check, _, now in self.guards:  # noqa: B007 - read on a refusal
-                        if now is None:
-                            await check(ctx)
-                        else:
-                            pending = now(ctx)
-                            if pending is not None:
-                                await pending
-                    guard = None
-                    handler = self.handler
-                    if handler is innermost:
-                        await app(ctx.scope, ctx.receive, ctx.send)
-                    else:
-                        await handler(ctx)
-                except Denial as denial:
-                    if guard is not None:
-                        ctx.denied_by = guard
-                    reason = await self._deny(ctx, out, denial)
+                reason = await self._run(ctx, out)
             else:
                 reason = await self._traced(ctx, out, tracer, sent)
             outcome = "allowed" if reason is None else "denied"
@@ -279,7 +260,11 @@ class BoundChain:
             except Denial:
                 ctx.denied_by = name
                 raise
-        await self.handler(ctx)
+        handler = self.handler
+        if handler is innermost:  # no step wraps the route: its app, with no frame between
+            await ctx.app(ctx.scope, ctx.receive, ctx.send)
+        else:
+            await handler(ctx)
 
     async def _traced(self, ctx: Context, out: Send, tracer: Tracer, sent: list[int]) -> str | None:
         """`_run` inside the request's span, each guard or step that works in a child span."""
