@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
 from policyroute.admin import cache as cache_api
 from policyroute.admin import credits
+from policyroute.backends.keys import digest
+from policyroute.backends.valkey import ValkeyStore
 from policyroute.cli import main
+from policyroute.compile.step import Context
+from policyroute.language.policy import Cache
+from policyroute.steps.cache import CacheStep
 
 from .identity_kit import SETTINGS, bearer, subject, token
 from .stateful import client, engine, install, running
@@ -300,3 +306,26 @@ async def test_credentials_the_key_covers_or_the_policy_ignores_are_cached(
     # The policy vouches that the handler ignores credentials: one entry for both.
     assert second.headers["x-cache"] == "hit" and second.content == first.content
     assert calls["greeting"] == 1
+
+
+@pytest.mark.parametrize(
+    "query",
+    [b"", b"n=1", b"a=1&b=%C3%A9", b"raw=\xe9\xff", b"q=\x00x", b"k=" + b"v" * 3000],
+    ids=["none", "plain", "escaped", "latin-1", "nul", "long"],
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_the_key_of_a_variant_is_the_same_whichever_way_it_is_spelled(
+    query: bytes, method: str
+) -> None:
+    """The request path digests the raw query; `cache warm`, `invalidate` and entries stored
+    before read it through `vary`: both must name the same entry, byte for byte."""
+    step = CacheStep(ValkeyStore("redis://127.0.0.1:1"), Cache(ttl=60))
+    scope = {"type": "http", "method": method, "path": "/p", "query_string": query,
+             "headers": [], "client": ("127.0.0.1", 1)}
+    ctx = Context(scope, _never, _never, f"{method} /p", _never)
+    assert step.by_query_only
+    assert step.variant(ctx) == digest(step.vary(ctx))
+
+
+async def _never(*_: object) -> Any:
+    raise AssertionError("not called")

@@ -1,0 +1,24 @@
+"""The store's key names: remembered for the callers that repeat, bounded for the rest."""
+
+from __future__ import annotations
+
+import pytest
+
+from policyroute.backends import valkey
+from policyroute.backends.valkey import ValkeyStore
+
+
+def test_key_names_are_remembered_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every caller's key is spelled the same however often it is asked for, and a stream
+    of new callers (one key each, as a scan of accounts or addresses makes) never grows the
+    memo past its bound."""
+    monkeypatch.setattr(valkey, "KEY_MEMO", 100)
+    store = ValkeyStore("redis://127.0.0.1:1", prefix="pr")
+    assert store.key("s:alice", "credits") == "pr:{s:alice}:credits"
+    assert store.key("a{b}", "tb", "r1", "0") == "pr:{a%7Bb%7D}:tb:r1:0"
+    for n in range(1_000):
+        assert store.key(f"ip:10.0.{n // 256}.{n % 256}", "rl", "r1", "0") == (
+            f"pr:{{ip:10.0.{n // 256}.{n % 256}}}:rl:r1:0"
+        )
+        assert len(store._keys) <= 100
+    assert store.key("s:alice", "credits") == "pr:{s:alice}:credits"
