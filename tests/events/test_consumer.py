@@ -17,6 +17,7 @@ import pytest
 import policyroute
 from policyroute.events._pulsar import native_logger
 from policyroute.events.consumer import Message, Worker
+from tests.servers import REPO
 
 from .kit import QUIET, Listener, topic
 
@@ -179,10 +180,17 @@ async def test_a_process_that_stopped_its_pulsar_client_exits_cleanly_every_time
     path = tmp_path / "start_and_stop.py"
     path.write_text(script)
     slots = asyncio.Semaphore(4)
+    # This checkout's policyroute, whatever the environment has installed.
+    path_entries = [str(REPO), os.environ.get("PYTHONPATH")]
 
     async def once(n: int) -> tuple[int, bytes]:
         async with slots:
-            env = {**os.environ, "URL": pulsar_url, "T": topic(f"exit{n}")}
+            env = {
+                **os.environ,
+                "URL": pulsar_url,
+                "T": topic(f"exit{n}"),
+                "PYTHONPATH": os.pathsep.join(filter(None, path_entries)),
+            }
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(path), env=env, stderr=asyncio.subprocess.PIPE
             )
