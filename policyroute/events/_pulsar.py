@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from typing import Any
@@ -59,6 +61,32 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, BrokerUnavailable | TimeoutError | OSError):
         return True
     return result_name(exc) in TRANSIENT
+
+
+async def close_client(client: Any, wait: float) -> None:
+    """Close a `pulsar.asyncio.Client` so that no native thread calls into Python afterwards.
+
+    `pulsar.asyncio.Client.close` gives the C++ client a Python callback. The client ends
+    its close on a native thread of its own, which calls that callback (waking the event
+    loop) and then drops it, taking the GIL a second time. A process that exits right after
+    the close may be finalizing by then; a native thread that takes the GIL during
+    finalization is ended inside a destructor and the process aborts ("terminate called
+    without an active exception", SIGABRT: exit -6, 134 from a shell).
+
+    The native client's blocking `close` waits for the same end through a C++ promise, with
+    no Python object for that thread to drop. It runs in a worker thread, which the
+    interpreter joins before it finalizes even when `wait` seconds pass first.
+    """
+    native = getattr(client, "_client", None)  # the `_pulsar.Client` the wrapper drives
+    blocking = getattr(native, "close", None)
+    if not callable(blocking):  # another wrapper: its own close, and the race it has
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), wait)
+        return
+    closing = asyncio.ensure_future(asyncio.to_thread(blocking))
+    # Retrieved either way (e.g. AlreadyClosed), also when the wait below gives up first.
+    closing.add_done_callback(lambda done: done.cancelled() or done.exception())
+    await asyncio.wait({closing}, timeout=wait)
 
 
 def release_clients() -> None:

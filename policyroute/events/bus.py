@@ -33,7 +33,14 @@ from ..backends.valkey import Store
 from ..config import Settings
 from ..crypto import Keyring
 from ..errors import StorageError
-from ._pulsar import BrokerUnavailable, async_client, is_transient, release_clients, result_name
+from ._pulsar import (
+    BrokerUnavailable,
+    async_client,
+    close_client,
+    is_transient,
+    release_clients,
+    result_name,
+)
 from .envelope import Event
 from .metrics import EVENTS, OUTBOX_DEPTH
 from .outbox import Outbox, OutboxError
@@ -207,8 +214,7 @@ class EventBus:
         producers.clear()
         closing.clear()
         if self._client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._client.close(), self.flush_timeout)
+            await close_client(self._client, self.flush_timeout)
             self._client = None
             release_clients()
 

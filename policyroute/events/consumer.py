@@ -50,7 +50,7 @@ from typing import Any, Literal, TypeVar
 from .._types import parse_duration, parse_topic
 from ..errors import PolicyrouteError, StorageError
 from ..observability.tracing import consumer_span
-from ._pulsar import async_client, release_clients, result_name
+from ._pulsar import async_client, close_client, release_clients, result_name
 from .envelope import EVENT_ID
 from .metrics import CONSUMED
 
@@ -265,8 +265,7 @@ class Worker:
         self._settled.clear()
         self._settled_count = 0
         if self._client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._client.close(), grace)
+            await close_client(self._client, grace)
             self._client = None
             release_clients()
 
