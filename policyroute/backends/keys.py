@@ -22,7 +22,18 @@ def digest(value: str | bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:32]
 
 
-@functools.lru_cache(maxsize=8192)
+# Paths longer than this are digested each time: the memo holds only short ones, so a
+# stream of long unique paths cannot make it hold megabytes.
+PATH_MEMO_LONGEST = 256
+
+
 def path_digest(path: str) -> str:
-    """`digest` of a request path, remembered: a route's callers ask for few paths."""
+    """`digest` of a request path, remembered for short paths (a route's callers repeat them)."""
+    if len(path) > PATH_MEMO_LONGEST:
+        return digest(path)
+    return _short_path_digest(path)
+
+
+@functools.lru_cache(maxsize=8192)
+def _short_path_digest(path: str) -> str:
     return digest(path)

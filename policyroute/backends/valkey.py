@@ -62,7 +62,7 @@ class Store(Protocol):
 
 
 # Key names remembered (`ValkeyStore.key`); past this many the memo starts again.
-KEY_MEMO = 65_536
+KEY_MEMO = 16_384
 
 # Submitted calls waiting to be sent again at most (past it, a failure is given up at once),
 # and the longest wait between two tries (the first is RETRY_FIRST, doubling).

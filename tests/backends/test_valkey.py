@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policyroute.backends import valkey
+from policyroute.backends import keys, valkey
 from policyroute.backends.valkey import ValkeyStore
 
 
@@ -22,3 +22,15 @@ def test_key_names_are_remembered_within_a_bound(monkeypatch: pytest.MonkeyPatch
         )
         assert len(store._keys) <= 100
     assert store.key("s:alice", "credits") == "pr:{s:alice}:credits"
+
+
+def test_long_paths_are_digested_but_not_remembered() -> None:
+    """A stream of long unique paths (a cached route with a path parameter) leaves nothing
+    of them in memory; short ones are remembered; both digest as `digest` does."""
+    keys._short_path_digest.cache_clear()
+    for n in range(200):
+        path = f"/items/{n:0300d}"
+        assert keys.path_digest(path) == keys.digest(path)
+    assert keys._short_path_digest.cache_info().currsize == 0
+    assert keys.path_digest("/items/1") == keys.digest("/items/1")
+    assert keys._short_path_digest.cache_info().currsize == 1
