@@ -63,6 +63,7 @@ class Store(Protocol):
 
 # Key names remembered (`ValkeyStore.key`); past this many the memo starts again.
 KEY_MEMO = 16_384
+KEY_MEMO_TAG = 256  # a longer tag (an account with a very long name) is not remembered
 
 # Submitted calls waiting to be sent again at most (past it, a failure is given up at once),
 # and the longest wait between two tries (the first is RETRY_FIRST, doubling).
@@ -162,6 +163,9 @@ class ValkeyStore:
     def key(self, tag: str, *parts: str) -> str:
         """`<prefix>:{<tag>}:<part>:...`; the tag is a cluster hash tag."""
         # Requests of one caller on one route ask for the same keys: one lookup, not a join.
+        # Only short tags are remembered, so the memo's size is bounded in bytes too.
+        if len(tag) > KEY_MEMO_TAG:
+            return ":".join((self.prefix, "{" + _escape_tag(tag) + "}", *parts))
         memo = (tag, *parts)
         found = self._keys.get(memo)
         if found is None:

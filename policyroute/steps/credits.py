@@ -29,6 +29,7 @@ RENEW_MIN = 0.05
 RENEW = "credits renew"
 # Accounts whose hold keys a credits part remembers; past this many it starts again.
 HOLD_KEYS_MEMO = 16_384
+HOLD_KEYS_TAG = 256
 
 
 # What a handler or server raises when the client went away mid-response (Starlette's
@@ -89,9 +90,11 @@ class CreditsStep(Part):
         tag = principal_tag(req.ctx)
         keys = self.holds.get(tag)
         if keys is None:
-            if len(self.holds) >= HOLD_KEYS_MEMO:
-                self.holds.clear()
-            keys = self.holds[tag] = hold_keys(self.store, tag)
+            keys = hold_keys(self.store, tag)
+            if len(tag) <= HOLD_KEYS_TAG:  # only short tags: the memo stays small in bytes
+                if len(self.holds) >= HOLD_KEYS_MEMO:
+                    self.holds.clear()
+                self.holds[tag] = keys
         if self.shadow:
             self._probe(req, keys)
             return

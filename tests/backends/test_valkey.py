@@ -34,3 +34,10 @@ def test_long_paths_are_digested_but_not_remembered() -> None:
     assert keys._short_path_digest.cache_info().currsize == 0
     assert keys.path_digest("/items/1") == keys.digest("/items/1")
     assert keys._short_path_digest.cache_info().currsize == 1
+
+
+def test_a_long_tag_is_spelled_but_not_remembered() -> None:
+    store = ValkeyStore("redis://127.0.0.1:1", prefix="pr")
+    tag = "s:" + "x" * 5000
+    assert store.key(tag, "credits") == "pr:{" + tag + "}:credits"
+    assert store._keys == {}
