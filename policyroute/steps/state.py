@@ -172,6 +172,8 @@ class StateStep(Step):
                         await ctx.app(ctx.scope, ctx.receive, ctx.send)
                     else:
                         await call_next(ctx)
+                    if outcome.status == WEBSOCKET_ACCEPTED and ctx.scope["type"] == "websocket":
+                        outcome.done = True  # the session ran to its end: it is charged
                 finally:
                     ctx.send = original
                     ctx.receive = received
@@ -354,6 +356,10 @@ class _Hearing:
         return message
 
 
+# The status an accepted websocket session counts as (what the handshake answers).
+WEBSOCKET_ACCEPTED = 101
+
+
 def _recording(
     send: Send,
     outcome: Outcome,
@@ -371,13 +377,13 @@ def _recording(
 
     async def record(message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start":
+        if kind == "http.response.start" or kind == "websocket.http.response.start":
             outcome.started = True
             outcome.status = int(message["status"])
             outcome.headers = list(message.get("headers", []))
             if extra:
                 message = {**message, "headers": [*outcome.headers, *extra]}
-        elif kind == "http.response.body":
+        elif kind == "http.response.body" or kind == "websocket.http.response.body":
             if keep is not None:
                 chunk = message.get("body", b"")
                 outcome.size += len(chunk)
@@ -393,6 +399,10 @@ def _recording(
                 await send(message)
                 outcome.done = True
                 return
+        elif kind == "websocket.accept":
+            # A websocket session started: it is over (done) when its handler returns.
+            outcome.started = True
+            outcome.status = WEBSOCKET_ACCEPTED
         await send(message)
 
     return record
@@ -405,7 +415,12 @@ WATCH_BODY_LIMIT = 1 << 20
 
 
 def _buffered(ctx: Context) -> bool:
-    """Whether the request body may be read up front (known and small, or absent)."""
+    """Whether the request body may be read up front (known and small, or absent).
+
+    Never for a websocket: it has no body, and its handler hears the client leave itself.
+    """
+    if ctx.scope["type"] != "http":
+        return False
     if ctx.method in ("GET", "HEAD", "OPTIONS", "DELETE"):
         return True
     length = ctx.headers.get("content-length")
