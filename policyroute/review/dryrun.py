@@ -36,6 +36,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, Key, KeyParameters, KeySet, OctKey, OKPKey, RSAKey
 from starlette.types import Message, Receive, Scope, Send
 
+from ..asgi.body import replay
 from ..asgi.chain import BoundChain
 from ..backends.valkey import ValkeyStore
 from ..compile.chain import Chain
@@ -591,15 +592,11 @@ class DryRun:
             "server": (resolved.host or "testserver", 80),
             "path_params": dict(resolved.params),
         }
-        sent = False
-
-        async def receive() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
+        async def stay() -> Message:
             await recorder.closed.wait()  # the client stays until the response is complete
             return {"type": "http.disconnect"}
+
+        receive = replay(body, stay)
 
         async def send(message: Message) -> None:
             recorder.response(message)
