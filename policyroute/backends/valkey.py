@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import valkey as svalkey
 import valkey.asyncio as avalkey
+import valkey.cluster as svalkey_cluster
 from valkey.asyncio.cluster import ValkeyCluster
 from valkey.exceptions import NoScriptError, ResponseError, ValkeyError
 
@@ -58,6 +60,12 @@ class Store(Protocol):
         joins: bool = False,
     ) -> None:
         """Queue a script call nobody awaits (when `queues_first`); errors go to `on_error`."""
+        ...
+
+    def run_now(
+        self, script: str, keys: Sequence[str], args: Sequence[Arg], operation: str, timeout: float
+    ) -> Any:
+        """`run` on a blocking connection of its own, without an event loop (at exit)."""
         ...
 
 
@@ -202,6 +210,28 @@ class ValkeyStore:
                 return await self._reload_and_call(source, command)
         except (ValkeyError, OSError, TimeoutError) as exc:
             raise StorageError("valkey", operation, fail_open, exc) from exc
+
+    def run_now(
+        self, script: str, keys: Sequence[str], args: Sequence[Arg], operation: str, timeout: float
+    ) -> Any:
+        """`run` on a blocking connection of its own, without an event loop (at exit).
+
+        Bounded by `timeout` per connect and per reply; raises StorageError.
+        """
+        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        try:
+            if self.cluster:
+                client: Any = svalkey_cluster.ValkeyCluster.from_url(  # type: ignore[no-untyped-call]
+                    self.url, **options
+                )
+            else:
+                client = svalkey.Valkey.from_url(self.url, **options)
+            try:
+                return client.register_script(lua_source(script))(keys=list(keys), args=list(args))
+            finally:
+                client.close()
+        except (ValkeyError, OSError, TimeoutError) as exc:
+            raise StorageError("valkey", operation, False, exc) from exc
 
     async def _reload_and_call(self, source: str, command: tuple[Arg, ...]) -> Any:
         assert self.pipeline is not None

@@ -16,17 +16,29 @@ as `policyroute_events_total{outcome="failed"}`.
 
 `stop()` (app shutdown) waits up to `events_flush_timeout` for queued and in-flight events
 to be published, moves what is left to the outbox within another `events_flush_timeout`,
-then closes producers and the client.
+then closes producers and the client. Events are not lost when the app's shutdown does
+not run:
+- a stop that comes while every task is being cancelled (a forced quit: uvicorn on a
+  second Ctrl+C cancels the app's tasks instead of running its shutdown) saves what the
+  cancelled writer left, from its own frame;
+- a bus never stopped is stopped as its event loop ends (`asyncio.run` and uvicorn close
+  a loop's async generators before the loop: the bus holds one whose `finally` stops it);
+- a process that exits with events still in memory and its loop closed some other way
+  writes them to the outbox as it exits (`_save_at_exit`: one blocking call, bounded by
+  the flush timeout), then closes the native client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import functools
 import logging
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from ..backends.valkey import Store
@@ -119,7 +131,7 @@ class EventBus:
         self._retry_at: dict[tuple[str, bool], float] = {}
         self._pending: asyncio.Queue[Event] = asyncio.Queue(maxsize=self.queue_size)
         self._spill: deque[Event] = deque()
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[asyncio.Task[None], Event] = {}
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._writer_wake = asyncio.Event()
         self._progress = asyncio.Event()
@@ -127,6 +139,9 @@ class EventBus:
         self._writer_task: asyncio.Task[None] | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self._state = "new"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_end: AsyncGenerator[None, None] | None = None
+        self._exit_hook: Callable[[], None] | None = None
         self._saving: list[Event] = []  # the batch the writer is writing now
         self._warn_store = _Every(5.0)
         self._warn_drop = _Every(1.0)
@@ -149,6 +164,12 @@ class EventBus:
         self._client = async_client(self.url, operation_timeout=self.send_timeout)
         self._pump_task = asyncio.create_task(self._pump(), name="policyroute-events-pump")
         self._writer_task = asyncio.create_task(self._writer(), name="policyroute-events-outbox")
+        self._writer_task.add_done_callback(lambda _: self._progress.set())
+        self._loop = asyncio.get_running_loop()
+        self._loop_end = gen = self._until_loop_ends()
+        _first_step(gen)
+        self._exit_hook = functools.partial(_save_at_exit, weakref.ref(self))
+        atexit.register(self._exit_hook)
         if self.relay is not None:
             self._relay_task = asyncio.create_task(self.relay.run(), name="policyroute-relay")
 
@@ -171,10 +192,18 @@ class EventBus:
         for task in in_flight:
             task.cancel()  # its event goes to the outbox (and may reach the topic: at least once)
         await asyncio.gather(*in_flight, return_exceptions=True)
+        writer = self._writer_task
         if self.outbox is not None:
             # Until the overflow is saved: a batch the writer is writing still counts.
-            await self._wait(lambda: not self.unsaved)
-        await _cancel(self._writer_task)  # a batch cut off mid-write is back in the spill
+            await self._wait(lambda: not self.unsaved or writer is None or writer.done())
+        await _cancel(writer)  # a batch cut off mid-write is back in the spill
+        if self._spill and self.outbox is not None:
+            # The writer was cancelled with every other task (a forced quit) before it
+            # could save them: one last bounded try from here.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.flush_timeout):
+                    while self._spill and await self._save():
+                        pass
         if self._spill:
             lost = len(self._spill)
             for event in self._spill:
@@ -188,6 +217,52 @@ class EventBus:
             )
         await self._close_client()
         self._state = "closed"
+        if self._exit_hook is not None:
+            atexit.unregister(self._exit_hook)
+
+    async def _until_loop_ends(self) -> AsyncGenerator[None, None]:
+        """Held open for the loop's life; the loop's async-generator shutdown stops the bus."""
+        try:
+            yield
+        finally:
+            if self._state in ("running", "closing"):
+                log.warning(
+                    "policyroute: the events service was not stopped before its event loop "
+                    "ended (run the app's lifespan); stopping it now"
+                )
+                await self.stop()
+
+    def _unsaved_events(self) -> list[Event]:
+        """Every event in memory that is neither published nor in the outbox (at exit)."""
+        found: dict[int, Event] = {}
+        queued: list[Event] = list(getattr(self._pending, "_queue", ()))
+        sending = [e for task, e in self._in_flight.items() if not task.done()]
+        for event in (*self._saving, *self._spill, *queued, *sending):
+            found.setdefault(id(event), event)
+        return list(found.values())
+
+    def save_now(self) -> int:
+        """Write what is still in memory to the outbox with a blocking call; the count saved.
+
+        For a process that exits without `stop()`; bounded by the flush timeout. Events
+        that were being sent may also have reached the broker: a duplicate (same id), at
+        least once. Raises StorageError when Valkey cannot take them.
+        """
+        events = self._unsaved_events()
+        if not events:
+            return 0
+        if self.outbox is None:
+            raise StorageError("valkey", "events outbox write", False, None)
+        self.outbox.add_now(events, timeout=self.flush_timeout)
+        self._spill.clear()
+        self._saving = []
+        with contextlib.suppress(Exception):
+            while True:
+                self._pending.get_nowait()
+        self._in_flight.clear()
+        for event in events:
+            EVENTS.labels(event.route, "outbox").inc()
+        return len(events)
 
     async def _wait(self, done: Callable[[], bool]) -> None:
         """Wait (at most the flush timeout) until `done()`, checked after each step of work."""
@@ -299,11 +374,11 @@ class EventBus:
             event = await self._pending.get()
             await self._slots.acquire()
             task = asyncio.create_task(self._send(event))
-            self._in_flight.add(task)
+            self._in_flight[task] = event
             task.add_done_callback(self._sent)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
+        self._in_flight.pop(task, None)
         self._slots.release()
         self._progress.set()
 
@@ -406,3 +481,55 @@ class EventBus:
         """The broker and outbox, for explain."""
         where = self.outbox.key if self.outbox is not None else "no outbox"
         return f"pulsar {self.url}, outbox {where}"
+
+
+def _first_step(gen: AsyncGenerator[None, None]) -> None:
+    """Run an async generator to its first `yield` now (registering it with the running loop)."""
+    step = gen.__anext__()
+    with contextlib.suppress(StopIteration):
+        step.send(None)
+
+
+def _save_at_exit(ref: weakref.ref[EventBus]) -> None:
+    """At interpreter exit: the events a bus that was never stopped still holds go to the outbox."""
+    bus = ref()
+    if bus is None or bus._state == "closed":
+        return
+    try:
+        _close_at_exit(bus)
+        saved = bus.save_now()
+    except Exception as exc:
+        lost = len(bus._unsaved_events())
+        bus.dropped += lost
+        log.error(
+            "policyroute: %d event(s) could not be saved to the outbox at exit (the app's "
+            "shutdown did not run); they are lost: %s",
+            lost,
+            exc,
+        )
+        return
+    if saved:
+        log.warning(
+            "policyroute: saved %d event(s) to the outbox at exit (the app's shutdown did not "
+            "run); the relay publishes them",
+            saved,
+        )
+
+
+def _close_at_exit(bus: EventBus) -> None:
+    """Close the native client of a bus whose loop is gone, before the interpreter ends.
+
+    Its pending operations then end, and their completions (scheduled on the bus's closed
+    loop) are dropped instead of raising in a native thread, which aborts the process.
+    """
+    loop = getattr(bus, "_loop", None)
+    if loop is not None and loop.is_closed():
+        with contextlib.suppress(AttributeError, TypeError):  # uvloop's loop takes no attribute
+            loop.call_soon_threadsafe = lambda *args, **kwargs: None
+    native = getattr(bus._client, "_client", None)
+    close = getattr(native, "close", None)
+    bus._client = None
+    if callable(close):
+        with contextlib.suppress(Exception):
+            close()
+    release_clients()

@@ -22,6 +22,7 @@ from ..crypto import DataKeyError, Keyring
 from .envelope import Event
 
 GROUP = "policyroute-relay"
+ADD = "events outbox write"
 
 
 class OutboxError(Exception):
@@ -131,13 +132,20 @@ class Outbox:
 
     async def add(self, events: Sequence[Event]) -> int:
         """Append events; return the stream length."""
+        reply = await self.store.run(
+            "outbox_add", [self.key], self._added(events), operation=ADD, fail_open=False
+        )
+        return int(reply)
+
+    def add_now(self, events: Sequence[Event], *, timeout: float) -> int:
+        """`add` as one blocking call, for a process exiting without its event loop."""
+        return int(self.store.run_now("outbox_add", [self.key], self._added(events), ADD, timeout))
+
+    def _added(self, events: Sequence[Event]) -> list[Arg]:
         args: list[Arg] = []
         for event in events:
             args.extend(self.encode(event))
-        reply = await self.store.run(
-            "outbox_add", [self.key], args, operation="events outbox write", fail_open=False
-        )
-        return int(reply)
+        return args
 
     async def read(self, count: int, claim_idle: float) -> tuple[int, list[Entry]]:
         """(stream length, next entries for this relay): own pending, then claimed, then new."""
