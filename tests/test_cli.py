@@ -367,3 +367,20 @@ def test_uvicorn_reload_without_a_backend_url_prints_the_one_line_finding(
     assert "Traceback" not in stderr
     lines = server_lines(stderr)
     assert len(lines) == 1 and FINDING in lines[0], stderr
+
+
+@pytest.mark.parametrize("module", ["policyroute", "policyroute.cli"])
+def test_python_dash_m_runs_the_command_line(module: str, tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text("version: 1\nroutes:\n  GET /x: {public: true}\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ok = subprocess.run(
+        [sys.executable, "-m", module, "lint", str(tmp_path)], env=env, capture_output=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", module, "lint", str(tmp_path / "none")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "no policy file or directory" in missing.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
@@ -747,7 +747,14 @@ routes:
     rate_limit: {key: ip, algorithm: throttle, capacity: 1, per: 10s, burst: 6}
   POST /joined:
     rate_limit: {key: ip, algorithm: debounce, per: 2s, on_repeat: join}
+  GET /ws:
+    public: true
+    cache: {ttl: 1m}
 """
+
+
+async def _session(websocket: WebSocket) -> None:
+    await websocket.accept()
 
 
 def test_every_rule_fires_on_one_policy_set_each_with_a_fix(
@@ -760,16 +767,17 @@ def test_every_rule_fires_on_one_policy_set_each_with_a_fix(
     write(policy_dir, ALL)
     app = small_app()
     app.router.routes.append(OddRoute())
+    app.add_api_websocket_route("/ws", _session)
     found = lint([policy_dir], app)
     assert set(codes(found)) == set(RULES) - {"open-trusted-proxies", "inline-secret"}
     assert all(f.severity == RULES[f.code].severity for f in found)
     write(policy_dir, ALL.replace("[10.0.0.0/8, 52.0.0.0/15]", '["*"]') + "    password: hunter2\n")
     found = lint([policy_dir], small_app())
     # The schema refuses `*`: the open proxy is reported once, at its entry, and the
-    # settings' error hides nothing. `password:` makes POST /joined an unknown key: that
-    # route is reported and skipped (no debounce-join-shared); every other rule still runs.
+    # settings' error hides nothing. `password:` makes GET /ws an unknown key: that route
+    # is reported and skipped (and this app has no websocket); every other rule still runs.
     assert codes(found).count("open-trusted-proxies") == 1
-    skipped = {"wide-trusted-proxies", "unknown-route", "debounce-join-shared"}
+    skipped = {"wide-trusted-proxies", "unknown-route", "websocket-response-state"}
     assert set(codes(found)) == set(RULES) - skipped | {"unknown-key"}
 
 
@@ -856,3 +864,29 @@ def _timed(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
+
+
+def test_cache_or_idempotency_on_a_websocket_route_is_an_error(policy_dir: Path) -> None:
+    write(
+        policy_dir,
+        "version: 1\nroutes:\n"
+        "  GET /ws: {public: true, cache: {ttl: 10s}, idempotency: {}}\n"
+        "  GET /items: {public: true, cache: {ttl: 10s}}\n"
+        "  POST /items: {public: true, idempotency: {}}\n",
+    )
+    app = small_app()
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+
+    findings = lint([policy_dir], app)
+    assert codes(findings) == ["websocket-response-state"] * 2
+    assert all(f.severity == "error" for f in findings)
+    assert [f.key_path for f in findings] == [
+        ("routes", "GET /ws", "cache"),
+        ("routes", "GET /ws", "idempotency"),
+    ]
+    assert "stampede lock" in findings[0].message and "(409)" in findings[1].message
+    # The HTTP routes keep theirs; without the app, nothing says the route is a websocket.
+    assert lint([policy_dir]) == []

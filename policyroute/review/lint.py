@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute
 from .._types import format_size
 from ..asgi.api_docs import with_api_docs
 from ..asgi.coverage import no_policy_finding, unmatched_entries, unpolicied
-from ..asgi.gate import endpoints
+from ..asgi.gate import Endpoint, endpoints
 from ..compile.compiler import no_issuer_findings, unenforced
 from ..errors import ConfigError, Finding, Location
 from ..language._networks import WIDE_PREFIX, IPNetwork, public_cover
@@ -58,6 +58,13 @@ RULES: Mapping[str, Rule] = {
             "An app route is of a type policyroute does not know, so every request is denied.",
         ),
         Rule("unmatched-policy", "error", "A policy names no route of the app."),
+        Rule(
+            "websocket-response-state",
+            "error",
+            "cache or idempotency on a websocket route, which has no response to store: "
+            "each session would take the stampede lock or the record, and concurrent "
+            "sessions would wait on it or be refused.",
+        ),
         Rule("not-enforced", "error", "A policy key this version cannot enforce."),
         Rule("retry-unsafe", "error", "An unsafe method is retried without idempotency."),
         Rule(
@@ -583,6 +590,8 @@ def app_findings(
                 )
             )
             continue
+        if endpoint.kind == "websocket":
+            findings.extend(_websocket_response_state(policies, endpoint))
         for method in unpolicied(endpoint, policies):
             if _written(broken, method, endpoint.path):
                 continue
@@ -603,6 +612,30 @@ def app_findings(
         for entry in unmatched_entries(policies, found)
     )
     return findings
+
+
+def _websocket_response_state(policies: PolicySet, endpoint: Endpoint) -> list[Finding]:
+    """`cache` and `idempotency` on the policy of a websocket route (its key is GET)."""
+    entry = policies.get("GET", endpoint.path)
+    if entry is None:
+        return []
+    return [
+        _finding(
+            "websocket-response-state",
+            f"{entry.key} is a websocket route: `{key}` stores an HTTP response, and a "
+            "websocket session has none. Each session would hold the "
+            + (
+                "stampede lock, so concurrent sessions wait on each other"
+                if key == "cache"
+                else "record, so another session with the same key meanwhile is refused (409)"
+            )
+            + f"; remove `{key}` from this route",
+            entry.location,
+            ("routes", entry.key, key),
+        )
+        for key in ("cache", "idempotency")
+        if getattr(entry.policy, key) is not None
+    ]
 
 
 def _written(broken: Collection[tuple[str, str]], method: str, path: str) -> bool:
