@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, pyload, report, targets, wrk
+from bench import cli, instructions, pyload, report, targets, wrk
 from bench.loadgen import LoadResult, Target
 from bench.runner import Outcome, Round
 
@@ -487,3 +487,33 @@ def test_the_bench_routes_pay_nothing_for_lockout_replay_throttle_and_debounce(
     monkeypatch.setitem(calls.BEFORE, "limit", (calls.BEFORE["limit"][0], 0.0))
     assert calls.main(["limit"]) == 1
     assert "MISS limit" in capsys.readouterr().out
+
+
+CALLGRIND = """\
+# callgrind format
+events: Ir
+summary: 950
+
+fn=(1) main
+0 100
+cfn=(2) work
+calls=3 0
+0 850
+fn=(2)
+0 600
+cfn=(3) leaf
+calls=1 0
+0 250
+fn=(3)
++2 200
+-1 50
+"""
+
+
+def test_instruction_counts_are_each_function_s_own_not_what_it_calls(tmp_path: Path) -> None:
+    # A callee's line after `calls=` is its inclusive cost: counted where it runs, not twice.
+    path = tmp_path / "run.cg"
+    path.write_text(CALLGRIND)
+    own = instructions.costs(path)
+    assert own == {"main": 100, "work": 600, "leaf": 250}
+    assert sum(own.values()) == 950
