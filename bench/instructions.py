@@ -57,6 +57,7 @@ COUNTED = 1000  # requests counted (worker)
 RECORDED = 2000  # requests whose calls are replayed (valkey)
 TASKS = 32
 WRITE = 200  # calls a write in the replay
+HERE = str(Path(__file__).resolve())  # run by path: a checkout measured need not have it
 PER_REQUEST = re.compile(r": ([\d,]+) instructions per request")
 
 
@@ -194,11 +195,12 @@ def worker_counts(policy: str, top: int) -> None:
     """The worker's instructions per request: this module again, under callgrind."""
     with start_valkey() as backend, tempfile.TemporaryDirectory() as work:
         out = Path(work) / "worker.cg"
-        env = {**os.environ, VALKEY_URL_ENV: backend.url, "BENCH_POLICY": policy}
+        # One hash seed for every run: dict and set layouts (and their probes) then agree.
+        env = {**os.environ, VALKEY_URL_ENV: backend.url, "BENCH_POLICY": policy,
+               "PYTHONHASHSEED": "0"}  # fmt: skip
         subprocess.run(
             [_valgrind(), "--tool=callgrind", "--instr-atstart=no",
-             f"--callgrind-out-file={out}", sys.executable, "-m", "bench.instructions",
-             "--inside", policy],
+             f"--callgrind-out-file={out}", sys.executable, HERE, "--inside", policy],
             check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         _report("worker", policy, COUNTED, _dumped(out), top)
@@ -224,9 +226,9 @@ async def _inside(policy: str) -> None:
 
 
 def _elsewhere(root: Path, argv: list[str]) -> str:
-    """The same measure from another checkout (its code and scripts); its output."""
+    """This measure run on a checkout's code and scripts (an older one need not have it)."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.instructions", *argv], cwd=root, check=True,
+        [sys.executable, HERE, *argv], cwd=root, check=True,
         env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
     )  # fmt: skip
     return done.stdout
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=0, help="functions to list (default none)")
     parser.add_argument("--inside", help=argparse.SUPPRESS)  # the run under callgrind
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # this checkout
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.inside:
         asyncio.run(_inside(args.inside))
         return 0

@@ -227,7 +227,10 @@ class BoundChain:
                 ctx.denied_by = "gate"
                 reason = await self._deny(ctx, out, too_large)
             elif (tracer := active()) is None:
-                reason = await self._run(ctx, out)
+                try:  # `_run`, inline: one coroutine fewer a request
+                    await self._guarded(ctx)
+                except Denial as denial:
+                    reason = await self._deny(ctx, out, denial)
             else:
                 reason = await self._traced(ctx, out, tracer, sent)
             outcome = "allowed" if reason is None else "denied"
