@@ -11,6 +11,7 @@ step on the way is measured here.
 .venv/bin/python -m bench.instructions valkey full limit            # Valkey, per request
 .venv/bin/python -m bench.instructions worker core local full       # the worker, in process
 .venv/bin/python -m bench.instructions valkey --against ../other full
+.venv/bin/python -m bench.instructions worker --loop uvloop full     # production's loop
 .venv/bin/python -m bench.instructions worker --top 25 full         # and where they go
 ```
 
@@ -191,7 +192,7 @@ def _until(ready: Any, wait: float = 60.0) -> None:
 # -- the worker --------------------------------------------------------------------------
 
 
-def worker_counts(policy: str, top: int) -> None:
+def worker_counts(policy: str, top: int, loop: str = "asyncio") -> None:
     """The worker's instructions per request: this module again, under callgrind."""
     with start_valkey() as backend, tempfile.TemporaryDirectory() as work:
         out = Path(work) / "worker.cg"
@@ -200,10 +201,11 @@ def worker_counts(policy: str, top: int) -> None:
                "PYTHONHASHSEED": "0"}  # fmt: skip
         subprocess.run(
             [_valgrind(), "--tool=callgrind", "--instr-atstart=no",
-             f"--callgrind-out-file={out}", sys.executable, HERE, "--inside", policy],
+             f"--callgrind-out-file={out}", sys.executable, HERE, "--inside", policy,
+             "--loop", loop],
             check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        _report("worker", policy, COUNTED, _dumped(out), top)
+        _report(f"worker ({loop})", policy, COUNTED, _dumped(out), top)
 
 
 async def _inside(policy: str) -> None:
@@ -241,25 +243,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("policies", nargs="*", default=["full"])
     parser.add_argument("--against", help="another checkout to measure the same way")
     parser.add_argument("--top", type=int, default=0, help="functions to list (default none)")
+    parser.add_argument(
+        "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the worker's event loop"
+    )
     parser.add_argument("--inside", help=argparse.SUPPRESS)  # the run under callgrind
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # this checkout
     args = parser.parse_intermixed_args(argv)
     if args.inside:
-        asyncio.run(_inside(args.inside))
+        if args.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(_inside(args.inside))
+        else:
+            asyncio.run(_inside(args.inside))
         return 0
     if args.one:
-        measure = valkey_counts if args.side == "valkey" else worker_counts
         for policy in args.policies:
-            measure(policy, args.top)
+            if args.side == "valkey":
+                valkey_counts(policy, args.top)
+            else:
+                worker_counts(policy, args.top, args.loop)
         return 0
     if args.side is None:
         parser.error("say valkey or worker")
     for policy in args.policies:
-        here = _elsewhere(Path.cwd(), [args.side, policy, "--top", str(args.top), "--one"])
+        same = [args.side, policy, "--top", str(args.top), "--loop", args.loop, "--one"]
+        here = _elsewhere(Path.cwd(), same)
         print(f"{Path.cwd()}:\n{here}", end="", flush=True)
         if args.against:
             root = Path(args.against).resolve()
-            there = _elsewhere(root, [args.side, policy, "--top", str(args.top), "--one"])
+            there = _elsewhere(root, same)
             print(f"{root}:\n{there}", end="")
             a, b = PER_REQUEST.search(here), PER_REQUEST.search(there)
             if a and b:

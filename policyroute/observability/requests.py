@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 
 from starlette.types import Message, Scope, Send
 
@@ -58,12 +58,22 @@ class RequestIds:
         It holds a list, not the request's context: the context holds this `send`, and a
         reference cycle per request would leave every request to the cyclic collector.
         """
-        pair = (self.header, request_id.encode("latin-1"))
+        return _Echo(send, (self.header, request_id.encode("latin-1")), status)
 
-        async def out(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), pair]}
-            await send(message)
 
-        return out
+class _Echo:
+    """`RequestIds.echo`'s send: not a coroutine, it hands back the inner send's awaitable
+    (no frame of its own per message)."""
+
+    __slots__ = ("pair", "send", "status")
+
+    def __init__(self, send: Send, pair: tuple[bytes, bytes], status: list[int]) -> None:
+        self.send = send
+        self.pair = pair
+        self.status = status
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            self.status[0] = message["status"]
+            message = {**message, "headers": [*message.get("headers", ()), self.pair]}
+        return self.send(message)
