@@ -35,7 +35,7 @@ Graph = dict[str, set[str]]
 # The packages from the top down. Top-level modules not named here (errors, config,
 # principal, crypto, _types, _ids, _version) are the shared vocabulary under them all.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("policyroute", "testing"),  # the public API
+    ("policyroute", "testing", "__main__"),  # the public API, and `python -m policyroute`
     ("cli",),
     ("engine",),
     ("review", "admin"),

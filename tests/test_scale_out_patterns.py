@@ -78,8 +78,23 @@ async def connections(base: str, n: int) -> list[httpx.AsyncClient]:
     """`n` clients, each with a connection open to one of the two processes, half to each.
 
     The kernel decides which process accepts a connection; connections are opened (and
-    probed for the process that answers) until each process has its half.
+    probed for the process that answers) until each process has its half. The chosen ones
+    are probed again last: a connection the server closed meanwhile (its keep-alive ran
+    out while more were opened) would reconnect to either process.
     """
+    for _ in range(5):
+        chosen = await _split(base, n)
+        again = await asyncio.gather(*(c.get("/nothing-here") for c in chosen))
+        first = {r.headers["x-pid"] for r in again[: n - n // 2]}
+        second = {r.headers["x-pid"] for r in again[n - n // 2 :]}
+        if len(first) == 1 and len(second) <= 1 and first != second:
+            return chosen
+        for c in chosen:
+            await c.aclose()
+    raise RuntimeError("the connections did not stay with their processes")
+
+
+async def _split(base: str, n: int) -> list[httpx.AsyncClient]:
     want = {0: n - n // 2, 1: n // 2}
     seen: dict[str, list[httpx.AsyncClient]] = {}
     spare: list[httpx.AsyncClient] = []

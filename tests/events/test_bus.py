@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,14 @@ def _outbox(valkey_url: str, prefix: str) -> list[tuple[bytes, dict[bytes, bytes
         reader.close()
 
 
+def _until(done: Callable[[], bool], log: Path, wait: float = 10.0) -> None:
+    """Poll `done` until it holds; fail with the served process's log after `wait` s."""
+    deadline = time.monotonic() + wait
+    while not done():
+        assert time.monotonic() < deadline, log.read_text(errors="replace")
+        time.sleep(0.02)
+
+
 def test_a_forced_quit_saves_the_events_still_in_flight_to_the_outbox(
     tmp_path: Path, valkey_url: str, pulsar_url: str
 ) -> None:
@@ -125,7 +134,10 @@ def test_a_forced_quit_saves_the_events_still_in_flight_to_the_outbox(
     # (its producer being made, for up to the 30 s send timeout) when two Ctrl+Cs come at
     # once. uvicorn then quits without the app's shutdown: the lifespan that would move
     # them to the outbox never runs. They are written there as the process exits.
-    slow = "@app.get('/slow')\nasync def slow() -> None:\n    await asyncio.sleep(30)\n\n\n"
+    slow = (
+        "@app.get('/slow')\nasync def slow() -> None:\n"
+        "    open('slow-started', 'w').close()\n    await asyncio.sleep(30)\n\n\n"
+    )
     served = SERVED_APP.replace("policyroute.install(app)", slow + "policyroute.install(app)")
     (tmp_path / "served_jobs.py").write_text("import asyncio\n" + served)
     policies = tmp_path / "policies"
@@ -158,12 +170,10 @@ def test_a_forced_quit_saves_the_events_still_in_flight_to_the_outbox(
                 for n in range(EVENTS)
             ]
             pool.submit(httpx.get, f"{run.base}/slow", timeout=40)  # a response in progress
+            _until(lambda: (tmp_path / "slow-started").exists(), run.log)
             # The first Ctrl+C: uvicorn waits for that response ...
             run.proc.send_signal(signal.SIGINT)
-            deadline = time.monotonic() + 10
-            while "Waiting for connections to close" not in run.log.read_text(errors="replace"):
-                assert time.monotonic() < deadline, run.log.read_text(errors="replace")
-                time.sleep(0.02)
+            _until(lambda: "Waiting for connections to close" in run.log.read_text(), run.log)
             # ... and the second one makes it quit at once, without the app's shutdown.
             run.proc.send_signal(signal.SIGINT)
             returncode = run.proc.wait(timeout=15)
