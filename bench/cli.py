@@ -192,7 +192,9 @@ def run_all(
     return settings, [median_round(rounds[s.name]) for s in scenarios]
 
 
-def bracket(outcomes: list[runner.Outcome], closing: list[runner.Outcome]) -> list[runner.Outcome]:
+def bracket(
+    outcomes: list[runner.Outcome], closing: list[runner.Outcome]
+) -> list[runner.Outcome]:
     """The round's outcomes, each with the baseline interpolated to its place in the round.
 
     `outcomes` are in run order with the baseline among them; `closing` is the baseline run

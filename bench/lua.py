@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[VALKEY_URL_ENV] = backend.url
         for policy in args.policies:
             backend.flush()
-            found = asyncio.run(measure(policy, backend, args.requests, args.rounds))
+            found = asyncio.run(
+                measure(policy, backend, args.requests, args.rounds)
+            )
             cpus = [u.cpu_us for u in found]
             print(
                 f"{policy}: Valkey CPU {statistics.median(cpus):.1f} us per request "

@@ -153,10 +153,8 @@ async def _measure(url: str) -> dict[str, list[tuple[float, float]]]:
 
 def main() -> int:
     """Print each client's CPU µs per call and calls/s, on asyncio and on uvloop."""
-    print(
-        f"== Valkey client path: {TASKS} tasks x {CALLS} checked EVALSHA calls, "
-        f"median of {ROUNDS} alternating rounds"
-    )
+    print(f"== Valkey client path: {TASKS} tasks x {CALLS} checked EVALSHA calls, "
+          f"median of {ROUNDS} alternating rounds")
     with start_valkey() as server:
         for loop_name, runner in (("asyncio", asyncio.run), ("uvloop", uvloop.run)):
             results = runner(_measure(server.url))

@@ -73,7 +73,8 @@ def measure(
     result = generator.run(target, settings.duration_s, settings.threads)
     after = _cpu_now(pid, settings.backend_cpu)
     server_us, backend_us = (
-        None if b is None or a is None or not result.requests else (a - b) / result.requests * 1e6
+        None if b is None or a is None or not result.requests
+        else (a - b) / result.requests * 1e6
         for b, a in zip(before, after, strict=True)
     )
     return result, server_us, backend_us

@@ -140,13 +140,8 @@ def test_explain_names_the_setting_as_the_origin(
     assert main(["explain", "--app", "examples.app:app", "GET /redoc"]) == 0
     out = capsys.readouterr().out
     setting = next(
-        i
-        for i, line in enumerate(
-            (REPO / "examples/policies/service.yaml").read_text().splitlines(), 1
-        )
+        i for i, line in enumerate((REPO / "examples/policies/service.yaml").read_text().splitlines(), 1)
         if line.startswith("  api_docs:")
     )
     assert out.startswith(f"GET /redoc  (examples/policies/service.yaml:{setting}:3)")
-    assert (
-        f"public: true   <- settings.api_docs at examples/policies/service.yaml:{setting}:3" in out
-    )
+    assert f"public: true   <- settings.api_docs at examples/policies/service.yaml:{setting}:3" in out

@@ -273,26 +273,16 @@ def test_production_cpu_over_bare_is_the_median_of_per_round_differences() -> No
 def test_production_valkey_bounds_pass_up_to_their_bound_and_miss_beyond() -> None:
     bare = ok("bare", 5000)
     at_bound = production(
-        [
-            bare,
-            measured("policyroute_full", 3200, 200.0, 25.0),
-            measured("policyroute_limit", 4000, 150.0, 10.0),
-        ]
+        [bare, measured("policyroute_full", 3200, 200.0, 25.0), measured("policyroute_limit", 4000, 150.0, 10.0)]
     )
     assert at_bound[FULL_VALKEY].status == at_bound[LIMIT_VALKEY].status == "PASS"
     beyond = production(
-        [
-            bare,
-            measured("policyroute_full", 3200, 200.0, 25.1),
-            measured("policyroute_limit", 4000, 150.0, 10.2),
-        ]
+        [bare, measured("policyroute_full", 3200, 200.0, 25.1), measured("policyroute_limit", 4000, 150.0, 10.2)]
     )
     assert (beyond[FULL_VALKEY].value, beyond[FULL_VALKEY].status) == (25.1, "MISS")
     assert (beyond[LIMIT_VALKEY].value, beyond[LIMIT_VALKEY].status) == (10.2, "MISS")
     # Valkey spending nothing is a figure, and within the bound.
-    assert (
-        production([measured("policyroute_limit", 4000, 150.0, 0.0)])[LIMIT_VALKEY].status == "PASS"
-    )
+    assert production([measured("policyroute_limit", 4000, 150.0, 0.0)])[LIMIT_VALKEY].status == "PASS"
     # Over rounds, the median of the rounds' figures: the median req/s round read 12 µs.
     runs = ((4000, 12.0), (3900, 9.5), (4100, 9.0))
     limit = cli.median_round([measured("policyroute_limit", r, 150.0, v) for r, v in runs])
@@ -303,9 +293,7 @@ def test_production_valkey_bounds_pass_up_to_their_bound_and_miss_beyond() -> No
     unread = production([measured("policyroute_limit", 4000, 150.0, None)])
     assert unread[LIMIT_VALKEY].status == "MISS"
     assert unread[LIMIT_VALKEY].reason == "no valkey us/req for policyroute_limit"
-    assert (
-        production([failed("policyroute_limit")])[LIMIT_VALKEY].reason == "policyroute_limit FAILED"
-    )
+    assert production([failed("policyroute_limit")])[LIMIT_VALKEY].reason == "policyroute_limit FAILED"
     assert production([bare]) == {}
     assert set(production([measured("policyroute_full", 3200, 200.0, 20.0)])) == {FULL_VALKEY}
 
@@ -390,11 +378,7 @@ def test_each_scenario_reports_its_median_round_and_a_failed_round_fails_it() ->
 def test_ratios_are_medians_of_per_round_ratios_so_a_slow_spell_moves_both_sides() -> None:
     # Round 2 ran while the machine was slow for everyone: 1.5x fewer req/s on both sides.
     bare_rounds = [ok("bare", 1000), ok("bare", 600), ok("bare", 1100)]
-    full_rounds = [
-        ok("policyroute_full", 660),
-        ok("policyroute_full", 400),
-        ok("policyroute_full", 700),
-    ]
+    full_rounds = [ok("policyroute_full", 660), ok("policyroute_full", 400), ok("policyroute_full", 700)]
     bare, full = cli.median_round(bare_rounds), cli.median_round(full_rounds)
     assert [r.rps for r in full.rounds] == [660, 400, 700]
     # Medians taken apart: 660 / 1000 = 0.66; round by round: 0.66, 0.667, 0.636 -> 0.66.
@@ -403,12 +387,13 @@ def test_ratios_are_medians_of_per_round_ratios_so_a_slow_spell_moves_both_sides
     skewed = [ok("bare", 1000), ok("bare", 600), ok("bare", 610)]
     # Taken apart the medians would say 660 / 610 = 1.08; paired by round it stays ~0.66.
     (paired,) = [
-        v for v in targets.evaluate([cli.median_round(skewed), full]) if v.goal.reference == "bare"
+        v
+        for v in targets.evaluate([cli.median_round(skewed), full])
+        if v.goal.reference == "bare"
     ]
     assert paired.value == pytest.approx(0.667, abs=0.01)
     line = next(
-        row
-        for row in report.table([cli.median_round(skewed), full]).splitlines()
+        row for row in report.table([cli.median_round(skewed), full]).splitlines()
         if row.startswith("policyroute_full")
     )
     assert " 0.67 " in line

@@ -266,9 +266,7 @@ async def test_denial_comes_before_the_body_is_parsed(policies: Path) -> None:
 
     policyroute.install(app, policies)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-        response = await c.post(
-            "/secret", content=b"{not json", headers={"content-type": "application/json"}
-        )
+        response = await c.post("/secret", content=b"{not json", headers={"content-type": "application/json"})
     assert_denied(response)  # a 422 here would mean the body was read before the policy ran
 
 

@@ -154,10 +154,7 @@ def test_lint_refuses_a_shared_cache_on_an_authenticated_route(
     assert code == 1
     lines = out.strip().splitlines()
     assert len(lines) == 1, out
-    assert (
-        ":5:5: error[shared-cache-authenticated] GET /me caches one response for every caller"
-        in lines[0]
-    )
+    assert ":5:5: error[shared-cache-authenticated] GET /me caches one response for every caller" in lines[0]
 
 
 def test_run_never_lets_uvicorn_trust_proxy_headers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,9 +223,7 @@ def test_a_missing_path_is_a_usage_error(
     ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else v,
 )
 def test_commands_on_valkey_without_its_url_say_so_in_one_line(
-    argv: list[str],
-    what: str,
-    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str], what: str, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.delenv("POLICYROUTE_VALKEY_URL", raising=False)
@@ -311,9 +306,7 @@ def test_in_a_worker_process_install_prints_the_findings_and_raises_a_config_err
     app = FastAPI()
     app.get("/search")(lambda: {})
     with pytest.raises(ConfigError) as caught:
-        policyroute.install(
-            app, tmp_path / "policies", settings=policyroute.Settings(valkey_url=None)
-        )
+        policyroute.install(app, tmp_path / "policies", settings=policyroute.Settings(valkey_url=None))
     assert isinstance(caught.value, SystemExit) and caught.value.code == 3
     assert [f.code for f in caught.value.findings] == ["missing-backend"]
     [line] = capsys.readouterr().err.strip().splitlines()

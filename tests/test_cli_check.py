@@ -45,17 +45,8 @@ def test_an_allowed_request_shows_every_step_and_what_it_takes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     code, lines, _ = check(
-        capsys,
-        "POST /io-job",
-        EXAMPLES,
-        "--claims",
-        RUNNER,
-        "--header",
-        'Idempotency-Key: "k1"',
-        "--body",
-        '{"resource_id": "r1"}',
-        "--credits",
-        "3",
+        capsys, "POST /io-job", EXAMPLES, "--claims", RUNNER, "--header", 'Idempotency-Key: "k1"',
+        "--body", '{"resource_id": "r1"}', "--credits", "3",
     )
     assert code == 0, lines
     line = (Path(EXAMPLES) / "service.yaml").read_text().splitlines().index("  POST /io-job:") + 1
@@ -86,7 +77,9 @@ def test_a_refusal_names_its_step_and_what_was_not_reached(
     assert code == 1
     assert steps(lines)[-1] == ("roles", "deny")
     assert "403 forbidden-role: the caller has none of the roles this route requires" in lines[-3]
-    assert lines[-2].strip() == ("not reached: mfa, request, rate_limit, credits, idempotency")
+    assert lines[-2].strip() == (
+        "not reached: mfa, request, rate_limit, credits, idempotency"
+    )
     assert lines[-1] == (
         "result: 403 forbidden-role, refused by roles: the caller has none of the roles "
         "this route requires"
@@ -137,19 +130,9 @@ def test_tokens_expired_forged_and_one_time_codes(capsys: pytest.CaptureFixture[
 
 def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     code, lines, _ = check(
-        capsys,
-        "POST /orders",
-        EXAMPLES,
-        "--claims",
-        '{"scope": "write:orders"}',
-        "-H",
-        "Idempotency-Key: o1",
-        "--body",
-        '{"item": "disk", "quantity": 1}',
-        "--status",
-        "201",
-        "--format",
-        "json",
+        capsys, "POST /orders", EXAMPLES, "--claims", '{"scope": "write:orders"}',
+        "-H", "Idempotency-Key: o1", "--body", '{"item": "disk", "quantity": 1}',
+        "--status", "201", "--format", "json",
     )
     assert code == 0
     result = json.loads("\n".join(lines))
@@ -215,15 +198,8 @@ def test_any_issuer_signs_and_shadow_mode_is_shown(
     assert "subject 'test-user' of https://hmac.example/" in "\n".join(lines)
     assert lines[-1] == "result: 200 allowed; shadow: scopes would refuse (insufficient-scope)"
     code, lines, _ = check(
-        capsys,
-        "GET /reports/9",
-        str(policy_dir),
-        "--claims",
-        '{"scope": "read:reports"}',
-        "--issuer",
-        "https://ec.example/",
-        "--credits",
-        "5",
+        capsys, "GET /reports/9", str(policy_dir), "--claims", '{"scope": "read:reports"}',
+        "--issuer", "https://ec.example/", "--credits", "5",
     )
     assert code == 0
     assert "subject 'test-user' of https://ec.example/" in "\n".join(lines)
@@ -234,11 +210,7 @@ def test_any_issuer_signs_and_shadow_mode_is_shown(
 def test_the_installed_command_runs_it() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "policyroute.cli", "check", "GET /health", EXAMPLES],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
+        cwd=REPO, capture_output=True, text=True, check=False, timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "result: 200 allowed"

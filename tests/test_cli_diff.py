@@ -123,18 +123,10 @@ CLASSIFIED = [
         "ip_allowlist: [10.0.0.0/8]",
         [],
     ),
-    (
-        "allowlist removed",
-        "ip_allowlist: [10.0.0.0/8]",
-        "scopes: []",
-        [("loosened", "ip_allowlist")],
-    ),
-    (
-        "allowlist added",
-        "scopes: []",
-        "ip_allowlist: [10.0.0.0/8]",
-        [("tightened", "ip_allowlist")],
-    ),
+    ("allowlist removed", "ip_allowlist: [10.0.0.0/8]", "scopes: []",
+     [("loosened", "ip_allowlist")]),
+    ("allowlist added", "scopes: []", "ip_allowlist: [10.0.0.0/8]",
+     [("tightened", "ip_allowlist")]),
     ("mfa dropped", "mfa: required", "scopes: []", [("loosened", "mfa")]),
     ("mfa added", "scopes: []", "mfa: required", [("tightened", "mfa")]),
     (
@@ -143,8 +135,10 @@ CLASSIFIED = [
         "mfa: {methods: [totp, step_up]}",
         [("loosened", "mfa.methods")],
     ),
-    ("credits cheaper", "credits: {cost: 3}", "credits: {cost: 1}", [("loosened", "credits.cost")]),
-    ("credits dearer", "credits: {cost: 1}", "credits: {cost: 3}", [("tightened", "credits.cost")]),
+    ("credits cheaper", "credits: {cost: 3}", "credits: {cost: 1}",
+     [("loosened", "credits.cost")]),
+    ("credits dearer", "credits: {cost: 1}", "credits: {cost: 3}",
+     [("tightened", "credits.cost")]),
     ("credits dropped", "credits: {cost: 1}", "scopes: []", [("loosened", "credits")]),
     (
         "credits fail open",
@@ -152,10 +146,12 @@ CLASSIFIED = [
         "credits: {cost: 1, on_backend_error: open}",
         [("loosened", "credits.on_backend_error")],
     ),
-    ("roles: another accepted", "roles: [admin]", "roles: [admin, ops]", [("loosened", "roles")]),
+    ("roles: another accepted", "roles: [admin]", "roles: [admin, ops]",
+     [("loosened", "roles")]),
     ("roles: one fewer", "roles: [admin, ops]", "roles: [admin]", [("tightened", "roles")]),
     ("roles dropped", "roles: [admin]", "scopes: []", [("loosened", "roles")]),
-    ("shadow mode", "scopes: [a]", "scopes: [a]\n    enforce: false", [("loosened", "enforce")]),
+    ("shadow mode", "scopes: [a]", "scopes: [a]\n    enforce: false",
+     [("loosened", "enforce")]),
     (
         "idempotency optional",
         "idempotency: {required: true}",
@@ -163,12 +159,8 @@ CLASSIFIED = [
         [("loosened", "idempotency.required")],
     ),
     ("timeout", "timeout: 1s", "timeout: 2s", [("changed", "timeout")]),
-    (
-        "retry",
-        "retry: {attempts: 2}\n    idempotency: {}",
-        "retry: {attempts: 3}\n    idempotency: {}",
-        [("changed", "retry.attempts")],
-    ),
+    ("retry", "retry: {attempts: 2}\n    idempotency: {}", "retry: {attempts: 3}\n    idempotency: {}",
+     [("changed", "retry.attempts")]),
 ]
 
 
@@ -238,10 +230,8 @@ def test_moving_keys_between_layers_changes_nothing(
     a, b = sides(
         tmp_path,
         policy("  GET /a:\n    scopes: [x]\n    credits: {cost: 2}\n"),
-        policy(
-            "  GET /a:\n    use: [paid]\n    scopes: [x]\n",
-            "defaults:\n  credits: {cost: 1}\nprofiles:\n  paid:\n    credits: {cost: 2}\n",
-        ),
+        policy("  GET /a:\n    use: [paid]\n    scopes: [x]\n",
+               "defaults:\n  credits: {cost: 1}\nprofiles:\n  paid:\n    credits: {cost: 2}\n"),
     )
     code, out, _ = diff(capsys, a, b)
     assert (code, out.strip()) == (0, "no change to the effective policy of any route")
@@ -303,9 +293,7 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
 def git(cwd: Path, *args: str) -> None:
     subprocess.run(
         ["git", "-c", "user.name=t", "-c", "user.email=t@example.test", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
+        cwd=cwd, check=True, capture_output=True,
     )
 
 
@@ -329,13 +317,8 @@ def test_a_git_revision_against_the_working_tree(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "policyroute.cli", "diff", "--git", "HEAD"]
     done = subprocess.run(
-        [*command, "--fail-on", "loosened"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
+        [*command, "--fail-on", "loosened"], cwd=repo, env=env, capture_output=True, text=True,
+        check=False, timeout=60,
     )
     assert done.returncode == 1, done.stderr
     assert done.stdout.splitlines() == [
@@ -349,23 +332,13 @@ def test_a_git_revision_against_the_working_tree(tmp_path: Path) -> None:
         "2 route(s) differ: 0 added, 1 removed, 4 loosened, 0 tightened, 0 changed",
     ]
     inside = subprocess.run(  # from inside the policy folder, no --fail-on: exit 0
-        [*command, "."],
-        cwd=repo / "policies",
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
+        [*command, "."], cwd=repo / "policies", env=env, capture_output=True,
+        text=True, check=False, timeout=60,
     )
     assert inside.returncode == 0, inside.stderr
     assert inside.stdout.splitlines()[0] == "GET /a  (p.yaml:8:3)"
     unknown = subprocess.run(
         [sys.executable, "-m", "policyroute.cli", "diff", "--git", "no-such-rev"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
+        cwd=repo, env=env, capture_output=True, text=True, check=False, timeout=60,
     )
     assert unknown.returncode == 2 and "git rev-parse" in unknown.stderr

@@ -75,11 +75,7 @@ def test_the_example_policy_tests_pass() -> None:
     """What `make test` runs: the example's own test file, through the installed command."""
     done = subprocess.run(
         [sys.executable, "-m", "policyroute.cli", "test", "examples/policies"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
+        cwd=REPO, capture_output=True, text=True, check=False, timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout == ""
@@ -106,9 +102,7 @@ def test_a_failing_case_is_printed_at_its_line_and_column(
 
 def test_verbose_lists_passing_cases(capsys: pytest.CaptureFixture[str], suite: Path) -> None:
     _, out, _ = run(capsys, str(suite / "reports.test.yaml"), "-v")
-    assert (
-        out.splitlines()[0] == f"{suite / 'reports.test.yaml'}:5:5: ok 'an analyst reads a report'"
-    )
+    assert out.splitlines()[0] == f"{suite / 'reports.test.yaml'}:5:5: ok 'an analyst reads a report'"
 
 
 def test_json_format(capsys: pytest.CaptureFixture[str], suite: Path) -> None:
@@ -237,9 +231,7 @@ def test_usage_errors_exit_two(capsys: pytest.CaptureFixture[str], tmp_path: Pat
 
 def test_the_committed_test_file_schema_is_current(capsys: pytest.CaptureFixture[str]) -> None:
     committed = (REPO / "policies" / "test.schema.json").read_text()
-    assert committed == policytest.schema_text(), (
-        "run: policyroute test --schema > policies/test.schema.json"
-    )
+    assert committed == policytest.schema_text(), "run: policyroute test --schema > policies/test.schema.json"
     code, out, _ = run(capsys, "--schema")
     assert code == 0 and out == committed
 
@@ -250,6 +242,5 @@ def test_example_test_files_validate_against_the_schema() -> None:
     for path in files:
         jsonschema.validate(yaml.safe_load(path.read_text()), policytest.schema())
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(
-            {"version": 1, "cases": [{"request": "GET /", "expct": {}}]}, policytest.schema()
-        )
+        jsonschema.validate({"version": 1, "cases": [{"request": "GET /", "expct": {}}]},
+                            policytest.schema())

@@ -172,12 +172,8 @@ def test_explain_says_what_per_principal_state_is_keyed_by(policy_dir: Path) -> 
     assert "varies by path, query, claim team" in text
     assert "token bucket of 5 per header:x-tenant (chosen by the client)" in text
     assert "token bucket of 5 per user," in text
-    one = IDENTITY.replace("    tenant_claim: org_id\n", "").split(
-        "      - {issuer: https://partner"
-    )[0]
-    (policy_dir / "routes.yaml").write_text(
-        one + "routes:\n  GET /reports:\n    cache: {ttl: 30s}\n"
-    )
+    one = IDENTITY.replace("    tenant_claim: org_id\n", "").split("      - {issuer: https://partner")[0]
+    (policy_dir / "routes.yaml").write_text(one + "routes:\n  GET /reports:\n    cache: {ttl: 30s}\n")
     assert "per-principal state keyed by subject" in explain([policy_dir], route="GET /reports")
 
 
@@ -201,7 +197,6 @@ def test_body_limits_show_in_the_chain_and_the_policy(policy_dir: Path) -> None:
     notes = explain([policy_dir], route="POST /notes")
     assert "request bodies over 1MiB refused (413)" in notes
     assert lines_of(notes)["max_body: 1MiB"].endswith("(built-in default)")
-
 
 PATTERNS = f"""\
 version: 1

@@ -437,14 +437,12 @@ async def test_inside_plain_mounts_and_hosts_the_endpoint_sees_the_routers_scope
 
     async def leaf(request: Request) -> Response:
         scope = request.scope
-        seen.append(
-            {
-                "root_path": scope["root_path"],
-                "path": scope["path"],
-                "path_params": dict(scope["path_params"]),
-                "top_router": scope["router"] is app_router[0],
-            }
-        )
+        seen.append({
+            "root_path": scope["root_path"],
+            "path": scope["path"],
+            "path_params": dict(scope["path_params"]),
+            "top_router": scope["router"] is app_router[0],
+        })
         routes.append(getattr(scope.get("route"), "path", None))
         return PlainTextResponse("ok")
 
@@ -507,14 +505,12 @@ async def test_through_included_routers_the_endpoint_sees_fastapis_scope_matched
     async def api_leaf(item: int, request: Request) -> dict[str, int]:
         scope = request.scope
         context = scope.get("fastapi", {}).get("effective_route_context")
-        seen.append(
-            {
-                "path_params": dict(scope["path_params"]),
-                "route": getattr(scope.get("route"), "path", None),
-                "context_route": getattr(getattr(context, "original_route", None), "path", None),
-                "url": str(request.url_for("api_leaf", item=item)),
-            }
-        )
+        seen.append({
+            "path_params": dict(scope["path_params"]),
+            "route": getattr(scope.get("route"), "path", None),
+            "context_route": getattr(getattr(context, "original_route", None), "path", None),
+            "url": str(request.url_for("api_leaf", item=item)),
+        })
         return {"item": item}
 
     async def plain_leaf(request: Request) -> Response:
@@ -565,7 +561,9 @@ def _body(sent: list[Message]) -> bytes:
     return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
 
 
-_INCLUDE_HAS_BODY_LIMIT = "max_body_size" in inspect.signature(APIRouter.include_router).parameters
+_INCLUDE_HAS_BODY_LIMIT = "max_body_size" in inspect.signature(
+    APIRouter.include_router
+).parameters
 
 
 @pytest.mark.skipif(not _INCLUDE_HAS_BODY_LIMIT, reason="this FastAPI has no include body limit")

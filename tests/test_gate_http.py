@@ -370,8 +370,7 @@ def _websocket_cell(cell: Cell, port: int, number: str, policies: Path) -> None:
         before = cell.hits[name]
         try:
             with connect_websocket(
-                f"ws://127.0.0.1:{port}{path}",
-                additional_headers={"x-cell": number},
+                f"ws://127.0.0.1:{port}{path}", additional_headers={"x-cell": number},
                 open_timeout=5,
             ) as socket_:
                 accepted = socket_.recv(timeout=5) == name

@@ -160,11 +160,7 @@ TYPO = "  POST /typo:\n    scopse: [run:jobs]\n    retry: {attempts: 3}\n"
         # A typo on one route, which is reported and skipped (its retry is not judged).
         ("  POST /jobs:\n", TYPO + "  POST /jobs:\n", ("unknown-key", "routes.POST /typo.scopse")),
         # A bad network in trusted_proxies.
-        (
-            "[10.0.0.0/8]",
-            "[10.0.0.0/8, 10.0.0.300/8]",
-            ("invalid-value", "settings.trusted_proxies[1]"),
-        ),
+        ("[10.0.0.0/8]", "[10.0.0.0/8, 10.0.0.300/8]", ("invalid-value", "settings.trusted_proxies[1]")),
         # A version this release does not read.
         ("version: 1\n", "version: 2\n", ("invalid-choice", "version")),
     ],
@@ -188,9 +184,7 @@ def test_a_schema_error_hides_no_rule_finding_on_the_routes_that_validate(
 
 
 def test_a_route_that_failed_validation_still_has_a_policy_for_the_app(policy_dir: Path) -> None:
-    text = (
-        "version: 1\nroutes:\n  GET /items:\n    public: true\n  POST /items:\n    publik: true\n"
-    )
+    text = "version: 1\nroutes:\n  GET /items:\n    public: true\n  POST /items:\n    publik: true\n"
     write(policy_dir, text)
     [finding] = lint([policy_dir], small_app())  # no `no-policy` for POST /items
     assert (finding.code, finding.dotted_path) == ("unknown-key", "routes.POST /items.publik")
@@ -211,10 +205,8 @@ def test_a_repeated_key_hides_nothing_else_in_its_file(policy_dir: Path) -> None
 
 
 def test_a_section_of_the_wrong_shape_is_a_finding_not_a_crash(policy_dir: Path) -> None:
-    write(
-        policy_dir,
-        "version: 1\nprofiles: [a]\nroutes:\n  POST /x:\n    public: true\n    retry: {}\n",
-    )
+    write(policy_dir, "version: 1\nprofiles: [a]\nroutes:\n  POST /x:\n    public: true\n"
+          "    retry: {}\n")
     assert codes(lint([policy_dir])) == ["wrong-type", "retry-unsafe"]
 
 
@@ -244,12 +236,7 @@ def test_a_route_that_needs_a_token_without_an_issuer_is_an_error_at_the_key(
     assert [(f.code, f.dotted_path, f.location.line, f.location.column) for f in findings] == [
         ("no-issuer", "routes.POST /admin.mfa", 3, col_of(NO_ISSUER, "mfa:")),  # in its profile
         ("no-issuer", "routes.GET /me", line_of(NO_ISSUER, "GET /me"), 3),  # not public
-        (
-            "no-issuer",
-            "routes.POST /io-job.roles",
-            line_of(NO_ISSUER, "roles:"),
-            5,
-        ),  # first written
+        ("no-issuer", "routes.POST /io-job.roles", line_of(NO_ISSUER, "roles:"), 5),  # first written
     ]
     assert "POST /io-job sets `roles`, which needs a verified bearer token" in findings[2].message
     assert "add one under settings.auth.issuers" in findings[2].message

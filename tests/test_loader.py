@@ -64,19 +64,10 @@ BROKEN: dict[str, tuple[dict[str, str], tuple[str, int, int, str]]] = {
     ),
     **{
         f"host route key {key}": (
-            {
-                "a.yaml": f"version: 1\nroutes:\n  GET /ok:\n    public: true\n  GET {key}:\n    public: true\n"
-            },
+            {"a.yaml": f"version: 1\nroutes:\n  GET /ok:\n    public: true\n  GET {key}:\n    public: true\n"},
             ("a.yaml", 5, 3, "bad-route-key"),
         )
-        for key in (
-            "//",
-            "//admin.test",
-            "//Admin.test/x",
-            "//admin.test:8443/x",
-            "//a..b/x",
-            "//-a.test/",
-        )
+        for key in ("//", "//admin.test", "//Admin.test/x", "//admin.test:8443/x", "//a..b/x", "//-a.test/")
     },
 }
 
@@ -108,19 +99,11 @@ def test_each_broken_file_gives_exactly_one_error_at_its_position(
 
 
 def test_host_route_keys_name_a_host_then_a_path(policy_dir: Path) -> None:
-    keys = [
-        "//admin.test/",
-        "//admin.test/reports",
-        "//{tenant}.test/{path:path}",
-        "//api-{v}.test/x",
-    ]
+    keys = ["//admin.test/", "//admin.test/reports", "//{tenant}.test/{path:path}", "//api-{v}.test/x"]
     routes = "".join(f"  GET {key}:\n    public: true\n" for key in keys)
     write(policy_dir, {"a.yaml": f"version: 1\nroutes:\n{routes}"})
     assert [path for _, path in load_policies(policy_dir).routes] == [
-        "//admin.test/",
-        "//admin.test/reports",
-        "//{tenant}.test/{path}",
-        "//api-{v}.test/x",
+        "//admin.test/", "//admin.test/reports", "//{tenant}.test/{path}", "//api-{v}.test/x"
     ]  # converters dropped for matching
 
 
@@ -387,43 +370,28 @@ def test_hostile_yaml_is_one_clean_finding(policy_dir: Path, text: str, code: st
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (
-            "version: 1\nroutes:\n  GET /x:\n    scopes: read\n",
-            "`scopes` must be a list of strings, not a string",
-        ),
+        ("version: 1\nroutes:\n  GET /x:\n    scopes: read\n",
+         "`scopes` must be a list of strings, not a string"),
         ("version: 2\nroutes: {}\n", "`version` must be 1, not 2"),
         ("version: '1'\nroutes: {}\n", "`version` must be 1, not the string '1'"),
-        (
-            "version: 1\nroutes:\n  GET /x:\n    credits: {cost: lots}\n",
-            "`cost` must be a whole number, not a string",
-        ),
-        (
-            "version: 1\nroutes:\n  GET /x:\n    public: maybe\n",
-            "`public` must be true or false, not a string",
-        ),
-        (
-            "version: 1\nroutes:\n  GET /x:\n    ip_allowlist: 10.0.0.0/8\n",
-            "`ip_allowlist` must be a list of networks (CIDR, e.g. 10.0.0.0/8), not a string",
-        ),
-        (
-            "version: 1\nroutes:\n  GET /x:\n    rate_limit: [5]\n",
-            "each item of `rate_limit` must be a mapping, not 5",
-        ),
-        (
-            "version: 1\nroutes:\n  GET /x:\n    retry: {backoff: fixd}\n",
-            "`backoff` must be exponential or fixed, not 'fixd'; did you mean 'fixed'?",
-        ),
-        (
-            "version: 1\nroutes:\n  GET /x:\n    credits: {cost: 0}\n",
-            "`cost` must be at least 1, not 0",
-        ),
-        (
-            "version: 1\nsettings:\n  auth:\n    issuers: [{issuer: x, audience: 5, jwks: k.json}]\n",
-            "`audience` must be a string or a list of strings, not 5",
-        ),
+        ("version: 1\nroutes:\n  GET /x:\n    credits: {cost: lots}\n",
+         "`cost` must be a whole number, not a string"),
+        ("version: 1\nroutes:\n  GET /x:\n    public: maybe\n",
+         "`public` must be true or false, not a string"),
+        ("version: 1\nroutes:\n  GET /x:\n    ip_allowlist: 10.0.0.0/8\n",
+         "`ip_allowlist` must be a list of networks (CIDR, e.g. 10.0.0.0/8), not a string"),
+        ("version: 1\nroutes:\n  GET /x:\n    rate_limit: [5]\n",
+         "each item of `rate_limit` must be a mapping, not 5"),
+        ("version: 1\nroutes:\n  GET /x:\n    retry: {backoff: fixd}\n",
+         "`backoff` must be exponential or fixed, not 'fixd'; did you mean 'fixed'?"),
+        ("version: 1\nroutes:\n  GET /x:\n    credits: {cost: 0}\n", "`cost` must be at least 1, not 0"),
+        ("version: 1\nsettings:\n  auth:\n    issuers: [{issuer: x, audience: 5, jwks: k.json}]\n",
+         "`audience` must be a string or a list of strings, not 5"),
     ],
 )
-def test_type_errors_say_what_the_policy_expects(text: str, message: str, policy_dir: Path) -> None:
+def test_type_errors_say_what_the_policy_expects(
+    text: str, message: str, policy_dir: Path
+) -> None:
     write(policy_dir, {"a.yaml": text})
     with pytest.raises(ConfigError) as info:
         load_policies(policy_dir)
@@ -434,43 +402,22 @@ def test_type_errors_say_what_the_policy_expects(text: str, message: str, policy
     ("text", "where", "message"),
     [
         # The parser stops at the ':' a plain scalar may not hold, in the unclosed sequence.
-        (
-            "version: 1\nroutes:\n  GET /x:\n    public: [true\n  GET /y: {}\n",
-            (5, 9),
-            "YAML syntax error at ':': did not find expected ',' or ']' (while parsing a flow "
-            "sequence that began at 4:13 with '[')",
-        ),
+        ("version: 1\nroutes:\n  GET /x:\n    public: [true\n  GET /y: {}\n", (5, 9),
+         "YAML syntax error at ':': did not find expected ',' or ']' (while parsing a flow "
+         "sequence that began at 4:13 with '[')"),
         # The file ends inside the sequence: the '[' that is never closed is the token to fix.
-        (
-            "version: 1\nroutes:\n  GET /x:\n    scopes: [a, b\n",
-            (4, 13),
-            "YAML syntax error at '[': the file ends before what it opens is closed",
-        ),
-        (
-            "version: 1\nroutes:\n  GET /x:\n    scopes: [a]]\n",
-            (4, 16),
-            "YAML syntax error at ']': did not find expected key",
-        ),
-        (
-            "version: 1\nroutes:\n  GET /x:\n    public: true\n   retry: {}\n",
-            (5, 4),
-            "YAML syntax error at 'retry': did not find expected key",
-        ),
-        (
-            "version: 1\nroutes:\n  GET /x:\n\tpublic: true\n",
-            (4, 1),
-            "YAML syntax error at a tab (YAML indents with spaces)",
-        ),
-        (
-            "version: 1\nroutes:\n  GET /x: *nope\n",
-            (3, 11),
-            "YAML syntax error at '*nope': found undefined alias",
-        ),
-        (
-            "version: 1\nroutes:\n  GET /x:\n    public: tr\x07ue\n",
-            (4, 15),
-            "YAML error at the character U+0007: control characters are not allowed",
-        ),
+        ("version: 1\nroutes:\n  GET /x:\n    scopes: [a, b\n", (4, 13),
+         "YAML syntax error at '[': the file ends before what it opens is closed"),
+        ("version: 1\nroutes:\n  GET /x:\n    scopes: [a]]\n", (4, 16),
+         "YAML syntax error at ']': did not find expected key"),
+        ("version: 1\nroutes:\n  GET /x:\n    public: true\n   retry: {}\n", (5, 4),
+         "YAML syntax error at 'retry': did not find expected key"),
+        ("version: 1\nroutes:\n  GET /x:\n\tpublic: true\n", (4, 1),
+         "YAML syntax error at a tab (YAML indents with spaces)"),
+        ("version: 1\nroutes:\n  GET /x: *nope\n", (3, 11),
+         "YAML syntax error at '*nope': found undefined alias"),
+        ("version: 1\nroutes:\n  GET /x:\n    public: tr\x07ue\n", (4, 15),
+         "YAML error at the character U+0007: control characters are not allowed"),
     ],
 )
 def test_a_yaml_syntax_error_is_at_the_token_it_names(

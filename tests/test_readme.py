@@ -166,7 +166,7 @@ def _serve(command: str, port: int, out: Path) -> str:
     # for its own requests only, as in the reader's second terminal.
     return (
         f"( {command} --port {port} >> {log} 2>&1 & echo $! > {pid} )\n"
-        f'SERVERS="$SERVERS $(cat {pid})"\n'
+        f"SERVERS=\"$SERVERS $(cat {pid})\"\n"
         f"for _ in $(seq {SERVE_TIMEOUT * 10}); do\n"
         f"  curl -s -o /dev/null 127.0.0.1:{port}/health && break; sleep 0.1\n"
         "done\n"
@@ -187,7 +187,9 @@ def script(session: Session, bin_dir: Path, out: Path) -> str:
             session.skipped.append(head)
             text = ":"
         elif head.startswith("make run"):
-            text = _serve(f"{bin_dir}/policyroute run examples.app:app --reload", session.port, out)
+            text = _serve(
+                f"{bin_dir}/policyroute run examples.app:app --reload", session.port, out
+            )
         elif re.match(r"(\S*/)?policyroute run ", head):
             text = _serve(head, session.port, out)
         if command.env:
@@ -225,9 +227,8 @@ def check(session: Session, out: Path) -> list[str]:
                 got = re.findall(r"\b[1-5]\d\d\b", output)
             concurrent = "&" in command.text.replace("&&", "")
             if (sorted(got) if concurrent else got) != (sorted(codes) if concurrent else codes):
-                problems.append(
-                    f"{where}\n  answered {got}, the README says {codes}:\n{output[-1500:]}"
-                )
+                problems.append(f"{where}\n  answered {got}, the README says {codes}:\n"
+                                f"{output[-1500:]}")
                 continue
             slug = expected_slug(command)
             if slug and "-i" in command.text.split() and f"problem:{slug}" not in output:
@@ -324,8 +325,8 @@ def test_a_command_that_fails_or_answers_otherwise_is_reported(tmp_path: Path) -
     ])  # fmt: skip
     session = Session("t", tmp_path, 0, commands(block))
     answers = [
-        ('HTTP/1.1 429 Too Many Requests\n\n{"type":"urn:policyroute:problem:auth-locked"}', 0),
-        ('HTTP/1.1 429 Too Many Requests\n\n{"type":"urn:policyroute:problem:rate-limited"}', 0),
+        ("HTTP/1.1 429 Too Many Requests\n\n{\"type\":\"urn:policyroute:problem:auth-locked\"}", 0),
+        ("HTTP/1.1 429 Too Many Requests\n\n{\"type\":\"urn:policyroute:problem:rate-limited\"}", 0),
         ("429 200 ", 0),
         ("policyroute: no policy file or directory 'nowhere'", 2),
         ("result: 200 allowed", 1),

@@ -49,11 +49,8 @@ def routes(policy_dir: Path) -> Path:
         ("GET /files/x/raw", "GET /files/{name}/raw", {"name": "x"}),  # `:path` last
         ("GET /files/x/y/z", "GET /files/{rest:path}", {"rest": "x/y/z"}),
         ("HEAD /user/42", "GET /user/{user_id}", {"user_id": "42"}),  # HEAD follows GET
-        (
-            "GET //acme.example.com/reports",
-            "GET //{tenant}.example.com/reports",
-            {"tenant": "acme"},
-        ),
+        ("GET //acme.example.com/reports", "GET //{tenant}.example.com/reports",
+         {"tenant": "acme"}),
     ],
 )
 def test_a_concrete_request_names_its_route(

@@ -182,9 +182,7 @@ async def test_a_subject_is_blocked_only_where_it_failed(fleet: str) -> None:
     home, fresh = address(), address()
 
     async def from_(where: str, value: str, n: int = 1) -> list[httpx.Response]:
-        return await spread(
-            fleet, "GET", "/limited", n, {**bearer(value), "X-Forwarded-For": where}
-        )
+        return await spread(fleet, "GET", "/limited", n, {**bearer(value), "X-Forwarded-For": where})
 
     # One failure from each of ten addresses: no address is over its own limit, the
     # victim's subject is (10 failures in the window).

@@ -291,6 +291,8 @@ class Resolved:
         await route.handle(fresh, receive, send)
 
 
+
+
 @dataclass(slots=True)
 class Included:
     """A route reached through FastAPI included routers, as the gate matched it.

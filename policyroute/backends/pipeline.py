@@ -183,7 +183,9 @@ class _Connection(asyncio.Protocol):
             self.since = self.loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        error = ValkeyConnectionError(f"connection to {self.owner.host}:{self.owner.port} lost")
+        error = ValkeyConnectionError(
+            f"connection to {self.owner.host}:{self.owner.port} lost"
+        )
         error.__cause__ = exc
         self.fail(error)
 
@@ -454,19 +456,8 @@ class Pipeline:
 # answers (CLIENT REPLY OFF, a RESP3 HELLO): one would shift every later reply onto the
 # wrong caller. `execute` refuses them (upper- or lower-case names; CLIENT only as REPLY).
 _UNPAIRED = (
-    "SUBSCRIBE",
-    "PSUBSCRIBE",
-    "SSUBSCRIBE",
-    "UNSUBSCRIBE",
-    "PUNSUBSCRIBE",
-    "SUNSUBSCRIBE",
-    "MONITOR",
-    "HELLO",
-    "RESET",
-    "QUIT",
-    "SYNC",
-    "PSYNC",
-    "CLIENT",
+    "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE",
+    "MONITOR", "HELLO", "RESET", "QUIT", "SYNC", "PSYNC", "CLIENT",
 )
 _GUARDED = frozenset((*_UNPAIRED, *(name.lower() for name in _UNPAIRED)))
 

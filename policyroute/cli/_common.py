@@ -36,9 +36,8 @@ class CommandParser(argparse.ArgumentParser):
         lines = [text.rstrip("\n"), "", "exit codes:"]
         for code, when in self.exits.items():
             first = f"  {code:<{pad}}  "
-            lines.append(
-                textwrap.fill(when, width, initial_indent=first, subsequent_indent=" " * len(first))
-            )
+            lines.append(textwrap.fill(when, width, initial_indent=first,
+                                       subsequent_indent=" " * len(first)))
         return "\n".join(lines) + "\n"
 
 

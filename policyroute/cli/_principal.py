@@ -31,27 +31,15 @@ class Named:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options that say which issuer and tenant a SUBJECT belongs to."""
-    p.add_argument(
-        "--issuer",
-        help="the issuer of the subject's tokens (needed when the "
-        "policy settings trust several issuers)",
-    )
+    p.add_argument("--issuer", help="the issuer of the subject's tokens (needed when the "
+                   "policy settings trust several issuers)")
     tenant = p.add_mutually_exclusive_group()
-    tenant.add_argument(
-        "--tenant",
-        help="the value of settings.auth.tenant_claim in the "
-        "subject's tokens (needed when the settings name a tenant claim)",
-    )
-    tenant.add_argument(
-        "--tenant-json",
-        metavar="JSON",
-        help="--tenant for a value that is not a string (42, null for tokens without the claim)",
-    )
-    p.add_argument(
-        "--policies",
-        help="the app's policy files or directory, comma-separated "
-        "(default: POLICYROUTE_POLICIES, else policies)",
-    )
+    tenant.add_argument("--tenant", help="the value of settings.auth.tenant_claim in the "
+                        "subject's tokens (needed when the settings name a tenant claim)")
+    tenant.add_argument("--tenant-json", metavar="JSON", help="--tenant for a value that is "
+                        "not a string (42, null for tokens without the claim)")
+    p.add_argument("--policies", help="the app's policy files or directory, comma-separated "
+                   "(default: POLICYROUTE_POLICIES, else policies)")
 
 
 def _tenant(args: argparse.Namespace) -> Any:
@@ -93,19 +81,16 @@ def named(args: argparse.Namespace) -> Named:
     tenant = _tenant(args)
     if args.issuer is not None and args.issuer not in rule.issuers:
         trusted = ", ".join(rule.issuers) or "none"
-        raise _usage(
-            f"--issuer {args.issuer} is not an issuer of the policy settings (trusted: {trusted})"
-        )
+        raise _usage(f"--issuer {args.issuer} is not an issuer of the policy settings "
+                     f"(trusted: {trusted})")
     if rule.tenant_claim is None and tenant is not _UNSET:
         raise _usage("the policy settings name no tenant_claim: drop --tenant")
     if not rule.qualified:
         return Named(rule.name(subject, args.issuer), subject)
     issuer = args.issuer
     if issuer is None and len(rule.issuers) > 1:
-        raise _usage(
-            f"the policy settings trust several issuers ({', '.join(rule.issuers)}): "
-            "say which one issued the subject's tokens with --issuer"
-        )
+        raise _usage(f"the policy settings trust several issuers ({', '.join(rule.issuers)}): "
+                     "say which one issued the subject's tokens with --issuer")
     if issuer is None and rule.issuers:
         issuer = rule.issuers[0]
     label = subject
@@ -113,10 +98,8 @@ def named(args: argparse.Namespace) -> Named:
         label += f" of {issuer}"
     if rule.tenant_claim is not None:
         if tenant is _UNSET:
-            raise _usage(
-                f"the policy settings key state by tenant ({rule.tenant_claim}): "
-                "give the subject's tenant with --tenant (or --tenant-json null for "
-                "tokens without the claim)"
-            )
+            raise _usage(f"the policy settings key state by tenant ({rule.tenant_claim}): "
+                         "give the subject's tenant with --tenant (or --tenant-json null for "
+                         "tokens without the claim)")
         label += f" in tenant {json.dumps(tenant)}"
     return Named(rule.name(subject, issuer, tenant), label)

@@ -20,10 +20,11 @@ EXITS = {
 
 def add_parser(sub: Any) -> None:
     """Register the `cache` subcommand."""
-    p = sub.add_parser("cache", help="warm listed paths or invalidate a route's cache", exits=EXITS)
+    p = sub.add_parser(
+        "cache", help="warm listed paths or invalidate a route's cache", exits=EXITS
+    )
     p.add_argument(
-        "action",
-        choices=("warm", "invalidate"),
+        "action", choices=("warm", "invalidate"),
         help="warm: GET each path through the app; invalidate: remove a route's entries",
     )
     p.add_argument("targets", nargs="+", help="warm: paths to GET; invalidate: 'GET /route'")

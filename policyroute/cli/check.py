@@ -51,7 +51,7 @@ def _claims(text: str | None) -> dict[str, Any] | None:
     except ValueError as exc:
         raise _usage(f"--claims takes a JSON object: {exc}") from None
     if not isinstance(claims, dict):
-        raise _usage('--claims takes a JSON object, e.g. \'{"sub": "alice"}\'')
+        raise _usage("--claims takes a JSON object, e.g. '{\"sub\": \"alice\"}'")
     return claims
 
 
@@ -171,11 +171,8 @@ async def _check(args: argparse.Namespace, request: DryRequest, url: str) -> int
             raise _usage(str(exc)) from None
     last = results[-1]
     if args.format == "json":
-        print(
-            json.dumps(
-                [r.as_dict() for r in results] if args.repeat > 1 else last.as_dict(), indent=2
-            )
-        )
+        print(json.dumps([r.as_dict() for r in results] if args.repeat > 1 else last.as_dict(),
+                         indent=2))
     else:
         print(render(last, results[:-1]))
     return EXIT_OK if last.allowed else EXIT_REFUSED

@@ -29,10 +29,11 @@ EXITS = {
 
 def add_parser(sub: Any) -> None:
     """Register the `credits` subcommand."""
-    p = sub.add_parser("credits", help="grant, set or show a subject's credit balance", exits=EXITS)
+    p = sub.add_parser(
+        "credits", help="grant, set or show a subject's credit balance", exits=EXITS
+    )
     p.add_argument(
-        "action",
-        choices=("grant", "show", "set"),
+        "action", choices=("grant", "show", "set"),
         help="grant: add AMOUNT credits; set: make AMOUNT the balance; show: print it",
     )
     p.add_argument("subject", help="the token subject (or a client address with --ip)")

@@ -76,9 +76,7 @@ def add_parser(sub: Any) -> None:
         exits=EXITS,
     )
     p.add_argument(
-        "sides",
-        nargs="*",
-        metavar="PATH",
+        "sides", nargs="*", metavar="PATH",
         help="OLD NEW (policy files or directories); with --git, the PATH to compare",
     )
     p.add_argument(
@@ -86,9 +84,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--format", choices=FORMATS, default="text", help="how the diff is printed")
     p.add_argument(
-        "--fail-on",
-        action="append",
-        metavar="KIND",
+        "--fail-on", action="append", metavar="KIND",
         help=f"exit 1 when a change is of this kind ({', '.join(KINDS)}; comma-separated)",
     )
     p.set_defaults(func=handler)

@@ -28,19 +28,11 @@ EXITS = {
 
 async def _enrol(store: ValkeyStore, args: argparse.Namespace, who: Named) -> int:
     try:
-        found = await enrol(
-            store,
-            who.account,
-            issuer_name=args.issuer_name,
-            digits=args.digits,
-            replace=args.replace,
-            label=args.subject,
-        )
+        found = await enrol(store, who.account, issuer_name=args.issuer_name, digits=args.digits,
+                            replace=args.replace, label=args.subject)
     except ValueError:
-        print(
-            f"policyroute mfa: {who.label} already has a TOTP secret; revoke it or replace it",
-            file=sys.stderr,
-        )
+        print(f"policyroute mfa: {who.label} already has a TOTP secret; revoke it or replace it",
+              file=sys.stderr)
         return 1
     print(found.uri)
     print(f"secret: {found.secret}")
@@ -65,9 +57,8 @@ def run_mfa(args: argparse.Namespace) -> int:
     who = named(args)
 
     async def main() -> int:
-        store = ValkeyStore(
-            config.valkey_url or "", prefix=config.key_prefix, cluster=config.valkey_cluster
-        )
+        store = ValkeyStore(config.valkey_url or "", prefix=config.key_prefix,
+                            cluster=config.valkey_cluster)
         try:
             return await action(store, args, who)
         finally:
@@ -85,22 +76,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "mfa", help="enrol or revoke a subject's TOTP secret (in Valkey)", exits=EXITS
     )
-    p.add_argument(
-        "action",
-        choices=("enrol", "revoke"),
-        help="enrol: make a secret and print its otpauth:// URI; revoke: delete it",
-    )
+    p.add_argument("action", choices=("enrol", "revoke"),
+                   help="enrol: make a secret and print its otpauth:// URI; revoke: delete it")
     p.add_argument("subject", help="the subject (the token's `sub`)")
     p.add_argument("--replace", action="store_true", help="enrol: replace an existing secret")
-    p.add_argument(
-        "--digits",
-        type=int,
-        choices=(6, 7, 8),
-        default=6,
-        help="enrol: code length (match settings.auth.totp.digits)",
-    )
-    p.add_argument(
-        "--issuer-name", default="policyroute", help="enrol: the label in the authenticator app"
-    )
+    p.add_argument("--digits", type=int, choices=(6, 7, 8), default=6,
+                   help="enrol: code length (match settings.auth.totp.digits)")
+    p.add_argument("--issuer-name", default="policyroute",
+                   help="enrol: the label in the authenticator app")
     add_arguments(p)
     p.set_defaults(func=run_mfa)

@@ -48,7 +48,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "paths", nargs="*", help="test files or directories of *.test.yaml (default: policies/)"
     )
-    p.add_argument("--format", choices=FORMATS, default="text", help="how the results are printed")
+    p.add_argument(
+        "--format", choices=FORMATS, default="text", help="how the results are printed"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
     p.add_argument(
         "--schema", action="store_true", help="print the JSON Schema of test files and exit"

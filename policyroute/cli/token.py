@@ -91,30 +91,17 @@ def run_token(args: argparse.Namespace) -> int:
         file = _key_file(args.key)
         key = load_private_key(file)
     except FileNotFoundError:
-        print(
-            f"policyroute token: no key file {args.key!r}; --key takes a private JWK file",
-            file=sys.stderr,
-        )
+        print(f"policyroute token: no key file {args.key!r}; --key takes a private JWK file",
+              file=sys.stderr)
         return EXIT_USAGE
     except (OSError, ValueError) as exc:
         print(f"policyroute token: {exc}", file=sys.stderr)
         return EXIT_USAGE
     issuer, audience = _issuer(args)
-    token = mint(
-        key,
-        args.sub,
-        scopes=_words(args.scope),
-        roles=_words(args.role),
-        amr=_words(args.amr),
-        acr=args.acr,
-        ttl=ttl,
-        issuer=issuer,
-        audience=audience,
-    )
-    print(
-        f"DEV ONLY token: signed with the dev key {file}; never trust that key in production",
-        file=sys.stderr,
-    )
+    token = mint(key, args.sub, scopes=_words(args.scope), roles=_words(args.role),
+                 amr=_words(args.amr), acr=args.acr, ttl=ttl, issuer=issuer, audience=audience)
+    print(f"DEV ONLY token: signed with the dev key {file}; never trust that key in production",
+          file=sys.stderr)
     print(token)
     return EXIT_OK
 
@@ -136,11 +123,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         f"else {LOCAL_DEV_KEYS / DEV_PRIVATE_KEY.name}, created on first use beside "
         f"{LOCAL_DEV_KEYS / DEV_JWKS.name})",
     )
-    p.add_argument("--iss", help=f"issuer (default: the policy's first issuer, else {DEV_ISSUER})")
-    p.add_argument("--aud", help=f"audience (default: that issuer's audience, else {DEV_AUDIENCE})")
     p.add_argument(
-        "--policies",
-        help="the policy files or directory the issuer is read from, "
-        "comma-separated (default: POLICYROUTE_POLICIES, else policies)",
+        "--iss", help=f"issuer (default: the policy's first issuer, else {DEV_ISSUER})"
     )
+    p.add_argument(
+        "--aud", help=f"audience (default: that issuer's audience, else {DEV_AUDIENCE})"
+    )
+    p.add_argument("--policies", help="the policy files or directory the issuer is read from, "
+                   "comma-separated (default: POLICYROUTE_POLICIES, else policies)")
     p.set_defaults(func=run_token)

@@ -33,7 +33,9 @@ class WorkerStartupError(ConfigError, SystemExit):
         self.code = STARTUP_FAILURE
 
 
-def _hook(kind: type[BaseException], value: BaseException, trace: TracebackType | None) -> None:
+def _hook(
+    kind: type[BaseException], value: BaseException, trace: TracebackType | None
+) -> None:
     if isinstance(value, ConfigError):
         print(value, file=sys.stderr)
         return

@@ -8,9 +8,8 @@ def _quote(value: str) -> str:
     return '"' + "".join(c for c in value if " " <= c <= "~" and c not in '"\\') + '"'
 
 
-def bearer_challenge(
-    realm: str, error: str | None = None, description: str | None = None, **params: str
-) -> dict[str, str]:
+def bearer_challenge(realm: str, error: str | None = None, description: str | None = None,
+                     **params: str) -> dict[str, str]:
     """The `WWW-Authenticate` header of a bearer denial, as a headers mapping."""
     parts = [f"realm={_quote(realm)}"]
     if error is not None:

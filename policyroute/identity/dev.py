@@ -42,31 +42,15 @@ def load_private_key(path: str | Path = DEV_PRIVATE_KEY) -> Key:
     return key
 
 
-def mint(
-    key: Key,
-    subject: str,
-    *,
-    scopes: Iterable[str] = (),
-    roles: Iterable[str] = (),
-    amr: Iterable[str] = (),
-    acr: str | None = None,
-    ttl: float = 3600.0,
-    issuer: str = DEV_ISSUER,
-    audience: str = DEV_AUDIENCE,
-    extra: Mapping[str, Any] | None = None,
-    now: float | None = None,
-) -> str:
+def mint(key: Key, subject: str, *, scopes: Iterable[str] = (), roles: Iterable[str] = (),
+         amr: Iterable[str] = (), acr: str | None = None, ttl: float = 3600.0,
+         issuer: str = DEV_ISSUER, audience: str = DEV_AUDIENCE,
+         extra: Mapping[str, Any] | None = None, now: float | None = None) -> str:
     """An RFC 9068 access token (`typ: at+jwt`) signed with RS256 by `key`."""
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
-        "iss": issuer,
-        "sub": subject,
-        "aud": audience,
-        "client_id": "policyroute-dev",
-        "iat": issued,
-        "nbf": issued,
-        "exp": issued + int(ttl),
-        "auth_time": issued,
+        "iss": issuer, "sub": subject, "aud": audience, "client_id": "policyroute-dev",
+        "iat": issued, "nbf": issued, "exp": issued + int(ttl), "auth_time": issued,
         "jti": secrets.token_urlsafe(12),
     }
     if scopes:
@@ -82,7 +66,9 @@ def mint(
     return jwt.encode(header, claims, key, algorithms=["RS256"])
 
 
-def write_dev_keys(directory: str | Path = DEV_KEYS, comment: str = WARNING) -> tuple[Path, Path]:
+def write_dev_keys(
+    directory: str | Path = DEV_KEYS, comment: str = WARNING
+) -> tuple[Path, Path]:
     """Generate a new DEV ONLY RSA key pair: the private JWK, the public JWKS and a README
     that says what they are (`comment` also heads each JSON file)."""
     folder = Path(directory)

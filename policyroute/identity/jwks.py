@@ -66,9 +66,8 @@ class KeysUnavailableError(PolicyrouteError):
 class _HttpsOnly(urllib.request.HTTPRedirectHandler):
     """Follow redirects only to https: a key set must never come over plain http."""
 
-    def redirect_request(
-        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
-    ) -> urllib.request.Request | None:
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
         if not newurl.startswith("https://"):
             raise OSError("a JWKS redirect left https")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
@@ -116,11 +115,8 @@ def parse_jwks(data: bytes) -> dict[str, Key]:
     document = json.loads(data)
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError("a JWKS is a JSON object with a `keys` list")
-    wanted = [
-        k
-        for k in document["keys"]
-        if isinstance(k, dict) and k.get("kty") != "oct" and k.get("use", "sig") == "sig"
-    ]
+    wanted = [k for k in document["keys"]
+              if isinstance(k, dict) and k.get("kty") != "oct" and k.get("use", "sig") == "sig"]
     if not wanted:
         raise ValueError("the JWKS has no public signature keys")
     keys = KeySet.import_key_set({"keys": wanted})
@@ -158,16 +154,9 @@ async def _keep_fresh(ref: weakref.ref[KeySource]) -> None:
 class KeySource:
     """The keys of one JWKS, refreshed on a schedule between `min_interval` and `max_interval`."""
 
-    def __init__(
-        self,
-        location: str,
-        min_interval: float,
-        max_interval: float | None = None,
-        fetch: Fetch = fetch_jwks,
-        clock: Callable[[], float] = time.monotonic,
-        *,
-        background: bool = True,
-    ) -> None:
+    def __init__(self, location: str, min_interval: float, max_interval: float | None = None,
+                 fetch: Fetch = fetch_jwks, clock: Callable[[], float] = time.monotonic, *,
+                 background: bool = True) -> None:
         self.location = location
         self.remote = location.startswith("https://")
         self.min_interval = min_interval
@@ -229,9 +218,8 @@ class KeySource:
         except RuntimeError:
             return
         if self._task is None or self._task.done():
-            self._task = loop.create_task(
-                _keep_fresh(weakref.ref(self)), name=f"policyroute-jwks {self.location}"
-            )
+            self._task = loop.create_task(_keep_fresh(weakref.ref(self)),
+                                          name=f"policyroute-jwks {self.location}")
 
     async def stop(self) -> None:
         """Stop the background refresh (the engine's shutdown)."""
@@ -265,11 +253,8 @@ class KeySource:
             if stamp == self._stamp:
                 return
             if stamp is None:
-                log.warning(
-                    "policyroute: the JWKS file %s cannot be read; keeping %d keys",
-                    self.location,
-                    len(self.keys),
-                )
+                log.warning("policyroute: the JWKS file %s cannot be read; keeping %d keys",
+                            self.location, len(self.keys))
                 self._stamp = None
                 return
             self._stamp = stamp  # a broken file is tried again when it changes again
@@ -298,20 +283,12 @@ class KeySource:
             self.due = self.clock() + (self._gap() if self.remote else FILE_CHECK)
             # Keep the keys we had; the cause's type only (a body could echo anything).
             level = logging.WARNING if self._failures == 1 else logging.DEBUG
-            log.log(
-                level,
-                "policyroute: refreshing the JWKS %s failed (%s); keeping %d keys",
-                self.location,
-                type(exc).__name__,
-                len(self.keys),
-            )
+            log.log(level, "policyroute: refreshing the JWKS %s failed (%s); keeping %d keys",
+                    self.location, type(exc).__name__, len(self.keys))
             return
         if self._failures:
-            log.info(
-                "policyroute: the JWKS %s was fetched again after %d failures",
-                self.location,
-                self._failures,
-            )
+            log.info("policyroute: the JWKS %s was fetched again after %d failures",
+                     self.location, self._failures)
         self._failures = 0
         self._swap(keys)
         if self.remote:
@@ -334,11 +311,8 @@ class KeySource:
         self.keys = merged
         self.loaded = True
         if removed:
-            log.info(
-                "policyroute: the JWKS %s no longer has the keys %s; tokens they signed "
-                "are refused from now on",
-                self.location,
-                ", ".join(sorted(str(k.kid) for k in removed)),
-            )
+            log.info("policyroute: the JWKS %s no longer has the keys %s; tokens they signed "
+                     "are refused from now on", self.location,
+                     ", ".join(sorted(str(k.kid) for k in removed)))
             if self.on_removed is not None:
                 self.on_removed(removed)

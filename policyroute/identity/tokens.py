@@ -72,11 +72,9 @@ def _secret_key(issuer: Issuer) -> OctKey:
     need = max(_HMAC_BYTES[a] for a in issuer.algorithms)
     if len(secret.encode()) < need:
         # The message names the variable, never the value.
-        raise ValueError(
-            f"environment variable {name} must hold an HMAC secret of at least "
-            f"{need} bytes for {', '.join(issuer.algorithms)} "
-            "(it is unset or shorter)"
-        )
+        raise ValueError(f"environment variable {name} must hold an HMAC secret of at least "
+                         f"{need} bytes for {', '.join(issuer.algorithms)} "
+                         "(it is unset or shorter)")
     return OctKey.import_key(secret.encode())
 
 
@@ -86,9 +84,8 @@ class IssuerVerifier:
     def __init__(self, issuer: Issuer, leeway: float, fetch: Fetch = fetch_jwks) -> None:
         self.name = issuer.issuer
         self.algorithms = frozenset(issuer.algorithms)
-        self.registry = jws.JWSRegistry(
-            algorithms=list(issuer.algorithms), strict_check_header=False
-        )
+        self.registry = jws.JWSRegistry(algorithms=list(issuer.algorithms),
+                                        strict_check_header=False)
         audiences = [issuer.audience] if isinstance(issuer.audience, str) else list(issuer.audience)
         self.claims = _Claims(
             leeway=math.ceil(leeway),
@@ -279,13 +276,11 @@ class Authenticator:
 
     def _check_header(self, header: Mapping[str, Any]) -> None:
         if any(name in header for name in _FORBIDDEN_HEADERS):
-            raise TokenError(
-                "the token names its own key or encoding; only configured keys are used"
-            )
+            raise TokenError("the token names its own key or encoding; "
+                             "only configured keys are used")
         if "crit" in header:
-            raise TokenError(
-                "the token has critical header parameters this service does not support"
-            )
+            raise TokenError("the token has critical header parameters "
+                             "this service does not support")
         if self.typ is not None:
             typ = header.get("typ")
             if not isinstance(typ, str) or _media_type(typ) != self.typ:
@@ -310,7 +305,8 @@ class Authenticator:
 
 # Weak: an authenticator lives as long as the chains that use it (a reload drops it, and
 # its background refreshes end); while it lives it holds its settings, so ids stay unique.
-_SHARED: weakref.WeakValueDictionary[tuple[int, int], Authenticator] = weakref.WeakValueDictionary()
+_SHARED: weakref.WeakValueDictionary[tuple[int, int], Authenticator] = (
+    weakref.WeakValueDictionary())
 
 
 def shared_authenticator(auth: AuthSettings, fetch: Fetch = fetch_jwks) -> Authenticator:

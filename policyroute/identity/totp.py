@@ -38,9 +38,8 @@ def code_at(secret: str, for_time: float, digits: int = 6) -> str:
     return pyotp.TOTP(secret, digits=digits, interval=STEP_SECONDS).at(for_time)
 
 
-def matching_step(
-    secret: str, code: str, for_time: float, *, digits: int, drift: int
-) -> int | None:
+def matching_step(secret: str, code: str, for_time: float, *, digits: int,
+                  drift: int) -> int | None:
     """The time step whose code equals `code`, looking `drift` steps either way; else None."""
     if len(code) != digits or not code.isascii() or not code.isdigit():
         return None
@@ -66,9 +65,8 @@ class ValkeySecrets:
 
     async def totp_secret(self, account: str) -> str | None:
         """The base32 secret of an account (the subject itself in the short form), or None."""
-        value = await self.store.command(
-            "HGET", self.hash_key(account), "secret", operation="totp secret"
-        )
+        value = await self.store.command("HGET", self.hash_key(account), "secret",
+                                         operation="totp secret")
         return _text(value)
 
 
@@ -102,19 +100,15 @@ def _text(value: object) -> str | None:
 
 
 def _state_keys(store: Store, account: str) -> tuple[str, str, str]:
-    return (
-        store.key(account, "totp", "last"),
-        store.key(account, "totp", "fail"),
-        store.key(account, "totp", "lock"),
-    )
+    return (store.key(account, "totp", "last"), store.key(account, "totp", "fail"),
+            store.key(account, "totp", "lock"))
 
 
 class TotpGuard:
     """Checks a caller's code: two Valkey round trips, each one atomic Lua script."""
 
-    def __init__(
-        self, store: ValkeyStore, settings: TotpSettings, secrets: SecretSource | None = None
-    ) -> None:
+    def __init__(self, store: ValkeyStore, settings: TotpSettings,
+                 secrets: SecretSource | None = None) -> None:
         self.store = store
         self.settings = settings
         self.secrets: SecretSource = secrets or ValkeySecrets(store)
@@ -134,8 +128,7 @@ class TotpGuard:
         _, _, lock = _state_keys(self.store, account)
         keys = [lock] if self._hash is None else [lock, self._hash(account)]
         lock_ms, raw_secret, seconds, micros = await self.store.run(
-            "mfa_begin", keys, [], operation="totp check", fail_open=fail_open
-        )
+            "mfa_begin", keys, [], operation="totp check", fail_open=fail_open)
         if int(lock_ms) > 0:
             return int(lock_ms), None, 0.0
         secret = _text(raw_secret) if self._hash else await self.secrets.totp_secret(subject)
@@ -144,9 +137,8 @@ class TotpGuard:
     def _step(self, secret: str | None, code: str, now: float) -> int | None:
         if not secret:
             return None
-        return matching_step(
-            secret, code, now, digits=self.settings.digits, drift=self.settings.drift_steps
-        )
+        return matching_step(secret, code, now, digits=self.settings.digits,
+                             drift=self.settings.drift_steps)
 
     async def peek(self, who: Principal, code: str) -> TotpResult:
         """Whether the code is right now, recording nothing (no use, no failure): shadow mode."""
@@ -166,12 +158,8 @@ class TotpGuard:
             return TotpResult(False, "locked", math.ceil(lock_ms / 1000))
         step = self._step(secret, code, now)
         status, value = await self.store.run(
-            "mfa_record",
-            [last, fail, lock],
-            [-1 if step is None else step, *self._record_args],
-            operation="totp record",
-            fail_open=False,
-        )
+            "mfa_record", [last, fail, lock], [-1 if step is None else step, *self._record_args],
+            operation="totp record", fail_open=False)
         status, value = int(status), int(value)
         if status == 1:
             return TotpResult(True)
@@ -182,15 +170,8 @@ class TotpGuard:
         return TotpResult(False, "wrong" if secret else "not enrolled")
 
 
-async def enrol(
-    store: ValkeyStore,
-    account: str,
-    *,
-    issuer_name: str = "policyroute",
-    digits: int = 6,
-    replace: bool = False,
-    label: str | None = None,
-) -> Enrolment:
+async def enrol(store: ValkeyStore, account: str, *, issuer_name: str = "policyroute",
+                digits: int = 6, replace: bool = False, label: str | None = None) -> Enrolment:
     """Give an account a new TOTP secret in Valkey; refuse to overwrite one unless `replace`.
 
     `account` is `Principal.account` (the subject itself with one issuer and no tenant
@@ -206,8 +187,7 @@ async def enrol(
         if not int(created):
             raise ValueError(f"{name!r} already has a TOTP secret; revoke it or replace it")
     uri = pyotp.TOTP(secret, digits=digits, interval=STEP_SECONDS).provisioning_uri(
-        name=name, issuer_name=issuer_name
-    )
+        name=name, issuer_name=issuer_name)
     return Enrolment(account, secret, uri)
 
 

@@ -161,9 +161,8 @@ class _Collector:
         kind = "changed" if verdict is None else "loosened" if verdict else "tightened"
         self.add(kind, path, f"{path}: {_shown(old)} -> {_shown(new)}", old, new)
 
-    def sets(
-        self, path: str, old: Iterable[Any], new: Iterable[Any], *, more_is: str, what: str
-    ) -> None:
+    def sets(self, path: str, old: Iterable[Any], new: Iterable[Any], *, more_is: str,
+             what: str) -> None:
         """Items added and removed; `more_is` is the kind of an added item."""
         before, after = [_shown(v) for v in old], [_shown(v) for v in new]
         less_is = {"loosened": "tightened", "tightened": "loosened"}.get(more_is, more_is)
@@ -223,7 +222,9 @@ def _networks(values: Sequence[Any]) -> list[Any]:
 
 def _uncovered(nets: Sequence[Any], by: Sequence[Any]) -> list[Any]:
     """The networks of `nets` that `by` does not wholly contain."""
-    return [n for n in nets if not any(n.version == m.version and n.subnet_of(m) for m in by)]
+    return [
+        n for n in nets if not any(n.version == m.version and n.subnet_of(m) for m in by)
+    ]
 
 
 def _allowlist(c: _Collector, path: str, old: Any, new: Any, *, none_means: str) -> None:
@@ -281,13 +282,9 @@ def _rate_limits(c: _Collector, old: RoutePolicy, new: RoutePolicy) -> None:
     before, after = _limit_names(old.rate_limit), _limit_names(new.rate_limit)
     for name, spec in after.items():
         if name not in before:
-            c.add(
-                "tightened",
-                f"rate_limit[{name}]",
-                f"rate_limit[{name}] added: {spec.capacity} per {spec.key}, {_per(spec)}",
-                None,
-                spec,
-            )
+            c.add("tightened", f"rate_limit[{name}]",
+                  f"rate_limit[{name}] added: {spec.capacity} per {spec.key}, {_per(spec)}",
+                  None, spec)
     for name, spec in before.items():
         if name not in after:
             c.add("loosened", f"rate_limit[{name}]", f"rate_limit[{name}] removed", spec, None)
@@ -302,9 +299,8 @@ def _rate_limits(c: _Collector, old: RoutePolicy, new: RoutePolicy) -> None:
         rate_before, rate_after = _rate(spec), _rate(now)
         if rate_before is not None and rate_after is not None and rate_before != rate_after:
             kind = "loosened" if rate_after > rate_before else "tightened"
-            c.add(
-                kind, f"{at}.rate", f"{at}: {_per(spec)} -> {_per(now)}", _value(spec), _value(now)
-            )
+            c.add(kind, f"{at}.rate", f"{at}: {_per(spec)} -> {_per(now)}",
+                  _value(spec), _value(now))
         c.scalar(f"{at}.cost", spec.cost, now.cost, _less)
         c.scalar(f"{at}.enforce", spec.enforce, now.enforce, _flag_off)
         c.scalar(f"{at}.on_backend_error", spec.on_backend_error, now.on_backend_error, _opened)
@@ -328,7 +324,8 @@ def _credits(c: _Collector, old: RoutePolicy, new: RoutePolicy) -> None:
         if a.allowance is None or b.allowance is None:
             kind = "loosened" if b.allowance is not None else "tightened"
             state = "added" if b.allowance is not None else "removed"
-            c.add(kind, "credits.allowance", f"credits.allowance {state}", a.allowance, b.allowance)
+            c.add(kind, "credits.allowance", f"credits.allowance {state}", a.allowance,
+                  b.allowance)
         else:
             c.scalar("credits.allowance.amount", a.allowance.amount, b.allowance.amount, _more)
             c.scalar("credits.allowance.every", a.allowance.every, b.allowance.every, _neutral)
@@ -355,13 +352,8 @@ def _idempotency(c: _Collector, old: RoutePolicy, new: RoutePolicy) -> None:
         if b is not None:
             c.add("tightened", "idempotency", "idempotency added", None, b)
         elif a is not None:
-            c.add(
-                "loosened",
-                "idempotency",
-                "idempotency removed: repeats run (and pay) again",
-                a,
-                None,
-            )
+            c.add("loosened", "idempotency", "idempotency removed: repeats run (and pay) again",
+                  a, None)
         return
     c.scalar("idempotency.required", a.required, b.required, _flag_off)
     c.scalar("idempotency.on_backend_error", a.on_backend_error, b.on_backend_error, _opened)
@@ -384,20 +376,10 @@ def _cache(c: _Collector, old: RoutePolicy, new: RoutePolicy) -> None:
         kind = "loosened" if b.shared else "tightened"
         state = "shared by every caller" if b.shared else "kept per caller"
         c.add(kind, "cache.shared", f"cache made {state}", a.shared, b.shared)
-    c.sets(
-        "cache.vary_headers",
-        a.vary_headers,
-        b.vary_headers,
-        more_is="tightened",
-        what="varies by header",
-    )
-    c.sets(
-        "cache.vary_claims",
-        a.vary_claims,
-        b.vary_claims,
-        more_is="tightened",
-        what="varies by claim",
-    )
+    c.sets("cache.vary_headers", a.vary_headers, b.vary_headers, more_is="tightened",
+           what="varies by header")
+    c.sets("cache.vary_claims", a.vary_claims, b.vary_claims, more_is="tightened",
+           what="varies by claim")
     c.scalar("cache.vary_query", a.vary_query, b.vary_query, _flag_off)
     seen = {"shared", "vary_headers", "vary_claims", "vary_query"}
     da, db = _value(a), _value(b)
@@ -433,24 +415,15 @@ def route_changes(
             if after:
                 c.add("loosened", "public", "made public: no token, no defaults", before, after)
             else:
-                c.add(
-                    "tightened",
-                    "public",
-                    "no longer public: a bearer token is required",
-                    before,
-                    after,
-                )
+                c.add("tightened", "public", "no longer public: a bearer token is required",
+                      before, after)
         elif key == "enforce":
             if after:
                 c.add("tightened", "enforce", "enforced again (enforce: true)", before, after)
             else:
-                c.add(
-                    "loosened",
-                    "enforce",
-                    "shadow mode (enforce: false): refusals are logged, not enforced",
-                    before,
-                    after,
-                )
+                c.add("loosened", "enforce",
+                      "shadow mode (enforce: false): refusals are logged, not enforced",
+                      before, after)
         elif key == "scopes":
             c.sets("scopes", before, after, more_is="tightened", what="scope")
         elif key == "roles":
@@ -492,7 +465,8 @@ def _issuers(c: _Collector, old: GlobalSettings, new: GlobalSettings) -> None:
         audiences_a = [a.audience] if isinstance(a.audience, str) else a.audience
         audiences_b = [b.audience] if isinstance(b.audience, str) else b.audience
         c.sets(f"{at}.audience", audiences_a, audiences_b, more_is="loosened", what="audience")
-        c.sets(f"{at}.algorithms", a.algorithms, b.algorithms, more_is="loosened", what="algorithm")
+        c.sets(f"{at}.algorithms", a.algorithms, b.algorithms, more_is="loosened",
+               what="algorithm")
         for key in ("jwks", "secret_env", "jwks_refresh"):
             _generic(c, f"{at}.{key}", getattr(a, key), getattr(b, key))
 
@@ -503,36 +477,17 @@ def settings_changes(old: GlobalSettings, new: GlobalSettings) -> list[Change]:
     if old == new:
         return []
     _issuers(c, old, new)
-    _allowlist(
-        c,
-        "trusted_proxies",
-        old.trusted_proxies or None,
-        new.trusted_proxies or None,
-        none_means="no one",
-    )
+    _allowlist(c, "trusted_proxies", old.trusted_proxies or None, new.trusted_proxies or None,
+               none_means="no one")
     a, b = old.auth, new.auth
-    c.scalar(
-        "auth.require_typ",
-        a.require_typ,
-        b.require_typ,
-        lambda x, y: y is None if (x is None) != (y is None) else None,
-    )
+    c.scalar("auth.require_typ", a.require_typ, b.require_typ,
+             lambda x, y: y is None if (x is None) != (y is None) else None)
     c.scalar("auth.leeway", a.leeway, b.leeway, _more)
     c.scalar("auth.step_up.max_age", a.step_up.max_age, b.step_up.max_age, _more)
-    c.sets(
-        "auth.step_up.amr_values",
-        a.step_up.amr_values,
-        b.step_up.amr_values,
-        more_is="loosened",
-        what="amr",
-    )
-    c.sets(
-        "auth.step_up.acr_values",
-        a.step_up.acr_values,
-        b.step_up.acr_values,
-        more_is="loosened",
-        what="acr",
-    )
+    c.sets("auth.step_up.amr_values", a.step_up.amr_values, b.step_up.amr_values,
+           more_is="loosened", what="amr")
+    c.sets("auth.step_up.acr_values", a.step_up.acr_values, b.step_up.acr_values,
+           more_is="loosened", what="acr")
     c.scalar("auth.totp.max_failures", a.totp.max_failures, b.totp.max_failures, _more)
     c.scalar("auth.totp.drift_steps", a.totp.drift_steps, b.totp.drift_steps, _more)
     done = {"issuers", "require_typ", "leeway", "step_up", "totp"}
@@ -588,24 +543,13 @@ def diff_policies(old: PolicySet | None, new: PolicySet | None) -> PolicyDiff:
     for ident in sorted(dict.fromkeys([*after, *before]), key=lambda k: (k[1], k[0])):
         a, b = before.get(ident), after.get(ident)
         if a is None and b is not None:
-            change = Change(
-                "added",
-                "route",
-                "route",
-                f"route added: {_summary(b.policy)}",
-                None,
-                b.policy.model_dump(mode="json", exclude_defaults=True),
-            )
+            change = Change("added", "route", "route", f"route added: {_summary(b.policy)}",
+                            None, b.policy.model_dump(mode="json", exclude_defaults=True))
             result.routes.append(RouteDiff(b.key, "added", _where(b), [change]))
         elif b is None and a is not None:
-            change = Change(
-                "removed",
-                "route",
-                "route",
-                "route removed: an app route here is denied (403 no-policy)",
-                a.policy.model_dump(mode="json", exclude_defaults=True),
-                None,
-            )
+            change = Change("removed", "route", "route",
+                            "route removed: an app route here is denied (403 no-policy)",
+                            a.policy.model_dump(mode="json", exclude_defaults=True), None)
             result.routes.append(RouteDiff(a.key, "removed", _where(a), [change]))
         elif a is not None and b is not None:
             changes = route_changes(a.policy, b.policy, ages)
@@ -629,7 +573,9 @@ def _portable(policies: PolicySet) -> GlobalSettings:
     from ..language._positions import read_docs
 
     settings = policies.settings
-    holder = next((d.file for d in read_docs(policies.files) if ("settings",) in d.kinds), None)
+    holder = next(
+        (d.file for d in read_docs(policies.files) if ("settings",) in d.kinds), None
+    )
     if holder is None:
         return settings
     base = Path(holder).resolve().parent
@@ -678,7 +624,7 @@ class Checkout:
     def label(self, location: str) -> str:
         """`REV:file:line:col` for a location inside the checkout."""
         prefix = str(self.root) + os.sep
-        return f"{self.rev}:{location[len(prefix) :]}" if location.startswith(prefix) else location
+        return f"{self.rev}:{location[len(prefix):]}" if location.startswith(prefix) else location
 
 
 @contextmanager

@@ -592,7 +592,6 @@ class DryRun:
             "server": (resolved.host or "testserver", 80),
             "path_params": dict(resolved.params),
         }
-
         async def stay() -> Message:
             await recorder.closed.wait()  # the client stays until the response is complete
             return {"type": "http.disconnect"}

@@ -124,6 +124,7 @@ class Provenance:
             return DEFAULT  # the layer wrote the object, not this value inside it
         return Origin("layer", layer.label, _mark(layer.doc, at))
 
+
     def _unwritten(self, path: KeyPath) -> Origin:
         """A value no file layer wrote: a built-in default, or set by a setting
         (`settings.api_docs` makes its routes public)."""

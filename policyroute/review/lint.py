@@ -97,7 +97,8 @@ RULES: Mapping[str, Rule] = {
         Rule(
             "client-chosen-key",
             "warning",
-            "A limit keyed by a header the client picks, beside a limit the client cannot escape.",
+            "A limit keyed by a header the client picks, beside a limit the client cannot "
+            "escape.",
         ),
         Rule(
             "client-chosen-limit",

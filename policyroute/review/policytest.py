@@ -54,7 +54,9 @@ from .dryrun import (
 )
 
 FORMATS = ("text", "json", "github", "junit")
-REASONS = sorted({v.slug for v in vars(Problems).values() if isinstance(v, ProblemType)})
+REASONS = sorted(
+    {v.slug for v in vars(Problems).values() if isinstance(v, ProblemType)}
+)
 STEPS = sorted(set(STEP_OF_PROBLEM.values()) | {"cache", "events"})
 
 
@@ -460,7 +462,8 @@ def compare(case: Case, index: int, result: DryResult, doc: Located) -> list[Fai
                 if actual != value:
                     where = doc.location((*base, "headers", name))
                     message = (
-                        f"header {name}: expected {_shown(value)}, got {_shown(actual)} ({outcome})"
+                        f"header {name}: expected {_shown(value)}, got {_shown(actual)}"
+                        f" ({outcome})"
                     )
                     out.append(Failure(f"headers.{name}", value, actual, where, message))
             continue
@@ -484,7 +487,9 @@ def _summary(result: DryResult) -> str:
     return f"{result.status} {result.reason} from {result.step}{detail}"
 
 
-async def _run_file(file: Path, model: TestFile, doc: Located, run: DryRun, report: Report) -> None:
+async def _run_file(
+    file: Path, model: TestFile, doc: Located, run: DryRun, report: Report
+) -> None:
     for i, case in enumerate(model.cases):
         name = case.name or case.request
         where = doc.location(("cases", i))
@@ -624,7 +629,9 @@ def _as_json(report: Report) -> dict[str, Any]:
                     for f in case.failures
                 ],
                 "error": (
-                    {"code": case.error.code, "message": case.error.message} if case.error else None
+                    {"code": case.error.code, "message": case.error.message}
+                    if case.error
+                    else None
                 ),
                 "result": case.result.as_dict() if case.result else None,
             }

@@ -43,30 +43,22 @@ class AuthStep(Step):
         self._no_token = bearer_challenge(realm)
 
     def _invalid_request(self, detail: str) -> Denial:
-        return Denial(
-            Problems.INVALID_REQUEST,
-            detail,
-            headers=bearer_challenge(self.realm, "invalid_request", detail),
-        )
+        return Denial(Problems.INVALID_REQUEST, detail,
+                      headers=bearer_challenge(self.realm, "invalid_request", detail))
 
     def _invalid_token(self, detail: str) -> Denial:
-        return Denial(
-            Problems.INVALID_TOKEN,
-            detail,
-            headers=bearer_challenge(self.realm, "invalid_token", detail),
-        )
+        return Denial(Problems.INVALID_TOKEN, detail,
+                      headers=bearer_challenge(self.realm, "invalid_token", detail))
 
     def _token(self, ctx: Context) -> bytes:
         query = ctx.scope.get("query_string", b"")
         if b"access" in query and b"access_token" in _query_names(query):
             raise self._invalid_request(
-                "a token in the query string is refused; send it in the Authorization header"
-            )
+                "a token in the query string is refused; send it in the Authorization header")
         values = ctx.header_values(b"authorization")
         if not values:
-            raise Denial(
-                Problems.UNAUTHENTICATED, "a bearer token is required", headers=self._no_token
-            )
+            raise Denial(Problems.UNAUTHENTICATED, "a bearer token is required",
+                         headers=self._no_token)
         if len(values) > 1:
             raise self._invalid_request("send exactly one Authorization header")
         raw = values[0]
@@ -75,9 +67,8 @@ class AuthStep(Step):
             raise self._invalid_token(f"the token is larger than {limit} bytes")
         scheme, _, token = raw.strip(b" ").partition(b" ")
         if scheme.lower() != b"bearer":
-            raise Denial(
-                Problems.UNAUTHENTICATED, "a bearer token is required", headers=self._no_token
-            )
+            raise Denial(Problems.UNAUTHENTICATED, "a bearer token is required",
+                         headers=self._no_token)
         return token.lstrip(b" ")
 
     def check_now(self, ctx: Context) -> Awaitable[None] | None:
@@ -108,11 +99,10 @@ class AuthStep(Step):
             raise self._invalid_token(str(exc)) from None
         except KeysUnavailableError as exc:
             # Not the caller's fault: nothing here can tell a good token from a bad one yet.
-            raise Denial(
-                Problems.KEYS_UNAVAILABLE,
-                "the keys that verify this token cannot be obtained right now; try again shortly",
-                headers={"Retry-After": str(exc.retry_after)},
-            ) from None
+            raise Denial(Problems.KEYS_UNAVAILABLE,
+                         "the keys that verify this token cannot be obtained right now; "
+                         "try again shortly",
+                         headers={"Retry-After": str(exc.retry_after)}) from None
         self._admit(ctx, principal)
 
     @staticmethod
@@ -125,10 +115,8 @@ class AuthStep(Step):
         """One line for explain."""
         issuers = ", ".join(self.authenticator.issuers)
         keyed = self.authenticator.accounts.describe()
-        return (
-            f"bearer JWT from {issuers} (realm {self.realm!r}); "
-            f"per-principal state keyed by {keyed}"
-        )
+        return (f"bearer JWT from {issuers} (realm {self.realm!r}); "
+                f"per-principal state keyed by {keyed}")
 
     def start(self) -> None:
         """Keep the issuers' key sets fresh in the background."""
@@ -218,8 +206,7 @@ def make_auth(policy: RoutePolicy, env: Env) -> Step | None:
         raise _settings_finding(
             "no-issuer",
             "routes that are not `public: true` need a bearer token, but settings.auth.issuers "
-            "names no issuer to verify it; add one or mark the routes public",
-        )
+            "names no issuer to verify it; add one or mark the routes public")
     fetch: Fetch = env.services.get("jwks_fetcher") or fetch_jwks
     try:
         authenticator = shared_authenticator(auth, fetch)

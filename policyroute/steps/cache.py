@@ -167,13 +167,8 @@ class CacheStep(Part):
         if self.vary_claims:
             # One JSON list, last: claim values (any JSON, NULs included) never run together.
             claims = ctx.principal.claims
-            parts.append(
-                json.dumps(
-                    [read(claims) for read in self.vary_claims],
-                    separators=(",", ":"),
-                    sort_keys=True,
-                )
-            )
+            parts.append(json.dumps([read(claims) for read in self.vary_claims],
+                                    separators=(",", ":"), sort_keys=True))
         return "\0".join(parts)
 
     def peek(self, req: Request) -> None:

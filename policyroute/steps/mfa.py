@@ -29,17 +29,9 @@ class MfaStep(Step):
 
     name = "mfa"
 
-    def __init__(
-        self,
-        realm: str,
-        max_age: float,
-        step_up: StepUp | None,
-        totp: TotpGuard | None,
-        header: str,
-        *,
-        enforce: bool = True,
-        lockout: LockoutGuard | None = None,
-    ) -> None:
+    def __init__(self, realm: str, max_age: float, step_up: StepUp | None,
+                 totp: TotpGuard | None, header: str, *, enforce: bool = True,
+                 lockout: LockoutGuard | None = None) -> None:
         # Shadow mode (enforce false): the chain records a refusal instead of raising it,
         # and a code is verified without being used up or counted as a failure.
         self.enforce = enforce
@@ -55,18 +47,11 @@ class MfaStep(Step):
         params = {"max_age": str(int(max_age))}
         if self.acr:
             params["acr_values"] = " ".join(sorted(self.acr))
-        ways = [
-            w
-            for w, on in (
-                ("a fresh step-up token", self.step_up),
-                (f"a one-time code in {header}", totp is not None),
-            )
-            if on
-        ]
+        ways = [w for w, on in (("a fresh step-up token", self.step_up),
+                                (f"a one-time code in {header}", totp is not None)) if on]
         self._required = "this route needs a second factor: " + " or ".join(ways)
-        self._challenge = bearer_challenge(
-            realm, "insufficient_user_authentication", self._required, **params
-        )
+        self._challenge = bearer_challenge(realm, "insufficient_user_authentication",
+                                           self._required, **params)
 
     def fresh(self, principal: Principal, now: float) -> bool:
         """True when the token shows a recent enough acr/amr step-up."""
@@ -109,24 +94,16 @@ class MfaStep(Step):
         except StorageError as exc:
             backend_error(route, exc)
             backend_warning(route, exc, "one-time codes cannot be checked: ", log)
-            raise Denial(
-                Problems.BACKEND_UNAVAILABLE,
-                "the one-time code cannot be checked right now; try again shortly",
-                headers={"Retry-After": "5"},
-            ) from None
+            raise Denial(Problems.BACKEND_UNAVAILABLE,
+                         "the one-time code cannot be checked right now; try again shortly",
+                         headers={"Retry-After": "5"}) from None
         if result.accepted:
             return
         if result.locked:
-            raise Denial(
-                Problems.MFA_LOCKED,
-                "too many wrong one-time codes; try again later",
-                headers={"Retry-After": str(result.retry_after)},
-            )
-        detail = (
-            "this one-time code was already used; wait for the next one"
-            if result.reason == "replayed"
-            else "the one-time code is not valid"
-        )
+            raise Denial(Problems.MFA_LOCKED, "too many wrong one-time codes; try again later",
+                         headers={"Retry-After": str(result.retry_after)})
+        detail = ("this one-time code was already used; wait for the next one"
+                  if result.reason == "replayed" else "the one-time code is not valid")
         raise Denial(Problems.MFA_INVALID, detail, headers=self._challenge)
 
     async def _verify_only(self, who: Principal, code: str) -> None:
@@ -142,18 +119,13 @@ class MfaStep(Step):
         """One line for explain."""
         ways = []
         if self.step_up:
-            claims = [
-                f"{name} {', '.join(sorted(values))}"
-                for name, values in (("amr", self.amr), ("acr", self.acr))
-                if values
-            ]
+            claims = [f"{name} {', '.join(sorted(values))}"
+                      for name, values in (("amr", self.amr), ("acr", self.acr)) if values]
             claims.append(f"at most {format_duration(self.max_age)} old")
             ways.append(f"a step-up claim ({'; '.join(claims)})")
         if self.totp is not None:
-            code = (
-                f"a TOTP code in {self.header}, each accepted once, lockout after "
-                f"{self.totp.settings.max_failures} failures"
-            )
+            code = (f"a TOTP code in {self.header}, each accepted once, lockout after "
+                    f"{self.totp.settings.max_failures} failures")
             if self.lockout is not None:
                 code += " (a wrong code also counts toward settings.auth.lockout)"
             ways.append(code)
@@ -175,12 +147,10 @@ def make_mfa(policy: RoutePolicy, env: Env) -> Step | None:
     enforce = policy.enforce and policy.mfa.enforce
     lockout = None
     if totp is not None and auth.lockout is not None:
-        lockout = LockoutGuard(
-            totp.store, auth.lockout, enforce=enforce and auth.lockout.enforce, step="mfa"
-        )
-    return MfaStep(
-        auth.realm, max_age, step_up, totp, auth.totp.header, enforce=enforce, lockout=lockout
-    )
+        lockout = LockoutGuard(totp.store, auth.lockout, enforce=enforce and auth.lockout.enforce,
+                               step="mfa")
+    return MfaStep(auth.realm, max_age, step_up, totp, auth.totp.header,
+                   enforce=enforce, lockout=lockout)
 
 
 register(("mfa",), make_mfa)

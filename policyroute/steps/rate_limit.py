@@ -207,8 +207,7 @@ class RateLimitStep(Part):
         # One enforced limit that neither waits nor joins, none shadowed: the common route,
         # settled without the general loop (`settle`).
         self.single = (
-            self.limits[0]
-            if len(self.limits) == 1 and not self.shadows and not self.special
+            self.limits[0] if len(self.limits) == 1 and not self.shadows and not self.special
             else None
         )
         self.single_label = self.single.label.encode() if self.single is not None else b""
@@ -392,7 +391,9 @@ class RateLimitStep(Part):
                 f"(debounce {refused.name!r}); retry after {retry_s} s without repeating it"
             )
         elif refused.spec.algorithm == "throttle":
-            detail = f"the queue of throttle {refused.name!r} is full; retry after {retry_s} s"
+            detail = (
+                f"the queue of throttle {refused.name!r} is full; retry after {retry_s} s"
+            )
         else:
             detail = f"limit {refused.name!r} is exhausted; retry after {retry_s} s"
         req.extra.clear()

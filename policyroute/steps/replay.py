@@ -110,8 +110,7 @@ class ReplayStep(Step):
             ) from None
         if not int(taken):
             denial = Denial(
-                Problems.TOKEN_REPLAYED,
-                "this one-time token was already used",
+                Problems.TOKEN_REPLAYED, "this one-time token was already used",
                 headers=self._replayed,
             )
             self._refuse(ctx, denial, "replayed")

@@ -63,6 +63,8 @@ class _Watch:
         await self.send_on(message)
 
 
+
+
 def _timed_out(exc: AttemptTimeout) -> Denial:
     return Denial(Problems.UPSTREAM_TIMEOUT, str(exc).replace("the call", "the handler"))
 

@@ -23,11 +23,9 @@ class RolesStep(Step):
     def check_now(self, ctx: Context) -> None:
         """Deny unless one of the roles was granted."""
         if self.allowed.isdisjoint(ctx.principal.roles):
-            raise Denial(
-                Problems.FORBIDDEN_ROLE,
-                "the caller has none of the roles this route requires",
-                extra={"required_roles": list(self.roles)},
-            )
+            raise Denial(Problems.FORBIDDEN_ROLE,
+                         "the caller has none of the roles this route requires",
+                         extra={"required_roles": list(self.roles)})
 
     def describe(self) -> str:
         """One line for explain."""

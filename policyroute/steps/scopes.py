@@ -21,20 +21,15 @@ class ScopesStep(Step):
         self.scopes = tuple(dict.fromkeys(scopes))
         self.required = frozenset(self.scopes)
         detail = "the token lacks a scope this route requires"
-        self._headers = bearer_challenge(
-            realm, "insufficient_scope", detail, scope=" ".join(self.scopes)
-        )
+        self._headers = bearer_challenge(realm, "insufficient_scope", detail,
+                                         scope=" ".join(self.scopes))
         self._detail = detail
 
     def check_now(self, ctx: Context) -> None:
         """Deny unless every required scope was granted."""
         if not self.required <= ctx.principal.scopes:
-            raise Denial(
-                Problems.INSUFFICIENT_SCOPE,
-                self._detail,
-                headers=self._headers,
-                extra={"required_scopes": list(self.scopes)},
-            )
+            raise Denial(Problems.INSUFFICIENT_SCOPE, self._detail, headers=self._headers,
+                         extra={"required_scopes": list(self.scopes)})
 
     def describe(self) -> str:
         """One line for explain."""

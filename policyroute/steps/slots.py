@@ -48,7 +48,8 @@ def split_ops(
     """The flat key and argument lists cut back into ops at their marks."""
     bounds = [*marks, (len(keys), len(args))]
     return [
-        (list(keys[k0:k1]), list(args[a0:a1])) for (k0, a0), (k1, a1) in itertools.pairwise(bounds)
+        (list(keys[k0:k1]), list(args[a0:a1]))
+        for (k0, a0), (k1, a1) in itertools.pairwise(bounds)
     ]
 
 

@@ -109,10 +109,7 @@ async def test_server_stop_fails_fast_and_restart_reconnects() -> None:
     keys = [store.key("s:bob", "rl", "r", "0")]
     args: list[str | int] = ["tb", 5, 5, 60_000, 1]
     try:
-        assert (
-            state_reply(await store.run("state", keys, args, operation="t", fail_open=False))[0]
-            == "go"
-        )
+        assert state_reply(await store.run("state", keys, args, operation="t", fail_open=False))[0] == "go"
         server.stop()
         started = time.monotonic()
         with pytest.raises(StorageError) as caught:
@@ -134,15 +131,7 @@ async def test_every_argument_type_reaches_the_server_as_its_text(valkey_url: st
     values: list[str | bytes | int | float] = [b"\x00\xff", "é", -5, 10**30, 0.1, 1e20, True]
     try:
         replies = await asyncio.gather(*(pipeline.execute("ECHO", v) for v in values))
-        assert replies == [
-            b"\x00\xff",
-            "é".encode(),
-            b"-5",
-            b"1" + b"0" * 30,
-            b"0.1",
-            b"1e+20",
-            b"1",
-        ]
+        assert replies == [b"\x00\xff", "é".encode(), b"-5", b"1" + b"0" * 30, b"0.1", b"1e+20", b"1"]
     finally:
         await pipeline.close()
 
@@ -343,14 +332,8 @@ async def test_every_joined_caller_hears_of_a_failure_and_a_flush_is_recovered()
         assert await store.command("EXISTS", *keys, operation="t") == 2
         server.stop()
         for i, key in enumerate(keys[2:], start=2):
-            store.submit(
-                "finish",
-                [key],
-                ["cau", str(i)],
-                operation=f"unlock {i}",
-                on_error=errors.append,
-                joins=True,
-            )
+            store.submit("finish", [key], ["cau", str(i)], operation=f"unlock {i}",
+                         on_error=errors.append, joins=True)
         await store.settle()
         assert sorted(e.operation for e in errors) == ["unlock 2", "unlock 3"]
     finally:
@@ -365,14 +348,8 @@ async def test_one_callers_bad_key_costs_no_other_joined_caller_its_ops(valkey_u
         await store.command("DEL", keys[1], operation="t")
         await store.command("HSET", keys[1], "f", "v", operation="t")  # GET on it: WRONGTYPE
         for i, key in enumerate(keys):
-            store.submit(
-                "finish",
-                [key],
-                ["cau", str(i)],
-                operation=f"unlock {i}",
-                on_error=errors.append,
-                joins=True,
-            )
+            store.submit("finish", [key], ["cau", str(i)], operation=f"unlock {i}",
+                         on_error=errors.append, joins=True)
         await store.settle()
         # The joined call stopped at the second caller's op; the third still ran.
         assert await store.command("EXISTS", keys[0], keys[2], operation="t") == 0
@@ -382,9 +359,8 @@ async def test_one_callers_bad_key_costs_no_other_joined_caller_its_ops(valkey_u
         await store.stop()
 
 
-async def _arrivals(
-    pipeline: Pipeline, seconds: float, pause: tuple[float, float], pid: int
-) -> tuple[int, int, int]:
+
+async def _arrivals(pipeline: Pipeline, seconds: float, pause: tuple[float, float], pid: int) -> tuple[int, int, int]:
     """One-shot callers arriving every 2 ms (as requests do), each an ECHO of its own name.
 
     The server is paused (SIGSTOP) from `pause[0]` to `pause[1]` seconds in. Returns

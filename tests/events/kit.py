@@ -182,3 +182,5 @@ async def wait_for_outbox(engine: Engine, count: int, wait: float = 10.0) -> lis
                 if len(entries) < count:
                     await asyncio.sleep(0.05)
     return entries
+
+

@@ -142,7 +142,8 @@ class Load:
         started = time.monotonic()
         wanted = 2 * USERS * CLIENTS_PER_USER
         while time.monotonic() - started < WARM or (  # noqa: ASYNC110 - polls the answers
-            sum(a.normal for a in self.answers) < wanted and time.monotonic() - started < WARM_MAX
+            sum(a.normal for a in self.answers) < wanted
+            and time.monotonic() - started < WARM_MAX
         ):
             await asyncio.sleep(0.02)
 
@@ -152,7 +153,6 @@ class Load:
         deadline = time.monotonic() + FRESH
         n = 0
         while len(normal) < workers and time.monotonic() < deadline:
-
             async def one(k: int) -> Answer:
                 async with httpx.AsyncClient(base_url=self.base, timeout=TIMEOUT) as c:
                     return await self.call(c, k % USERS, PATHS[k % len(PATHS)], fresh=True)
@@ -280,7 +280,8 @@ async def test_two_workers_serve_every_user_right_through_a_valkey_fault(
         charged = BALANCE - balance.total
         if charged != paid or balance.held:
             problems.append(
-                f"user {u}: {paid} paid 200s, {charged} credits charged, {balance.held} still held"
+                f"user {u}: {paid} paid 200s, {charged} credits charged, {balance.held} still "
+                "held"
             )
     if exit_after is None:
         problems.append(f"uvicorn or a worker had not exited {EXIT} s after SIGTERM")

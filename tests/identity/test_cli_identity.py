@@ -22,30 +22,14 @@ async def test_token_mints_a_verifiable_dev_token(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(REPO)  # the default --key is examples/keys/dev-private-jwk.json
-    code = main(
-        [
-            "token",
-            "--sub",
-            "alice",
-            "--scope",
-            "run:io_jobs",
-            "--scope",
-            "read write",
-            "--role",
-            "io_job_runner",
-            "--amr",
-            "mfa",
-            "--ttl",
-            "15m",
-        ]
-    )
+    code = main(["token", "--sub", "alice", "--scope", "run:io_jobs", "--scope", "read write",
+                 "--role", "io_job_runner", "--amr", "mfa", "--ttl", "15m"])
     out, err = capsys.readouterr()
     assert code == 0
     assert "DEV ONLY" in err
     issuer = Issuer(issuer=DEV_ISSUER, audience=DEV_AUDIENCE, jwks=str(KEYS / "dev-jwks.json"))
-    principal = await Authenticator(
-        AuthSettings(issuers=[issuer], require_typ="at+jwt")
-    ).authenticate(out.strip())
+    principal = await Authenticator(AuthSettings(issuers=[issuer], require_typ="at+jwt")
+                                    ).authenticate(out.strip())
     assert principal.subject == "alice"
     assert principal.scopes == {"run:io_jobs", "read", "write"}
     assert principal.roles == {"io_job_runner"}
@@ -62,10 +46,8 @@ def test_token_without_a_private_key_is_a_usage_error(
 
 
 def test_mfa_enrol_and_revoke(
-    valkey_url: str,
-    policy_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    valkey_url: str, policy_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
 ) -> None:
     (policy_dir / "routes.yaml").write_text("version: 1\nroutes:\n  GET /x: {public: true}\n")
     monkeypatch.setenv("POLICYROUTE_POLICIES", str(policy_dir))
@@ -110,10 +92,7 @@ async def test_token_outside_the_repository_makes_a_dev_key_once_and_says_where(
     first = capsys.readouterr()
     keys = tmp_path / "dev-keys"
     assert "created a DEV ONLY key pair in dev-keys/" in first.err
-    assert (
-        "dev-keys/dev-private-jwk.json" in first.err
-        and "jwks: ../dev-keys/dev-jwks.json" in first.err
-    )
+    assert "dev-keys/dev-private-jwk.json" in first.err and "jwks: ../dev-keys/dev-jwks.json" in first.err
     assert (keys / "dev-private-jwk.json").stat().st_mode & 0o777 == 0o600
     assert "DEV ONLY" in (keys / "README.md").read_text()
     assert "DEV ONLY" in (keys / "dev-jwks.json").read_text()
@@ -139,11 +118,8 @@ async def test_token_takes_issuer_and_audience_from_the_policy_it_is_for(
     )
     assert main(["token", "--sub", "alice"]) == 0
     token = capsys.readouterr().out.strip()
-    issuer = Issuer(
-        issuer="https://dev.local/",
-        audience="items",
-        jwks=str(tmp_path / "dev-keys" / "dev-jwks.json"),
-    )
+    issuer = Issuer(issuer="https://dev.local/", audience="items",
+                    jwks=str(tmp_path / "dev-keys" / "dev-jwks.json"))
     principal = await Authenticator(AuthSettings(issuers=[issuer])).authenticate(token)
     assert (principal.claims["iss"], principal.claims["aud"]) == ("https://dev.local/", "items")
 

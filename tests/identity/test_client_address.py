@@ -68,23 +68,13 @@ def test_huge_headers_are_read_only_at_the_right_end() -> None:
     value = ("198.51.100.1, " * 100_000 + "203.0.113.5").encode()
     assert len(xff_hops(value)) < 400
     assert xff_hops(value)[-1].strip() == "203.0.113.5"
-    assert (
-        ClientResolver(TRUSTED).resolve("10.1.1.1", [(b"x-forwarded-for", value)]) == "203.0.113.5"
-    )
+    assert ClientResolver(TRUSTED).resolve("10.1.1.1", [(b"x-forwarded-for", value)]) == "203.0.113.5"
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [
-        ("1.2.3.4", "1.2.3.4"),
-        ("1.2.3.4:80", "1.2.3.4"),
-        ("[::1]:80", "::1"),
-        ("::1", "::1"),
-        ('"[2001:db8::1]"', "2001:db8::1"),
-        ("unknown", None),
-        ("_hidden", None),
-        ("[::1", None),
-    ],
+    [("1.2.3.4", "1.2.3.4"), ("1.2.3.4:80", "1.2.3.4"), ("[::1]:80", "::1"), ("::1", "::1"),
+     ('"[2001:db8::1]"', "2001:db8::1"), ("unknown", None), ("_hidden", None), ("[::1", None)],
 )
 def test_parse_address(text: str, expected: str | None) -> None:
     found = parse_address(text)

@@ -29,9 +29,8 @@ URL = "https://idp.test/jwks"
 
 def jwks(*kids: str) -> bytes:
     """A JWKS with one fresh RSA key per kid."""
-    keys = [
-        RSAKey.generate_key(2048, parameters={"kid": kid}).as_dict(private=False) for kid in kids
-    ]
+    keys = [RSAKey.generate_key(2048, parameters={"kid": kid}).as_dict(private=False)
+            for kid in kids]
     return json.dumps({"keys": keys}).encode()
 
 
@@ -60,11 +59,8 @@ class Fetch:
         return doc
 
 
-def remote(
-    fetch: Callable[[str], bytes | Fetched],
-    clock: Clock | None = None,
-    bounds: tuple[float, float] = (300, 300),
-) -> KeySource:
+def remote(fetch: Callable[[str], bytes | Fetched], clock: Clock | None = None,
+           bounds: tuple[float, float] = (300, 300)) -> KeySource:
     """A source of a JWKS URL, refreshed only when a test asks (no background task)."""
     return KeySource(URL, bounds[0], bounds[1], fetch, clock or Clock(), background=False)
 
@@ -258,9 +254,8 @@ async def test_a_file_is_read_again_only_when_it_changes(tmp_path: Path) -> None
 
 def test_jwks_refresh_takes_bounds_or_one_duration() -> None:
     def issuer(refresh: object) -> Issuer:
-        return Issuer.model_validate(
-            {"issuer": "https://idp.test/", "audience": "api", "jwks": URL, "jwks_refresh": refresh}
-        )
+        return Issuer.model_validate({"issuer": "https://idp.test/", "audience": "api",
+                                      "jwks": URL, "jwks_refresh": refresh})
 
     assert (issuer("5m").jwks_refresh.min, issuer("5m").jwks_refresh.max) == (300.0, 300.0)
     bounds = issuer({"min": "1s", "max": "1h"}).jwks_refresh

@@ -29,9 +29,7 @@ def hs_token(secret: str, issuer: str = "https://hs.example/") -> str:
     """An HS256 token of a shared-secret issuer."""
     now = int(time.time())
     claims = {"iss": issuer, "aud": "io-api", "sub": "svc", "iat": now, "exp": now + 60}
-    return jwt.encode(
-        {"alg": "HS256"}, claims, OctKey.import_key(secret.encode()), algorithms=["HS256"]
-    )
+    return jwt.encode({"alg": "HS256"}, claims, OctKey.import_key(secret.encode()), algorithms=["HS256"])
 
 
 async def test_a_repeat_token_comes_from_the_cache() -> None:
@@ -64,12 +62,8 @@ async def test_hmac_issuers_take_their_secret_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("HS_SECRET", SECRET)
-    hs = Issuer(
-        issuer="https://hs.example/",
-        audience="io-api",
-        secret_env="HS_SECRET",
-        algorithms=["HS256"],
-    )
+    hs = Issuer(issuer="https://hs.example/", audience="io-api", secret_env="HS_SECRET",
+                algorithms=["HS256"])
     auth = Authenticator(AuthSettings(issuers=[DEV, hs]))
     assert (await auth.authenticate(hs_token(SECRET))).issuer == "https://hs.example/"
     with pytest.raises(TokenError, match="signature"):
@@ -86,12 +80,8 @@ def test_a_missing_or_short_secret_fails_at_compile_time_without_showing_it(
         monkeypatch.delenv("HS_SECRET", raising=False)
     else:
         monkeypatch.setenv("HS_SECRET", value)  # "tiny": 4 bytes
-    hs = Issuer(
-        issuer="https://hs.example/",
-        audience="io-api",
-        secret_env="HS_SECRET",
-        algorithms=["HS256"],
-    )
+    hs = Issuer(issuer="https://hs.example/", audience="io-api", secret_env="HS_SECRET",
+                algorithms=["HS256"])
     with pytest.raises(ValueError, match="HS_SECRET must hold an HMAC secret of at least 32") as e:
         Authenticator(AuthSettings(issuers=[hs]))
     assert "tiny" not in str(e.value)

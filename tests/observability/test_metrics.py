@@ -186,7 +186,9 @@ def test_latency_buckets_are_cumulative_in_the_exposition() -> None:
     for seconds in (0.0005, 0.003, 0.003, 20.0):
         timer.observe(seconds)
     text = generate_latest().decode()
-    (family,) = [f for f in text_string_to_metric_families(text) if f.name == LATENCY.name]
+    (family,) = [
+        f for f in text_string_to_metric_families(text) if f.name == LATENCY.name
+    ]
     mine = {
         s.labels.get("le", s.name): s.value
         for s in family.samples

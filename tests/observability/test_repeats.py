@@ -31,9 +31,7 @@ def test_lines_per_route_and_cause_with_counts_on_a_clock(caplog: pytest.LogCapt
         repeats.warning("GET /a", "valkey:state:open", "still down")  # 4 held back + this one
         now[0] = 113.0
         repeats.warning("GET /a", "valkey:state:open", "still down")
-        assert said() == [
-            "policyroute: GET /a: still down (5 times on this route in the last 12.5s)"
-        ]
+        assert said() == ["policyroute: GET /a: still down (5 times on this route in the last 12.5s)"]
         caplog.clear()
         repeats.flush()  # what engine_stop does: the last counts are not lost
         assert said() == ["policyroute: GET /a: still down (1 time on this route in the last 0.5s)"]

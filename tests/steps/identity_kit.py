@@ -61,10 +61,8 @@ def partner_jwks() -> Path:
 
 def partner_issuer_yaml() -> str:
     """The second issuer's entry of `settings.auth.issuers`."""
-    return (
-        f"      - issuer: {PARTNER_ISSUER}\n        audience: {DEV_AUDIENCE}\n"
-        f"        jwks: {partner_jwks()}\n        algorithms: [RS256]\n"
-    )
+    return (f"      - issuer: {PARTNER_ISSUER}\n        audience: {DEV_AUDIENCE}\n"
+            f"        jwks: {partner_jwks()}\n        algorithms: [RS256]\n")
 
 
 def two_issuer_settings(auth: str = "") -> str:
@@ -104,9 +102,7 @@ def make_app() -> FastAPI:
     """Handlers that answer with who is calling."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
-    async def who(
-        principal: policyroute.Principal = Depends(policyroute.principal),
-    ) -> dict[str, Any]:
+    async def who(principal: policyroute.Principal = Depends(policyroute.principal)) -> dict[str, Any]:
         return {
             "subject": principal.subject,
             "scopes": sorted(principal.scopes),
@@ -125,22 +121,16 @@ def make_app() -> FastAPI:
 
 
 @contextlib.asynccontextmanager
-async def serve(
-    policy_dir: Path,
-    *,
-    client: str = "127.0.0.1",
-    valkey_url: str | None = None,
-    extra_services: Mapping[str, Any] | None = None,
-) -> AsyncIterator[httpx.AsyncClient]:
+async def serve(policy_dir: Path, *, client: str = "127.0.0.1", valkey_url: str | None = None,
+                extra_services: Mapping[str, Any] | None = None) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the test app gated by the policies in `policy_dir`."""
     app = make_app()
 
     def services(engine: Any) -> Mapping[str, Any]:
         return {**default_services(engine), **(extra_services or {})}
 
-    policyroute.install(
-        app, policy_dir, settings=policyroute.Settings(valkey_url=valkey_url), services=services
-    )
+    policyroute.install(app, policy_dir, settings=policyroute.Settings(valkey_url=valkey_url),
+                        services=services)
     async with policyroute.testing.client(app, client_address=client) as c:
         yield c
 

@@ -51,7 +51,6 @@ URL_SETTINGS = SETTINGS.replace(f"jwks: {DEV_JWKS}", f"jwks: {JWKS_URL}")
 
 # -- the RFC 6750 status matrix ---------------------------------------------------------
 
-
 @pytest.fixture
 def policies(policy_dir: Path) -> Path:
     """Policies with one public route, one authenticated and one needing scope and role."""
@@ -73,9 +72,8 @@ async def test_another_scheme_counts_as_no_bearer_token(policies: Path) -> None:
     assert challenge(r) == 'Bearer realm="io"'
 
 
-@pytest.mark.parametrize(
-    "value", [b"Bearer", b"Bearer ", b"Bearer a b", b'Bearer "quoted"', b"Bearer \xfftoken"]
-)
+@pytest.mark.parametrize("value", [b"Bearer", b"Bearer ", b"Bearer a b", b'Bearer "quoted"',
+                                   b"Bearer \xfftoken"])
 async def test_malformed_authorization_is_400_invalid_request(policies: Path, value: bytes) -> None:
     async with serve(policies) as c:
         r = await c.get("/me", headers=[(b"Authorization", value)])
@@ -170,11 +168,8 @@ async def test_oversized_token_is_refused_before_it_is_parsed(policy_dir: Path) 
 async def test_the_leeway_is_30s_unless_settings_say_otherwise(
     policy_dir: Path, leeway: str | None, status: int
 ) -> None:
-    settings = (
-        SETTINGS
-        if leeway is None
-        else SETTINGS.replace("realm: io\n", f"realm: io\n    leeway: {leeway}\n")
-    )
+    settings = SETTINGS if leeway is None else SETTINGS.replace(
+        "realm: io\n", f"realm: io\n    leeway: {leeway}\n")
     write_policies(policy_dir, ROUTES, settings)
     expired = token(ttl=60, now=time.time() - 65)  # expired 5 seconds ago
     async with serve(policy_dir) as c:
@@ -193,7 +188,6 @@ async def test_routes_need_an_issuer_unless_public(policy_dir: Path) -> None:
 
 
 # -- the attack set: each is 401 invalid_token, and nothing is fetched --------------------
-
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
@@ -221,17 +215,9 @@ def _attacker() -> Key:
 
 def _claims(**changes: Any) -> dict[str, Any]:
     now = int(time.time())
-    claims: dict[str, Any] = {
-        "iss": DEV_ISSUER,
-        "aud": DEV_AUDIENCE,
-        "sub": "mallory",
-        "iat": now,
-        "nbf": now,
-        "exp": now + 600,
-        "auth_time": now,
-        "scope": "run:io_jobs",
-        "roles": ["io_job_runner"],
-    }
+    claims: dict[str, Any] = {"iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "sub": "mallory",
+                              "iat": now, "nbf": now, "exp": now + 600, "auth_time": now,
+                              "scope": "run:io_jobs", "roles": ["io_job_runner"]}
     claims.update(changes)
     return claims
 
@@ -243,14 +229,10 @@ def _header(**changes: Any) -> dict[str, Any]:
 def _hs256_with_public_key() -> str:
     public = dev_key().public_key
     assert isinstance(public, rsa.RSAPublicKey)
-    public_pem = public.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return _compact(
-        _header(alg="HS256"),
-        _claims(),
-        lambda data: hmac.new(public_pem, data, hashlib.sha256).digest(),
-    )
+    public_pem = public.public_bytes(serialization.Encoding.PEM,
+                                     serialization.PublicFormat.SubjectPublicKeyInfo)
+    return _compact(_header(alg="HS256"), _claims(),
+                    lambda data: hmac.new(public_pem, data, hashlib.sha256).digest())
 
 
 @dataclass(frozen=True)
@@ -265,71 +247,33 @@ class Attack:
 ATTACKS = [
     Attack("alg none", lambda _: f"{_json(_header(alg='none'))}.{_json(_claims())}."),
     Attack("RS256 to HS256 with the public key as secret", lambda _: _hs256_with_public_key()),
-    Attack(
-        "embedded jwk",
-        lambda _: _compact(
-            _header(kid="attacker", jwk=_attacker().as_dict(private=False)),
-            _claims(),
-            _rs256(_attacker()),
-        ),
-    ),
-    Attack(
-        "foreign jku",
-        lambda url: _compact(_header(kid="attacker", jku=url), _claims(), _rs256(_attacker())),
-    ),
-    Attack(
-        "foreign x5u",
-        lambda url: _compact(_header(kid="attacker", x5u=url), _claims(), _rs256(_attacker())),
-    ),
-    Attack(
-        "kid path injection",
-        lambda _: _compact(
-            _header(kid="../../../../../../dev/null"), _claims(), _rs256(_attacker())
-        ),
-        needs_keys=True,
-    ),
-    Attack(
-        "kid sql injection",
-        lambda _: _compact(_header(kid="x' UNION SELECT 'secret"), _claims(), _rs256(_attacker())),
-        needs_keys=True,
-    ),
-    Attack(
-        "signed by another key under our kid",
-        lambda _: _compact(_header(), _claims(), _rs256(_attacker())),
-        needs_keys=True,
-    ),
-    Attack(
-        "unknown crit",
-        lambda _: _compact(
-            _header(crit=["urn:example:must-understand"], **{"urn:example:must-understand": True}),
-            _claims(),
-            _rs256(dev_key()),
-        ),
-    ),
-    Attack(
-        "wrong iss",
-        lambda _: _compact(_header(), _claims(iss="https://evil.example.com/"), _rs256(dev_key())),
-    ),
+    Attack("embedded jwk", lambda _: _compact(
+        _header(kid="attacker", jwk=_attacker().as_dict(private=False)), _claims(),
+        _rs256(_attacker()))),
+    Attack("foreign jku", lambda url: _compact(_header(kid="attacker", jku=url), _claims(),
+                                               _rs256(_attacker()))),
+    Attack("foreign x5u", lambda url: _compact(_header(kid="attacker", x5u=url), _claims(),
+                                               _rs256(_attacker()))),
+    Attack("kid path injection", lambda _: _compact(
+        _header(kid="../../../../../../dev/null"), _claims(), _rs256(_attacker())), needs_keys=True),
+    Attack("kid sql injection", lambda _: _compact(
+        _header(kid="x' UNION SELECT 'secret"), _claims(), _rs256(_attacker())), needs_keys=True),
+    Attack("signed by another key under our kid", lambda _: _compact(
+        _header(), _claims(), _rs256(_attacker())), needs_keys=True),
+    Attack("unknown crit", lambda _: _compact(
+        _header(crit=["urn:example:must-understand"], **{"urn:example:must-understand": True}),
+        _claims(), _rs256(dev_key()))),
+    Attack("wrong iss", lambda _: _compact(_header(), _claims(iss="https://evil.example.com/"),
+                                           _rs256(dev_key()))),
     Attack("wrong aud", lambda _: _compact(_header(), _claims(aud="other-api"), _rs256(dev_key()))),
-    Attack(
-        "expired",
-        lambda _: _compact(
-            _header(),
-            _claims(exp=int(time.time()) - 3600, iat=int(time.time()) - 7200),
-            _rs256(dev_key()),
-        ),
-    ),
-    Attack(
-        "nbf in the future",
-        lambda _: _compact(_header(), _claims(nbf=int(time.time()) + 3600), _rs256(dev_key())),
-    ),
+    Attack("expired", lambda _: _compact(
+        _header(), _claims(exp=int(time.time()) - 3600, iat=int(time.time()) - 7200),
+        _rs256(dev_key()))),
+    Attack("nbf in the future", lambda _: _compact(
+        _header(), _claims(nbf=int(time.time()) + 3600), _rs256(dev_key()))),
     Attack("wrong typ", lambda _: _compact(_header(typ="JWT"), _claims(), _rs256(dev_key()))),
-    Attack(
-        "no exp",
-        lambda _: _compact(
-            _header(), {k: v for k, v in _claims().items() if k != "exp"}, _rs256(dev_key())
-        ),
-    ),
+    Attack("no exp", lambda _: _compact(
+        _header(), {k: v for k, v in _claims().items() if k != "exp"}, _rs256(dev_key()))),
     # The largest the default max_header_bytes (16384) lets through; larger ones are 431.
     Attack("16 KB token", lambda _: "A" * (16384 - len("Bearer "))),
 ]
@@ -426,11 +370,8 @@ async def test_no_token_or_claim_value_reaches_the_logs(
 ) -> None:
     secret_subject = "subject-that-must-not-be-logged"
     valid = token(secret_subject, scopes=["run:io_jobs"])
-    expired = _compact(
-        _header(),
-        _claims(sub=secret_subject, exp=int(time.time()) - 3600, iat=int(time.time()) - 7200),
-        _rs256(dev_key()),
-    )
+    expired = _compact(_header(), _claims(sub=secret_subject, exp=int(time.time()) - 3600,
+                                          iat=int(time.time()) - 7200), _rs256(dev_key()))
     forged = _compact(_header(), _claims(sub=secret_subject), _rs256(_attacker()))
     with caplog.at_level(logging.DEBUG):
         async with serve(policies) as c:

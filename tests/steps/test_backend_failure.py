@@ -234,9 +234,8 @@ async def test_an_outage_logs_a_line_per_route_with_a_count_and_meters_each_requ
     app = install(policy_dir, POLICY, doomed_valkey.url, calls)
 
     def failed_open(route: str) -> float:
-        return sample(
-            "policyroute_backend_errors_total", backend="valkey", route=route, outcome="open"
-        )
+        return sample("policyroute_backend_errors_total", backend="valkey", route=route,
+                      outcome="open")
 
     # route -> the operation its lines name
     routes = {"GET /limited": "rate_limit", "GET /cached/{item}": "cache"}
@@ -244,11 +243,9 @@ async def test_an_outage_logs_a_line_per_route_with_a_count_and_meters_each_requ
     def lines(route: str) -> list[logging.LogRecord]:
         during = f"valkey error during {routes[route]} (failed open)"
         return [
-            r
-            for r in caplog.records
+            r for r in caplog.records
             if r.name == "policyroute" and r.levelno == logging.WARNING and during in r.message
         ]
-
     async with running(app) as c:
         assert (await c.get("/limited")).status_code == 200
         doomed_valkey.stop()

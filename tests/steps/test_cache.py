@@ -320,14 +320,8 @@ def test_the_key_of_a_variant_is_the_same_whichever_way_it_is_spelled(
     """The request path digests the raw query; `cache warm`, `invalidate` and entries stored
     before read it through `vary`: both must name the same entry, byte for byte."""
     step = CacheStep(ValkeyStore("redis://127.0.0.1:1"), Cache(ttl=60))
-    scope = {
-        "type": "http",
-        "method": method,
-        "path": "/p",
-        "query_string": query,
-        "headers": [],
-        "client": ("127.0.0.1", 1),
-    }
+    scope = {"type": "http", "method": method, "path": "/p", "query_string": query,
+             "headers": [], "client": ("127.0.0.1", 1)}
     ctx = Context(scope, _never, _never, f"{method} /p", _never)
     assert step.by_query_only
     assert step.variant(ctx) == digest(step.vary(ctx))

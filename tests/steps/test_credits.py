@@ -137,15 +137,13 @@ def test_cli_grants_and_shows(
     assert main(["credits", "show", "alice"]) == 0
     assert capsys.readouterr().out.strip() == "alice: balance 20"
     assert main(["credits", "grant", "alice"]) == 2
-
     # One issuer (or none) and no tenant claim: the account keeps its short key, so the
     # balances granted before the keys knew issuers are where the routes look.
     async def stored() -> object:
         store = ValkeyStore(valkey_url)
         try:
-            return await store.command(
-                "HGET", "cli-credits:{s:alice}:credits", "b", operation="test"
-            )
+            return await store.command("HGET", "cli-credits:{s:alice}:credits", "b",
+                                       operation="test")
         finally:
             await store.stop()
 

@@ -66,10 +66,8 @@ async def test_a_trusted_proxy_forwards_the_client_read_right_to_left(policy_dir
     write_policies(policy_dir, ROUTES, PROXIES)
     async with serve(policy_dir, client="192.168.7.10") as c:
         # The client forged the leftmost entry; our proxies appended the right ones.
-        allowed = await c.get(
-            "/me",
-            headers={"X-Forwarded-For": "198.51.100.1, 10.1.2.3, 192.168.7.20", **bearer(token())},
-        )
+        allowed = await c.get("/me", headers={
+            "X-Forwarded-For": "198.51.100.1, 10.1.2.3, 192.168.7.20", **bearer(token())})
         denied = await c.get("/open", headers={"X-Forwarded-For": "10.1.2.3, 198.51.100.7"})
     assert allowed.status_code == 200
     assert allowed.json()["client"] == "10.1.2.3"  # the principal sees the resolved client

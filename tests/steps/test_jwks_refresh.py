@@ -57,15 +57,11 @@ def assert_refused(r: httpx.Response) -> None:
 
 def refresh_tasks(location: str) -> list[asyncio.Task[object]]:
     """The background refreshes of one JWKS still running."""
-    return [
-        t
-        for t in asyncio.all_tasks()
-        if t.get_name() == f"policyroute-jwks {location}" and not t.done()
-    ]
+    return [t for t in asyncio.all_tasks()
+            if t.get_name() == f"policyroute-jwks {location}" and not t.done()]
 
 
 # -- a JWKS URL --------------------------------------------------------------------------
-
 
 async def test_a_key_removed_from_a_jwks_url_is_refused_when_its_max_age_runs_out(
     policy_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -106,13 +102,8 @@ async def test_a_key_removed_from_a_jwks_url_is_refused_when_its_max_age_runs_ou
     ],
 )
 async def test_the_refresh_interval_is_bounded_by_the_settings(
-    policy_dir: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    cache_control: str | None,
-    refresh: str,
-    soonest: float,
-    latest: float,
+    policy_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    cache_control: str | None, refresh: str, soonest: float, latest: float,
 ) -> None:
     a, b = rsa_key("a"), rsa_key("b")
     with jwks_server(tmp_path, monkeypatch) as idp:
@@ -129,9 +120,7 @@ async def test_the_refresh_interval_is_bounded_by_the_settings(
 
 
 async def test_a_failed_refresh_keeps_the_last_good_keys(
-    policy_dir: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    policy_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     a = rsa_key("a")
@@ -153,11 +142,8 @@ async def test_a_failed_refresh_keeps_the_last_good_keys(
     assert idp.served() >= 4  # refreshes went on, and failed
     assert cached.status_code == fresh.status_code == 200
     assert_refused(unknown)  # a key set is known: an unknown kid is the token's fault
-    warnings = [
-        r
-        for r in caplog.records
-        if "refreshing the JWKS" in r.getMessage() and r.levelno == logging.WARNING
-    ]
+    warnings = [r for r in caplog.records if "refreshing the JWKS" in r.getMessage()
+                and r.levelno == logging.WARNING]
     assert len(warnings) == 1  # once per outage, not once per retry
     assert "(HTTPError)" in warnings[0].getMessage()
     assert "maintenance" not in caplog.text
@@ -197,7 +183,6 @@ async def test_a_junk_token_never_fetches_and_is_401_even_without_keys(
 
 
 # -- a JWKS file -------------------------------------------------------------------------
-
 
 def write_jwks(path: Path, *keys: Key) -> None:
     """Replace the JWKS file at once, as a deployment would."""
@@ -246,7 +231,5 @@ async def test_a_broken_jwks_file_keeps_the_last_good_keys(
             took = await until(c, mint(b, "carol"), 200, within=5)
     assert during.status_code == 200
     assert took < 3
-    assert any(
-        "refreshing the JWKS" in r.getMessage() and "keeping 1 keys" in r.getMessage()
-        for r in caplog.records
-    )
+    assert any("refreshing the JWKS" in r.getMessage() and "keeping 1 keys" in r.getMessage()
+               for r in caplog.records)

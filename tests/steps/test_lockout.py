@@ -121,9 +121,7 @@ async def test_only_refused_tokens_count(policy_dir: Path, valkey_url: str) -> N
             200,
         ]
         # Two refused tokens are the limit.
-        bad = [
-            (await c.get("/me", headers=at(where, forged(valid, n)))).status_code for n in (1, 2)
-        ]
+        bad = [(await c.get("/me", headers=at(where, forged(valid, n)))).status_code for n in (1, 2)]
         assert bad == [401, 401]
         assert (await c.get("/me", headers=at(where, valid))).status_code == 429
 

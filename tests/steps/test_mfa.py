@@ -40,8 +40,7 @@ ROUTES = """\
 """
 
 LOCKOUT = SETTINGS.replace(
-    "realm: io\n", "realm: io\n    totp: {max_failures: 3, lockout: 120s, window: 10m}\n"
-)
+    "realm: io\n", "realm: io\n    totp: {max_failures: 3, lockout: 120s, window: 10m}\n")
 
 
 @pytest.fixture
@@ -68,7 +67,6 @@ def wrong_code(secret: str) -> str:
 
 # -- step-up claims --------------------------------------------------------------------
 
-
 async def test_without_a_second_factor_the_answer_is_401_step_up(
     policy_dir: Path, valkey_url: str
 ) -> None:
@@ -78,8 +76,7 @@ async def test_without_a_second_factor_the_answer_is_401_step_up(
     assert r.status_code == 401
     assert problem_type(r) == "mfa-required"
     assert challenge(r).startswith(
-        'Bearer realm="io", error="insufficient_user_authentication", error_description='
-    )
+        'Bearer realm="io", error="insufficient_user_authentication", error_description=')
     assert 'max_age="900"' in challenge(r)
 
 
@@ -124,8 +121,7 @@ async def test_an_auth_time_in_the_future_is_refused_beyond_the_leeway(
 
 async def test_an_acr_value_counts_when_configured(policy_dir: Path, valkey_url: str) -> None:
     settings = SETTINGS.replace(
-        "realm: io\n", "realm: io\n    step_up: {acr_values: [urn:example:loa:2], amr_values: []}\n"
-    )
+        "realm: io\n", "realm: io\n    step_up: {acr_values: [urn:example:loa:2], amr_values: []}\n")
     write_policies(policy_dir, ROUTES, settings)
     async with serve(policy_dir, valkey_url=valkey_url) as c:
         acr = await c.get("/step-up", headers=bearer(token(acr="urn:example:loa:2")))
@@ -154,10 +150,7 @@ async def test_totp_without_valkey_refuses_to_start(policy_dir: Path) -> None:
 
 # -- TOTP codes --------------------------------------------------------------------------
 
-
-async def test_a_code_is_accepted_once(
-    policy_dir: Path, valkey_url: str, store: ValkeyStore
-) -> None:
+async def test_a_code_is_accepted_once(policy_dir: Path, valkey_url: str, store: ValkeyStore) -> None:
     who = subject()
     secret = (await enrol(store, who)).secret
     write_policies(policy_dir, ROUTES)
@@ -180,9 +173,8 @@ async def test_totp_only_routes_ignore_step_up_claims(
     write_policies(policy_dir, ROUTES)
     async with serve(policy_dir, valkey_url=valkey_url) as c:
         claims_only = await c.get("/admin", headers=bearer(token(who, amr=["mfa"])))
-        with_code = await c.get(
-            "/admin", headers={**bearer(token(who)), **totp(code_at(secret, time.time()))}
-        )
+        with_code = await c.get("/admin", headers={**bearer(token(who)),
+                                                   **totp(code_at(secret, time.time()))})
     assert claims_only.status_code == 401
     assert with_code.status_code == 200
 
@@ -196,9 +188,8 @@ async def test_wrong_and_unenrolled_codes_are_401(
     async with serve(policy_dir, valkey_url=valkey_url) as c:
         wrong = await c.get("/step-up", headers={**bearer(token(who)), **totp(wrong_code(secret))})
         garbage = await c.get("/step-up", headers={**bearer(token(who)), **totp("x" * 5000)})
-        stranger = await c.get(
-            "/step-up", headers={**bearer(token(subject())), **totp(code_at(secret, time.time()))}
-        )
+        stranger = await c.get("/step-up", headers={**bearer(token(subject())),
+                                                    **totp(code_at(secret, time.time()))})
     for r in (wrong, garbage, stranger):
         assert r.status_code == 401
         assert problem_type(r) == "mfa-invalid"
@@ -213,10 +204,8 @@ async def test_failures_lock_the_subject_out_with_429(
     write_policies(policy_dir, ROUTES, LOCKOUT)
     headers = bearer(token(who))
     async with serve(policy_dir, valkey_url=valkey_url) as c:
-        statuses = [
-            (await c.get("/step-up", headers={**headers, **totp(wrong_code(secret))}))
-            for _ in range(3)
-        ]
+        statuses = [(await c.get("/step-up", headers={**headers, **totp(wrong_code(secret))}))
+                    for _ in range(3)]
         right = await c.get("/step-up", headers={**headers, **totp(code_at(secret, time.time()))})
         other = await c.get("/step-up", headers={**bearer(token(subject())), **totp("123456")})
     assert [r.status_code for r in statuses] == [401, 401, 429]
@@ -228,16 +217,11 @@ async def test_failures_lock_the_subject_out_with_429(
 
 
 async def test_the_same_sub_of_another_issuer_has_its_own_secret_replays_and_lockout(
-    policy_dir: Path,
-    valkey_url: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    policy_dir: Path, valkey_url: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_policies(
-        policy_dir,
-        ROUTES,
-        two_issuer_settings("    totp: {max_failures: 3, lockout: 120s, window: 10m}\n"),
-    )
+    write_policies(policy_dir, ROUTES, two_issuer_settings(
+        "    totp: {max_failures: 3, lockout: 120s, window: 10m}\n"))
     monkeypatch.setenv("POLICYROUTE_POLICIES", str(policy_dir))
     monkeypatch.setenv("POLICYROUTE_VALKEY_URL", valkey_url)
     monkeypatch.delenv("POLICYROUTE_KEY_PREFIX", raising=False)
@@ -250,10 +234,8 @@ async def test_the_same_sub_of_another_issuer_has_its_own_secret_replays_and_loc
         # The victim's code is nothing to the other issuer's `who`, who enrolled no secret.
         theirs = await c.get("/admin", headers={**impostor, **totp(code)})
         mine = await c.get("/admin", headers={**victim, **totp(code)})
-        wrong = [
-            (await c.get("/admin", headers={**impostor, **totp(wrong_code(secret))}))
-            for _ in range(2)
-        ]
+        wrong = [(await c.get("/admin", headers={**impostor, **totp(wrong_code(secret))}))
+                 for _ in range(2)]
         again = await c.get("/admin", headers={**victim, **totp(code)})
     assert theirs.status_code == 401 and problem_type(theirs) == "mfa-invalid"  # before: 200
     assert mine.status_code == 200  # before: 401, the impostor had used the code up
@@ -274,9 +256,8 @@ async def test_a_revoked_secret_no_longer_works(
     assert await revoke(store, who) is False
     write_policies(policy_dir, ROUTES)
     async with serve(policy_dir, valkey_url=valkey_url) as c:
-        r = await c.get(
-            "/step-up", headers={**bearer(token(who)), **totp(code_at(secret, time.time()))}
-        )
+        r = await c.get("/step-up", headers={**bearer(token(who)),
+                                             **totp(code_at(secret, time.time()))})
     assert r.status_code == 401
 
 
@@ -307,9 +288,7 @@ async def test_a_pluggable_secret_source(policy_dir: Path, valkey_url: str) -> N
     write_policies(policy_dir, ROUTES)
     code = code_at(secret, time.time())
     source = DictSecrets({who: secret})
-    async with serve(
-        policy_dir, valkey_url=valkey_url, extra_services={"totp_secrets": source}
-    ) as c:
+    async with serve(policy_dir, valkey_url=valkey_url, extra_services={"totp_secrets": source}) as c:
         first = await c.get("/step-up", headers={**bearer(token(who)), **totp(code)})
         replay = await c.get("/step-up", headers={**bearer(token(who)), **totp(code)})
     assert first.status_code == 200
@@ -361,12 +340,8 @@ def race(args: list[str], tmp_path: Path) -> list[int]:
     go = tmp_path / "go"
     ready = [tmp_path / f"ready-{i}" for i in range(2)]
     workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, KIT_DIR, *args, str(flag), str(go)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        subprocess.Popen([sys.executable, "-c", WORKER, KIT_DIR, *args, str(flag), str(go)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for flag in ready
     ]
     try:

@@ -135,7 +135,8 @@ def test_the_same_sub_of_another_issuer_has_its_own_limits_and_slots(served: Ser
 
 
 def test_the_commands_name_a_principal_only_as_the_routes_do(
-    cli: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    cli: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
 ) -> None:
     who = subject()
     refused = {
@@ -176,10 +177,8 @@ def of(who: str, **claims: Any) -> dict[str, str]:
 
 
 async def test_a_tenant_claim_keeps_one_subjects_tenants_apart(
-    policy_dir: Path,
-    valkey_url: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    policy_dir: Path, valkey_url: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
 ) -> None:
     calls: Counter[str] = Counter()
     settings = SETTINGS + "    tenant_claim: org.id\n"

@@ -106,10 +106,9 @@ async def serve(
     )
     policyroute.install(app, policy_dir, settings=config)
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
-    async with (
-        LifespanManager(app),
-        httpx.AsyncClient(transport=transport, base_url="http://t") as c,
-    ):
+    async with LifespanManager(app), httpx.AsyncClient(
+        transport=transport, base_url="http://t"
+    ) as c:
         await credits.set_balance(engine(app).services["valkey"], "127.0.0.1", 10, ip=True)
         c.app = app  # type: ignore[attr-defined]
         yield c

@@ -19,9 +19,7 @@ ROUTES = """\
 
 def _settings(scopes_claim: str = "scope", roles_claim: str = "roles") -> str:
     return SETTINGS.replace(
-        "realm: io\n",
-        f"realm: io\n    scopes_claim: {scopes_claim}\n    roles_claim: {roles_claim}\n",
-    )
+        "realm: io\n", f"realm: io\n    scopes_claim: {scopes_claim}\n    roles_claim: {roles_claim}\n")
 
 
 async def test_every_listed_scope_is_required(policy_dir: Path) -> None:
@@ -84,10 +82,7 @@ async def test_the_scope_claim_is_split_on_single_spaces_only(
 @pytest.mark.parametrize(
     ("roles_claim", "claims"),
     [
-        (
-            "realm_access.roles",
-            {"realm_access": {"roles": ["admin", "offline_access"]}},
-        ),  # Keycloak
+        ("realm_access.roles", {"realm_access": {"roles": ["admin", "offline_access"]}}),  # Keycloak
         ("permissions", {"permissions": ["admin"]}),  # Auth0
         ("role", {"role": "admin"}),  # Supabase: one string is one role
         ("app_metadata.authz.roles", {"app_metadata": {"authz": {"roles": ["admin"]}}}),

@@ -82,10 +82,9 @@ async def serve(
     settings = policyroute.Settings(valkey_url=valkey_url, key_prefix=prefix)
     policyroute.install(app, policy_dir, settings=settings)
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
-    async with (
-        LifespanManager(app),
-        httpx.AsyncClient(transport=transport, base_url="http://t") as c,
-    ):
+    async with LifespanManager(app), httpx.AsyncClient(
+        transport=transport, base_url="http://t"
+    ) as c:
         yield c, db, prefix
 
 
@@ -141,10 +140,9 @@ async def test_records_sealed_with_a_retired_key_still_open_after_rotation(
     settings = policyroute.Settings(valkey_url=valkey_url, key_prefix=prefix)
     policyroute.install(app, policy_dir, settings=settings)
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
-    async with (
-        LifespanManager(app),
-        httpx.AsyncClient(transport=transport, base_url="http://t") as c,
-    ):
+    async with LifespanManager(app), httpx.AsyncClient(
+        transport=transport, base_url="http://t"
+    ) as c:
         hit = await c.get("/notes/r")
     assert hit.headers["x-cache"] == "hit" and CANARY in hit.text
     assert "reads" not in db

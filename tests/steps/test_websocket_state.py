@@ -50,17 +50,9 @@ async def _session(app: Any) -> list[str]:
         sent.append(f"{kind}:{message['code']}" if kind == "websocket.close" else kind)
 
     scope = {
-        "type": "websocket",
-        "asgi": {"version": "3.0"},
-        "scheme": "ws",
-        "path": "/ws",
-        "raw_path": b"/ws",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [],
-        "client": ("127.0.0.1", 40000),
-        "server": ("t", 80),
-        "subprotocols": [],
+        "type": "websocket", "asgi": {"version": "3.0"}, "scheme": "ws", "path": "/ws",
+        "raw_path": b"/ws", "query_string": b"", "root_path": "", "headers": [],
+        "client": ("127.0.0.1", 40000), "server": ("t", 80), "subprotocols": [],
     }
     await app(scope, receive, send)
     return sent
