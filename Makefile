@@ -48,6 +48,12 @@ bench: $(STAMP)  ## ratios against bare FastAPI, slowapi and fastapi-limiter; li
 	  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1; } || \
 	  echo "make bench: wrk not available; using the built-in Python load generator" >&2
 	$(PY) -m bench
+	@command -v valgrind >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq valgrind) >/dev/null 2>&1; } || \
+	  echo "make bench: valgrind not available; no instruction counts" >&2
+	@if command -v valgrind >/dev/null 2>&1; then \
+	  $(PY) -m bench.instructions worker --loop uvloop bare core local full && \
+	  $(PY) -m bench.instructions valkey full limit; fi
 
 schema: $(STAMP)  ## regenerate the committed JSON Schema of the policy language
 	$(VENV)/bin/policyroute schema -o policies/schema.json

@@ -266,10 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.side is None:
         parser.error("say valkey or worker")
+    counts: dict[str, int] = {}
     for policy in args.policies:
         same = [args.side, policy, "--top", str(args.top), "--loop", args.loop, "--one"]
         here = _elsewhere(Path.cwd(), same)
         print(f"{Path.cwd()}:\n{here}", end="", flush=True)
+        if (found := PER_REQUEST.search(here)) is not None:
+            counts[policy] = int(found[1].replace(",", ""))
         if args.against:
             root = Path(args.against).resolve()
             there = _elsewhere(root, same)
@@ -278,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             if a and b:
                 change = int(a[1].replace(",", "")) - int(b[1].replace(",", ""))
                 print(f"  {policy}: {change:+,} instructions per request here")
+    if "bare" in counts and len(counts) > 1:
+        bare = counts["bare"]
+        ratios = ", ".join(f"{p} {n / bare:.2f}" for p, n in counts.items() if p != "bare")
+        print(f"instructions per request against bare: {ratios}")
     return 0
 
 
