@@ -128,7 +128,8 @@ def valkey_counts(policy: str, top: int) -> None:
         os.environ[VALKEY_URL_ENV] = backend.url
         calls = asyncio.run(record(policy, backend, RECORDED))
     binary = str(get_binary_path())
-    requests = sum(1 for name, _, _ in calls if name == "state")
+    # Each request makes one state call (`state`, or `state_tb` for one bucket alone).
+    requests = sum(1 for name, _, _ in calls if name.startswith("state"))
     with tempfile.TemporaryDirectory() as work:
         out = Path(work) / "valkey.cg"
         port = _free_port()
@@ -140,12 +141,13 @@ def valkey_counts(policy: str, top: int) -> None:
         try:
             client: Any = valkey.Valkey(port=port)
             _until(client.ping)
-            shas = {name: client.script_load(lua_source(name)) for name in ("state", "finish")}
+            names = {name for name, _, _ in calls}
+            shas = {name: client.script_load(lua_source(name)) for name in names}
 
             def replay(counted: bool) -> None:
                 client.flushall()
                 for name, keys, _ in calls:  # every account the calls charge holds plenty
-                    for key in keys if name == "state" else ():
+                    for key in keys if name.startswith("state") else ():
                         if key.endswith(":credits"):
                             client.hset(key, "b", 10**12)
                 if counted:

@@ -11,6 +11,7 @@
 -- (a replay, a cache hit, a joined response) follows the head as more bulk strings.
 -- include: _period
 -- include: _account
+-- include: _bucket
 local function head(verdict, rows, credit)
   local parts = {}
   for i, r in ipairs(rows) do
@@ -41,24 +42,9 @@ while op == 'tb' or op == 'sw' or op == 'cc' or op == 'th' or op == 'db' do
     local cap, refill, per = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
     local cost = tonumber(ARGV[ai + 3])
     ai = ai + 4
-    -- the bucket is one string, "tokens at" (ms), with its expiry: one read, one write
-    local tokens, ts = cap, now
-    local v = redis.call('GET', k)
-    if v then
-      local sp = string.find(v, ' ', 1, true)
-      tokens = tonumber(string.sub(v, 1, sp - 1)) or cap
-      ts = tonumber(string.sub(v, sp + 1)) or now
-    end
-    local rate = refill / per
-    if now > ts then tokens = math.min(cap, tokens + (now - ts) * rate) end
-    ok = tokens >= cost
-    local rest = tokens
-    if ok then rest = tokens - cost end
-    retry = 0
-    if not ok then retry = math.ceil((cost - tokens) / rate) end
-    reset = math.ceil((cap - rest) / rate)
-    left, cur = math.floor(rest + 1e-9), math.floor(tokens + 1e-9)
-    write = {op, k, tostring(rest), math.max(reset, 1)}
+    local rest
+    ok, left, reset, retry, cur, rest = bucket(k, cap, refill, per, cost, now)
+    write = {op, k, rest, math.max(reset, 1)}
   elseif op == 'sw' then
     local cap, per, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
     ai = ai + 3
