@@ -194,7 +194,7 @@ def _until(ready: Any, wait: float = 60.0) -> None:
 # -- the worker --------------------------------------------------------------------------
 
 
-def worker_counts(policy: str, top: int, loop: str = "asyncio") -> None:
+def worker_counts(policy: str, top: int, loop: str = "asyncio", tasks: int = TASKS) -> None:
     """The worker's instructions per request: this module again, under callgrind."""
     with start_valkey() as backend, tempfile.TemporaryDirectory() as work:
         out = Path(work) / "worker.cg"
@@ -204,23 +204,23 @@ def worker_counts(policy: str, top: int, loop: str = "asyncio") -> None:
         subprocess.run(
             [_valgrind(), "--tool=callgrind", "--instr-atstart=no",
              f"--callgrind-out-file={out}", sys.executable, HERE, "--inside", policy,
-             "--loop", loop],
+             "--loop", loop, "--tasks", str(tasks)],
             check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         _report(f"worker ({loop})", policy, COUNTED, _dumped(out), top)
 
 
-async def _inside(policy: str) -> None:
+async def _inside(policy: str, tasks: int) -> None:
     """Under callgrind: warm up, then count COUNTED requests (instrumentation on, dump)."""
     from asgi_lifespan import LifespanManager
 
     module = "bench.apps.bare" if policy == "bare" else "bench.apps.policyroute_app"
     app: Any = importlib.import_module(module).app
     async with LifespanManager(app):
-        ok = await _drive(app, _scopes("/ping", WARM, 0), TASKS)
+        ok = await _drive(app, _scopes("/ping", WARM, 0), tasks)
         _control("-i on", os.getpid())
         _control("-z", os.getpid())
-        ok += await _drive(app, _scopes("/ping", COUNTED, WARM), TASKS)
+        ok += await _drive(app, _scopes("/ping", COUNTED, WARM), tasks)
         _control("-d", os.getpid())
     if ok != WARM + COUNTED:
         raise RuntimeError(f"{policy}: not every request answered 2xx")
@@ -248,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the worker's event loop"
     )
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        default=TASKS,
+        help=f"requests in flight (default {TASKS}); 1 makes a chain with Valkey calls count "
+        "the same every run (no batch depends on timing)",
+    )
     parser.add_argument("--inside", help=argparse.SUPPRESS)  # the run under callgrind
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # this checkout
     args = parser.parse_intermixed_args(argv)
@@ -255,22 +262,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.loop == "uvloop":
             import uvloop
 
-            uvloop.run(_inside(args.inside))
+            uvloop.run(_inside(args.inside, args.tasks))
         else:
-            asyncio.run(_inside(args.inside))
+            asyncio.run(_inside(args.inside, args.tasks))
         return 0
     if args.one:
         for policy in args.policies:
             if args.side == "valkey":
                 valkey_counts(policy, args.top)
             else:
-                worker_counts(policy, args.top, args.loop)
+                worker_counts(policy, args.top, args.loop, args.tasks)
         return 0
     if args.side is None:
         parser.error("say valkey or worker")
     counts: dict[str, int] = {}
     for policy in args.policies:
         same = [args.side, policy, "--top", str(args.top), "--loop", args.loop, "--one"]
+        same += ["--tasks", str(args.tasks)]
         here = _elsewhere(Path.cwd(), same)
         print(f"{Path.cwd()}:\n{here}", end="", flush=True)
         if (found := PER_REQUEST.search(here)) is not None:
