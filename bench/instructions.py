@@ -128,8 +128,7 @@ def valkey_counts(policy: str, top: int) -> None:
         os.environ[VALKEY_URL_ENV] = backend.url
         calls = asyncio.run(record(policy, backend, RECORDED))
     binary = str(get_binary_path())
-    # Each request makes one state call (`state`, or `state_tb` for one bucket alone).
-    requests = sum(1 for name, _, _ in calls if name.startswith("state"))
+    requests = sum(1 for name, _, _ in calls if name == "state")
     with tempfile.TemporaryDirectory() as work:
         out = Path(work) / "valkey.cg"
         port = _free_port()
@@ -141,13 +140,12 @@ def valkey_counts(policy: str, top: int) -> None:
         try:
             client: Any = valkey.Valkey(port=port)
             _until(client.ping)
-            names = {name for name, _, _ in calls}
-            shas = {name: client.script_load(lua_source(name)) for name in names}
+            shas = {name: client.script_load(lua_source(name)) for name in ("state", "finish")}
 
             def replay(counted: bool) -> None:
                 client.flushall()
                 for name, keys, _ in calls:  # every account the calls charge holds plenty
-                    for key in keys if name.startswith("state") else ():
+                    for key in keys if name == "state" else ():
                         if key.endswith(":credits"):
                             client.hset(key, "b", 10**12)
                 if counted:

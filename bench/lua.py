@@ -223,33 +223,23 @@ def script_source(root: Path, name: str) -> str:
     return "\n".join([*shared, text])
 
 
-def _names(calls: list[Call]) -> set[str]:
-    """The scripts the calls name (`state`, `state_tb`, `finish`)."""
-    return {name for name, _, _ in calls}
-
-
-def _before(script: str) -> bool:
-    """Whether a script is a request's before-handler state call (one a request)."""
-    return script.startswith("state")
-
-
 def replay(backend: Valkey, runs: dict[Path, list[Call]], rounds: int) -> dict[Path, Any]:
     """Per checkout, its own calls through its own scripts, in alternating rounds: (us in
     scripts, Valkey CPU us) per request of each round."""
     client: Any = valkey.Valkey.from_url(backend.url)
     shas = {
-        root: {name: client.script_load(script_source(root, name)) for name in _names(calls)}
-        for root, calls in runs.items()
+        root: {name: client.script_load(script_source(root, name)) for name in ("state", "finish")}
+        for root in runs
     }
     found: dict[Path, list[tuple[float, float]]] = {root: [] for root in runs}
     try:
         for _ in range(rounds):
             for root, calls in runs.items():
-                requests = sum(1 for name, _, _ in calls if _before(name))
+                requests = sum(1 for name, _, _ in calls if name == "state")
                 client.flushall()
                 # Every account the calls charge holds plenty (its key ends in `:credits`).
                 for name, keys, _ in calls:
-                    for key in keys if _before(name) else ():
+                    for key in keys if name == "state" else ():
                         if key.endswith(":credits"):
                             client.hset(key, "b", 10**12)
                 client.config_resetstat()
@@ -297,7 +287,7 @@ def alone(policies: list[str], against: str | None, requests: int, rounds: int) 
             print(f"{policy}: scripts alone (us per request, least / median of {rounds} rounds)")
             for root, rows in found.items():
                 calls = runs[root]
-                per = len(calls) / max(1, sum(1 for c in calls if _before(c[0])))
+                per = len(calls) / max(1, sum(1 for c in calls if c[0] == "state"))
                 inside = [r[0] for r in rows]
                 cpu_us = [r[1] for r in rows]
                 print(

@@ -113,12 +113,6 @@ def state_reply(raw: Any) -> list[Any]:
     ]
 
 
-def state_script(args: Sequence[Arg]) -> str:
-    """The script for a state call: `state_tb` when its only op is one token bucket (the
-    same reply and effects as `state`, for less of Valkey's time), else `state`."""
-    return "state_tb" if len(args) == 5 and args[0] == "tb" else "state"
-
-
 def run_state(store: Store, req: Request, operation: str, fail_open: bool) -> Awaitable[Any]:
     """The before-handler verdict: one script call, or one per hash tag on a cluster.
 
@@ -126,8 +120,7 @@ def run_state(store: Store, req: Request, operation: str, fail_open: bool) -> Aw
     request's hot path awaits no extra frame. Read its reply with `state_reply`.
     """
     if not store.cluster or len({hash_tag(k) for k in req.keys}) < 2:
-        script = state_script(req.args)
-        return store.run(script, req.keys, req.args, operation=operation, fail_open=fail_open)
+        return store.run("state", req.keys, req.args, operation=operation, fail_open=fail_open)
     return _run_state_by_tag(store, req, operation, fail_open)
 
 
@@ -137,9 +130,8 @@ async def _run_state_by_tag(store: Store, req: Request, operation: str, fail_ope
     async def call(group: list[int]) -> Any:
         keys = [k for i in group for k in ops[i][0]]
         args = [a for i in group for a in ops[i][1]]
-        script = state_script(args)
         return state_reply(
-            await store.run(script, keys, args, operation=operation, fail_open=fail_open)
+            await store.run("state", keys, args, operation=operation, fail_open=fail_open)
         )
 
     limits = [i for i, op in enumerate(ops) if op[1][0] in LIMIT_OPS]

@@ -1,4 +1,4 @@
--- Shared by the state scripts (`-- include: _bucket`, prepended when loaded).
+-- Shared by state.lua's general loop and its one-bucket path (`-- include: _bucket`).
 -- One token bucket as a request finds it. The bucket is one string, "tokens at" (ms),
 -- with its expiry: one read here, one write by the caller once every limit allows.
 -- Returns whether `cost` tokens are there, the tokens left after taking them (floored),

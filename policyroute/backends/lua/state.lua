@@ -21,6 +21,19 @@ local function head(verdict, rows, credit)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[1] == 'tb' and ARGV[6] == nil then
+  -- One token bucket and nothing else (a route with one rate limit and nothing more
+  -- stateful), the commonest call: the same reply and effects as below, without the op
+  -- loop and its tables.
+  local k = KEYS[1]
+  local ok, left, reset, retry, cur, rest = bucket(
+    k, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), now)
+  if not ok then -- nothing taken: the row reports what the bucket has now
+    return string.format('rate|0,%d,%d,%d,%d,0|', cur, reset, retry, cur)
+  end
+  redis.call('SET', k, rest .. ' ' .. now, 'PX', math.max(reset, 1))
+  return string.format('go|1,%d,%d,%d,%d,0|', left, reset, retry, cur)
+end
 -- Keys and arguments are read in place (no helper closures: they would be made anew on
 -- every call, and this script runs on every request).
 local ki, ai = 1, 2

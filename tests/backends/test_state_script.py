@@ -1,0 +1,61 @@
+"""`state.lua`'s one-bucket path answers and writes as its general loop does."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from policyroute.backends.valkey import Arg, ValkeyStore
+from policyroute.steps.slots import state_reply
+
+DAY_MS = 86_400_000
+
+
+@pytest.mark.parametrize("cost", [1, 2])
+async def test_one_bucket_alone_answers_and_stores_what_the_general_loop_does(
+    valkey_url: str, cost: int
+) -> None:
+    # One bucket of 3 that refills 3 a day, so the ms between the two calls change nothing
+    # the replies show. Alone it takes the short path; followed by a second bucket that
+    # always allows (another key) the same call goes through the general loop.
+    store = ValkeyStore(valkey_url, prefix="t" + uuid.uuid4().hex[:10])
+    bucket: list[Arg] = ["tb", 3, 3, DAY_MS, cost]
+    roomy: list[Arg] = ["tb", 10**9, 10**9, DAY_MS, 1]
+    short_key, general_key = store.key("a", "tb", "r"), store.key("b", "tb", "r")
+    calls = {
+        "general": ([general_key, store.key("c", "tb", "r")], bucket + roomy),
+        "short": ([short_key], bucket),
+    }
+    buckets = {"general": general_key, "short": short_key}
+    try:
+        for _ in range(4):
+            replies = {
+                path: state_reply(
+                    await store.run("state", keys, args, operation="t", fail_open=False)
+                )
+                for path, (keys, args) in calls.items()
+            }
+            general, short = replies["general"], replies["short"]
+            assert (short[0], short[2], short[3]) == (general[0], general[2], general[3])
+            g_ok, g_left, g_reset, g_retry, g_cur, g_wait = (int(x) for x in general[1][0])
+            s_ok, s_left, s_reset, s_retry, s_cur, s_wait = (int(x) for x in short[1][0])
+            assert len(short[1]) == 1
+            assert (s_ok, s_left, s_cur, s_wait) == (g_ok, g_left, g_cur, g_wait)
+            assert (s_retry == 0) == (g_retry == 0) and abs(s_retry - g_retry) < 1000
+            assert abs(s_reset - g_reset) < 1000
+            stored = {
+                path: await store.command("GET", key, operation="t")
+                for path, key in buckets.items()
+            }
+            if stored["general"] is None:
+                assert stored["short"] is None
+                continue
+            g_tokens, s_tokens = (float(stored[p].split(b" ")[0]) for p in buckets)
+            assert abs(s_tokens - g_tokens) < 1e-3
+            ttls = [await store.command("PTTL", key, operation="t") for key in buckets.values()]
+            assert abs(ttls[0] - ttls[1]) < 1000
+        # The bucket ran out the same way on both paths: 3 tokens, `cost` a call.
+        assert general[0] == "rate" and int(general[1][0][2]) > 0
+    finally:
+        await store.stop()
