@@ -210,7 +210,6 @@ class RateLimitStep(Part):
             self.limits[0] if len(self.limits) == 1 and not self.shadows and not self.special
             else None
         )
-        self.single_label = self.single.label.encode() if self.single is not None else b""
 
     def describe(self) -> str:
         """The limits in one line."""
@@ -340,14 +339,7 @@ class RateLimitStep(Part):
             if row[0] == "1":  # allowed: the headers, one count
                 extra = req.extra
                 extra.append(self.policy_header)
-                reset = int(row[2])
-                extra.append(
-                    (
-                        b"ratelimit",
-                        b"%s;r=%d;t=%d"
-                        % (self.single_label, max(0, int(row[1])), max(0, -(-reset // 1000))),
-                    )
-                )
+                extra.append((b"ratelimit", single.item(int(row[1]), int(row[2])).encode()))
                 req.data["rl_held"] = True
                 req.ctx.decide("rate_limit", "allowed")
                 return
