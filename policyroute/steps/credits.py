@@ -27,9 +27,6 @@ def hold_keys(store: Store, tag: str) -> tuple[str, str, str]:
 # A running request's hold is renewed every quarter of `hold` (at most every RENEW_MIN s).
 RENEW_MIN = 0.05
 RENEW = "credits renew"
-# Accounts whose hold keys a credits part remembers; past this many it starts again.
-HOLD_KEYS_MEMO = 16_384
-HOLD_KEYS_TAG = 256
 
 
 # What a handler or server raises when the client went away mid-response (Starlette's
@@ -67,8 +64,6 @@ class CreditsStep(Part):
         self.live: dict[str, tuple[str, str, float]] = {}
         self.renewer: asyncio.Task[None] | None = None
         self.route = ""
-        # Hold keys by account tag, remembered: one account's requests ask for the same three.
-        self.holds: dict[str, tuple[str, str, str]] = {}
 
     def describe(self) -> str:
         """Cost, refunds and allowance in one line."""
@@ -87,14 +82,7 @@ class CreditsStep(Part):
         """Append the reservation op for the caller's account (none for a first-tier hit)."""
         if "answer" in req.data:
             return
-        tag = principal_tag(req.ctx)
-        keys = self.holds.get(tag)
-        if keys is None:
-            keys = hold_keys(self.store, tag)
-            if len(tag) <= HOLD_KEYS_TAG:  # only short tags: the memo stays small in bytes
-                if len(self.holds) >= HOLD_KEYS_MEMO:
-                    self.holds.clear()
-                self.holds[tag] = keys
+        keys = hold_keys(self.store, principal_tag(req.ctx))
         if self.shadow:
             self._probe(req, keys)
             return
