@@ -34,8 +34,13 @@ def cache_key(store: Store, tag: str, route: str, path: str, vary: str) -> str:
     One string either way (`E...` a response, `L<token>` the request computing it), so a
     lookup that misses takes the lock in the same command: `SET key L<token> NX GET PX`.
     """
+    return entry_key(store, tag, route_id(route), path, digest(vary))
+
+
+def entry_key(store: Store, tag: str, rid: str, path: str, variant: str) -> str:
+    """`cache_key` from the route's id and the variant's digest, as requests make it."""
     # The part before the variant repeats from request to request: remembered by the store.
-    return store.key(tag, "ce", route_id(route), path_digest(path)) + ":" + digest(vary)
+    return store.key(tag, "ce", rid, path_digest(path)) + ":" + variant
 
 
 def entry(code: int, headers: bytes, body: bytes) -> bytes:
@@ -183,8 +188,8 @@ class CacheStep(Part):
             self.route, self.route_id, self.shared_tag = route, route_id(route), shared_tag(route)
         tag = self.shared_tag if self.spec.shared else principal_tag(ctx)
         # `cache_key`, with the variant digested from the raw query where it can be.
-        place = self.store.key(tag, "ce", self.route_id, path_digest(ctx.scope.get("path", "")))
-        value = place + ":" + self.variant(ctx)
+        path = ctx.scope.get("path", "")
+        value = entry_key(self.store, tag, self.route_id, path, self.variant(ctx))
         req.data["ca_key"] = value
         local = self._local_get(value)
         if local is not None:
