@@ -259,3 +259,42 @@ async def test_a_process_that_exits_without_stopping_its_bus_keeps_its_events(
         assert sorted(p["n"] for p in payloads) == list(range(5))
     else:  # nowhere to keep them: said plainly, and the exit is still bounded and clean
         assert entries == []
+
+
+@pytest.mark.parametrize("ending", ["asyncio.run", "loop.close"])
+async def test_a_paused_valkey_at_exit_bounds_the_exit_and_says_what_is_lost(
+    tmp_path: Path, valkey_url: str, pulsar_url: str, ending: str
+) -> None:
+    # Valkey stopped (SIGSTOP, as its clients see it: connections open, nothing answered)
+    # while a process that never stopped its bus ends: the save waits its flush timeout,
+    # says what was lost, and the process still exits cleanly.
+    path = tmp_path / "never_stopped.py"
+    path.write_text(NEVER_STOPPED)
+    host, port = pulsar_url.removeprefix("pulsar://").rsplit(":", 1)
+    v_host, v_port = valkey_url.removeprefix("redis://").split("/")[0].rsplit(":", 1)
+    with FaultProxy(host, int(port)) as broker, FaultProxy(v_host, int(v_port)) as store:
+        broker.blackhole()
+        store.pause()
+        env = {
+            **os.environ,
+            "URL": broker.url("pulsar"),
+            "VALKEY": store.url("redis", "/0"),
+            "PREFIX": "t" + uuid.uuid4().hex[:10],
+            "T": topic("exit-paused"),
+            "ENDING": ending,
+            "POLICYROUTE_EVENTS_SEND_TIMEOUT": "30",
+            "POLICYROUTE_EVENTS_FLUSH_TIMEOUT": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(path), env=env, stderr=asyncio.subprocess.PIPE
+        )
+        _, raw = await asyncio.wait_for(proc.communicate(), 30.0)
+        took = time.monotonic() - started
+        store.heal()
+    err = raw.decode(errors="replace")
+    assert "terminate called" not in err, err[-3000:]
+    assert proc.returncode == 0, err[-3000:]
+    assert "5 event(s) could not be" in err and "they are lost" in err, err[-3000:]
+    assert took < 15, took
