@@ -203,16 +203,15 @@ class BoundChain:
             await self._socket(scope, receive, send, app)
             return
         started = time.perf_counter()
-        ctx = Context(scope, receive, send, self.chain.route, app)
+        ctx = Context(scope, receive, send, self.chain.route, app, self.ids.header)
         ctx.marks_entry = marks_entry
         headers = scope["headers"]
-        raw_id, size = self.ids.scan(headers)  # one pass: the caller's id and the sizes
         limit = self.header_limit
         # The values of all fields together (with room for the joins) bound any one of them.
-        big = limit and size + 2 * len(headers) > limit
+        big = limit and ctx.header_bytes + 2 * len(headers) > limit
         too_large = oversized(headers, limit) if big else None
         if too_large is None:
-            ctx.request_id = request_id = self.ids.accept(raw_id)
+            ctx.request_id = request_id = self.ids.accept(ctx.raw_id)
         else:
             ctx.request_id = request_id = self.ids.accept(None)
             headers = ()  # nothing reads the headers of a refused request, logs included
@@ -354,7 +353,7 @@ class BoundChain:
 
     async def _socket(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
         """A websocket: the guards and steps, and a policy close (1008) when refused."""
-        ctx = Context(scope, receive, send, self.chain.route, app)
+        ctx = Context(scope, receive, send, self.chain.route, app, self.ids.header)
         ctx.meter = self.meter
         limit = self.header_limit
         try:

@@ -52,12 +52,16 @@ class Context:
     __slots__ = (
         "_headers",
         "app",
+        "authorization",
         "client",
         "denied_by",
+        "forwarded",
+        "header_bytes",
         "marks_entry",
         "meter",
         "method",
         "principal",
+        "raw_id",
         "receive",
         "request_id",
         "root",
@@ -71,7 +75,13 @@ class Context:
     )
 
     def __init__(
-        self, scope: Scope, receive: Receive, send: Send, route: str, app: ASGIApp
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: str,
+        app: ASGIApp,
+        id_header: bytes = b"x-request-id",
     ) -> None:
         self.scope = scope
         self.app = app
@@ -95,6 +105,26 @@ class Context:
         self.shadowed: str | None = None  # the first denial a shadowed step did not enforce
         # Whether the endpoint marks its entry (`_entry.py`); else it runs whenever called.
         self.marks_entry = False
+        # One pass over the headers for what every request's steps read (header names are
+        # lower-case in ASGI, as Starlette reads them too): the caller's request id (the
+        # first `id_header`), the bytes of all values, every Authorization value, and
+        # whether any X-Forwarded-For came.
+        raw_id: bytes | None = None
+        size = 0
+        authorization: list[bytes] = []
+        forwarded = False
+        for key, value in scope["headers"]:
+            size += len(value)
+            if key == id_header and raw_id is None:
+                raw_id = value
+            if key == b"authorization":
+                authorization.append(value)
+            elif key == b"x-forwarded-for":
+                forwarded = True
+        self.raw_id = raw_id
+        self.header_bytes = size
+        self.authorization = authorization
+        self.forwarded = forwarded
 
     @property
     def headers(self) -> dict[str, str]:

@@ -154,12 +154,12 @@ class TokenCache:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.entries: dict[str, tuple[Principal, Key]] = {}
+        self.entries: dict[str | bytes, tuple[Principal, Key]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def get(self, token: str) -> Principal | None:
+    def get(self, token: str | bytes) -> Principal | None:
         """The principal of `token` while it has not expired."""
         entry = self.entries.get(token)
         if entry is None:
@@ -170,7 +170,7 @@ class TokenCache:
         self.entries.pop(token, None)
         return None
 
-    def put(self, token: str, principal: Principal, key: Key) -> None:
+    def put(self, token: str | bytes, principal: Principal, key: Key) -> None:
         """Keep `principal` until its token expires; when full, the oldest entry leaves."""
         if not principal.expires_at or principal.expires_at <= time.time():
             return
@@ -219,8 +219,8 @@ class Authenticator:
         for source in self.sources():
             await source.stop()
 
-    def cached(self, token: str) -> Principal | None:
-        """The principal of a token verified before and not expired yet."""
+    def cached(self, token: str | bytes) -> Principal | None:
+        """The principal of a token verified before (by what it was remembered under)."""
         return self.cache.get(token) if self.cache is not None else None
 
     def claimed_account(self, token: str) -> str | None:
@@ -242,13 +242,20 @@ class Authenticator:
             return None
         return self.accounts.of_claims(claims, issuer)
 
-    async def authenticate(self, token: str, client: str | None = None) -> Principal:
-        """The principal of a valid token; raise TokenError otherwise."""
-        principal = self.cached(token)
+    async def authenticate(
+        self, token: str, client: str | None = None, remember: str | bytes | None = None
+    ) -> Principal:
+        """The principal of a valid token; raise TokenError otherwise.
+
+        It is remembered under `remember` (by default the token): the auth step names the
+        whole Authorization header value, so a repeat skips parsing the header too.
+        """
+        name = token if remember is None else remember
+        principal = self.cached(name)
         if principal is None:
             principal, key = await self._verify(token, client)
             if self.cache is not None:
-                self.cache.put(token, principal, key)
+                self.cache.put(name, principal, key)
         return principal
 
     async def _verify(self, token: str, client: str | None) -> tuple[Principal, Key]:

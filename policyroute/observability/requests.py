@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 
 from starlette.types import Message, Scope, Send
 
@@ -32,18 +32,8 @@ class RequestIds:
 
     def of(self, scope: Scope) -> str:
         """The caller's id from the configured header when sane, else a new one."""
-        return self.accept(self.scan(scope.get("headers", ()))[0])
-
-    def scan(self, headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, int]:
-        """The caller's raw id (the first such header) and the bytes of all header values."""
         name = self.header
-        found: bytes | None = None
-        size = 0
-        for key, value in headers:
-            size += len(value)
-            if key == name and found is None:
-                found = value
-        return found, size
+        return self.accept(next((v for k, v in scope.get("headers", ()) if k == name), None))
 
     def accept(self, raw: bytes | None) -> str:
         """A caller's raw id when sane, else a new one (a long value is never decoded)."""

@@ -55,7 +55,7 @@ class AuthStep(Step):
         if b"access" in query and b"access_token" in _query_names(query):
             raise self._invalid_request(
                 "a token in the query string is refused; send it in the Authorization header")
-        values = ctx.header_values(b"authorization")
+        values = ctx.authorization
         if not values:
             raise Denial(Problems.UNAUTHENTICATED, "a bearer token is required",
                          headers=self._no_token)
@@ -73,15 +73,17 @@ class AuthStep(Step):
 
     def check_now(self, ctx: Context) -> Awaitable[None] | None:
         """Refuse a missing or malformed token; a token verified before decides at once."""
-        raw = self._token(ctx)
-        token = raw.decode("latin-1")
-        # A cached token was well-formed when first seen: a repeat costs one lookup.
-        principal = self.authenticator.cached(token)
-        if principal is None:
-            if not _B64TOKEN.fullmatch(raw):
-                raise self._invalid_request("the Authorization header must be `Bearer <token>`")
-            return self._verify(ctx, token)
-        return self._admit_cached(ctx, principal)
+        values = ctx.authorization
+        if len(values) == 1 and b"access" not in ctx.scope.get("query_string", b""):
+            # Verified tokens are remembered by the whole header value they came in, which
+            # was well-formed then and names the same token now: a repeat is one lookup.
+            principal = self.authenticator.cached(values[0])
+            if principal is not None:
+                return self._admit_cached(ctx, principal)
+        raw = self._token(ctx)  # every refusal of the header, in order
+        if not _B64TOKEN.fullmatch(raw):
+            raise self._invalid_request("the Authorization header must be `Bearer <token>`")
+        return self._verify(ctx, raw.decode("latin-1"))
 
     def _admit_cached(self, ctx: Context, principal: Principal) -> Awaitable[None] | None:
         """A token verified before: admit at once (a lockout checks the caller first)."""
@@ -91,7 +93,8 @@ class AuthStep(Step):
     async def _verify(self, ctx: Context, token: str) -> None:
         """Verify a token not seen before (signature, claims; keys may be fetched)."""
         try:
-            principal = await self.authenticator.authenticate(token, ctx.client)
+            principal = await self.authenticator.authenticate(
+                token, ctx.client, ctx.authorization[0])
             ctx.note("auth", "verified")  # a signature checked (a cached token is not)
         except TokenError as exc:
             # The reason only: never the token, never a claim value.

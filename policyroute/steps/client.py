@@ -63,7 +63,7 @@ class ClientStep(Step):
     def check_now(self, ctx: Context) -> None:
         """Set `ctx.client`, which the IP allowlist, the principal and rate-limit keys read."""
         headers = ctx.scope["headers"]
-        if rewritten(ctx.client, headers):
+        if ctx.forwarded and rewritten(ctx.client, headers):
             if not _logged[0]:
                 _logged[0] = True
                 log.error("policyroute: %s (route %s; logged once)", _FIX, ctx.route)

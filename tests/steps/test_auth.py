@@ -102,6 +102,23 @@ async def test_two_authorization_headers_are_400(policies: Path) -> None:
     assert 'error="invalid_request"' in challenge(r)
 
 
+async def test_a_token_verified_before_is_refused_where_its_header_is(policies: Path) -> None:
+    # Verified tokens are remembered by the whole header value: the refusals that do not
+    # depend on the token (a token in the query, two headers) still come first.
+    valid = token()
+    async with serve(policies) as c:
+        first = await c.get("/me", headers=bearer(valid))
+        in_query = await c.get("/me", params={"access_token": valid}, headers=bearer(valid))
+        twice = await c.get("/me", headers=[("Authorization", f"Bearer {valid}")] * 2)
+        spaced = await c.get("/me", headers={"Authorization": f"bearer   {valid}"})
+        again = await c.get("/me", headers=bearer(valid))
+    assert (first.status_code, again.status_code, spaced.status_code) == (200, 200, 200)
+    assert first.json() == again.json() == spaced.json()
+    for r in (in_query, twice):
+        assert r.status_code == 400
+        assert 'error="invalid_request"' in challenge(r)
+
+
 async def test_bad_token_is_401_invalid_token(policies: Path) -> None:
     async with serve(policies) as c:
         r = await c.get("/me", headers=bearer("abc.def.ghi"))
