@@ -173,8 +173,10 @@ class Engine:
     def decide(self, method: str, endpoint: Endpoint) -> BoundChain:
         """The chain of the resolved endpoint for `method` (the gate runs it, then dispatches)."""
         snapshot = self.snapshot
-        if endpoint.known:
-            return snapshot.chain_for(method, endpoint.path)
+        if endpoint.kind != "unknown":  # `endpoint.known`
+            # `chain_for`'s common case inline: one lookup for a template seen before.
+            found = snapshot.bound.get((method, endpoint.path))
+            return found if found is not None else snapshot.chain_for(method, endpoint.path)
         return snapshot.deny(method, endpoint.path)
 
     def reload(self) -> ConfigError | None:

@@ -275,15 +275,18 @@ def status_class(status: int) -> str:
 class RouteMeter:
     """The label children of one route: bound when its chain is bound, never per request."""
 
-    __slots__ = ("decisions", "denials", "latency", "requests", "route", "shadows")
+    __slots__ = (
+        "decisions", "denials", "latency", "method", "ok", "requests", "route", "shadows", "timer"
+    )
 
     def __init__(self, route: str, kinds: frozenset[str] = frozenset()) -> None:
         self.route = route
-        method = route.split(" ", 1)[0]
-        self.latency: dict[str, Any] = {method: LATENCY.labels(route, method)}
-        self.requests: dict[tuple[str, str, str], Any] = {
-            (method, "allowed", "2xx"): REQUESTS.labels(route, method, "allowed", "2xx")
-        }
+        self.method = method = route.split(" ", 1)[0]
+        # The cells of the usual request (the route's method, allowed, 2xx), held apart.
+        self.timer: Timing = LATENCY.labels(route, method)
+        self.ok: Tally = REQUESTS.labels(route, method, "allowed", "2xx")
+        self.latency: dict[str, Any] = {method: self.timer}
+        self.requests: dict[tuple[str, str, str], Any] = {(method, "allowed", "2xx"): self.ok}
         self.decisions: dict[tuple[str, str], Any] = {
             (kind, outcome): DECISIONS[kind][0].labels(route, outcome)
             for kind in kinds
@@ -303,6 +306,12 @@ class RouteMeter:
 
     def done(self, method: str, outcome: str, status: int, seconds: float) -> None:
         """Count a finished request and observe its duration."""
+        if 200 <= status < 300 and outcome == "allowed" and method == self.method:
+            self.ok.value += 1.0
+            usual = self.timer
+            usual.counts[bisect_left(usual.bounds, seconds)] += 1
+            usual.total += seconds
+            return
         key = (method, outcome, status_class(status))
         child = self.requests.get(key)
         if child is None:

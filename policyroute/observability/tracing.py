@@ -41,13 +41,6 @@ def set_provider(provider: TracerProvider | None) -> None:
     _tracer = None
 
 
-def _global_provider() -> object:
-    # `trace.get_tracer_provider()` reads os.environ on every call while no provider is
-    # set (about a microsecond); the module global it consults is read directly instead.
-    found = getattr(trace, "_TRACER_PROVIDER", _MISSING)
-    return trace.get_tracer_provider() if found is _MISSING else found
-
-
 _MISSING = object()
 trace.get_tracer_provider()  # a provider named by OTEL_PYTHON_TRACER_PROVIDER loads now
 
@@ -55,7 +48,13 @@ trace.get_tracer_provider()  # a provider named by OTEL_PYTHON_TRACER_PROVIDER l
 def active() -> Tracer | None:
     """policyroute's tracer when an SDK provider is configured; None when tracing is off."""
     global _seen, _tracer
-    provider = _explicit if _explicit is not None else _global_provider()
+    provider: object = _explicit
+    if provider is None:
+        # `trace.get_tracer_provider()` reads os.environ on every call while no provider
+        # is set (about a microsecond); the module global it consults is read directly.
+        provider = getattr(trace, "_TRACER_PROVIDER", _MISSING)
+        if provider is _MISSING:
+            provider = trace.get_tracer_provider()
     if provider is _seen:
         return _tracer
     _seen = provider
