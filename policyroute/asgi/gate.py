@@ -265,7 +265,7 @@ class Resolved:
     router: Any = None
     select: Select | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """The rest of the routers' dispatch (the handoff): select as they would, then handle.
 
         The resolution is the handoff itself: one object per request, not two.
@@ -286,9 +286,10 @@ class Resolved:
         if included is not None and included.levels[0] is route:
             fastapi = _fastapi_included()
             assert fastapi is not None  # an `Included` is only made where it is known
-            await fastapi.enter(fresh, included)(fresh, receive, send)
-            return
-        await route.handle(fresh, receive, send)
+            return fastapi.enter(fresh, included)(fresh, receive, send)
+        # The route's own coroutine, handed back: no frame of the handoff's stays on the
+        # request's stack (the caller awaits it).
+        return route.handle(fresh, receive, send)  # type: ignore[no-any-return]
 
 
 
@@ -703,9 +704,9 @@ class Dispatch:
     def __init__(self, inner: ASGIApp) -> None:
         self.inner = inner
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """Dispatch once (a retry dispatches again from the scope as the gate saw it)."""
-        await self.inner(_fresh(scope), receive, send)
+        return self.inner(_fresh(scope), receive, send)
 
 
 def _starlette_select(router: Any, scope: Scope, route: Any, child: Scope) -> None:
@@ -789,30 +790,29 @@ class RouterGate:
         self.decide = decide
         self.warned: set[type] = set()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Resolve, refuse what no policy can allow, run the chain around the dispatch."""
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Resolve, refuse what no policy can allow, run the chain around the dispatch.
+
+        Not a coroutine: it hands back what its caller awaits (the chain's, the router's),
+        so no frame of the gate's stays on the request's stack.
+        """
         kind = scope["type"]
         if kind != "http" and kind != "websocket":
-            await self.inner(scope, receive, send)  # lifespan
-            return
+            return self.inner(scope, receive, send)  # lifespan
         router = self.router
         found = _first(router.routes, scope, "", 0)  # `resolve`, its common case inline
         if found.match is not _FULL:
             found = _after_routes(router, scope, found, "")
         endpoint = found.endpoint
         if endpoint is None:
-            await self.inner(scope, receive, send)  # 404 or a slash redirect: no endpoint
-            return
+            return self.inner(scope, receive, send)  # 404 or a slash redirect: no endpoint
         method = scope["method"] if kind == "http" else "GET"
         if kind == "http" and method not in _STANDARD:
-            await self._refuse(scope, send, _not_allowed(endpoint.methods))
-            return
+            return self._refuse(scope, send, _not_allowed(endpoint.methods))
         if found.match is _PARTIAL:
             if kind == "http":
-                await self._refuse(scope, send, _not_allowed(endpoint.methods))
-            else:
-                await send({"type": "websocket.close", "code": 1008, "reason": "no-policy"})
-            return
+                return self._refuse(scope, send, _not_allowed(endpoint.methods))
+            return send({"type": "websocket.close", "code": 1008, "reason": "no-policy"})
         if endpoint.kind == "unknown":
             self._warn(endpoint)  # `decide` denies it
         select = self.select
@@ -821,10 +821,10 @@ class RouterGate:
         else:
             found.router, found.select = self.router, select
             app = found
-        await self.decide(method, endpoint)(scope, receive, send, app, endpoint.marks_entry)
+        return self.decide(method, endpoint)(scope, receive, send, app, endpoint.marks_entry)
 
-    async def _refuse(self, scope: Scope, send: Send, denial: Denial) -> None:
-        await send_problem(send, denial, instance=scope.get("path"), head=scope["method"] == "HEAD")
+    def _refuse(self, scope: Scope, send: Send, denial: Denial) -> Awaitable[None]:
+        return send_problem(send, denial, instance=scope.get("path"), head=scope["method"] == "HEAD")
 
     def _warn(self, endpoint: Endpoint) -> None:
         kind = type(endpoint.route)
