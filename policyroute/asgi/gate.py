@@ -824,7 +824,8 @@ class RouterGate:
         return self.decide(method, endpoint)(scope, receive, send, app, endpoint.marks_entry)
 
     def _refuse(self, scope: Scope, send: Send, denial: Denial) -> Awaitable[None]:
-        return send_problem(send, denial, instance=scope.get("path"), head=scope["method"] == "HEAD")
+        head = scope["method"] == "HEAD"
+        return send_problem(send, denial, instance=scope.get("path"), head=head)
 
     def _warn(self, endpoint: Endpoint) -> None:
         kind = type(endpoint.route)
