@@ -13,6 +13,7 @@ step on the way is measured here.
 .venv/bin/python -m bench.instructions valkey --against ../other full
 .venv/bin/python -m bench.instructions worker --loop uvloop full     # production's loop
 .venv/bin/python -m bench.instructions worker --top 25 full         # and where they go
+.venv/bin/python -m bench.instructions server --loop uvloop bare local  # over HTTP
 ```
 
 - ``valkey``: the state and finish calls one round of requests makes (``bench.lua``'s
@@ -22,6 +23,12 @@ step on the way is measured here.
 - ``worker``: this process, run again under callgrind, serves the policy set in process
   (``bench.inproc``'s requests, 32 in flight, a real Valkey outside valgrind), and counts
   only its measured requests, after a warm-up round.
+- ``server``: uvicorn serving the scenario exactly as ``make bench`` starts it (``--loop
+  uvloop --http httptools`` with ``--loop uvloop``, else ``asyncio`` and ``h11``), run
+  under callgrind and sent 2,000 requests over 8 keep-alive connections after a warm-up:
+  the HTTP server's work and the app's, as users serve it. Slowed by valgrind, the server
+  finds more requests ready at once than at full speed, so Valkey replies are shared by
+  more requests than under ``make bench``; compare like with like.
 - ``--against CHECKOUT`` runs the same measure from another checkout (its code, its
   scripts) right after this one's.
 - ``--top N`` prints the N functions that execute the most instructions (their own, not
@@ -224,6 +231,72 @@ async def _inside(policy: str, tasks: int) -> None:
         raise RuntimeError(f"{policy}: not every request answered 2xx")
 
 
+# -- the server, over HTTP ----------------------------------------------------------------
+
+SERVED = 2000  # requests counted (server), over CONNECTIONS keep-alive connections
+CONNECTIONS = 8
+
+
+async def _load(port: int, path: str, headers: tuple[tuple[str, str], ...], count: int,
+                start: int) -> int:  # fmt: skip
+    """Send `count` requests over CONNECTIONS keep-alive connections; the 2xx answers."""
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    answered = 0
+
+    async def one(conn: int, share: int) -> None:
+        nonlocal answered
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for i in range(share):
+                query = f"{path}?n={start}-{conn}-{i}"
+                writer.write(
+                    f"GET {query} HTTP/1.1\r\nhost: 127.0.0.1\r\n{head}\r\n".encode("latin-1")
+                )
+                status = await reader.readuntil(b"\r\n")
+                fields = (await reader.readuntil(b"\r\n\r\n")).lower()
+                length = re.search(rb"content-length: *(\d+)", fields)
+                await reader.readexactly(int(length[1]) if length else 0)
+                answered += status.split(b" ")[1].startswith(b"2")
+        finally:
+            writer.close()
+
+    shares = [count // CONNECTIONS + (c < count % CONNECTIONS) for c in range(CONNECTIONS)]
+    await asyncio.gather(*(one(c, share) for c, share in enumerate(shares) if share))
+    return answered
+
+
+def server_counts(policy: str, top: int, loop: str = "uvloop") -> None:
+    """The server's instructions per request: uvicorn as `make bench` runs it, over HTTP."""
+    from bench.scenarios import by_name
+    from bench.server import command
+
+    scenario = by_name(["bare" if policy == "bare" else f"policyroute_{policy}"])[0]
+    setup = "production" if loop == "uvloop" else "plain"
+    port = _free_port()
+    with start_valkey() as backend, tempfile.TemporaryDirectory() as work:
+        out = Path(work) / "server.cg"
+        env = {**os.environ, **dict(scenario.env), VALKEY_URL_ENV: backend.url,
+               "PYTHONHASHSEED": "0"}  # fmt: skip
+        server = subprocess.Popen(
+            [_valgrind(), "--tool=callgrind", "--instr-atstart=no",
+             f"--callgrind-out-file={out}", *command(scenario, port, setup)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            _until(lambda: asyncio.run(_load(port, scenario.path, scenario.headers, 8, 0)), 120)
+            warm = asyncio.run(_load(port, scenario.path, scenario.headers, WARM, 1))
+            _control("-i on", server.pid)
+            _control("-z", server.pid)
+            ok = asyncio.run(_load(port, scenario.path, scenario.headers, SERVED, 2))
+            _control("-d", server.pid)
+        finally:
+            server.terminate()
+            server.wait()
+        if warm != WARM or ok != SERVED:
+            raise RuntimeError(f"{policy}: not every request answered 2xx")
+        _report(f"server ({setup})", policy, SERVED, _dumped(out), top)
+
+
 # -- the command -------------------------------------------------------------------------
 
 
@@ -239,7 +312,7 @@ def _elsewhere(root: Path, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Print instructions per request for each policy set, here (and in `--against`)."""
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
-    parser.add_argument("side", choices=("valkey", "worker"), nargs="?")
+    parser.add_argument("side", choices=("valkey", "worker", "server"), nargs="?")
     parser.add_argument("policies", nargs="*", default=["full"])
     parser.add_argument("--against", help="another checkout to measure the same way")
     parser.add_argument("--top", type=int, default=0, help="functions to list (default none)")
@@ -268,11 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         for policy in args.policies:
             if args.side == "valkey":
                 valkey_counts(policy, args.top)
+            elif args.side == "server":
+                server_counts(policy, args.top, args.loop)
             else:
                 worker_counts(policy, args.top, args.loop, args.tasks)
         return 0
     if args.side is None:
-        parser.error("say valkey or worker")
+        parser.error("say valkey, worker or server")
     counts: dict[str, int] = {}
     for policy in args.policies:
         same = [args.side, policy, "--top", str(args.top), "--loop", args.loop, "--one"]

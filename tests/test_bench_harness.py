@@ -502,3 +502,16 @@ def test_instruction_counts_are_each_function_s_own_not_what_it_calls(tmp_path: 
     own = instructions.costs(path)
     assert own == {"main": 100, "work": 600, "leaf": 250}
     assert sum(own.values()) == 950
+
+
+async def test_the_server_count_sends_exactly_the_requests_it_counts_each_with_its_query() -> None:
+    # `bench.instructions server` divides the server's instructions by this count: 13
+    # requests over 8 connections must be 13 requests, each with its own query and the
+    # scenario's headers.
+    async with recording_server() as (recorder, port):
+        answered = await instructions._load(port, "/ping", (("Authorization", "Bearer t"),), 13, 5)
+    assert answered == 13
+    values = query_values(recorder.paths())
+    assert len(values) == len(set(values)) == 13
+    assert all(v.startswith("5-") for v in values)
+    assert {auth for _, auth in recorder.seen} == {"Bearer t"}
