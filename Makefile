@@ -53,6 +53,7 @@ bench: $(STAMP)  ## ratios against bare FastAPI, slowapi and fastapi-limiter; li
 	  echo "make bench: valgrind not available; no instruction counts" >&2
 	@if command -v valgrind >/dev/null 2>&1; then \
 	  $(PY) -m bench.instructions worker --loop uvloop bare core local full && \
+	  $(PY) -m bench.instructions server --loop uvloop bare core local full && \
 	  $(PY) -m bench.instructions valkey full limit; fi
 
 schema: $(STAMP)  ## regenerate the committed JSON Schema of the policy language
