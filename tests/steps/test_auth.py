@@ -10,7 +10,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from joserfc.jwk import Key, RSAKey
 
+import policyroute
+import policyroute.testing
 from policyroute import ConfigError
 from policyroute.identity.dev import DEV_AUDIENCE, DEV_ISSUER, DEV_KID
 
@@ -30,6 +32,7 @@ from .identity_kit import (
     bearer,
     challenge,
     dev_key,
+    make_app,
     problem_type,
     serve,
     token,
@@ -117,6 +120,35 @@ async def test_a_token_verified_before_is_refused_where_its_header_is(policies: 
     for r in (in_query, twice):
         assert r.status_code == 400
         assert 'error="invalid_request"' in challenge(r)
+
+
+async def test_an_authorization_name_not_in_lower_case_is_no_credential(policies: Path) -> None:
+    # ASGI servers hand header names in lower case, and Starlette reads them as given; so
+    # does the gate: a name spelled otherwise (a server not following ASGI) is no token.
+    app = make_app()
+    policyroute.install(app, policies)
+    valid = token()
+
+    async def status(name: bytes) -> int:
+        sent: list[MutableMapping[str, Any]] = []
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "GET", "scheme": "http", "path": "/me", "raw_path": b"/me",
+                 "root_path": "", "query_string": b"", "client": ("127.0.0.1", 5000),
+                 "server": ("testserver", 80),
+                 "headers": [(b"host", b"testserver"), (name, f"Bearer {valid}".encode())]}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return int(sent[0]["status"])
+
+    async with policyroute.testing.client(app):
+        assert await status(b"authorization") == 200
+        assert await status(b"Authorization") == 401
 
 
 async def test_bad_token_is_401_invalid_token(policies: Path) -> None:
