@@ -57,11 +57,14 @@ class CreditsStep(Part):
         self.refund_on = frozenset(spec.refund_on)
         self.watch_disconnect = "disconnect" in self.refund_on
         self.hears_disconnect = not self.shadow
-        # Reservations of requests still running, by token: (held key, member, since), and
-        # the task that renews their holds while there are any (see `_renew`).
+        # Reservations of requests still running, by token: (held key, member, since); the
+        # timer that looks for holds to renew every `every` while there are any, and the
+        # task renewing them (see `_due`).
         self.hold_ms = self.op[4]
         self.every = max(RENEW_MIN, spec.hold / 4)
         self.live: dict[str, tuple[str, str, float]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_loop: asyncio.AbstractEventLoop | None = None
         self.renewer: asyncio.Task[None] | None = None
         self.route = ""
 
@@ -147,45 +150,55 @@ class CreditsStep(Part):
     def _keep(self, req: Request, member: str) -> None:
         """Renew this reservation's hold until the request settles it."""
         self.live[req.token] = (req.data["cr_keys"][1], member, time.monotonic())
-        renewer = self.renewer
-        if renewer is None or renewer.done():
+        loop = asyncio.get_running_loop()
+        if self.timer is None or self.timer_loop is not loop:
+            # A timer, not a task: most requests settle long before it fires, and a request
+            # then costs no task made, scheduled and ended (a task each request, before).
             self.route = req.ctx.route
-            self.renewer = asyncio.get_running_loop().create_task(self._renew())
+            self.timer_loop = loop
+            self.timer = loop.call_later(self.every, self._due)
 
-    async def _renew(self) -> None:
-        """While requests hold credits, renew every hold older than a quarter of `hold`.
+    def _due(self) -> None:
+        """Every `every` while holds are open: renew the holds older than `every`.
 
         So a request that runs longer than `hold` keeps its reservation: the next charge
-        of the account does not sweep (refund) it, and its commit then takes it. Holds
-        are renewed in one script call per account each time; the task ends when no
-        reservation is open, and the next one starts it again.
+        of the account does not sweep (refund) it, and its commit then takes it. The
+        renewal is one script call per account; a renewal still running when the next is
+        due is not doubled (the next tick finds what is still due).
         """
+        self.timer = None
+        if not self.live:
+            return  # the next reservation starts the timer again
+        loop = asyncio.get_running_loop()
+        older = time.monotonic() - self.every
+        due: dict[str, list[Arg]] = {}
+        for held, member, since in self.live.values():
+            if since <= older:
+                due.setdefault(held, [self.hold_ms]).append(member)
+        if due and (self.renewer is None or self.renewer.done()):
+            self.renewer = loop.create_task(self._renew(due))
+        self.timer = loop.call_later(self.every, self._due)
+
+    async def _renew(self, due: dict[str, list[Arg]]) -> None:
+        """Renew the holds in `due` (held key: hold ms, then members), one call per account."""
         store, route = self.store, self.route
-        try:
-            while self.live:
-                await asyncio.sleep(self.every)
-                due: dict[str, list[Arg]] = {}
-                older = time.monotonic() - self.every
-                for held, member, since in self.live.values():
-                    if since <= older:
-                        due.setdefault(held, [self.hold_ms]).append(member)
-                calls = [
-                    store.run("credits_renew", [held], members, operation=RENEW, fail_open=True)
-                    for held, members in due.items()
-                ]
-                for failed in await asyncio.gather(*calls, return_exceptions=True):
-                    if isinstance(failed, StorageError):
-                        # The commit still charges a hold swept meanwhile (finish.lua).
-                        backend_error(route, failed)
-                        backend_warning(route, failed)
-                    elif isinstance(failed, BaseException):
-                        raise failed
-        finally:
-            if self.renewer is asyncio.current_task():
-                self.renewer = None
+        calls = [
+            store.run("credits_renew", [held], members, operation=RENEW, fail_open=True)
+            for held, members in due.items()
+        ]
+        for failed in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(failed, StorageError):
+                # The commit still charges a hold swept meanwhile (finish.lua).
+                backend_error(route, failed)
+                backend_warning(route, failed)
+            elif isinstance(failed, BaseException):
+                raise failed
 
     async def stop(self) -> None:
         """Stop renewing holds (the engine stops; requests still running keep theirs)."""
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
         renewer, self.renewer = self.renewer, None
         if renewer is not None and not renewer.done():
             renewer.cancel()
