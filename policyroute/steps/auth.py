@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from urllib.parse import unquote_to_bytes
 
 from ..compile.compiler import Env, register
@@ -41,6 +41,8 @@ class AuthStep(Step):
         self.realm = realm
         self.max_header = authenticator.max_bytes + _SCHEME_SLACK
         self._no_token = bearer_challenge(realm)
+        # The verified-token lookup, bound once: every request with a token makes it.
+        self._remembered = authenticator.cached
 
     def _invalid_request(self, detail: str) -> Denial:
         return Denial(Problems.INVALID_REQUEST, detail,
@@ -77,7 +79,7 @@ class AuthStep(Step):
         if len(values) == 1 and b"access" not in ctx.scope.get("query_string", b""):
             # Verified tokens are remembered by the whole header value they came in, which
             # was well-formed then and names the same token now: a repeat is one lookup.
-            principal = self.authenticator.cached(values[0])
+            principal = self._remembered(values[0])
             if principal is not None:
                 return self._admit_cached(ctx, principal)
         raw = self._token(ctx)  # every refusal of the header, in order
@@ -85,10 +87,6 @@ class AuthStep(Step):
             raise self._invalid_request("the Authorization header must be `Bearer <token>`")
         return self._verify(ctx, raw.decode("latin-1"))
 
-    def _admit_cached(self, ctx: Context, principal: Principal) -> Awaitable[None] | None:
-        """A token verified before: admit at once (a lockout checks the caller first)."""
-        self._admit(ctx, principal)
-        return None
 
     async def _verify(self, ctx: Context, token: str) -> None:
         """Verify a token not seen before (signature, claims; keys may be fetched)."""
@@ -113,6 +111,10 @@ class AuthStep(Step):
         if principal.client != ctx.client:
             principal = dataclasses.replace(principal, client=ctx.client)
         ctx.set_principal(principal)
+
+    # A token verified before: admitted at once, returning None (a lockout's override
+    # checks the caller first and returns what to await).
+    _admit_cached: Callable[[Context, Principal], Awaitable[None] | None] = _admit
 
     def describe(self) -> str:
         """One line for explain."""
