@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, instructions, pyload, report, targets, wrk
+from bench import cli, instructions, opcodes, pyload, report, targets, wrk
 from bench.loadgen import LoadResult, Target
 from bench.runner import Outcome, Round
 
@@ -515,3 +515,17 @@ async def test_the_server_count_sends_exactly_the_requests_it_counts_each_with_i
     assert len(values) == len(set(values)) == 13
     assert all(v.startswith("5-") for v in values)
     assert {auth for _, auth in recorder.seen} == {"Bearer t"}
+
+
+def test_opcode_counts_name_the_chain_s_own_functions(
+    valkey_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `bench.opcodes` is how the chain's interpreted work is split by function: the core
+    # chain's requests run the chain's frame once each, and bare's never.
+    monkeypatch.setenv("POLICYROUTE_VALKEY_URL", valkey_url)
+    monkeypatch.setenv("BENCH_POLICY", "core")
+    core, bare = opcodes.measure("core"), opcodes.measure("bare")
+    chain = [name for name in core if name.startswith("policyroute/asgi/chain.py:")]
+    assert chain and all(core[name] >= opcodes.COUNTED for name in chain)
+    assert not any(name.startswith("policyroute/asgi/chain.py:") for name in bare)
+    assert sum(core.values()) > sum(bare.values())
