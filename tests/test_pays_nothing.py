@@ -9,6 +9,7 @@ call more per request.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,3 +117,41 @@ async def test_under_a_lockout_the_same_routes_make_one_call_more(
                       LockoutAuthStep)  # fmt: skip
     assert await per_request(app, "/limited", calls) == 3
     assert await per_request(app, "/other", calls) == 1
+
+
+async def test_a_request_through_the_common_steps_starts_no_task_of_its_own(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    # Guards, a bucket, credits and a cache miss that stores, one request at a time: as
+    # many tasks as a route with auth alone (a reservation once started a task that ran
+    # once and ended, on every request that did not overlap another).
+    routes = ROUTES + "  GET /cached/{item}:\n" \
+        "    rate_limit: {key: user, capacity: 1000, refill: 1000, per: 1m}\n" \
+        "    credits: {cost: 1}\n    cache: {ttl: 1m}\n"
+    app = install(policy_dir, f"version: 1\n{SETTINGS}{routes}", valkey_url, Counter())
+    who = subject()
+    headers = bearer(token(who))
+    loop = asyncio.get_running_loop()
+    made: Counter[str] = Counter()
+    path = [""]
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        made[path[0]] += 1
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with running(app) as c:
+        await credits.grant(engine(app).services["valkey"], who, 100)
+        for first in ("/other", "/limited", "/cached/0"):
+            assert (await c.get(first, headers=headers)).status_code == 200
+        loop.set_task_factory(factory)
+        try:
+            for name in ("/other", "/limited", "/cached"):
+                path[0] = name
+                for n in range(1, 11):
+                    item = f"/{n}" if name == "/cached" else ""  # each a miss that stores
+                    assert (await c.get(name + item, headers=headers)).status_code == 200
+        finally:
+            loop.set_task_factory(None)
+        balance = await credits.show(engine(app).services["valkey"], who)
+    assert made["/limited"] == made["/cached"] == made["/other"]
+    assert (balance.total, balance.held) == (78, 0)  # 2 + 20 charges, each settled
