@@ -248,7 +248,7 @@ class Authenticator:
         """The principal of a valid token; raise TokenError otherwise.
 
         It is remembered under `remember` (by default the token): the auth step names the
-        whole Authorization header value, so a repeat skips parsing the header too.
+        Authorization value clients send for it, so a repeat skips parsing the header too.
         """
         name = token if remember is None else remember
         principal = self.cached(name)

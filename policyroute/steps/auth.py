@@ -31,6 +31,11 @@ def _query_names(query: bytes) -> set[bytes]:
     return {unquote_to_bytes(name) for name in names}
 
 
+def _as_sent(token: bytes) -> bytes:
+    """The Authorization value clients send for `token`: what a verified one is kept under."""
+    return b"Bearer " + token
+
+
 class AuthStep(Step):
     """Verify the bearer token and make its principal the request's caller."""
 
@@ -77,22 +82,26 @@ class AuthStep(Step):
         """Refuse a missing or malformed token; a token verified before decides at once."""
         values = ctx.authorization
         if len(values) == 1 and b"access" not in ctx.scope.get("query_string", b""):
-            # Verified tokens are remembered by the whole header value they came in, which
-            # was well-formed then and names the same token now: a repeat is one lookup.
+            # Verified tokens are remembered by their header as clients spell it (`_as_sent`):
+            # sent that way, a repeat is one lookup, with no parsing of the header.
             principal = self._remembered(values[0])
             if principal is not None:
                 return self._admit_cached(ctx, principal)
         raw = self._token(ctx)  # every refusal of the header, in order
+        # Spelled otherwise, the token is found under the one spelling it is remembered by:
+        # one valid token takes one place, however often its spelling changes.
+        principal = self._remembered(_as_sent(raw))
+        if principal is not None:
+            return self._admit_cached(ctx, principal)
         if not _B64TOKEN.fullmatch(raw):
             raise self._invalid_request("the Authorization header must be `Bearer <token>`")
         return self._verify(ctx, raw.decode("latin-1"))
-
 
     async def _verify(self, ctx: Context, token: str) -> None:
         """Verify a token not seen before (signature, claims; keys may be fetched)."""
         try:
             principal = await self.authenticator.authenticate(
-                token, ctx.client, ctx.authorization[0])
+                token, ctx.client, _as_sent(token.encode("latin-1")))
             ctx.note("auth", "verified")  # a signature checked (a cached token is not)
         except TokenError as exc:
             # The reason only: never the token, never a claim value.

@@ -25,6 +25,7 @@ import policyroute
 import policyroute.testing
 from policyroute import ConfigError
 from policyroute.identity.dev import DEV_AUDIENCE, DEV_ISSUER, DEV_KID
+from policyroute.identity.tokens import IssuerVerifier
 
 from .identity_kit import (
     DEV_JWKS,
@@ -149,6 +150,34 @@ async def test_an_authorization_name_not_in_lower_case_is_no_credential(policies
     async with policyroute.testing.client(app):
         assert await status(b"authorization") == 200
         assert await status(b"Authorization") == 401
+
+
+async def test_one_token_takes_one_place_among_verified_tokens_however_it_is_spelled(
+    policy_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Verified tokens are remembered under one spelling of their header: a caller varying
+    # the scheme's case or the spaces of one valid token neither makes the server check
+    # its signature again nor pushes other callers' tokens out of the (bounded) memory.
+    checks: list[str] = []
+    check = IssuerVerifier.check_signature
+
+    def counted(self: IssuerVerifier, *args: Any) -> None:
+        checks.append(self.name)
+        check(self, *args)
+
+    monkeypatch.setattr(IssuerVerifier, "check_signature", counted)
+    policies = write_policies(policy_dir, ROUTES, SETTINGS + "    token_cache_size: 3\n")
+    victim, attacker = token("victim"), token("mallory")
+    spellings = ["Bearer {}", "bearer {}", "BEARER {}", "Bearer  {}", "Bearer {} ", " Bearer {}"]
+    async with serve(policies) as c:
+        assert (await c.get("/me", headers=bearer(victim))).status_code == 200
+        for spelling in spellings:
+            r = await c.get("/me", headers={"Authorization": spelling.format(attacker)})
+            assert r.status_code == 200
+            assert r.json()["subject"] == "mallory"
+        again = await c.get("/me", headers=bearer(victim))
+    assert again.status_code == 200 and again.json()["subject"] == "victim"
+    assert len(checks) == 2  # once for each token
 
 
 async def test_bad_token_is_401_invalid_token(policies: Path) -> None:
