@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable
 
-from starlette.types import Message, Scope, Send
+from starlette.types import Message, Send
 
 from .._ids import IDS
 
@@ -29,11 +29,6 @@ class RequestIds:
     def __init__(self, header: str = "x-request-id") -> None:
         self.name = header.strip().lower()
         self.header = self.name.encode("latin-1")
-
-    def of(self, scope: Scope) -> str:
-        """The caller's id from the configured header when sane, else a new one."""
-        name = self.header
-        return self.accept(next((v for k, v in scope.get("headers", ()) if k == name), None))
 
     def accept(self, raw: bytes | None) -> str:
         """A caller's raw id when sane, else a new one (a long value is never decoded)."""
