@@ -19,6 +19,7 @@ from valkey.asyncio.cluster import ValkeyCluster
 from valkey.exceptions import NoScriptError, ResponseError, ValkeyError
 
 from ..errors import StorageError
+from .clock import ASK_SERVER, ServerClock
 from .pipeline import Pipeline
 
 Arg = str | bytes | int | float
@@ -60,6 +61,10 @@ class Store(Protocol):
         joins: bool = False,
     ) -> None:
         """Queue a script call nobody awaits (when `queues_first`); errors go to `on_error`."""
+        ...
+
+    def now(self) -> int | str:
+        """Valkey's time in ms for a script's `now` argument, or "" for the script to ask."""
         ...
 
     def run_now(
@@ -152,6 +157,11 @@ class ValkeyStore:
             None if cluster else Pipeline(url, timeout=timeout, connect_timeout=timeout)
         )
         self.queues_first = self.pipeline is not None
+        # Valkey's time read off this process's clock (`backends/clock.py`); a cluster's
+        # scripts read their own node's clock, as each key's node is its time.
+        self.clock: ServerClock | None = (
+            ServerClock(self._ask_time) if self.pipeline is not None else None
+        )
         self._retries: set[asyncio.Future[Any]] = set()
         self.retry_for = retry_for
         self.stop_wait = stop_wait
@@ -181,6 +191,15 @@ class ValkeyStore:
                 self._keys.clear()  # many callers: start again rather than grow
             found = self._keys[memo] = ":".join((self.prefix, "{" + _escape_tag(tag) + "}", *parts))
         return found
+
+    def now(self) -> int | str:
+        """Valkey's time in ms for a script's `now` argument, or "" for the script to ask."""
+        clock = self.clock
+        return ASK_SERVER if clock is None else clock.now()
+
+    def _ask_time(self) -> asyncio.Future[Any]:
+        assert self.pipeline is not None
+        return self.pipeline.execute("TIME")
 
     def _script(self, name: str) -> Any:
         script = self._scripts.get(name)

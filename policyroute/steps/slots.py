@@ -117,10 +117,12 @@ def run_state(store: Store, req: Request, operation: str, fail_open: bool) -> Aw
     """The before-handler verdict: one script call, or one per hash tag on a cluster.
 
     Not a coroutine itself: on one server (or one tag) it is the store's call, so the
-    request's hot path awaits no extra frame. Read its reply with `state_reply`.
+    request's hot path awaits no extra frame. Read its reply with `state_reply`. The
+    script's first argument is Valkey's time as the store reads it (`Store.now`).
     """
     if not store.cluster or len({hash_tag(k) for k in req.keys}) < 2:
-        return store.run("state", req.keys, req.args, operation=operation, fail_open=fail_open)
+        args = [store.now(), *req.args]  # the script's first argument: Valkey's time
+        return store.run("state", req.keys, args, operation=operation, fail_open=fail_open)
     return _run_state_by_tag(store, req, operation, fail_open)
 
 
@@ -129,7 +131,7 @@ async def _run_state_by_tag(store: Store, req: Request, operation: str, fail_ope
 
     async def call(group: list[int]) -> Any:
         keys = [k for i in group for k in ops[i][0]]
-        args = [a for i in group for a in ops[i][1]]
+        args = [store.now(), *(a for i in group for a in ops[i][1])]
         return state_reply(
             await store.run("state", keys, args, operation=operation, fail_open=fail_open)
         )

@@ -73,7 +73,7 @@ async def test_database_from_the_url_is_selected(valkey_url: str) -> None:
 async def test_script_flush_is_recovered_transparently(valkey_url: str) -> None:
     store = _store(valkey_url)
     keys = [store.key("s:alice", "rl", "r", "0")]
-    args: list[str | int] = ["tb", 5, 5, 60_000, 1]
+    args: list[str | int] = ["", "tb", 5, 5, 60_000, 1]  # "": the script reads TIME
     try:
         first = await store.run("state", keys, args, operation="t", fail_open=False)
         await store.command("SCRIPT", "FLUSH", operation="flush")
@@ -107,7 +107,7 @@ async def test_server_stop_fails_fast_and_restart_reconnects() -> None:
     server = start_valkey()
     store = _store(server.url)
     keys = [store.key("s:bob", "rl", "r", "0")]
-    args: list[str | int] = ["tb", 5, 5, 60_000, 1]
+    args: list[str | int] = ["", "tb", 5, 5, 60_000, 1]  # "": the script reads TIME
     try:
         assert state_reply(await store.run("state", keys, args, operation="t", fail_open=False))[0] == "go"
         server.stop()
@@ -136,7 +136,7 @@ async def test_every_argument_type_reaches_the_server_as_its_text(valkey_url: st
         await pipeline.close()
 
 
-BUCKET: list[str | int] = ["tb", 100, 100, 60_000, 1]
+BUCKET: list[str | int] = ["", "tb", 100, 100, 60_000, 1]  # "": the script reads TIME
 
 
 async def _tokens_left(store: ValkeyStore, keys: list[str]) -> int:

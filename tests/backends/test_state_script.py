@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 
@@ -12,13 +13,20 @@ from policyroute.steps.slots import state_reply
 DAY_MS = 86_400_000
 
 
+async def _server_ms(store: ValkeyStore) -> int:
+    seconds, micros = await store.command("TIME", operation="t")
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+@pytest.mark.parametrize("clock", ["server", "worker"])
 @pytest.mark.parametrize("cost", [1, 2])
 async def test_one_bucket_alone_answers_and_stores_what_the_general_loop_does(
-    valkey_url: str, cost: int
+    valkey_url: str, cost: int, clock: str
 ) -> None:
     # One bucket of 3 that refills 3 a day, so the ms between the two calls change nothing
     # the replies show. Alone it takes the short path; followed by a second bucket that
-    # always allows (another key) the same call goes through the general loop.
+    # always allows (another key) the same call goes through the general loop. The time is
+    # the server's (`""`: the script reads TIME) or given, as a worker gives it.
     store = ValkeyStore(valkey_url, prefix="t" + uuid.uuid4().hex[:10])
     bucket: list[Arg] = ["tb", 3, 3, DAY_MS, cost]
     roomy: list[Arg] = ["tb", 10**9, 10**9, DAY_MS, 1]
@@ -30,9 +38,10 @@ async def test_one_bucket_alone_answers_and_stores_what_the_general_loop_does(
     buckets = {"general": general_key, "short": short_key}
     try:
         for _ in range(4):
+            now: Arg = "" if clock == "server" else await _server_ms(store)
             replies = {
                 path: state_reply(
-                    await store.run("state", keys, args, operation="t", fail_open=False)
+                    await store.run("state", keys, [now, *args], operation="t", fail_open=False)
                 )
                 for path, (keys, args) in calls.items()
             }
@@ -57,5 +66,42 @@ async def test_one_bucket_alone_answers_and_stores_what_the_general_loop_does(
             assert abs(ttls[0] - ttls[1]) < 1000
         # The bucket ran out the same way on both paths: 3 tokens, `cost` a call.
         assert general[0] == "rate" and int(general[1][0][2]) > 0
+    finally:
+        await store.stop()
+
+
+@pytest.mark.parametrize("second", [False, True])
+async def test_a_bucket_s_stamp_never_goes_back_so_no_time_is_refilled_twice(
+    valkey_url: str, second: bool
+) -> None:
+    # Each worker reads Valkey's time off its own clock, so one may be a little behind
+    # another. A bucket of 10 that refills 1 a second: half taken at T, half again at T+5 s
+    # (5 refilled), then 1 by a worker that reads T+2 s. Were its stamp stored, the next
+    # call at T+5 s would refill those 3 s again; the bucket holds 4, and a call for 5 is
+    # refused. Alone (the short path) and beside a second bucket (the general loop).
+    store = ValkeyStore(valkey_url, prefix="t" + uuid.uuid4().hex[:10])
+    keys = [store.key("a", "tb", "r")]
+    roomy: list[Arg] = []
+    if second:
+        keys.append(store.key("b", "tb", "r"))
+        roomy = ["tb", 10**6, 10**6, 1000, 1]
+
+    async def take(at: int, cost: int) -> list[Any]:
+        args: list[Arg] = [at, "tb", 10, 10, 10_000, cost, *roomy]
+        return state_reply(await store.run("state", keys, args, operation="t", fail_open=False))
+
+    try:
+        start = await _server_ms(store)
+        assert (await take(start, 5))[0] == "go"
+        assert (await take(start + 5000, 5))[1][0][1] == "5"  # refilled 5, took 5: 5 left
+        behind = await take(start + 2000, 1)
+        assert behind[0] == "go" and behind[1][0][1] == "4"  # nothing refilled: 4 left
+        stored = await store.command("GET", keys[0], operation="t")
+        assert stored.split(b" ")[1] == str(start + 5000).encode()
+        again = await take(start + 5000, 5)
+        assert again[0] == "rate" and again[1][0][4] == "4"
+        # the behind worker is told to wait from its own time: 3 s to the stamp, 1 s more
+        later = await take(start + 2000, 5)
+        assert later[0] == "rate" and int(later[1][0][3]) == 4000
     finally:
         await store.stop()

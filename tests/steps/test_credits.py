@@ -25,7 +25,7 @@ from policyroute.language.policy import Credits
 from policyroute.steps.credits import CreditsStep
 from policyroute.steps.parts import Outcome
 from policyroute.steps.parts import Request as StateRequest
-from policyroute.steps.slots import state_reply
+from policyroute.steps.slots import run_state, state_reply
 
 from .stateful import engine, install, running
 
@@ -326,7 +326,7 @@ async def _reserve(store: ValkeyStore, step: CreditsStep) -> StateRequest:
     """The step's before-handler op, run as the state step runs it."""
     req = StateRequest(_context(), token=uuid.uuid4().hex)
     step.prepare(req)
-    raw = await store.run("state", req.keys, req.args, operation="test", fail_open=False)
+    raw = await run_state(store, req, "test", False)
     reply = state_reply(raw)
     req.data["verdict"] = reply[0]
     step.settle(req, reply)

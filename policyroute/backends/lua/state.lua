@@ -1,5 +1,6 @@
 -- One request's stateful pre-checks in one round trip (policyroute/steps/state.py).
--- ARGV is a list of ops, each an opcode and its arguments; KEYS follow the same order.
+-- ARGV[1] is Valkey's time in ms as the worker reads it (backends/clock.py), or '' to ask
+-- the server; then the ops, each an opcode and its arguments; KEYS follow the same order.
 -- Order: rate limits (all or nothing), credits (checked now, taken last), idempotency,
 -- cache. A debounce that joins another request's response answers right after the
 -- limits ('joined'): it takes no credits, opens no record and takes no lock. The first refusal returns at once, so later ops consume nothing (a short balance
@@ -19,24 +20,28 @@ local function head(verdict, rows, credit)
   end
   return verdict .. '|' .. table.concat(parts, ';') .. '|' .. credit
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[1] == 'tb' and ARGV[6] == nil then
+local now = tonumber(ARGV[1])
+local t = nil
+if not now then
+  t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+if ARGV[2] == 'tb' and ARGV[7] == nil then
   -- One token bucket and nothing else (a route with one rate limit and nothing more
   -- stateful), the commonest call: the same reply and effects as below, without the op
   -- loop and its tables.
   local k = KEYS[1]
-  local ok, left, reset, retry, cur, rest = bucket(
-    k, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), now)
+  local ok, left, reset, retry, cur, rest, ttl = bucket(
+    k, tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), now)
   if not ok then -- nothing taken: the row reports what the bucket has now
     return string.format('rate|0,%d,%d,%d,%d,0|', cur, reset, retry, cur)
   end
-  redis.call('SET', k, rest .. ' ' .. now, 'PX', math.max(reset, 1))
+  redis.call('SET', k, rest, 'PX', ttl)
   return string.format('go|1,%d,%d,%d,%d,0|', left, reset, retry, cur)
 end
 -- Keys and arguments are read in place (no helper closures: they would be made anew on
 -- every call, and this script runs on every request).
-local ki, ai = 1, 2
+local ki, ai = 1, 3
 local limits = {}
 local writes = {}
 local denied = false
@@ -44,7 +49,7 @@ local denied = false
 -- response a joining repeat gets (made only by a debounce)
 local touches = nil
 local joined = nil
-local op = ARGV[1]
+local op = ARGV[2]
 while op == 'tb' or op == 'sw' or op == 'cc' or op == 'th' or op == 'db' do
   local k = KEYS[ki]
   ki = ki + 1
@@ -55,9 +60,9 @@ while op == 'tb' or op == 'sw' or op == 'cc' or op == 'th' or op == 'db' do
     local cap, refill, per = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
     local cost = tonumber(ARGV[ai + 3])
     ai = ai + 4
-    local rest
-    ok, left, reset, retry, cur, rest = bucket(k, cap, refill, per, cost, now)
-    write = {op, k, rest, math.max(reset, 1)}
+    local rest, ttl
+    ok, left, reset, retry, cur, rest, ttl = bucket(k, cap, refill, per, cost, now)
+    write = {op, k, rest, ttl}
   elseif op == 'sw' then
     local cap, per, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
     ai = ai + 3
@@ -159,8 +164,10 @@ end
 for _, w in ipairs(writes) do
   local kind, k = w[1], w[2]
   if kind == 'tb' then
-    redis.call('SET', k, w[3] .. ' ' .. now, 'PX', w[4])
+    redis.call('SET', k, w[3], 'PX', w[4])
   elseif kind == 'sw' then
+    -- members unique to the microsecond the server wrote them (plus the count)
+    t = t or redis.call('TIME')
     local now_us = t[1] .. string.format('%06d', tonumber(t[2]))
     local n = w[3]
     for i = 1, w[4] do redis.call('ZADD', k, now, now_us .. ':' .. (n + i)) end
