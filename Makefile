@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 FASTAPI_OLDEST ?= 0.115.0
 COMPAT ?= .venv-compat
 
-.PHONY: install run demo test test-compat lint unit bench schema docs clean
+.PHONY: install compile run demo test test-compat lint unit bench schema docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,18 +18,31 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: $(STAMP)  ## the example app on embedded Valkey and Pulsar, policy reload on
+# The per-request modules, compiled in place with mypyc (policyroute/_compiled.py): built when
+# they do not match their sources, skipped (running from source) when no C compiler works.
+compile: $(STAMP)  ## compile the per-request modules (mypyc, in place; POLICYROUTE_PURE=1 skips)
+	@$(PY) -m policyroute._build
+
+run: compile  ## the example app on embedded Valkey and Pulsar, policy reload on
 	$(VENV)/bin/policyroute run examples.app:app --reload
 
-demo: $(STAMP)  ## start the example on embedded backends, call every denial and success path, stop
+demo: compile  ## start the example on embedded backends, call every denial and success path, stop
 	$(PY) -m examples.demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check policyroute tests bench examples docs
 	$(VENV)/bin/mypy policyroute tests bench examples docs
 
-unit: $(STAMP)
+# The whole suite on the compiled modules (what production runs), then the per-request
+# paths again from source (what an install without a C compiler runs).
+PURE_SUITE := tests/steps tests/backends tests/test_chain.py tests/test_gate.py tests/test_compiled.py
+
+unit: compile
 	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected NO tests - failing loudly" >&2; exit 1; fi; \
+	test $$rc -eq 0 || exit $$rc; \
+	echo "make test: the per-request paths again, from source (POLICYROUTE_PURE=1)"; \
+	POLICYROUTE_PURE=1 $(PY) -m pytest -q -p no:cacheprovider $(PURE_SUITE); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected NO tests - failing loudly" >&2; exit 1; fi; \
 	exit $$rc
 
@@ -43,7 +56,7 @@ test-compat: $(STAMP)  ## the gate's test table against the oldest FastAPI of th
 	if [ $$rc -eq 5 ]; then echo "make test-compat: pytest collected NO tests - failing loudly" >&2; exit 1; fi; \
 	exit $$rc
 
-bench: $(STAMP)  ## ratios against bare FastAPI, slowapi and fastapi-limiter; lint and reload timings
+bench: compile  ## ratios against bare FastAPI, slowapi and fastapi-limiter; lint and reload timings
 	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1; } || \
 	  echo "make bench: wrk not available; using the built-in Python load generator" >&2
@@ -64,4 +77,5 @@ docs: $(STAMP)  ## the documentation site into site/; any warning fails the buil
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) $(COMPAT) .mypy_cache .ruff_cache .pytest_cache site
+	rm -rf $(VENV) $(COMPAT) .mypy_cache .ruff_cache .pytest_cache site build
+	find policyroute -name '*.so' -delete; rm -f policyroute/_native.json

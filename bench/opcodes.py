@@ -6,13 +6,13 @@
 ```
 
 Serves the policy set in process (``bench.inproc``'s requests, one at a time, a real
-Valkey, uvloop), traces the measured requests with ``sys.settrace`` and counts the
-opcodes each function executes, per request. With two sets it prints the second's count
-minus the first's, function by function (largest changes first): what a chain adds, and
-which of its functions add it. Opcodes are not instructions (``bench.instructions``
-counts those, and C work is not in opcodes), but they name the Python function, which an
-instruction count of the interpreter cannot: on this machine each opcode of the chain is
-about 50 instructions.
+Valkey, uvloop; every module from source, compiled or not), traces the measured requests
+with ``sys.settrace`` and counts the opcodes each function executes, per request. With
+two sets it prints the second's count minus the first's, function by function (largest
+changes first): what a chain adds, and which of its functions add it. Opcodes are not
+instructions (``bench.instructions`` counts those, and C work is not in opcodes), but
+they name the Python function, which an instruction count of the interpreter cannot: on
+this machine each opcode of the chain is about 50 instructions.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import json
 import os
+import subprocess
 import sys
 from types import FrameType
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 from bench.apps import VALKEY_URL_ENV
 from bench.backend import valkey as start_valkey
 from bench.lua import _drive, _scopes
+from policyroute._compiled import PURE_ENV
 
 WARM = 300
 COUNTED = 50
@@ -75,10 +78,16 @@ async def _traced(policy: str) -> Counts:
 
 
 def measure(policy: str) -> Counts:
-    """Opcodes per function over COUNTED requests of `policy` (a fresh event loop)."""
-    import uvloop
+    """Opcodes per function over COUNTED requests of `policy`.
 
-    return uvloop.run(_traced(policy))
+    In a process of its own that runs every module from source (`POLICYROUTE_PURE=1`): the
+    compiled modules execute no Python opcodes, so their work would not show.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.opcodes", "--inside", policy],
+        env={**os.environ, PURE_ENV: "1"}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return Counts(json.loads(done.stdout))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.opcodes", description=__doc__)
     parser.add_argument("policies", nargs="+", help="one set, or two to compare")
     parser.add_argument("--top", type=int, default=30, help="functions to list (default 30)")
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)  # `measure`'s
     args = parser.parse_args(argv)
+    if args.inside:
+        import uvloop
+
+        print(json.dumps(uvloop.run(_traced(args.policies[0]))))
+        return 0
     if len(args.policies) > 2:
         parser.error("one policy set, or two to compare")
     with start_valkey() as backend:

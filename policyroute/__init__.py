@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# First: no compiled module may load unless it was built from these sources (_compiled.py).
+from ._compiled import NATIVE as NATIVE
 from ._version import __version__ as __version__
 from .compile.chain import Chain
 from .config import Settings

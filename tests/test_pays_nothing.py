@@ -2,23 +2,24 @@
 
 Counted, not timed: the steps of their chains are the ones they had (the plain auth step,
 no replay step, a rate-limit part that reads no body and never waits), and a request
-makes the same Valkey calls (every command this process sends is counted at the
-pipeline). The same routes under `settings.auth.lockout` show that the count sees one
+makes the same Valkey calls (every command is counted by the server, `INFO commandstats`).
+The same routes under `settings.auth.lockout` show that the count sees one
 call more per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import valkey.asyncio as avalkey
 
 from policyroute.admin import credits
-from policyroute.backends.pipeline import Pipeline
 from policyroute.steps.auth import AuthStep, LockoutAuthStep
 from policyroute.steps.rate_limit import RateLimitStep
 
@@ -38,23 +39,63 @@ routes:
 """
 
 
+# No request sends these: the clock's samples, and the introduction of a new connection
+# (this count's own among them).
+UNCOUNTED = frozenset({"TIME", "CLIENT"})
+
+
 @pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
-    """Every command sent to Valkey through the pipeline, by command name."""
-    seen: Counter[str] = Counter()
-    execute, join = Pipeline.execute, Pipeline.join
+async def calls(valkey_url: str) -> AsyncIterator[Calls]:
+    """The commands clients send Valkey, as the server sees them (`MONITOR`)."""
+    counted = Calls(avalkey.from_url(valkey_url))  # type: ignore[no-untyped-call]
+    try:
+        yield counted
+    finally:
+        await counted.stop()
+        await counted.client.aclose()
 
-    def counted_execute(self: Pipeline, *args: Any) -> Any:
-        seen[str(args[0])] += 1
-        return execute(self, *args)
 
-    def counted_join(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
-        seen["EVALSHA"] += 1
-        return join(self, *args, **kwargs)
+class Calls:
+    """Commands clients sent between `clear` and `seen`, by name.
 
-    monkeypatch.setattr(Pipeline, "execute", counted_execute)
-    monkeypatch.setattr(Pipeline, "join", counted_join)
-    yield seen
+    Read from `MONITOR`, which shows every command the server runs: a script's own
+    commands are marked `lua` and left out, as are this count's own marker and `UNCOUNTED`.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.monitor: Any = None
+        self.marker = f"count-{uuid.uuid4().hex}"
+        self.last: Counter[str] = Counter()  # what the last `seen` found
+
+    async def clear(self) -> None:
+        """Count from here."""
+        await self.stop()
+        await self.client.ping()  # connected (and introduced) before the count starts
+        self.monitor = self.client.monitor()
+        await self.monitor.__aenter__()
+
+    async def seen(self) -> Counter[str]:
+        """What clients sent since `clear`."""
+        assert self.monitor is not None
+        await self.client.echo(self.marker)  # the last command counted: read up to it
+        seen: Counter[str] = Counter()
+        while True:
+            info = await asyncio.wait_for(self.monitor.next_command(), 10)
+            words = info["command"].split(" ", 2)
+            if info["client_type"] == "lua":
+                continue
+            if words[0].upper() == "ECHO" and self.marker in info["command"]:
+                self.last = seen
+                return seen
+            if words[0].upper() not in UNCOUNTED:
+                seen[words[0].upper()] += 1
+
+    async def stop(self) -> None:
+        """End the count (and close its connections)."""
+        if self.monitor is not None:
+            await self.monitor.__aexit__(None, None, None)
+            self.monitor = None
 
 
 def steps(app: Any, route: str) -> list[str]:
@@ -67,7 +108,7 @@ def steps(app: Any, route: str) -> list[str]:
     return names
 
 
-async def per_request(app: Any, path: str, seen: Counter[str], n: int = 5) -> float:
+async def per_request(app: Any, path: str, calls: Calls, n: int = 5) -> float:
     """Valkey commands per request, a verified (cached) token, after a first request."""
     who = subject()
     headers = bearer(token(who))
@@ -76,15 +117,16 @@ async def per_request(app: Any, path: str, seen: Counter[str], n: int = 5) -> fl
         await credits.grant(store, who, 100)
         assert (await c.get(path, headers=headers)).status_code == 200
         await store.settle()
-        seen.clear()
+        await calls.clear()
         for _ in range(n):
             assert (await c.get(path, headers=headers)).status_code == 200
         await store.settle()
+        seen = await calls.seen()
     return sum(seen.values()) / n
 
 
 async def test_routes_without_the_new_keys_keep_their_steps_and_their_calls(
-    policy_dir: Path, valkey_url: str, calls: Counter[str]
+    policy_dir: Path, valkey_url: str, calls: Calls
 ) -> None:
     app = install(policy_dir, f"version: 1\n{SETTINGS}{ROUTES}", valkey_url, Counter())
     assert steps(app, "GET /limited") == [
@@ -102,13 +144,13 @@ async def test_routes_without_the_new_keys_keep_their_steps_and_their_calls(
     assert type(chain.steps[1]) is AuthStep
     # One script call before the handler, one after (credits settle); none on auth alone.
     assert await per_request(app, "/limited", calls) == 2
-    assert calls == Counter({"EVALSHA": 10})
+    assert calls.last == Counter({"EVALSHA": 10})
     assert await per_request(app, "/other", calls) == 0
     assert await per_request(app, "/slow", calls) == 2  # the slot is released after
 
 
 async def test_under_a_lockout_the_same_routes_make_one_call_more(
-    policy_dir: Path, valkey_url: str, calls: Counter[str]
+    policy_dir: Path, valkey_url: str, calls: Calls
 ) -> None:
     settings = SETTINGS + "    lockout: {failures: 10, per: 5m, block: 15m}\n"
     app = install(policy_dir, f"version: 1\n{settings}{ROUTES}", valkey_url, Counter())

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from mypy_extensions import mypyc_attr
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -158,6 +159,7 @@ def oversized(headers: Sequence[tuple[bytes, bytes]], limit: int) -> Denial | No
     return None
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BoundChain:
     """Guards in order, then the around-steps folded over the route's own app."""
 
@@ -226,10 +228,14 @@ class BoundChain:
                 ctx.denied_by = "gate"
                 reason = await self._deny(ctx, out, too_large)
             elif (tracer := active()) is None:
+                refused: Denial | None = None
                 try:  # `_run`, inline: one coroutine fewer a request
                     await self._guarded(ctx)
                 except Denial as denial:
-                    reason = await self._deny(ctx, out, denial)
+                    refused = denial  # answered below: nothing is awaited in a handler
+                if refused is not None:
+                    reason = await self._deny(ctx, out, refused)
+                    refused = None  # no cycle through this frame
             else:
                 reason = await self._traced(ctx, out, tracer, sent)
             outcome = "allowed" if reason is None else "denied"
@@ -243,11 +249,16 @@ class BoundChain:
 
     async def _run(self, ctx: Context, out: Send) -> str | None:
         """Guards, then the handler; the denial's problem type when refused."""
+        refused: Denial | None = None
         try:
             await self._guarded(ctx)
         except Denial as denial:
-            return await self._deny(ctx, out, denial)
-        return None
+            refused = denial
+        if refused is None:
+            return None
+        answer = self._deny(ctx, out, refused)
+        refused = None  # no cycle through this frame
+        return await answer
 
     async def _guarded(self, ctx: Context) -> None:
         """The guards in order (a refusal names its guard on `ctx`), then the handler."""
@@ -310,6 +321,7 @@ class BoundChain:
 
     async def _run_traced(self, ctx: Context, out: Send, tracer: Tracer) -> str | None:
         root = ctx.root
+        refused: Denial | None = None
         try:
             for name, check, traced, _ in self.guards:
                 if not traced:
@@ -338,8 +350,12 @@ class BoundChain:
                         pending.emit(tracer, PREFIX + name)
             await self.traced_handler(ctx)
         except Denial as denial:
-            return await self._deny(ctx, out, denial)
-        return None
+            refused = denial
+        if refused is None:
+            return None
+        answer = self._deny(ctx, out, refused)
+        refused = None  # no cycle through this frame
+        return await answer
 
     async def _deny(self, ctx: Context, out: Send, denial: Denial) -> str:
         """Count the denial and answer it as problem+json."""
@@ -363,10 +379,11 @@ class BoundChain:
                     ctx.denied_by = "gate"
                     raise too_large
             await self._guarded(ctx)
+            return
         except Denial as denial:
             slug = denial.problem.slug
-            self.meter.denied(ctx.denied_by or STEP_OF_PROBLEM.get(slug, "chain"), slug)
-            await send({"type": "websocket.close", "code": 1008, "reason": slug})
+        self.meter.denied(ctx.denied_by or STEP_OF_PROBLEM.get(slug, "chain"), slug)
+        await send({"type": "websocket.close", "code": 1008, "reason": slug})
 
     def _access(
         self, ctx: Context, outcome: str, status: int, seconds: float, reason: str | None

@@ -224,9 +224,9 @@ class ValkeyStore:
             sha, source = self._source(script)
             try:
                 return await self.pipeline.execute("EVALSHA", sha, len(keys), *keys, *args)
-            except NoScriptError:  # a flushed server: load once, call again
-                command = ("EVALSHA", sha, len(keys), *keys, *args)
-                return await self._reload_and_call(source, command)
+            except NoScriptError:  # a flushed server: load once, call again (below: no
+                pass  # await inside a handler, see `_compiled.py`)
+            return await self._reload_and_call(source, ("EVALSHA", sha, len(keys), *keys, *args))
         except (ValkeyError, OSError, TimeoutError) as exc:
             raise StorageError("valkey", operation, fail_open, exc) from exc
 

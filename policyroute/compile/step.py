@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol
 
+from mypy_extensions import mypyc_attr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..principal import ANONYMOUS, SCOPE_KEY, Principal
@@ -180,6 +181,7 @@ async def innermost(ctx: Context) -> None:
     await ctx.app(ctx.scope, ctx.receive, ctx.send)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Step:
     """One compiled policy key.
 

@@ -14,6 +14,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
+from mypy_extensions import mypyc_attr
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -272,6 +273,7 @@ def status_class(status: int) -> str:
     return STATUS_CLASSES[index] if 0 < index < len(STATUS_CLASSES) else "none"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RouteMeter:
     """The label children of one route: bound when its chain is bound, never per request."""
 

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from urllib.parse import unquote_to_bytes
 
 from ..compile.compiler import Env, register
@@ -121,9 +121,11 @@ class AuthStep(Step):
             principal = dataclasses.replace(principal, client=ctx.client)
         ctx.set_principal(principal)
 
-    # A token verified before: admitted at once, returning None (a lockout's override
-    # checks the caller first and returns what to await).
-    _admit_cached: Callable[[Context, Principal], Awaitable[None] | None] = _admit
+    def _admit_cached(self, ctx: Context, principal: Principal) -> Awaitable[None] | None:
+        """A token verified before: admitted at once, returning None (a lockout's override
+        checks the caller first and returns what to await)."""
+        self._admit(ctx, principal)
+        return None
 
     def describe(self) -> str:
         """One line for explain."""
@@ -192,12 +194,17 @@ class LockoutAuthStep(AuthStep):
         finally:
             del self._flights[key]
 
+    def _verified(self, ctx: Context, token: str) -> Awaitable[None]:
+        # `AuthStep._verify`, for the lockout to count (no two-argument super in a lambda:
+        # the compiled module does not allow it)
+        return super()._verify(ctx, token)
+
     async def _attempt(self, ctx: Context, token: str) -> None:
         """Verify a token not seen before as one counted attempt."""
         await self.lockout.counted(
             ctx,
             self.authenticator.claimed_account(token),
-            lambda: super(LockoutAuthStep, self)._verify(ctx, token),
+            lambda: self._verified(ctx, token),
             Problems.INVALID_TOKEN,
         )
 

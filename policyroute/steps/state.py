@@ -118,13 +118,18 @@ class StateStep(Step):
             else:
                 await call_next(ctx)
             return
+        failed: StorageError | None = None
         try:
             if probes:
                 reply = await self._with_probes(req, probes)
             else:
                 reply = state_reply(await run_state(self.store, req, self.names, self.fail_open))
         except StorageError as exc:
-            await self._without_backend(ctx, call_next, exc)
+            failed = exc  # handled below: nothing is awaited in a handler (`_compiled.py`)
+        if failed is not None:
+            going = self._without_backend(ctx, call_next, failed)
+            failed = None  # no cycle through this frame
+            await going
             return
         req.data["verdict"] = _reply_text(reply[0])
         outcome = Outcome()
@@ -184,14 +189,21 @@ class StateStep(Step):
                 outcome.status = denial.status
                 outcome.error = denial
                 denial.headers.update({k.decode(): v.decode() for k, v in req.extra})
-            raise
+            error: BaseException | None = denial
         except BaseException as exc:
-            outcome.error = exc
-            raise
-        finally:
-            pending = self._finish_now(req, outcome)
-            if pending is not None:
-                await pending
+            outcome.error = error = exc
+        else:
+            error = None
+        # What `finally` would do, after the handlers: nothing is awaited while an exception
+        # is being handled (`_compiled.py`). Runs on every way out, cancellation included.
+        pending = self._finish_now(req, outcome)
+        if pending is not None:
+            await pending
+        if error is not None:
+            try:
+                raise error
+            finally:
+                error = None  # no cycle through this frame
 
     async def _with_probes(self, req: Request, probes: list[Callable[[], Awaitable[None]]]) -> Any:
         """The script's reply, with the shadow probes sent in the same write (pipelined)."""
