@@ -175,7 +175,9 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
     import policyroute
 
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"policyroute {policyroute.__version__}\n"
+    # and whether the per-request modules run compiled (`make test` compiles them first)
+    how = "compiled" if policyroute.NATIVE == "compiled" else "from source"
+    assert capsys.readouterr().out == f"policyroute {policyroute.__version__} ({how})\n"
 
 
 def test_help_ends_with_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:

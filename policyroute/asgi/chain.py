@@ -247,11 +247,15 @@ class BoundChain:
                 self._access(ctx, outcome, status, elapsed, reason)
             CURRENT.reset(token)
 
-    async def _run(self, ctx: Context, out: Send) -> str | None:
-        """Guards, then the handler; the denial's problem type when refused."""
+    async def _run(self, ctx: Context, out: Send, tracer: Tracer | None = None) -> str | None:
+        """Guards, then the handler (each in a span with `tracer`); the denial's problem
+        type when refused."""
         refused: Denial | None = None
         try:
-            await self._guarded(ctx)
+            if tracer is None:
+                await self._guarded(ctx)
+            else:
+                await self._guarded_traced(ctx, tracer)
         except Denial as denial:
             refused = denial
         if refused is None:
@@ -303,7 +307,7 @@ class BoundChain:
                 return await self._run(ctx, out)
             ctx.root = ctx.span = span
             try:
-                reason = await self._run_traced(ctx, out, tracer)
+                reason = await self._run(ctx, out, tracer)
             except BaseException as exc:
                 fail(span, exc)
                 raise
@@ -319,43 +323,35 @@ class BoundChain:
                 span.set_attribute("policyroute.denial.step", ctx.denied_by or "chain")
             return reason
 
-    async def _run_traced(self, ctx: Context, out: Send, tracer: Tracer) -> str | None:
+    async def _guarded_traced(self, ctx: Context, tracer: Tracer) -> None:
+        """`_guarded`, each guard that did work in a child span of the request's."""
         root = ctx.root
-        refused: Denial | None = None
-        try:
-            for name, check, traced, _ in self.guards:
-                if not traced:
-                    try:
-                        await check(ctx)
-                    except Denial:
-                        ctx.denied_by = name
-                        raise
-                    continue
-                # A guard's span is made only if it did work: it named a decision (e.g. a
-                # token verified, not a cached one), refused, or failed.
-                pending = _Pending(time.time_ns())
-                ctx.span = pending
+        for name, check, traced, _ in self.guards:
+            if not traced:
                 try:
                     await check(ctx)
-                except Denial as denial:
+                except Denial:
                     ctx.denied_by = name
-                    pending.attributes["policyroute.denied"] = denial.problem.slug
                     raise
-                except BaseException as exc:
-                    pending.error = exc
-                    raise
-                finally:
-                    ctx.span = root
-                    if pending.attributes or pending.error is not None:
-                        pending.emit(tracer, PREFIX + name)
-            await self.traced_handler(ctx)
-        except Denial as denial:
-            refused = denial
-        if refused is None:
-            return None
-        answer = self._deny(ctx, out, refused)
-        refused = None  # no cycle through this frame
-        return await answer
+                continue
+            # A guard's span is made only if it did work: it named a decision (e.g. a
+            # token verified, not a cached one), refused, or failed.
+            pending = _Pending(time.time_ns())
+            ctx.span = pending
+            try:
+                await check(ctx)
+            except Denial as denial:
+                ctx.denied_by = name
+                pending.attributes["policyroute.denied"] = denial.problem.slug
+                raise
+            except BaseException as exc:
+                pending.error = exc
+                raise
+            finally:
+                ctx.span = root
+                if pending.attributes or pending.error is not None:
+                    pending.emit(tracer, PREFIX + name)
+        await self.traced_handler(ctx)
 
     async def _deny(self, ctx: Context, out: Send, denial: Denial) -> str:
         """Count the denial and answer it as problem+json."""

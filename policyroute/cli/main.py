@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
+from .._compiled import NATIVE
 from .._version import __version__
 from ..errors import ConfigError, UsageError
 from . import cache, check, credits, diff, explain, lint, mfa, run, schema, test, token, worker
@@ -32,7 +33,10 @@ EXITS = {
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the `policyroute` command."""
     top = CommandParser(prog="policyroute", description=__doc__, exits=EXITS)
-    top.add_argument("--version", action="version", version=f"policyroute {__version__}")
+    how = {"compiled": "compiled", "pure": "from source", "stale": "from source: rebuild"}
+    top.add_argument(
+        "--version", action="version", version=f"policyroute {__version__} ({how[NATIVE]})"
+    )
     sub = top.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
