@@ -224,3 +224,38 @@ async def test_trace_context_reaches_the_event_and_the_consumer_span(
     assert consumed.context.trace_id == published.context.trace_id
     assert consumed.parent is not None and consumed.parent.span_id == published.context.span_id
     assert dict(consumed.attributes or {})["messaging.message.id"] == message.event_id
+
+
+async def test_a_script_flushed_between_requests_is_reloaded_inside_a_traced_request(
+    policy_dir: Path, valkey_url: str
+) -> None:
+    # Every script call after the flush meets NOSCRIPT and reloads the script; an
+    # idempotency record's owner awaits its finish call inside the response. On the
+    # compiled build, a reload awaited inside its `except` once let the caught NOSCRIPT
+    # resurface from the request's span: a 500 after the 201. Now each request answers
+    # once, and its record is there for the retry.
+    jobs = """\
+  POST /jobs:
+    idempotency: {required: true}
+    rate_limit: [{key: user, capacity: 100, per: 60s}, {key: user, capacity: 1, per: 60s, enforce: false}]
+    credits: {cost: 1}
+"""
+    app, engine = install(policy_dir, jobs, valkey_url=valkey_url)
+    await _fund(valkey_url, engine, "alice", 10)
+    auth = bearer(token("alice"))
+    store = ValkeyStore(valkey_url, prefix=engine.config.key_prefix)
+    try:
+        with recording() as spans:
+            async with running(app) as c:
+                first = await c.post("/jobs", json={"name": "a"}, headers={**auth, "Idempotency-Key": "k-1"})
+                await store.command("SCRIPT", "FLUSH", operation="test")
+                after = {**auth, "Idempotency-Key": "k-2"}
+                second = await c.post("/jobs", json={"name": "b"}, headers=after)
+                retry = await c.post("/jobs", json={"name": "b"}, headers=after)
+    finally:
+        await store.stop()
+    assert [r.status_code for r in (first, second, retry)] == [first.status_code] * 3
+    assert first.status_code < 300 and retry.headers.get("idempotent-replayed") == "true"
+    roots = by_name(ours(spans), "POST /jobs")
+    codes = [dict(s.attributes or {}).get("http.response.status_code") for s in roots]
+    assert codes == [first.status_code] * 3
