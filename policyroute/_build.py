@@ -5,11 +5,37 @@ See `_compiled.py`. `make compile` runs it with no option.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-from ._compiled import MODULES, PURE_ENV, build, clean, state
+from ._compiled import MODULES, PURE_ENV, ROOT, build, clean, state
+
+# What the compiler and mypyc print (warnings about comprehensions, every gcc command).
+LOG = ROOT.parent / "build" / "native.log"
+
+
+@contextlib.contextmanager
+def _into(path: Path) -> Iterator[None]:
+    """Everything written to stdout and stderr meanwhile (subprocesses' too) goes to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with path.open("wb") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,11 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get(PURE_ENV, "") not in ("", "0"):
             print(f"policyroute: {PURE_ENV} is set: not compiled")
             return 0
+        print(f"policyroute: compiling {len(MODULES)} modules (about a minute; log: {LOG})")
         try:
-            build()
+            with _into(LOG):
+                build()
         except (Exception, SystemExit) as exc:  # no compiler, no mypyc: run from source
             clean()
-            print(f"policyroute: not compiled ({exc}); running from source", file=sys.stderr)
+            tail = "".join(LOG.read_text(errors="replace").splitlines(True)[-20:])
+            print(f"{tail}policyroute: not compiled ({exc}); running from source",
+                  file=sys.stderr)
             return 0
         print(f"policyroute: {len(MODULES)} modules compiled")
     else:

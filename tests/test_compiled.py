@@ -113,3 +113,26 @@ def test_no_compiled_coroutine_suspends_while_it_handles_an_exception() -> None:
     # and the check itself finds what it looks for
     sample = "async def f():\n    try:\n        pass\n    except E:\n        await g()\n"
     assert _awaits_in_handlers(sample) == [5]
+
+
+def test_without_a_c_compiler_the_build_says_so_and_everything_runs_from_source(
+    tmp_path: Path,
+) -> None:
+    # `make compile` on a machine with Python alone: the build fails at the first compiler
+    # call, removes what it left, and the package runs from source (the exit code is 0, so
+    # `make run` and `make test` go on).
+    _built()  # once a `make test` is enough: it takes the build's half minute
+    root = _copy(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "policyroute._build", "--force"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "CC": str(tmp_path / "no-such-cc")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "not compiled" in done.stderr and "running from source" in done.stderr
+    assert _compiled.native_files(root / "policyroute") == []
+    assert _run(root).stdout.split() == ["pure", "py", "py"]
