@@ -124,7 +124,8 @@ def guard(root: Path = ROOT) -> str:
         if found == "stale":
             warnings.warn(
                 "policyroute: the compiled modules were built from other sources; running "
-                "from source instead (rebuild with `make compile`, or remove them with "
+                "from source instead (rebuild with `make compile`, run from source on "
+                "purpose with POLICYROUTE_PURE=1, or remove them with "
                 "`python -m policyroute._build --clean`)",
                 RuntimeWarning,
                 stacklevel=2,
