@@ -10,13 +10,15 @@ runs from its source, with the same behaviour (the test suite runs both ways).
 
 `python -m policyroute._build` builds the modules in place, next to their sources
 (`make compile`, which `make test`, `make run` and `make bench` run first), and writes
-`_native.json`: the SHA-256 of each compiled module's source. At import, a compiled module
-whose source no longer matches (edited since the build, or a checkout of other code) must
-never run: then every module runs from source, with one warning saying how to rebuild.
+`_native.json`: the Python it was built for and the SHA-256 of the source of each compiled
+module and of every package module they import (`sources`). At import, a build whose
+sources no longer match (edited since the build, or a checkout of other code) must never
+run: then every module runs from source, with one warning saying how to rebuild.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.abc
 import importlib.machinery
@@ -68,9 +70,48 @@ def module_name(path: str) -> str:
     return "policyroute." + path.removesuffix(".py").replace("/", ".")
 
 
-def digests(root: Path = ROOT) -> dict[str, str]:
-    """The SHA-256 of each compiled module's source, by path."""
-    return {p: hashlib.sha256((root / p).read_bytes()).hexdigest() for p in MODULES}
+def sources(root: Path = ROOT) -> list[str]:
+    """`MODULES` and every module of the package they import, at any depth (paths).
+
+    mypyc compiles against all of them: the compiled code checks what it reads from them
+    against the types they had at the build, so a build is only as fresh as the lot.
+    """
+    seen: set[str] = set()
+    todo = list(MODULES)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        package = path.rsplit("/", 1)[0].split("/") if "/" in path else []
+        if path.endswith("__init__.py"):
+            package = path.split("/")[:-1]
+        for node in ast.walk(ast.parse((root / path).read_bytes())):
+            names: list[list[str]] = []
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[: len(package) - node.level + 1]
+                elif node.module and node.module.split(".")[0] == "policyroute":
+                    base = []
+                else:
+                    continue
+                module = (node.module or "").split(".") if node.module else []
+                if not node.level:
+                    module = module[1:]
+                names = [base + module] + [base + module + [a.name] for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name.split(".")[1:] for a in node.names
+                         if a.name.split(".")[0] == "policyroute"]
+            for parts in names:
+                for found in ("/".join(parts) + ".py", "/".join([*parts, "__init__.py"])):
+                    if parts and (root / found).is_file():
+                        todo.append(found)
+    return sorted(seen)
+
+
+def digests(paths: Sequence[str], root: Path = ROOT) -> dict[str, str]:
+    """The SHA-256 of each source, by path."""
+    return {p: hashlib.sha256((root / p).read_bytes()).hexdigest() for p in paths}
 
 
 def native_files(root: Path = ROOT) -> list[Path]:
@@ -89,9 +130,14 @@ def state(root: Path = ROOT) -> str:
         return "stale" if native_files(root) else "pure"
     try:
         built = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+        fresh = (
+            built["python"] == sys.implementation.cache_tag
+            and set(MODULES) <= set(built["sources"])
+            and built["sources"] == digests(list(built["sources"]), root)
+        )
+    except (OSError, ValueError, KeyError, TypeError):
         return "stale"
-    return "compiled" if built == digests(root) else "stale"
+    return "compiled" if fresh else "stale"
 
 
 class _FromSource(importlib.abc.MetaPathFinder):
@@ -123,7 +169,8 @@ def guard(root: Path = ROOT) -> str:
         sys.meta_path.insert(0, _FromSource(root))
         if found == "stale":
             warnings.warn(
-                "policyroute: the compiled modules were built from other sources; running "
+                "policyroute: the compiled modules were built from other sources (or for "
+                "another Python); running "
                 "from source instead (rebuild with `make compile`, run from source on "
                 "purpose with POLICYROUTE_PURE=1, or remove them with "
                 "`python -m policyroute._build --clean`)",
@@ -139,7 +186,7 @@ def build(root: Path = ROOT) -> None:
     from setuptools import setup  # type: ignore[import-untyped]
 
     clean(root)
-    digest = digests(root)
+    built = {"python": sys.implementation.cache_tag, "sources": digests(sources(root), root)}
     here = Path.cwd()
     os.chdir(root.parent)
     try:
@@ -151,7 +198,7 @@ def build(root: Path = ROOT) -> None:
         )
     finally:
         os.chdir(here)
-    (root / MANIFEST).write_text(json.dumps(digest, indent=1, sort_keys=True) + "\n")
+    (root / MANIFEST).write_text(json.dumps(built, indent=1, sort_keys=True) + "\n")
 
 
 def clean(root: Path = ROOT) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -66,6 +67,30 @@ def test_a_module_edited_since_the_build_runs_from_source_and_says_so(tmp_path: 
     # may have inlined what the edited one defines.
     assert done.stdout.split() == ["stale", "py", "py"]
     assert "built from other sources" in done.stderr and "make compile" in done.stderr
+
+
+def test_a_module_the_compiled_ones_import_edited_since_the_build_runs_all_from_source(
+    tmp_path: Path,
+) -> None:
+    # The compiled code checks what it reads from `errors.py` (not compiled itself) against
+    # the types it had at the build: a build is stale once any module it saw changes.
+    _built()
+    root = _copy(tmp_path)
+    source = root / "policyroute" / "errors.py"
+    source.write_text(source.read_text() + "\n# edited after the build\n")
+    done = _run(root)
+    assert done.stdout.split() == ["stale", "py", "py"]
+    assert "built from other sources" in done.stderr
+    assert "errors.py" in _compiled.sources(root / "policyroute")
+
+
+def test_a_build_for_another_python_is_not_taken_for_this_one(tmp_path: Path) -> None:
+    _built()
+    root = _copy(tmp_path)
+    manifest = root / "policyroute" / _compiled.MANIFEST
+    built = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**built, "python": "cpython-399"}))
+    assert _run(root).stdout.split() == ["stale", "py", "py"]
 
 
 def test_pure_runs_every_module_from_source(tmp_path: Path) -> None:

@@ -15,10 +15,7 @@ from policyroute.backends.clock import ASK_SERVER, MAX_ERROR_MS, STALE, ServerCl
 from policyroute.backends.embedded import start_valkey
 from policyroute.backends.valkey import ValkeyStore
 
-
-async def _server_ms(store: ValkeyStore) -> int:
-    seconds, micros = await store.command("TIME", operation="t")
-    return int(seconds) * 1000 + int(micros) // 1000
+from .kit import server_ms
 
 
 async def _heard(clock: ServerClock) -> None:
@@ -43,7 +40,7 @@ async def test_scripts_ask_the_server_until_a_sample_then_read_valkey_s_time(
     try:
         assert store.now() == ASK_SERVER
         now = await _sampled(store)
-        server = await _server_ms(store)
+        server = await server_ms(store)
         assert isinstance(now, int) and abs(server - now) <= 5
     finally:
         await store.stop()
@@ -60,7 +57,7 @@ async def test_a_process_whose_clocks_are_an_hour_off_still_reads_valkey_s_time(
     store.clock._tick = lambda: real_monotonic() - 3600
     try:
         now = await _sampled(store)
-        server = await _server_ms(store)
+        server = await server_ms(store)
         assert isinstance(now, int) and abs(server - now) <= 5
     finally:
         await store.stop()
@@ -133,7 +130,7 @@ async def test_a_stopped_server_leaves_the_estimate_to_age_then_scripts_ask_agai
         server.restart()
         tick.at += clock_module.EVERY
         now = await _sampled(store)  # the next sample, once the server is back
-        assert isinstance(now, int) and abs(await _server_ms(store) - now) <= 50
+        assert isinstance(now, int) and abs(await server_ms(store) - now) <= 50
     finally:
         await store.stop()
         server.stop()

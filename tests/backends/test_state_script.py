@@ -10,12 +10,9 @@ import pytest
 from policyroute.backends.valkey import Arg, ValkeyStore
 from policyroute.steps.slots import state_reply
 
+from .kit import server_ms
+
 DAY_MS = 86_400_000
-
-
-async def _server_ms(store: ValkeyStore) -> int:
-    seconds, micros = await store.command("TIME", operation="t")
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 @pytest.mark.parametrize("clock", ["server", "worker"])
@@ -38,7 +35,7 @@ async def test_one_bucket_alone_answers_and_stores_what_the_general_loop_does(
     buckets = {"general": general_key, "short": short_key}
     try:
         for _ in range(4):
-            now: Arg = "" if clock == "server" else await _server_ms(store)
+            now: Arg = "" if clock == "server" else await server_ms(store)
             replies = {
                 path: state_reply(
                     await store.run("state", keys, [now, *args], operation="t", fail_open=False)
@@ -91,7 +88,7 @@ async def test_a_bucket_s_stamp_never_goes_back_so_no_time_is_refilled_twice(
         return state_reply(await store.run("state", keys, args, operation="t", fail_open=False))
 
     try:
-        start = await _server_ms(store)
+        start = await server_ms(store)
         assert (await take(start, 5))[0] == "go"
         assert (await take(start + 5000, 5))[1][0][1] == "5"  # refilled 5, took 5: 5 left
         behind = await take(start + 2000, 1)
