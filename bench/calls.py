@@ -1,7 +1,8 @@
 """What the bench routes run: their steps and their Valkey calls per request, checked.
 
 ``python -m bench.calls`` (also run by ``make bench``) serves each ``bench/policies/<set>``
-in process against a real Valkey, as ``bench.lua`` does, and prints the route's compiled
+in process against a real Valkey, as ``bench.lua`` does (one request at a time, so no
+call is shared with another request's), and prints the route's compiled
 steps (the parts of the state step too) and the script calls per request (``INFO
 commandstats``). Both are compared with what they were before the brute-force lockout,
 one-time tokens, throttle and debounce existed (``BEFORE``): none of the bench routes uses
@@ -24,9 +25,9 @@ from bench.backend import valkey as start_valkey
 REQUESTS = 200
 
 # Per policy set: the steps of `GET /ping` and its script calls per request, as they were
-# before the lockout, replay, throttle and debounce (main at 3c75f95). The full chain's
-# after-handler calls of requests that finish together may share one script call, so its
-# count is at most 2 (1.8-2.0 here).
+# before the lockout, replay, throttle and debounce (main at 3c75f95). Requests are sent
+# one at a time, so no call is shared with another request's (`Pipeline.share`, `join`):
+# the counts are exact.
 BEFORE: dict[str, tuple[tuple[str, ...], float]] = {
     "core": ((), 0.0),
     "limit": (("client:ClientStep", "state:StateStep", "rate_limit:RateLimitStep"), 1.0),
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[VALKEY_URL_ENV] = backend.url
             for name in names:
                 backend.flush()
-                usage = asyncio.run(lua.measure(name, backend, REQUESTS, 1))[0]
+                usage = asyncio.run(lua.measure(name, backend, REQUESTS, 1, tasks=1))[0]
                 os.environ["BENCH_POLICY"] = name
                 sys.modules.pop(lua.APP_MODULE, None)
                 found = steps(importlib.import_module(lua.APP_MODULE).engine)

@@ -7,8 +7,10 @@ request: Valkey's own CPU time (``INFO cpu``), the time inside scripts (``INFO
 commandstats``) and the script calls. Every round starts from an empty database; the
 first one warms up and is not kept. On this 2-core machine the figures move by 3-10 %
 between runs where req/s over HTTP moves by tens: measure a Lua change with this before
-and after it. Requests here finish one by one, so after-handler calls are rarely joined
-(2 script calls per request for the full chain, about 1.06 under HTTP load).
+and after it. The before-handler calls of the requests in flight together share script
+calls (`Pipeline.share`), as under HTTP load; requests here finish one by one, so their
+after-handler calls are rarely joined (the full chain: about 1.0 script calls a request
+here, 0.15 under HTTP load; one request at a time, as ``bench.calls`` counts, exactly 2).
 
 ``python -m bench.lua --alone [--against CHECKOUT] [POLICY ...]`` times the scripts alone:
 it records the state and finish calls one round of requests makes, then sends them again
@@ -149,8 +151,11 @@ def _borrowed(env: dict[str, str], cpus: frozenset[int]) -> Iterator[None]:
             os.sched_setaffinity(0, affinity)
 
 
-async def measure(policy: str, backend: Valkey, requests: int, rounds: int) -> list[Usage]:
-    """Serve `policy` in process and return Valkey's usage for each round of requests."""
+async def measure(
+    policy: str, backend: Valkey, requests: int, rounds: int, tasks: int = TASKS
+) -> list[Usage]:
+    """Serve `policy` in process and return Valkey's usage for each round of requests
+    (`tasks` of them in flight)."""
     os.environ["BENCH_POLICY"] = policy
     sys.modules.pop(APP_MODULE, None)
     module = importlib.import_module(APP_MODULE)
@@ -166,7 +171,8 @@ async def measure(policy: str, backend: Valkey, requests: int, rounds: int) -> l
                 await set_balance(store, "bench-user", 10**12)
                 client.config_resetstat()
                 before = backend.cpu_seconds()
-                answered = await _drive(app, _scopes("/ping", requests, number * requests))
+                scopes = _scopes("/ping", requests, number * requests)
+                answered = await _drive(app, scopes, tasks)
                 if answered != requests:
                     raise RuntimeError(f"{policy}: {requests - answered} requests not 2xx")
                 await store.settle()

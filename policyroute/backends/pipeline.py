@@ -102,6 +102,74 @@ class _Joined:
         return pack(("EVALSHA", self.sha, len(self.keys), *self.keys, *self.args))
 
 
+class _Shared:
+    """Calls of one script by several callers, each with a reply of its own, sent as one
+    EVALSHA (`Pipeline.share`).
+
+    In a connection's queue it stands where a future would: the reply, one per caller in
+    order, is handed out as it is read (an error in one caller's part is that caller's
+    alone), and a failure of the whole call reaches every caller.
+    """
+
+    __slots__ = ("args", "futures", "head", "keys", "sha")
+
+    def __init__(
+        self, sha: str, keys: Sequence[str], args: Sequence[Arg], future: asyncio.Future[Any]
+    ) -> None:
+        self.sha = sha
+        self.head = args[0]
+        self.keys = list(keys)
+        self.args: list[Arg] = [len(keys), len(args) - 1, *args[1:]]
+        self.futures = [future]
+
+    def add(self, keys: Sequence[str], args: Sequence[Arg], future: asyncio.Future[Any]) -> None:
+        """Another caller's call: its keys and its section of the arguments."""
+        self.keys.extend(keys)
+        self.args.extend((len(keys), len(args) - 1))
+        self.args.extend(args[1:])
+        self.futures.append(future)
+
+    def pack(self) -> bytes:
+        """One caller's call as it was made, or the joined form: `head`, "*", the sections."""
+        keys = self.keys
+        if len(self.futures) == 1:
+            return pack(("EVALSHA", self.sha, len(keys), *keys, self.head, *self.args[2:]))
+        return pack(("EVALSHA", self.sha, len(keys), *keys, self.head, "*", *self.args))
+
+    def done(self) -> bool:
+        """Never: each caller's own future says whether it still waits."""
+        return False
+
+    def set_result(self, reply: Any) -> None:
+        """Hand each caller its reply (a lone caller the whole reply)."""
+        futures = self.futures
+        if len(futures) == 1:
+            if not futures[0].done():
+                futures[0].set_result(reply)
+            return
+        if type(reply) is not list or len(reply) != len(futures):
+            self.set_exception(InvalidResponse("a joined script call answered out of shape"))
+            return
+        for future, one in zip(futures, reply, strict=True):
+            if not future.done():
+                if isinstance(one, ResponseError):
+                    future.set_exception(one)
+                else:
+                    future.set_result(one)
+
+    def set_exception(self, error: BaseException) -> None:
+        """The whole call failed: every caller hears it."""
+        for future in self.futures:
+            if not future.done():
+                with contextlib.suppress(RuntimeError):  # its loop is closed; nobody waits
+                    future.set_exception(error)
+
+
+# What a connection's queue holds for each command written: its caller's future, or the
+# callers of a shared call.
+Waiter = asyncio.Future[Any] | _Shared
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection: its own reader and its own queue of callers awaiting replies.
 
@@ -122,9 +190,9 @@ class _Connection(asyncio.Protocol):
             notEnoughData=_NOT_ENOUGH,
         )
         self.transport: asyncio.Transport | None = None
-        self.inflight: deque[asyncio.Future[Any]] = deque()
+        self.inflight: deque[Waiter] = deque()
         # Extra seconds the head of the queue may take when it belongs to a large write.
-        self.extra: dict[asyncio.Future[Any], float] = {}
+        self.extra: dict[Waiter, float] = {}
         self.dead: Exception | None = None
         self.since = 0.0  # when the head of `inflight` became the head
         self._timer: asyncio.TimerHandle | None = None
@@ -134,7 +202,7 @@ class _Connection(asyncio.Protocol):
         # A stream transport, though not always an asyncio.Transport subclass (uvloop's).
         self.transport = cast(asyncio.Transport, transport)
 
-    def send(self, data: bytes, futures: list[asyncio.Future[Any]]) -> None:
+    def send(self, data: bytes, futures: Sequence[Waiter]) -> None:
         """Write commands; their callers wait for replies in this order."""
         if self.dead is not None:
             raise self.dead
@@ -254,7 +322,7 @@ class Pipeline:
         self.connect_timeout = connect_timeout
         # Commands not yet written: they wait here until the end of the tick, and while a
         # connection is being made (nothing is written before its handshake completed).
-        self.pending: list[tuple[bytes | _Joined, asyncio.Future[Any]]] = []
+        self.pending: list[tuple[bytes | _Joined | _Shared, Waiter]] = []
         self._conn: _Connection | None = None  # the ready connection, if any
         self._generation = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -304,24 +372,51 @@ class Pipeline:
         caller learns it is the first and one callback can serve them all.
         """
         loop = self._running()
-        if self.pending:
-            last, future = self.pending[-1]
-            if (
-                type(last) is _Joined
-                and last.sha == sha
-                and len(last.args) + len(args) <= JOIN_ARGS
-            ):
-                last.keys.extend(keys)
-                last.args.extend(args)
-                last.callers.append(caller)
-                return future, last.callers
+        last = self._joinable(_Joined, sha, len(args))
+        if last is not None:
+            assert type(last) is _Joined
+            last.keys.extend(keys)
+            last.args.extend(args)
+            last.callers.append(caller)
+            return cast(asyncio.Future[Any], self.pending[-1][1]), last.callers
         future = loop.create_future()
         joined = _Joined(sha, keys, args, caller)
         self._queue(joined, future, loop)
         return future, joined.callers
 
+    def share(self, sha: str, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
+        """Queue a script call that may share one EVALSHA with the calls queued just before,
+        each caller with a reply of its own (`state`).
+
+        The script takes the joined form: its first argument common to every call (the
+        first caller's is sent), then "*" and each call's section (its number of keys, its
+        number of arguments, its arguments), and answers one reply per section in order. A
+        lone call is sent as it was made. As with `join`, only the last queued command is
+        joined, so commands still run in the order they were queued.
+        """
+        loop = self._running()
+        future = loop.create_future()
+        last = self._joinable(_Shared, sha, len(args) + 1)  # a section: 2 counts, no head
+        if last is not None:
+            assert type(last) is _Shared
+            last.add(keys, args, future)
+            return future
+        shared = _Shared(sha, keys, args, future)
+        self._queue(shared, shared, loop)
+        return future
+
+    def _joinable(self, kind: type, sha: str, more: int) -> _Joined | _Shared | None:
+        """The last queued command, if it is a `kind` call of `sha` with room for `more`
+        arguments (`JOIN_ARGS`)."""
+        if not self.pending:
+            return None
+        last = self.pending[-1][0]
+        if type(last) is not kind or isinstance(last, bytes):
+            return None
+        return last if last.sha == sha and len(last.args) + more <= JOIN_ARGS else None
+
     def _queue(
-        self, command: bytes | _Joined, future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop
+        self, command: bytes | _Joined | _Shared, future: Waiter, loop: asyncio.AbstractEventLoop
     ) -> None:
         self.pending.append((command, future))
         if len(self.pending) >= self.batch:
@@ -426,7 +521,7 @@ class Pipeline:
         self._fail(pending, error)
 
     @staticmethod
-    def _fail(batch: list[tuple[bytes | _Joined, asyncio.Future[Any]]], error: Exception) -> None:
+    def _fail(batch: list[tuple[bytes | _Joined | _Shared, Waiter]], error: Exception) -> None:
         _fail([f for _, f in batch], error)
 
     async def settle(self) -> None:
@@ -437,7 +532,11 @@ class Pipeline:
         """
         loop = asyncio.get_running_loop()
         inflight = self._conn.inflight if self._conn is not None else ()
-        queued = (*(f for _, f in self.pending), *inflight)
+        queued = [
+            f
+            for waiter in (*(w for _, w in self.pending), *inflight)
+            for f in (waiter.futures if isinstance(waiter, _Shared) else (waiter,))
+        ]
         waiting = [f for f in queued if not f.done() and f.get_loop() is loop]
         if waiting:
             await asyncio.wait(waiting)
@@ -474,7 +573,7 @@ def _ignore_load(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _fail(futures: Sequence[asyncio.Future[Any]], error: Exception) -> None:
+def _fail(futures: Sequence[Waiter], error: Exception) -> None:
     for future in futures:
         if not future.done():
             with contextlib.suppress(RuntimeError):  # its loop is closed; nobody waits

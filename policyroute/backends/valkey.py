@@ -46,8 +46,13 @@ class Store(Protocol):
         *,
         operation: str,
         fail_open: bool,
+        shares: bool = False,
     ) -> Any:
-        """Run a packaged Lua script by name; raise StorageError on any backend failure."""
+        """Run a packaged Lua script by name; raise StorageError on any backend failure.
+
+        `shares`: the script takes the joined form (see `Pipeline.share`): concurrent calls
+        may share one call to the server, each answered on its own.
+        """
         ...
 
     def submit(
@@ -216,13 +221,20 @@ class ValkeyStore:
         *,
         operation: str,
         fail_open: bool,
+        shares: bool = False,
     ) -> Any:
-        """EVALSHA the named script (reloaded transparently after NOSCRIPT)."""
+        """EVALSHA the named script (reloaded transparently after NOSCRIPT).
+
+        `shares`: the script takes the joined form (`Pipeline.share`), so calls made in
+        the same tick may go as one EVALSHA, each with its own reply.
+        """
         try:
             if self.pipeline is None:
                 return await self._script(script)(keys=list(keys), args=list(args))
             sha, source = self._source(script)
             try:
+                if shares:
+                    return await self.pipeline.share(sha, keys, args)
                 return await self.pipeline.execute("EVALSHA", sha, len(keys), *keys, *args)
             except NoScriptError:  # a flushed server: load once, call again (below: no
                 pass  # await inside a handler, see `_compiled.py`)

@@ -122,7 +122,9 @@ def run_state(store: Store, req: Request, operation: str, fail_open: bool) -> Aw
     """
     if not store.cluster or len({hash_tag(k) for k in req.keys}) < 2:
         args = [store.now(), *req.args]  # the script's first argument: Valkey's time
-        return store.run("state", req.keys, args, operation=operation, fail_open=fail_open)
+        return store.run(
+            "state", req.keys, args, operation=operation, fail_open=fail_open, shares=True
+        )
     return _run_state_by_tag(store, req, operation, fail_open)
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 import uuid
+from typing import Any
 
 import pytest
 import valkey.asyncio as avalkey
@@ -16,7 +17,7 @@ from valkey.exceptions import ValkeyError
 from policyroute.admin.credits import set_balance, show
 from policyroute.backends.embedded import start_valkey
 from policyroute.backends.pipeline import Pipeline
-from policyroute.backends.valkey import ValkeyStore
+from policyroute.backends.valkey import Arg, ValkeyStore
 from policyroute.errors import StorageError
 from policyroute.steps.slots import state_reply
 
@@ -482,5 +483,166 @@ async def test_accounts_whose_names_differ_only_in_braces_never_share_a_key(
         for name in names:
             key = store.key("s:" + name, "credits")
             assert key.count("{") == 1 and key.count("}") == 1  # one hash tag, whole
+    finally:
+        await store.stop()
+
+
+# -- state calls shared by the requests of one tick (`Pipeline.share`) ---------------------
+
+DAY_MS = 86_400_000
+
+
+def _bucket_call(store: ValkeyStore, name: str, cap: int = 3) -> tuple[list[str], list[Arg]]:
+    """A state call that takes one token from its own bucket (with the server's time)."""
+    return [store.key("s:" + name, "tb", "r", "0")], ["", "tb", cap, cap, DAY_MS, 1]
+
+
+def _row(reply: Any) -> tuple[str, list[str]]:
+    verdict, rows, _, _ = state_reply(reply)
+    return verdict, rows[0][:2]  # whether allowed, tokens left
+
+
+async def test_state_calls_of_one_tick_share_one_command_and_each_gets_its_own_reply(
+    valkey_url: str,
+) -> None:
+    # Ten callers in one tick, with buckets in three different states; the same calls made
+    # one by one on another prefix answer alike. A cache hit answers with the stored entry:
+    # an array within the shared reply, handed to its caller whole.
+    store, alone = _store(valkey_url), _store(valkey_url)
+    try:
+        for s in (store, alone):
+            await s.command("SET", s.key("s:c", "ce", "x"), "Estored", operation="t")
+        calls = {
+            s: [_bucket_call(s, f"u{i % 3}", cap=1 + i % 3) for i in range(9)]
+            + [([s.key("s:c", "ce", "x")], ["", "ca", 1000, "tok"])]
+            for s in (store, alone)
+        }
+        expected = [
+            await alone.run("state", k, a, operation="t", fail_open=False) for k, a in calls[alone]
+        ]
+        assert store.pipeline is not None
+        await store.run("state", *_bucket_call(store, "warm"), operation="t", fail_open=False)
+        before = store.pipeline.commands
+        shared = await asyncio.gather(
+            *(store.run("state", k, a, operation="t", fail_open=False, shares=True)
+              for k, a in calls[store])
+        )  # fmt: skip
+        assert store.pipeline.commands - before == 1
+        assert [_row(r) for r in shared[:9]] == [_row(r) for r in expected[:9]]
+        # Buckets of 1, 2 and 3 tokens, asked 3 times each in turn.
+        verdicts = ["go", "go", "go", "rate", "go", "go", "rate", "rate", "go"]
+        assert [_row(r)[0] for r in shared[:9]] == verdicts
+        assert state_reply(shared[9])[0] == state_reply(expected[9])[0] == "hit"
+        assert state_reply(shared[9])[3] == state_reply(expected[9])[3] == [b"Estored"]
+    finally:
+        await store.stop()
+        await alone.stop()
+
+
+async def test_one_callers_failing_ops_cost_no_other_sharing_caller_its_reply(
+    valkey_url: str,
+) -> None:
+    store = _store(valkey_url)
+    try:
+        calls = [_bucket_call(store, f"v{i}") for i in range(3)]
+        await store.command("HSET", calls[1][0][0], "f", "v", operation="t")  # GET: WRONGTYPE
+        assert store.pipeline is not None
+        await store.run("state", *_bucket_call(store, "warm"), operation="t", fail_open=False)
+        before = store.pipeline.commands
+        results = await asyncio.gather(
+            *(store.run("state", k, a, operation=f"call {i}", fail_open=False, shares=True)
+              for i, (k, a) in enumerate(calls)),
+            return_exceptions=True,
+        )  # fmt: skip
+        assert store.pipeline.commands - before == 1
+        assert isinstance(results[1], StorageError) and "WRONGTYPE" in str(results[1])
+        assert results[1].operation == "call 1"
+        assert [_row(results[i]) for i in (0, 2)] == [("go", ["1", "2"])] * 2
+        # The others' tokens were taken, once each.
+        for i in (0, 2):
+            stored = await store.command("GET", calls[i][0][0], operation="t")
+            assert stored.split(b" ")[0] == b"2"
+    finally:
+        await store.stop()
+
+
+async def test_a_script_flush_before_shared_calls_is_recovered_for_every_caller(
+    valkey_url: str,
+) -> None:
+    store = _store(valkey_url)
+    try:
+        calls = [_bucket_call(store, f"w{i}") for i in range(4)]
+        await store.run("state", *calls[0], operation="t", fail_open=False)  # loaded once
+        await store.command("SCRIPT", "FLUSH", operation="t")
+        replies = await asyncio.gather(
+            *(store.run("state", k, a, operation="t", fail_open=False, shares=True)
+              for k, a in calls)
+        )  # fmt: skip
+        # Each caller loaded the script and sent its call again, alone: taken once each.
+        assert [_row(r) for r in replies] == [("go", ["1", "1"])] + [("go", ["1", "2"])] * 3
+    finally:
+        await store.stop()
+
+
+async def test_every_sharing_caller_hears_of_a_stopped_server() -> None:
+    server = start_valkey()
+    store = ValkeyStore(server.url, prefix="p" + uuid.uuid4().hex[:8])
+    try:
+        calls = [_bucket_call(store, f"x{i}") for i in range(3)]
+        await store.run("state", *calls[0], operation="t", fail_open=False)
+        server.stop()
+        results = await asyncio.gather(
+            *(store.run("state", k, a, operation=f"call {i}", fail_open=True, shares=True)
+              for i, (k, a) in enumerate(calls)),
+            return_exceptions=True,
+        )  # fmt: skip
+        assert [type(r) for r in results] == [StorageError] * 3
+        assert [r.operation for r in results if isinstance(r, StorageError)] == [
+            "call 0", "call 1", "call 2"
+        ]
+    finally:
+        await store.stop()
+        with contextlib.suppress(Exception):  # stopped above, unless the test failed first
+            server.stop()
+
+
+async def test_a_cancelled_sharing_caller_leaves_the_others_their_replies(
+    valkey_url: str,
+) -> None:
+    store = _store(valkey_url)
+    try:
+        calls = [_bucket_call(store, f"y{i}") for i in range(3)]
+        await store.command("PING", operation="t")
+        tasks = [
+            asyncio.ensure_future(
+                store.run("state", k, a, operation="t", fail_open=False, shares=True)
+            )
+            for k, a in calls
+        ]
+        await asyncio.sleep(0)  # every call queued, none answered
+        tasks[1].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[1], asyncio.CancelledError)
+        assert [_row(results[i]) for i in (0, 2)] == [("go", ["1", "2"])] * 2
+        # The cancelled caller's call was sent with the others: its token is taken too
+        # (a request cancelled after its call was queued cannot unsend it).
+        assert (await store.command("GET", calls[1][0][0], operation="t")).startswith(b"2 ")
+    finally:
+        await store.stop()
+
+
+async def test_a_shared_call_stays_within_its_argument_bound(valkey_url: str) -> None:
+    store = _store(valkey_url)
+    try:
+        calls = [_bucket_call(store, f"z{i}") for i in range(100)]  # 7 arguments a section
+        assert store.pipeline is not None
+        await store.run("state", *_bucket_call(store, "warm"), operation="t", fail_open=False)
+        before = store.pipeline.commands
+        replies = await asyncio.gather(
+            *(store.run("state", k, a, operation="t", fail_open=False, shares=True)
+              for k, a in calls)
+        )  # fmt: skip
+        assert store.pipeline.commands - before == 2  # 73 sections (511 arguments), then 27
+        assert [_row(r) for r in replies] == [("go", ["1", "2"])] * 100
     finally:
         await store.stop()

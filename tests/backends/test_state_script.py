@@ -102,3 +102,42 @@ async def test_a_bucket_s_stamp_never_goes_back_so_no_time_is_refilled_twice(
         assert later[0] == "rate" and int(later[1][0][3]) == 4000
     finally:
         await store.stop()
+
+
+async def test_one_bucket_then_other_ops_answers_and_stores_what_the_general_loop_does(
+    valkey_url: str,
+) -> None:
+    # One bucket followed by a cache lookup takes the one-bucket path and goes on to the
+    # lookup; with a second bucket that always allows in between, the same call goes
+    # through the general loop. Both answer alike call after call: allowed and locked,
+    # allowed and told to wait on the lock, then refused with no lookup made.
+    store = ValkeyStore(valkey_url, prefix="t" + uuid.uuid4().hex[:10])
+    bucket: list[Arg] = ["tb", 2, 2, DAY_MS, 1]
+    roomy: list[Arg] = ["tb", 10**9, 10**9, DAY_MS, 1]
+    paths = {
+        "one": [store.key("a", "tb", "r"), store.key("a", "ce", "x")],
+        "general": [store.key("b", "tb", "r"), store.key("c", "tb", "r"), store.key("b", "ce", "x")],
+    }
+    try:
+        for call in range(3):
+            now = await server_ms(store)
+            lookup: list[Arg] = ["ca", 60_000, f"tok{call}"]
+            one = state_reply(
+                await store.run(
+                    "state", paths["one"], [now, *bucket, *lookup], operation="t", fail_open=False
+                )
+            )
+            general = state_reply(
+                await store.run(
+                    "state", paths["general"], [now, *bucket, *roomy, *lookup],
+                    operation="t", fail_open=False,
+                )
+            )  # fmt: skip
+            assert one[0] == general[0] == ["go", "wait", "rate"][call]
+            assert one[1] == general[1][:1] and one[2:] == general[2:]
+            locks = [await store.command("GET", keys[-1], operation="t") for keys in paths.values()]
+            assert locks[0] == locks[1] == b"Ltok0"  # taken by the first call only
+            buckets = [await store.command("GET", keys[0], operation="t") for keys in paths.values()]
+            assert buckets[0].split(b" ")[0] == buckets[1].split(b" ")[0]
+    finally:
+        await store.stop()
