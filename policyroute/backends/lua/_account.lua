@@ -2,7 +2,8 @@
 -- An account as the next charge sees it: granted balance b, allowance left a, its period
 -- p, plus the reservations whose hold expired by `now` (a process died before settling
 -- them), which go back first. Returns b, a, p and those reservations' members
--- ('from_a:from_b:period:token', scored by expiry); allowance comes back only within the
+-- ('from_a:from_b:period:token', scored by expiry; nil when the held set was not
+-- searched); allowance comes back only within the
 -- period it was taken from. What a charge sweeps is remembered (member scored by when it
 -- is forgotten) for SWEPT_KEPT ms in the account's `:swept` set.
 -- The account's field `n` is a bound the charges keep: no hold expires before it (NONE_HELD
@@ -18,18 +19,17 @@ local function account(balance_key, held_key, now)
   local a = tonumber(s[2]) or 0
   local p = s[3] or ''
   local due = tonumber(s[4])
-  local searched = not due or due <= now
-  local lost = {}
-  if searched then
+  local lost = nil
+  if not due or due <= now then
     lost = redis.call('ZRANGEBYSCORE', held_key, '-inf', now, 'LIMIT', 0, 64)
-  end
-  for _, m in ipairs(lost) do
-    local ra, rb, rp = string.match(m, '^(%d+):(%d+):([^:]*):')
-    if rb then
-      b = b + tonumber(rb)
-      if rp == p then a = a + tonumber(ra) end
+    for _, m in ipairs(lost) do
+      local ra, rb, rp = string.match(m, '^(%d+):(%d+):([^:]*):')
+      if rb then
+        b = b + tonumber(rb)
+        if rp == p then a = a + tonumber(ra) end
+      end
     end
+    due = nil
   end
-  if searched then due = nil end
   return b, a, p, lost, due, (s[1] or s[2] or s[3] or s[4]) and true or false
 end

@@ -28,5 +28,5 @@ local function bucket(k, cap, refill, per, cost, now)
   if not ok then retry = math.ceil((cost - tokens) / rate) + ts - now end
   local reset = math.ceil((cap - rest) / rate) + ts - now
   return ok, math.floor(rest + 1e-9), reset, retry, math.floor(tokens + 1e-9),
-    rest .. string.format(' %d', ts), math.max(reset, 1)
+    string.format('%.14g %d', rest, ts), math.max(reset, 1)
 end

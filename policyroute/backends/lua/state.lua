@@ -250,9 +250,9 @@ local function one(ki, ai, last)
     else
       local from_a = math.min(a, cost)
       local from_b = cost - from_a
-      credit = string.format('%d,%d,%d,', from_a, from_b, b + a - cost) .. p
+      credit = string.format('%d,%d,%d,%s', from_a, from_b, b + a - cost, p)
       take = {k, b - from_b, a - from_a, p, held, now + hold,
-        from_a .. ':' .. from_b .. ':' .. p .. ':' .. token, due}
+        string.format('%d:%d:%s:%s', from_a, from_b, p, token), due}
     end
     op = ARGV[ai]
     ai = ai + 1
