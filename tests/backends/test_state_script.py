@@ -141,3 +141,39 @@ async def test_one_bucket_then_other_ops_answers_and_stores_what_the_general_loo
             assert buckets[0].split(b" ")[0] == buckets[1].split(b" ")[0]
     finally:
         await store.stop()
+
+
+async def test_a_reservation_writes_every_account_field_that_changes(valkey_url: str) -> None:
+    # An allowance of 2 a day, then a balance of 3: reservations of 1 take the allowance
+    # first, then the balance. Once only the balance changes, only it is written; the
+    # allowance, its period and the bound on the holds stay as the last full write left
+    # them, and a hold that expires sooner than the bound lowers it.
+    store = ValkeyStore(valkey_url, prefix="t" + uuid.uuid4().hex[:10])
+    keys = [store.key("u", "credits"), store.key("u", "credits", "held"),
+            store.key("u", "credits", "swept")]  # fmt: skip
+
+    async def reserve(n: int, hold: int = 900_000) -> list[Any]:
+        args: list[Arg] = [now, "cr", 1, 2, "day", hold, f"tok{n}"]
+        return state_reply(await store.run("state", keys, args, operation="t", fail_open=False))
+
+    async def fields() -> dict[bytes, bytes]:
+        flat = await store.command("HGETALL", keys[0], operation="t")
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
+    try:
+        now = await server_ms(store)
+        await store.command("HSET", keys[0], "b", 3, operation="t")
+        day = str(now // DAY_MS).encode()
+        taken = [await reserve(n) for n in range(5)]
+        assert [t[2][:3] for t in taken] == [
+            ["1", "0", "4"], ["1", "0", "3"], ["0", "1", "2"], ["0", "1", "1"], ["0", "1", "0"]
+        ]
+        assert await fields() == {b"b": b"0", b"a": b"0", b"p": day, b"n": str(now + 900_000).encode()}
+        assert (await reserve(5))[0] == "credits"
+        await store.command("HINCRBY", keys[0], "b", 1, operation="t")
+        assert (await reserve(6, hold=1000))[2][:3] == ["0", "1", "0"]
+        assert await fields() == {b"b": b"0", b"a": b"0", b"p": day, b"n": str(now + 1000).encode()}
+        held = await store.command("ZRANGE", keys[1], 0, -1, operation="t")
+        assert len(held) == 6
+    finally:
+        await store.stop()

@@ -225,6 +225,7 @@ local function one(ki, ai, last)
     local hold, token = tonumber(ARGV[ai + 3]), ARGV[ai + 4]
     ai = ai + 5
     local b, a, p, lost, due, exists = account(k, held, now)
+    local kept = due ~= nil and p -- the bound and period as stored (unless searched)
     if not due then
       -- the holds were searched: sweep what expired, then bound the ones left
       if #lost > 0 then redis.call('ZREM', held, unpack(lost)) end
@@ -252,7 +253,10 @@ local function one(ki, ai, last)
       local from_b = cost - from_a
       credit = string.format('%d,%d,%d,%s', from_a, from_b, b + a - cost, p)
       take = {k, b - from_b, a - from_a, p, held, now + hold,
-        string.format('%d:%d:%s:%s', from_a, from_b, p, token), due}
+        string.format('%d:%d:%s:%s', from_a, from_b, p, token), due,
+        -- only the balance changes: nothing from the allowance, the same period, and a
+        -- stored bound no later than this hold's expiry
+        from_a == 0 and kept == p and now + hold >= due}
     end
     op = ARGV[ai]
     ai = ai + 1
@@ -304,8 +308,12 @@ local function one(ki, ai, last)
   if short then return short end
   if take then
     -- the bound on the holds: this one's expiry when it is the first to expire
-    redis.call('HSET', take[1], 'b', take[2], 'a', take[3], 'p', take[4], 'n',
-      math.min(take[8], take[6]))
+    if take[9] then
+      redis.call('HSET', take[1], 'b', take[2])
+    else
+      redis.call('HSET', take[1], 'b', take[2], 'a', take[3], 'p', take[4], 'n',
+        math.min(take[8], take[6]))
+    end
     -- An empty set is removed by the server, so settled accounts keep no extra key.
     redis.call('ZADD', take[5], take[6], take[7])
   end
