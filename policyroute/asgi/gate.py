@@ -243,27 +243,49 @@ def _walk(routes: Iterable[BaseRoute], prefix: str, depth: int) -> Iterator[Endp
 # --- resolving one request ----------------------------------------------------------------
 
 
-@dataclass(slots=True)
+# Made on every request: a dataclass for its comparison and repr, with an `__init__` of its
+# own, which the compiled build runs natively (a generated one would be interpreted).
+@dataclass(slots=True, init=False)
 class Resolved:
     """What the router will dispatch a request to, and the top route it dispatches through."""
 
     match: Match
-    endpoint: Endpoint | None = None
-    top: Any = None  # the entry of the top router's list that matched, and its child scope
-    child: Scope | None = None
+    endpoint: Endpoint | None
+    top: Any  # the entry of the top router's list that matched, and its child scope
+    child: Scope | None
     # A partial match inside a mount or host: the router has committed to the mount, so no
     # later route is tried (the mounted router answers 405).
-    final: bool = False
+    final: bool
     # Below `top`, the selections the routers of plain mounts and hosts will make, innermost
     # first: (router, route, child scope). The handoff makes them itself, so no router inside
     # a mount matches its routes again; the chain stops at the first mount it cannot skip.
-    hops: list[Hop] | None = None
+    hops: list[Hop] | None
     # Through FastAPI included routers: the selections their `_handle_selected` would make
     # after matching again, made by the handoff from what the gate matched (see `Included`).
-    included: Included | None = None
+    included: Included | None
     # Set by the gate once it let the request through: the top router and its selection.
-    router: Any = None
-    select: Select | None = None
+    router: Any
+    select: Select | None
+
+    def __init__(
+        self,
+        match: Match,
+        endpoint: Endpoint | None = None,
+        top: Any = None,
+        child: Scope | None = None,
+        final: bool = False,
+        hops: list[Hop] | None = None,
+        included: Included | None = None,
+    ) -> None:
+        self.match = match
+        self.endpoint = endpoint
+        self.top = top
+        self.child = child
+        self.final = final
+        self.hops = hops
+        self.included = included
+        self.router = None
+        self.select = None
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """The rest of the routers' dispatch (the handoff): select as they would, then handle.

@@ -9,7 +9,6 @@ import hashlib
 import importlib.resources
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import valkey as svalkey
@@ -90,19 +89,32 @@ RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
 
 
-@dataclass(slots=True)
 class _Call:
     """A submitted script call: what to send again, and whom to tell if it is given up."""
 
-    sha: str
-    source: str
-    keys: Sequence[str]
-    args: Sequence[Arg]
-    operation: str
-    on_error: Callable[[StorageError], None]
-    reloaded: bool = False  # sent again after NOSCRIPT, or alone after a joined call failed
-    deadline: float = 0.0  # set at the first failure: then + retry_for
-    delay: float = RETRY_FIRST
+    __slots__ = ("args", "deadline", "delay", "keys", "on_error", "operation", "reloaded",
+                 "sha", "source")  # fmt: skip
+
+    # Made on every submitted call: a plain class, whose `__init__` the compiled build runs
+    # natively (a dataclass's generated one would be interpreted).
+    def __init__(
+        self,
+        sha: str,
+        source: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        operation: str,
+        on_error: Callable[[StorageError], None],
+    ) -> None:
+        self.sha = sha
+        self.source = source
+        self.keys = keys
+        self.args = args
+        self.operation = operation
+        self.on_error = on_error
+        self.reloaded = False  # sent again after NOSCRIPT, or alone after a joined call failed
+        self.deadline = 0.0  # set at the first failure: then + retry_for
+        self.delay = RETRY_FIRST
 
 
 def lua_source(name: str) -> str:

@@ -38,7 +38,7 @@ def principal_tag(ctx: Context) -> str:
     return address_tag(ctx.client)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Stored:
     """A response as stored in Valkey: status, raw headers, body.
 
@@ -49,7 +49,15 @@ class Stored:
     status: int
     headers: list[Header]
     body: bytes
-    unkept: int = 0
+    unkept: int
+
+    # Made for every response kept: an `__init__` of its own, which the compiled build runs
+    # natively (a dataclass's generated one would be interpreted).
+    def __init__(self, status: int, headers: list[Header], body: bytes, unkept: int = 0) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.unkept = unkept
 
     def encode(self) -> tuple[int, bytes, bytes]:
         """(status, header block, body) for the Lua scripts, which keep them opaque.
