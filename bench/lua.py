@@ -7,10 +7,12 @@ request: Valkey's own CPU time (``INFO cpu``), the time inside scripts (``INFO
 commandstats``) and the script calls. Every round starts from an empty database; the
 first one warms up and is not kept. On this 2-core machine the figures move by 3-10 %
 between runs where req/s over HTTP moves by tens: measure a Lua change with this before
-and after it. The before-handler calls of the requests in flight together share script
-calls (`Pipeline.share`), as under HTTP load; requests here finish one by one, so their
-after-handler calls are rarely joined (the full chain: about 1.0 script calls a request
-here, 0.15 under HTTP load; one request at a time, as ``bench.calls`` counts, exactly 2).
+and after it. Consecutive before-handler calls share one script call (`Pipeline.share`),
+and consecutive after-handler calls are joined: here each task queues its request's
+after-handler call and its next request's before-handler call in one step, so the calls
+alternate and the full chain makes 2 script calls a request (`limit`, which has no
+after-handler call, about 0.03); under HTTP load, where each request is a task of its own,
+the full chain makes about 0.15 (one request at a time, as ``bench.calls`` counts: 2).
 
 ``python -m bench.lua --alone [--against CHECKOUT] [POLICY ...]`` times the scripts alone:
 it records the state and finish calls one round of requests makes, then sends them again
