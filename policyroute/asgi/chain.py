@@ -24,9 +24,8 @@ from ..compile.chain import Chain
 from ..compile.step import Context, Handler, Step, innermost
 from ..errors import Denial, Problems
 from ..language.policy import RoutePolicy
-from ..observability.logs import CURRENT, Current
 from ..observability.metrics import STEP_OF_PROBLEM, RouteMeter
-from ..observability.requests import RequestIds
+from ..observability.requests import CURRENT, Current, RequestIds
 from ..observability.shadow import shadow_denial
 from ..observability.tracing import PREFIX, active, extract, fail, inject
 from ._problem import send_problem

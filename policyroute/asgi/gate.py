@@ -700,6 +700,27 @@ Guarded = Callable[[Scope, Receive, Send, ASGIApp, bool], Awaitable[None]]
 Decide = Callable[[str, Endpoint], Guarded]
 
 
+class Decider:
+    """`Decide` for a holder of compiled chains (the engine): the chain of a resolved endpoint
+    for a method, from the holder's snapshot as it is now (a reload swaps it whole).
+
+    The snapshot offers `bound` (METHOD, template -> chain), `chain_for` and `deny`.
+    """
+
+    __slots__ = ("holder",)
+
+    def __init__(self, holder: Any) -> None:
+        self.holder = holder
+
+    def __call__(self, method: str, endpoint: Endpoint) -> Guarded:
+        snapshot = self.holder.snapshot
+        if endpoint.kind != "unknown":  # `endpoint.known`
+            # `chain_for`'s common case inline: one lookup for a template seen before.
+            found: Guarded | None = snapshot.bound.get((method, endpoint.path))
+            return found if found is not None else snapshot.chain_for(method, endpoint.path)
+        return snapshot.deny(method, endpoint.path)  # type: ignore[no-any-return]
+
+
 def _not_allowed(methods: Sequence[str]) -> Denial:
     allowed = ", ".join(m for m in METHODS if m in methods)
     return Denial(

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from ..asgi.api_docs import with_api_docs
 from ..asgi.chain import BoundChain
 from ..asgi.coverage import no_policy_finding, unmatched_entries, unpolicied
-from ..asgi.gate import Endpoint, endpoints
+from ..asgi.gate import Decider, Endpoint, endpoints
 from ..compile.chain import Chain
 from ..compile.compiler import Env, compile_all, deny_chain
 from ..compile.step import Step
@@ -137,6 +137,8 @@ class Engine:
         self.services: Mapping[str, Any] = services(self) if services else {}
         self.ids = RequestIds(config.request_id_header)
         self.snapshot = self._build(policies)
+        # What the gate asks on every request (compiled; reads `snapshot` as it is then).
+        self.decider = Decider(self)
 
     def attach(self) -> None:
         """Let each hook attach its feature (`install` calls this once)."""
@@ -172,12 +174,7 @@ class Engine:
 
     def decide(self, method: str, endpoint: Endpoint) -> BoundChain:
         """The chain of the resolved endpoint for `method` (the gate runs it, then dispatches)."""
-        snapshot = self.snapshot
-        if endpoint.kind != "unknown":  # `endpoint.known`
-            # `chain_for`'s common case inline: one lookup for a template seen before.
-            found = snapshot.bound.get((method, endpoint.path))
-            return found if found is not None else snapshot.chain_for(method, endpoint.path)
-        return snapshot.deny(method, endpoint.path)
+        return self.decider(method, endpoint)  # type: ignore[return-value]
 
     def reload(self) -> ConfigError | None:
         """Load, check, compile and swap all chains at once; keep the old ones on any error."""

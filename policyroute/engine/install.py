@@ -89,7 +89,7 @@ def install(
         # Sanitized logs and health routes, the policy in /openapi.json, reload on change
         # and on SIGHUP: before the strict check, which must see the routes the hooks add.
         engine.attach()
-        gate_router(app.router, engine.decide)
+        gate_router(app.router, engine.decider)
         engine.check_strict()
     except ConfigError as exc:
         _fatal.in_worker(exc)  # under `uvicorn --workers N` or `--reload`: findings, exit 3

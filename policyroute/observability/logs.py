@@ -22,38 +22,18 @@ uvicorn `uvicorn_log_config()`, which also puts the filter on uvicorn's handlers
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import re
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import IO, Any
+
+from .requests import CURRENT, Current
 
 REDACTED = "[REDACTED]"
 
-
-class Current:
-    """What log records need of the request being served: its id and its raw headers.
-
-    Deliberately not the request's context: that holds the server's `send`, which leads
-    back to the task whose context holds this value, and such a cycle per request would
-    leave every request's objects to the cyclic garbage collector.
-    """
-
-    __slots__ = ("headers", "request_id", "secrets")
-
-    def __init__(self, request_id: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
-        self.request_id = request_id
-        self.headers = headers
-        self.secrets: tuple[str, ...] | None = None
-
-
-# The request being served (set and reset by the chain around every request).
-CURRENT: contextvars.ContextVar[Current | None] = contextvars.ContextVar(
-    "policyroute_request", default=None
-)
 
 # Header names whose values are credentials or one-time secrets.
 SECRET_HEADERS = {

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 
 from starlette.types import Message, Send
 
@@ -62,3 +63,25 @@ class _Echo:
             self.status[0] = message["status"]
             message = {**message, "headers": [*message.get("headers", ()), self.pair]}
         return self.send(message)
+
+
+class Current:
+    """What log records need of the request being served: its id and its raw headers.
+
+    Deliberately not the request's context: that holds the server's `send`, which leads
+    back to the task whose context holds this value, and such a cycle per request would
+    leave every request's objects to the cyclic garbage collector.
+    """
+
+    __slots__ = ("headers", "request_id", "secrets")
+
+    def __init__(self, request_id: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        self.request_id = request_id
+        self.headers = headers
+        self.secrets: tuple[str, ...] | None = None
+
+
+# The request being served (set and reset by the chain around every request).
+CURRENT: contextvars.ContextVar[Current | None] = contextvars.ContextVar(
+    "policyroute_request", default=None
+)

@@ -46,8 +46,13 @@ class AuthStep(Step):
         self.realm = realm
         self.max_header = authenticator.max_bytes + _SCHEME_SLACK
         self._no_token = bearer_challenge(realm)
-        # The verified-token lookup, bound once: every request with a token makes it.
-        self._remembered = authenticator.cached
+        # The verified tokens: every request with a token looks there first.
+        self._cache = authenticator.cache
+
+    def _remembered(self, token: str | bytes) -> Principal | None:
+        """The principal of a token verified before (by what it was remembered under)."""
+        cache = self._cache
+        return cache.get(token) if cache is not None else None
 
     def _invalid_request(self, detail: str) -> Denial:
         return Denial(Problems.INVALID_REQUEST, detail,

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from policyroute.observability.logs import (
-    CURRENT,
     REDACTED,
     REDACTION,
     JsonFormatter,
@@ -22,7 +21,7 @@ from policyroute.observability.logs import (
     configure_logging,
     scrub,
 )
-from policyroute.observability.requests import sane
+from policyroute.observability.requests import CURRENT, sane
 
 from .kit import bearer, install, running, token
 
