@@ -161,3 +161,66 @@ def test_without_a_c_compiler_the_build_says_so_and_everything_runs_from_source(
     assert "not compiled" in done.stderr and "running from source" in done.stderr
     assert _compiled.native_files(root / "policyroute") == []
     assert _run(root).stdout.split() == ["pure", "py", "py"]
+
+
+async def test_a_local_chain_request_runs_no_policyroute_code_interpreted(
+    valkey_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the compiled build is for: the bench's local chain (JWT, scopes, roles, IP
+    # allowlist), a request after warm-up, calls no policyroute function that runs as
+    # Python bytecode, nor an `__init__` that `@dataclass` generated for one of its classes
+    # (mypyc compiles the class, but that `__init__` runs interpreted). The access log and
+    # tracing are off, as they are by default (the suite turns both on everywhere else).
+    _built()
+    import importlib
+    import logging
+
+    from opentelemetry.trace import NoOpTracerProvider
+
+    from policyroute.observability import tracing
+    from types import FrameType
+    from typing import Any
+
+    from asgi_lifespan import LifespanManager
+
+    from bench.lua import _drive, _scopes
+
+    access = logging.getLogger("policyroute.access")
+    level = access.level
+    monkeypatch.setenv("BENCH_POLICY", "local")
+    monkeypatch.setenv("POLICYROUTE_VALKEY_URL", valkey_url)
+    monkeypatch.delitem(sys.modules, "bench.apps.policyroute_app", raising=False)
+    app: Any = importlib.import_module("bench.apps.policyroute_app").app
+    ran: set[str] = set()
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event != "call":
+            return
+        code = frame.f_code
+        owner = type(frame.f_locals.get("self")).__module__
+        if code.co_filename.startswith(str(PACKAGE)) or (
+            code.co_filename == "<string>" and owner.startswith("policyroute")
+        ):
+            # Not the suite's own span exporter, which FastAPI's spans reach (the suite
+            # traces everything through the global provider, a sanitizing exporter on it).
+            back = frame.f_back
+            while back is not None and "/opentelemetry/" not in back.f_code.co_filename:
+                back = back.f_back
+            if back is None:
+                ran.add(f"{code.co_filename}:{code.co_firstlineno} {code.co_name} ({owner})")
+
+    access.setLevel(logging.WARNING)
+    tracing.set_provider(NoOpTracerProvider())
+    try:
+        async with LifespanManager(app):
+            assert await _drive(app, _scopes("/ping", 50, 0), 1) == 50
+            sys.setprofile(profile)
+            try:
+                assert await _drive(app, _scopes("/ping", 20, 50), 1) == 20
+            finally:
+                sys.setprofile(None)
+    finally:
+        tracing.set_provider(None)
+        access.setLevel(level)
+        sys.modules.pop("bench.apps.policyroute_app", None)
+    assert ran == set()
