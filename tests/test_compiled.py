@@ -174,16 +174,14 @@ async def test_a_local_chain_request_runs_no_policyroute_code_interpreted(
     _built()
     import importlib
     import logging
-
-    from opentelemetry.trace import NoOpTracerProvider
-
-    from policyroute.observability import tracing
     from types import FrameType
     from typing import Any
 
     from asgi_lifespan import LifespanManager
+    from opentelemetry.trace import NoOpTracerProvider
 
     from bench.lua import _drive, _scopes
+    from policyroute.observability import tracing
 
     access = logging.getLogger("policyroute.access")
     level = access.level
