@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+from typing import Final
 
 
 class UniqueIds:
@@ -28,4 +29,4 @@ class UniqueIds:
 
 
 # Request ids, and the tokens that own concurrency slots, stampede locks and reservations.
-IDS = UniqueIds()
+IDS: Final = UniqueIds()

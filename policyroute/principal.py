@@ -6,13 +6,13 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from starlette.requests import Request
 
 from .errors import Denial, Problems
 
-SCOPE_KEY = "policyroute.principal"
+SCOPE_KEY: Final = "policyroute.principal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +42,7 @@ class Principal:
         return self.subject is not None
 
 
-ANONYMOUS = Principal(subject=None)
+ANONYMOUS: Final = Principal(subject=None)
 
 
 def account_name(subject: str, scope: tuple[str | None, Any] | None = None) -> str:

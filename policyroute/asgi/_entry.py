@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 
 class Entered(Protocol):
@@ -30,7 +30,7 @@ class Entered(Protocol):
 
 
 # The request's `Entered`, set by the state step while the handler runs (None otherwise).
-ENTERED: ContextVar[Entered | None] = ContextVar("policyroute_entered", default=None)
+ENTERED: Final[ContextVar[Entered | None]] = ContextVar("policyroute_entered", default=None)
 
 _MARK = "__policyroute_marks_entry__"
 

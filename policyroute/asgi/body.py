@@ -9,6 +9,8 @@ handler what was read followed by the rest as it streams.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import MethodType
+from typing import Final
 
 from starlette.types import Message, Receive
 
@@ -23,7 +25,7 @@ Header = tuple[bytes, bytes]
 
 # ctx.state: the request's body was refused (413) as it was read, by a step or the handler;
 # the request then counts as refused before its endpoint ran (never charged).
-BODY_REFUSED = "body_refused"
+BODY_REFUSED: Final = "body_refused"
 
 
 def body_too_large(limit: int, size: int | None = None) -> Denial:
@@ -110,6 +112,19 @@ def is_json(headers: Sequence[Header]) -> bool:
     return False
 
 
+def upstream_of(receive: Receive) -> Receive:
+    """The server's own receive behind policyroute's wrappers (their `upstream`), else
+    `receive` itself."""
+    if type(receive) is MethodType:
+        # The server's own, most often. A bound method's attributes are its function's,
+        # read there: asking the method raises and catches an AttributeError each time.
+        owner: object = receive.__func__
+    else:
+        owner = receive
+    found: Receive = getattr(owner, "upstream", receive)
+    return found
+
+
 def replay(body: bytes, then: Receive, *, more: bool = False) -> Receive:
     """A receive that yields `body` once, then whatever `then` yields.
 
@@ -125,5 +140,5 @@ def replay(body: bytes, then: Receive, *, more: bool = False) -> Receive:
             return {"type": "http.request", "body": body, "more_body": more}
         return await then()
 
-    receive.upstream = getattr(then, "upstream", then)  # type: ignore[attr-defined]
+    receive.upstream = upstream_of(then)  # type: ignore[attr-defined]
     return receive

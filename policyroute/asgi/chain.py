@@ -13,7 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 from opentelemetry import trace
@@ -30,10 +30,14 @@ from ..observability.shadow import shadow_denial
 from ..observability.tracing import PREFIX, active, extract, fail, inject
 from ._problem import send_problem
 
-ACCESS = logging.getLogger("policyroute.access")
+ACCESS: Final = logging.getLogger("policyroute.access")
 # `ctx.state` key the events step copies into the message properties (steps/events.py).
 EVENT_PROPERTIES = "event_properties"
-DEFAULT_IDS = RequestIds()
+DEFAULT_IDS: Final = RequestIds()
+# Module attributes and functions the per-request code reads, bound once: the compiled
+# build reads a `Final` name directly, any other global from the module's dict each time.
+_perf_counter: Final = time.perf_counter
+_INNERMOST: Final = innermost
 
 
 def _child(tracer: Tracer, name: str) -> Any:
@@ -203,7 +207,7 @@ class BoundChain:
         if scope["type"] != "http":
             await self._socket(scope, receive, send, app)
             return
-        started = time.perf_counter()
+        started = _perf_counter()
         ctx = Context(scope, receive, send, self.chain.route, app, self.ids.header)
         ctx.marks_entry = marks_entry
         headers = scope["headers"]
@@ -239,7 +243,7 @@ class BoundChain:
                 reason = await self._traced(ctx, out, tracer, sent)
             outcome = "allowed" if reason is None else "denied"
         finally:
-            elapsed = time.perf_counter() - started
+            elapsed = _perf_counter() - started
             status = ctx.status = sent[0] or (500 if outcome == "error" else 0)
             self.meter.done(ctx.method, outcome, status, elapsed)
             if ACCESS.isEnabledFor(logging.INFO):
@@ -277,7 +281,7 @@ class BoundChain:
                 ctx.denied_by = name
                 raise
         handler = self.handler
-        if handler is innermost:  # no step wraps the route: its app, with no frame between
+        if handler is _INNERMOST:  # no step wraps the route: its app, with no frame between
             await ctx.app(ctx.scope, ctx.receive, ctx.send)
         else:
             await handler(ctx)

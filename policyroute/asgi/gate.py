@@ -53,7 +53,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Final
 
 from starlette.routing import BaseRoute, Host, Match, Mount, Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -65,13 +65,15 @@ from ._problem import send_problem
 
 log = logging.getLogger("policyroute")
 
-ANY_METHOD: tuple[str, ...] = METHODS
-_STANDARD = frozenset(METHODS)
+ANY_METHOD: Final[tuple[str, ...]] = METHODS
+_STANDARD: Final = frozenset(METHODS)
 # FastAPI's included-router entries (0.120+): the router they include and how.
 _INCLUDED = ("original_router", "include_context")
 _MAX_DEPTH = 64  # mounts within mounts: past this, a mount is served whole (a cycle ends)
 # Read once: an enum member looked up on its class costs a dictionary walk per request.
-_FULL, _PARTIAL, _NOMATCH = Match.FULL, Match.PARTIAL, Match.NONE
+_FULL: Final = Match.FULL
+_PARTIAL: Final = Match.PARTIAL
+_NOMATCH: Final = Match.NONE
 
 # A router's selection of a matched route (what its `app` does on a full match).
 Select = Callable[[Any, Scope, Any, Scope], None]
@@ -153,7 +155,7 @@ def _served_whole(route: Mount | Host, sub: str, kind: str) -> Endpoint:
     return Endpoint(_join(sub, "/{path:path}"), ANY_METHOD, kind, route)
 
 
-_KIND_OF_TYPE: dict[type, str] = {}
+_KIND_OF_TYPE: Final[dict[type, str]] = {}
 
 
 def _classify(route: BaseRoute) -> str:
@@ -167,7 +169,7 @@ def _classify(route: BaseRoute) -> str:
 
 
 # The route types `_first` matches inline: one set lookup per route a request passes.
-_LEAF_TYPES: set[type] = set()
+_LEAF_TYPES: Final[set[type]] = set()
 
 
 def _kind_of(route: BaseRoute) -> str:
@@ -332,7 +334,7 @@ class Included:
     context: Any
 
 
-_NONE = Resolved(Match.NONE)
+_NONE: Final = Resolved(Match.NONE)
 
 
 def resolve(router: Any, scope: Scope, prefix: str = "", depth: int = 0) -> Resolved:
@@ -389,8 +391,8 @@ def _first(routes: Sequence[BaseRoute], scope: Scope, prefix: str, depth: int) -
     return partial or _NONE
 
 
-_ENDPOINTS: dict[tuple[int, str], tuple[Any, Endpoint]] = {}
-_MAX_ENDPOINTS = 4096
+_ENDPOINTS: Final[dict[tuple[int, str], tuple[Any, Endpoint]]] = {}
+_MAX_ENDPOINTS: Final = 4096
 
 
 def _endpoint_of(route: Any, prefix: str, kind: str) -> Endpoint:

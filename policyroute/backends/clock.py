@@ -29,17 +29,17 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 # Seconds between samples, samples the estimate is chosen from, seconds without a
 # successful sample after which the scripts ask the server again, and the largest error
 # (ms) an estimate may have to be used.
-EVERY = 5.0
+EVERY: Final = 5.0
 WINDOW = 4
-STALE = 30.0
-MAX_ERROR_MS = 20.0
+STALE: Final = 30.0
+MAX_ERROR_MS: Final = 20.0
 
-ASK_SERVER = ""  # the `now` argument that makes a script read `TIME` itself
+ASK_SERVER: Final = ""  # the `now` argument that makes a script read `TIME` itself
 
 
 class ServerClock:

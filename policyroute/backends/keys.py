@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from typing import Final
+
+_sha256: Final = hashlib.sha256  # per request: bound once
 
 
 @functools.lru_cache(maxsize=4096)
 def route_id(route: str) -> str:
     """A short stable id of a route for key names (no spaces, no user input)."""
-    return hashlib.sha256(route.encode()).hexdigest()[:12]
+    return _sha256(route.encode()).hexdigest()[:12]
 
 
 def digest(value: str | bytes) -> str:
     """A short digest of a request-supplied value, so raw keys never appear in Valkey."""
     raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-    return hashlib.sha256(raw).hexdigest()[:32]
+    return _sha256(raw).hexdigest()[:32]
 
 
 # Paths longer than this are digested each time: the memo holds only short ones, so a
 # stream of long unique paths cannot make it hold megabytes.
-PATH_MEMO_LONGEST = 256
+PATH_MEMO_LONGEST: Final = 256
 
 
 def path_digest(path: str) -> str:

@@ -26,7 +26,7 @@ import contextlib
 import ssl
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import libvalkey
 from valkey.asyncio.connection import SSLConnection, parse_url
@@ -36,7 +36,7 @@ from valkey.exceptions import TimeoutError as ValkeyTimeoutError
 
 Arg = str | bytes | int | float
 
-_NOT_ENOUGH = object()
+_NOT_ENOUGH: Final = object()
 
 # A batch leaves at the end of the event-loop tick, or as soon as this many commands wait
 # (a bound on the batch under very many concurrent requests). Each write is a syscall of
@@ -47,17 +47,18 @@ EARLY_WRITE = 32
 
 # Arguments one joined script call may carry (`Pipeline.join`): a bound on the time one
 # call holds the server.
-JOIN_ARGS = 512
+JOIN_ARGS: Final = 512
+_running_loop: Final = asyncio.get_running_loop  # per call: bound once
 
 # A write larger than this gives its commands extra time before the connection counts as
 # stalled: one second per BYTES_PER_SECOND bytes (far below loopback's rate), so a large
 # record is not mistaken for a dead server and the commands behind it are not failed.
-LARGE_WRITE = 64 * 1024
-BYTES_PER_SECOND = 20_000_000
+LARGE_WRITE: Final = 64 * 1024
+BYTES_PER_SECOND: Final = 20_000_000
 
 # An overdue connection is failed only if it is still overdue this long after the event
 # loop next ran: a blocked loop (a long CPU step) must not look like a dead server.
-GRACE = 0.005
+GRACE: Final = 0.005
 
 
 def parse_error(text: str) -> ResponseError:
@@ -150,7 +151,8 @@ class _Shared:
         if type(reply) is not list or len(reply) != len(futures):
             self.set_exception(InvalidResponse("a joined script call answered out of shape"))
             return
-        for future, one in zip(futures, reply, strict=True):
+        for i, future in enumerate(futures):  # as long as `reply`, checked above
+            one = reply[i]
             if not future.done():
                 if isinstance(one, ResponseError):
                     future.set_exception(one)
@@ -426,7 +428,7 @@ class Pipeline:
             loop.call_soon(self._flush)
 
     def _running(self) -> asyncio.AbstractEventLoop:
-        loop = asyncio.get_running_loop()
+        loop = _running_loop()
         if loop is not self._loop:
             self._rebind(loop)
         return loop
@@ -558,7 +560,7 @@ _UNPAIRED = (
     "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE",
     "MONITOR", "HELLO", "RESET", "QUIT", "SYNC", "PSYNC", "CLIENT",
 )
-_GUARDED = frozenset((*_UNPAIRED, *(name.lower() for name in _UNPAIRED)))
+_GUARDED: Final = frozenset((*_UNPAIRED, *(name.lower() for name in _UNPAIRED)))
 
 
 def _refuse_unpaired(args: tuple[Arg, ...]) -> None:

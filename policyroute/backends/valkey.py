@@ -9,7 +9,7 @@ import hashlib
 import importlib.resources
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import valkey as svalkey
 import valkey.asyncio as avalkey
@@ -80,12 +80,13 @@ class Store(Protocol):
 
 # Key names remembered (`ValkeyStore.key`); past this many the memo starts again.
 KEY_MEMO = 16_384
-KEY_MEMO_TAG = 256  # a longer tag (an account with a very long name) is not remembered
+KEY_MEMO_TAG: Final = 256  # a longer tag (an account with a very long name) is not remembered
 
 # Submitted calls waiting to be sent again at most (past it, a failure is given up at once),
 # and the longest wait between two tries (the first is RETRY_FIRST, doubling).
 RETRY_LIMIT = 10_000
-RETRY_FIRST = 0.05
+RETRY_FIRST: Final = 0.05
+_partial: Final = functools.partial  # per call: bound once
 RETRY_MAX = 1.0
 
 
@@ -309,9 +310,9 @@ class ValkeyStore:
         if joins:
             future, callers = self.pipeline.join(sha, keys, args, call)
             if len(callers) == 1:  # the call's first caller: one callback serves every caller
-                future.add_done_callback(functools.partial(self._joined, callers))
+                future.add_done_callback(_partial(self._joined, callers))
             return
-        self._send(call).add_done_callback(functools.partial(self._settled, call, False))
+        self._send(call).add_done_callback(_partial(self._settled, call, False))
 
     def _send(self, call: _Call) -> asyncio.Future[Any]:
         assert self.pipeline is not None
@@ -358,7 +359,7 @@ class ValkeyStore:
 
     def _track(self, call: _Call, future: asyncio.Future[Any]) -> None:
         self._retries.add(future)
-        future.add_done_callback(functools.partial(self._settled, call, False))
+        future.add_done_callback(_partial(self._settled, call, False))
 
     async def settle(self) -> None:
         """Wait until every call submitted so far has its reply, or has been given up."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from mypy_extensions import mypyc_attr
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -36,7 +36,7 @@ class _NoMeter:
         """Count nothing."""
 
 
-NO_METER: Meter = _NoMeter()
+NO_METER: Final[Meter] = _NoMeter()
 
 
 class Span(Protocol):

@@ -10,9 +10,9 @@ All metrics live in prometheus_client's default registry, which `/metrics` serve
 
 from __future__ import annotations
 
-from bisect import bisect_left
+import bisect
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 from prometheus_client import REGISTRY
@@ -20,6 +20,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from ..errors import StorageError
+
+_bisect_left: Final = bisect.bisect_left  # per request: bound once
 
 
 class Tally:
@@ -47,7 +49,7 @@ class Timing:
 
     def observe(self, value: float) -> None:
         """Count `value` in the first bucket whose bound is at least `value`."""
-        self.counts[bisect_left(self.bounds, value)] += 1
+        self.counts[_bisect_left(self.bounds, value)] += 1
         self.total += value
 
 
@@ -108,12 +110,12 @@ class Family(Collector):
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
-REQUESTS = Family(
+REQUESTS: Final = Family(
     "policyroute_requests",
     "Requests through a route's chain by outcome (allowed, denied, error) and status class.",
     ("route", "method", "outcome", "status"),
 )
-LATENCY = Family(
+LATENCY: Final = Family(
     "policyroute_request_duration_seconds",
     "Time from the chain's start to the end of the response, per route.",
     ("route", "method"),
@@ -189,7 +191,7 @@ SLOW = Family(
 )
 
 # kind -> (metric, outcomes): the decisions steps report with `ctx.decide(kind, outcome)`.
-DECISIONS: dict[str, tuple[Family, tuple[str, ...]]] = {
+DECISIONS: Final[dict[str, tuple[Family, tuple[str, ...]]]] = {
     "rate_limit": (
         RATE_LIMIT,
         (
@@ -311,7 +313,7 @@ class RouteMeter:
         if 200 <= status < 300 and outcome == "allowed" and method == self.method:
             self.ok.value += 1.0
             usual = self.timer
-            usual.counts[bisect_left(usual.bounds, seconds)] += 1
+            usual.counts[_bisect_left(usual.bounds, seconds)] += 1
             usual.total += seconds
             return
         key = (method, outcome, status_class(status))

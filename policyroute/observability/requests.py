@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import re
 from collections.abc import Awaitable, Sequence
+from typing import Final
 
 from starlette.types import Message, Send
 
@@ -12,7 +13,7 @@ from .._ids import IDS
 
 # Printable, short, and no room for log injection (no spaces, quotes or control bytes).
 _SANE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}")
-MAX_ID = 128
+MAX_ID: Final = 128
 
 
 def sane(value: str) -> bool:
@@ -82,6 +83,6 @@ class Current:
 
 
 # The request being served (set and reset by the chain around every request).
-CURRENT: contextvars.ContextVar[Current | None] = contextvars.ContextVar(
+CURRENT: Final[contextvars.ContextVar[Current | None]] = contextvars.ContextVar(
     "policyroute_request", default=None
 )

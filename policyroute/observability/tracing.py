@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import (
@@ -25,45 +25,54 @@ from opentelemetry.trace import (
 
 from .._version import __version__
 
-NAME = "policyroute"
-PREFIX = "policyroute."
+NAME: Final = "policyroute"
+PREFIX: Final = "policyroute."
 
-_explicit: TracerProvider | None = None
-_seen: object = object()
-_tracer: Tracer | None = None
+class _Choice:
+    """Which provider `active` last saw and the tracer it chose; one object, so the
+    compiled `active` reads attributes instead of module globals."""
+
+    __slots__ = ("explicit", "seen", "tracer")
+
+    def __init__(self) -> None:
+        self.explicit: TracerProvider | None = None
+        self.seen: object = object()
+        self.tracer: Tracer | None = None
+
+
+_CHOICE: Final = _Choice()
 
 
 def set_provider(provider: TracerProvider | None) -> None:
     """Give policyroute its own tracer provider (None: follow the global one again)."""
-    global _explicit, _seen, _tracer
-    _explicit = provider
-    _seen = object()
-    _tracer = None
+    _CHOICE.explicit = provider
+    _CHOICE.seen = object()
+    _CHOICE.tracer = None
 
 
-_MISSING = object()
+_MISSING: Final = object()
 trace.get_tracer_provider()  # a provider named by OTEL_PYTHON_TRACER_PROVIDER loads now
 
 
 def active() -> Tracer | None:
     """policyroute's tracer when an SDK provider is configured; None when tracing is off."""
-    global _seen, _tracer
-    provider: object = _explicit
+    choice = _CHOICE
+    provider: object = choice.explicit
     if provider is None:
         # `trace.get_tracer_provider()` reads os.environ on every call while no provider
         # is set (about a microsecond); the module global it consults is read directly.
         provider = getattr(trace, "_TRACER_PROVIDER", _MISSING)
         if provider is _MISSING:
             provider = trace.get_tracer_provider()
-    if provider is _seen:
-        return _tracer
-    _seen = provider
+    if provider is choice.seen:
+        return choice.tracer
+    choice.seen = provider
     if provider is None or isinstance(provider, ProxyTracerProvider | NoOpTracerProvider):
-        _tracer = None
+        choice.tracer = None
     else:
         assert isinstance(provider, TracerProvider)
-        _tracer = provider.get_tracer(NAME, __version__)
-    return _tracer
+        choice.tracer = provider.get_tracer(NAME, __version__)
+    return choice.tracer
 
 
 def error_type(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import Awaitable
+from typing import Final
 from urllib.parse import unquote_to_bytes
 
 from ..compile.compiler import Env, register
@@ -22,7 +23,7 @@ from ..principal import Principal
 log = logging.getLogger("policyroute.auth")
 
 # RFC 6750 section 2.1: credentials = "Bearer" 1*SP b64token
-_B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
+_B64TOKEN: Final = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
 _SCHEME_SLACK = 16  # "Bearer" and the spaces around the token
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Final
 
 from cachetools import Cache as LocalStore
 from cachetools import FIFOCache, LFUCache, LRUCache
@@ -22,7 +22,7 @@ from .parts import PLAIN, Outcome, Part, Request, Stored, Vault, principal_tag, 
 # How long the first miss may take to fill the entry before a waiter runs the handler too
 # (unless the policy sets `lock`).
 STAMPEDE_LOCK_MS = 10_000
-HIT = (b"x-cache", b"hit")
+HIT: Final = (b"x-cache", b"hit")
 # Request headers that carry credentials a handler may answer by.
 CREDENTIAL_HEADERS = ("authorization", "cookie", "x-api-key")
 log = logging.getLogger("policyroute")

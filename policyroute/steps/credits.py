@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Final
 
 from starlette.requests import ClientDisconnect
 
@@ -31,7 +31,10 @@ RENEW = "credits renew"
 
 # What a handler or server raises when the client went away mid-response (Starlette's
 # ClientDisconnect under ASGI spec 2.4 servers, whose send raises OSError).
-GONE = (asyncio.CancelledError, OSError, ClientGone, ClientDisconnect)
+GONE: Final = (asyncio.CancelledError, OSError, ClientGone, ClientDisconnect)
+# Read per reservation: bound once (a `Final` name is read directly when compiled).
+_monotonic: Final = time.monotonic
+_running_loop: Final = asyncio.get_running_loop
 
 
 class CreditsStep(Part):
@@ -149,8 +152,8 @@ class CreditsStep(Part):
 
     def _keep(self, req: Request, member: str) -> None:
         """Renew this reservation's hold until the request settles it."""
-        self.live[req.token] = (req.data["cr_keys"][1], member, time.monotonic())
-        loop = asyncio.get_running_loop()
+        self.live[req.token] = (req.data["cr_keys"][1], member, _monotonic())
+        loop = _running_loop()
         if self.timer is None or self.timer_loop is not loop:
             # A timer, not a task: most requests settle long before it fires, and a request
             # then costs no task made, scheduled and ended (a task each request, before).
@@ -169,8 +172,8 @@ class CreditsStep(Part):
         self.timer = None
         if not self.live:
             return  # the next reservation starts the timer again
-        loop = asyncio.get_running_loop()
-        older = time.monotonic() - self.every
+        loop = _running_loop()
+        older = _monotonic() - self.every
         due: dict[str, list[Arg]] = {}
         for held, member, since in self.live.values():
             if since <= older:

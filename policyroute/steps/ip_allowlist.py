@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 from ..compile.compiler import Env, register
 from ..compile.step import Context, Step
@@ -10,7 +11,7 @@ from ..errors import Denial, Problems
 from ..identity.client import IPNetwork, parse_address
 from ..language.policy import RoutePolicy
 
-_MEMO_MAX = 4096
+_MEMO_MAX: Final = 4096
 
 
 class IpAllowlistStep(Step):

@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from starlette.types import Message, Send
 
@@ -198,10 +198,10 @@ class Request:
         self.finish_args.extend(other.finish_args)
 
 
-PROBES = "probes"
+PROBES: Final = "probes"
 # req.data: what must be awaited after the parts settled and before the answer or the
 # handler (a throttle's turn, a debounce waiting to join another request's response).
-PAUSES = "pauses"
+PAUSES: Final = "pauses"
 
 
 class Outcome:

@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from .._types import format_duration
 from ..asgi.body import Header, read_body
@@ -51,7 +51,7 @@ DEBOUNCE_LEASE_MS = 30_000
 JOIN_MAX_BODY = 1 << 20
 JOINED: Header = (b"x-debounce", b"joined")
 # Ops that carry the request's token last (they hold something the request owns).
-_OWNED = ("cc", "db")
+_OWNED: Final = ("cc", "db")
 
 TagOf = Callable[[Context], str]
 
@@ -351,7 +351,11 @@ class RateLimitStep(Part):
         items = []
         retry_ms = 0
         refused: Limit | None = None
-        for lim, row in zip(self.limits, rows, strict=True):
+        limits = self.limits
+        if len(rows) != len(limits):  # what `zip(strict=True)` checks, natively compiled
+            raise ValueError(f"{len(rows)} rows for {len(limits)} limits")
+        for i, lim in enumerate(limits):
+            row = rows[i]
             remaining, reset_ms = int(row[1]), int(row[2])
             if row[0] == "1":
                 items.append(lim.item(remaining, reset_ms))

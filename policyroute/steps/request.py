@@ -12,7 +12,7 @@ from __future__ import annotations
 from starlette.types import Message, Receive, Send
 
 from .._types import format_size
-from ..asgi.body import BODY_REFUSED, body_too_large, declared_length
+from ..asgi.body import BODY_REFUSED, body_too_large, declared_length, upstream_of
 from ..compile.compiler import Env, register
 from ..compile.step import Context, Handler, Step
 from ..errors import Denial, Problems
@@ -124,7 +124,7 @@ def _counting(ctx: Context, receive: Receive, run: _Overrun, limit: int) -> Rece
                 raise run.denial
         return message
 
-    counted.upstream = getattr(receive, "upstream", receive)  # type: ignore[attr-defined]
+    counted.upstream = upstream_of(receive)  # type: ignore[attr-defined]
     return counted
 
 

@@ -13,14 +13,14 @@ import asyncio
 import functools
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import anyio
 from starlette.types import Message, Receive, Send
 
 from .._ids import IDS
 from ..asgi._entry import ENTERED
-from ..asgi.body import BODY_REFUSED, DEFAULT_MAX_BODY, Header, read_body
+from ..asgi.body import BODY_REFUSED, DEFAULT_MAX_BODY, Header, read_body, upstream_of
 from ..backends.valkey import Store
 from ..compile.compiler import Env, register
 from ..compile.step import Context, Handler, Step, innermost
@@ -47,7 +47,7 @@ def _reply_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-FINISHED = "finished"  # req.data: the after-handler ops ran (once, early or at the end)
+FINISHED: Final = "finished"  # req.data: the after-handler ops ran (once, early or at the end)
 
 
 class StateStep(Step):
@@ -173,7 +173,7 @@ class StateStep(Step):
                 try:
                     if self.watch and _buffered(ctx):
                         await self._watched(ctx, call_next, outcome)
-                    elif call_next is innermost:
+                    elif call_next is _INNERMOST:
                         await ctx.app(ctx.scope, ctx.receive, ctx.send)
                     else:
                         await call_next(ctx)
@@ -255,7 +255,7 @@ class StateStep(Step):
         """
         # the body is consumed first, so only a disconnect can arrive
         await read_body(ctx, self.body_limit)
-        listen = _after_replay(ctx.receive)
+        listen = upstream_of(ctx.receive)
         with anyio.CancelScope() as scope:
 
             async def watch() -> None:
@@ -359,7 +359,7 @@ class _Hearing:
     def __init__(self, receive: Receive, outcome: Outcome) -> None:
         self.receive = receive
         self.outcome = outcome
-        self.upstream: Receive = getattr(receive, "upstream", receive)
+        self.upstream = upstream_of(receive)
 
     async def __call__(self) -> Message:
         message = await self.receive()
@@ -369,7 +369,8 @@ class _Hearing:
 
 
 # The status an accepted websocket session counts as (what the handshake answers).
-WEBSOCKET_ACCEPTED = 101
+WEBSOCKET_ACCEPTED: Final = 101
+_INNERMOST: Final = innermost  # compared per request: bound once (see asgi/chain.py)
 
 
 def _recording(
@@ -437,12 +438,6 @@ def _buffered(ctx: Context) -> bool:
         return True
     length = ctx.headers.get("content-length")
     return length is not None and length.isdigit() and int(length) <= WATCH_BODY_LIMIT
-
-
-def _after_replay(receive: Receive) -> Receive:
-    """The receive behind `read_body`'s replay (the server's own), else `receive` itself."""
-    found: Receive = getattr(receive, "upstream", receive)
-    return found
 
 
 STATE_KEYS = ("rate_limit", "credits", "idempotency", "cache")
