@@ -65,7 +65,7 @@ class AuthStep(Step):
 
     def _token(self, ctx: Context) -> bytes:
         query = ctx.scope.get("query_string", b"")
-        if b"access" in query and b"access_token" in _query_names(query):
+        if query.find(b"access") >= 0 and b"access_token" in _query_names(query):
             raise self._invalid_request(
                 "a token in the query string is refused; send it in the Authorization header")
         values = ctx.authorization
@@ -87,7 +87,9 @@ class AuthStep(Step):
     def check_now(self, ctx: Context) -> Awaitable[None] | None:
         """Refuse a missing or malformed token; a token verified before decides at once."""
         values = ctx.authorization
-        if len(values) == 1 and b"access" not in ctx.scope.get("query_string", b""):
+        # `find`, not `in`: `bytes in bytes` first tries the needle as an integer, and
+        # raises and clears a TypeError each time (about 2,000 instructions a request).
+        if len(values) == 1 and ctx.scope.get("query_string", b"").find(b"access") < 0:
             # Verified tokens are remembered by their header as clients spell it (`_as_sent`):
             # sent that way, a repeat is one lookup, with no parsing of the header.
             principal = self._remembered(values[0])

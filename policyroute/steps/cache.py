@@ -267,7 +267,9 @@ class CacheStep(Part):
             return None
         for name, value in stored.headers:
             low = name.lower()
-            if low == b"set-cookie" or (low == b"cache-control" and b"no-store" in value.lower()):
+            if low == b"set-cookie" or (
+                low == b"cache-control" and value.lower().find(b"no-store") >= 0
+            ):
                 return None
         return stored
 
