@@ -141,6 +141,7 @@ def meta(
         "generator_threads": settings.threads,
         "cpu_pinning": plan.describe(),
         "python": platform.python_version(),
+        "valkey_allocator": settings.valkey_allocator,
     }
 
 
@@ -167,9 +168,11 @@ def run_all(
             server_cpus=plan.server,
             env={VALKEY_URL_ENV: backend.url},
             backend_cpu=backend.cpu_seconds,
+            valkey_allocator=backend.allocator,
         )
         log(
-            f"setup {setup}; valkey at {backend.url}; generator {generator.name}; "
+            f"setup {setup}; valkey at {backend.url} ({backend.allocator} malloc); "
+            f"generator {generator.name}; "
             f"cpus {plan.describe()}"
         )
         rounds: dict[str, list[runner.Outcome]] = {s.name: [] for s in scenarios}
@@ -249,7 +252,8 @@ def publish(outcomes: list[runner.Outcome], run_meta: dict[str, Any]) -> int:
         print(f"\n== server setup {setup}: {run_meta['server']}")
     print(
         f"generator: {run_meta['generator']}  cpus: {run_meta['cpu_pinning']}  "
-        f"connections: {run_meta['connections']}  measured: {run_meta['duration_s']} s, "
+        f"connections: {run_meta['connections']}  valkey malloc: "
+        f"{run_meta.get('valkey_allocator', 'unknown')}  measured: {run_meta['duration_s']} s, "
         f"median of {run_meta.get('rounds', 1)} interleaved round(s); ratios and differences "
         "are medians of per-round ones"
     )

@@ -23,6 +23,7 @@ class Settings:
     # The shared Valkey server's CPU time so far, measured per request too.
     backend_cpu: Callable[[], float] | None = None
     setup: str = "plain"  # the server setup (`server.SETUPS`)
+    valkey_allocator: str = "unknown"  # what the shared Valkey ran with (`backend.py`)
 
 
 @dataclass(frozen=True, slots=True)
