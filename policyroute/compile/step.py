@@ -84,11 +84,15 @@ class Context:
         app: ASGIApp,
         id_header: bytes = b"x-request-id",
     ) -> None:
-        self.scope = scope
+        # A dict, as ASGI servers make every scope: the compiled steps then read it with
+        # native dict calls (`.get` on a mapping is a method lookup and a call each time).
+        # A scope of another mapping type is copied once, here.
+        self.scope: dict[str, Any] = scope if isinstance(scope, dict) else dict(scope)
         self.app = app
         self.receive = receive
         self.send = send
         self.route = route
+        scope = self.scope
         self.method: str = scope.get("method", "GET")
         self._headers: dict[str, str] | None = None
         client = scope.get("client")

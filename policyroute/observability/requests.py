@@ -62,7 +62,9 @@ class _Echo:
     def __call__(self, message: Message) -> Awaitable[None]:
         if message["type"] == "http.response.start":
             self.status[0] = message["status"]
-            message = {**message, "headers": [*message.get("headers", ()), self.pair]}
+            start = dict(message)  # a copy: the app may send the same message again
+            start["headers"] = [*start.get("headers", ()), self.pair]
+            return self.send(start)
         return self.send(message)
 
 

@@ -389,23 +389,25 @@ def _recording(
     """
 
     async def record(message: Message) -> None:
-        kind = message["type"]
+        # Messages are dicts (the compiled build then reads them with native dict calls).
+        fields = message if isinstance(message, dict) else dict(message)
+        kind = fields["type"]
         if kind == "http.response.start" or kind == "websocket.http.response.start":
             outcome.started = True
-            outcome.status = int(message["status"])
-            outcome.headers = list(message.get("headers", []))
+            outcome.status = int(fields["status"])
+            outcome.headers = list(fields.get("headers", []))
             if extra:
-                message = {**message, "headers": [*outcome.headers, *extra]}
+                message = {**fields, "headers": [*outcome.headers, *extra]}
         elif kind == "http.response.body" or kind == "websocket.http.response.body":
             if keep is not None:
-                chunk = message.get("body", b"")
+                chunk = fields.get("body", b"")
                 outcome.size += len(chunk)
                 if outcome.size <= keep:
                     outcome.body.extend(chunk)
                 elif not outcome.dropped:
                     outcome.dropped = True
                     outcome.body = bytearray()
-            if not message.get("more_body", False):
+            if not fields.get("more_body", False):
                 if before_last is not None:
                     outcome.done = True
                     await before_last()
