@@ -75,15 +75,24 @@ def pack(args: tuple[Arg, ...]) -> bytes:
         return _pack(args)
 
 
+def _spelled(a: Arg) -> str | bytes:
+    """An argument as it goes on the wire: bytes and text as they are, numbers spelled."""
+    if type(a) is bytes or type(a) is str:
+        return a
+    return repr(a) if type(a) is float else str(int(a))
+
+
+def wire(args: Sequence[Arg]) -> tuple[str | bytes, ...]:
+    """`args` spelled as they go on the wire, for arguments a route sends on every call.
+
+    Made once where a step is built: the packer then copies text, where a number costs it
+    a conversion on every call (about 0.5 µs for the ten numbers of a full state call).
+    """
+    return tuple(_spelled(a) for a in args)
+
+
 def _pack(args: Sequence[Arg]) -> bytes:
-    parts = [
-        a
-        if type(a) is bytes
-        else a.encode()
-        if type(a) is str
-        else (repr(a) if type(a) is float else str(int(a))).encode()
-        for a in args
-    ]
+    parts = [s.encode() if isinstance(s, str) else s for s in map(_spelled, args)]
     return b"*%d\r\n" % len(parts) + b"".join([b"$%d\r\n%b\r\n" % (len(p), p) for p in parts])
 
 

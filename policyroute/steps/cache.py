@@ -12,6 +12,7 @@ from cachetools import FIFOCache, LFUCache, LRUCache
 
 from .._types import format_duration, format_size
 from ..backends.keys import digest, path_digest, route_id
+from ..backends.pipeline import wire
 from ..backends.valkey import Store
 from ..compile.step import Context
 from ..crypto import DataKeyError
@@ -81,6 +82,8 @@ class CacheStep(Part):
         self.lock_ms = (
             round(spec.lock * 1000) if spec.lock else min(self.ttl_ms * 10, STAMPEDE_LOCK_MS)
         )
+        # Sent with every lookup and store: spelled once (`wire`).
+        self.lock_arg, self.ttl_arg = wire((self.lock_ms, self.ttl_ms))
         self.vary_headers = tuple(h.lower() for h in spec.vary_headers)
         self.vary_claims = tuple(claim_value(c) for c in spec.vary_claims)
         # The credential headers that make a request bypass the cache when present.
@@ -202,7 +205,7 @@ class CacheStep(Part):
     def prepare(self, req: Request) -> None:
         """Append the lookup op (and the stampede lock on a miss)."""
         if not req.data.get("ca_local") and not req.data.get("ca_bypass"):
-            req.op((req.data["ca_key"],), ("ca", self.lock_ms, req.token))
+            req.op((req.data["ca_key"],), ("ca", self.lock_arg, req.token))
 
     def settle(self, req: Request, reply: list[Any]) -> None:
         """A hit answers; a miss that lost the lock waits for the first one."""
@@ -291,7 +294,7 @@ class CacheStep(Part):
             req.finish("cau", [value], req.token)
             return
         self._local_put(value, stored)
-        req.finish("cas", [value], entry(*self.vault.pack(stored, value)), self.ttl_ms)
+        req.finish("cas", [value], entry(*self.vault.pack(stored, value)), self.ttl_arg)
 
 
 def make_cache_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:

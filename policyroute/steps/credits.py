@@ -9,6 +9,7 @@ from typing import Any, Final
 from starlette.requests import ClientDisconnect
 
 from .._types import format_duration
+from ..backends.pipeline import wire
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems, StorageError
 from ..language.policy import Credits, RoutePolicy
@@ -50,12 +51,15 @@ class CreditsStep(Part):
         self.fail_open = self.shadow or spec.on_backend_error == "open"
         allowance = spec.allowance
         self.peek_args: list[Arg] = [allowance.amount, allowance.every] if allowance else [0, "-"]
-        self.op: tuple[Arg, ...] = (
-            "cr",
-            spec.cost,
-            allowance.amount if allowance else 0,
-            allowance.every if allowance else "-",
-            max(1, round(spec.hold * 1000)),
+        self.hold_ms = max(1, round(spec.hold * 1000))
+        self.op: tuple[Arg, ...] = wire(
+            (
+                "cr",
+                spec.cost,
+                allowance.amount if allowance else 0,
+                allowance.every if allowance else "-",
+                self.hold_ms,
+            )
         )
         self.refund_on = frozenset(spec.refund_on)
         self.watch_disconnect = "disconnect" in self.refund_on
@@ -63,7 +67,6 @@ class CreditsStep(Part):
         # Reservations of requests still running, by token: (held key, member, since); the
         # timer that looks for holds to renew every `every` while there are any, and the
         # task renewing them (see `_due`).
-        self.hold_ms = self.op[4]
         self.every = max(RENEW_MIN, spec.hold / 4)
         self.live: dict[str, tuple[str, str, float]] = {}
         self.timer: asyncio.TimerHandle | None = None

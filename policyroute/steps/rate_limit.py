@@ -31,6 +31,7 @@ from typing import Any, Final
 from .._types import format_duration
 from ..asgi.body import Header, read_body
 from ..backends.keys import digest, route_id
+from ..backends.pipeline import wire
 from ..backends.valkey import Arg, Store
 from ..compile.step import Context
 from ..crypto import DataKeyError
@@ -162,7 +163,7 @@ def compile_limit(spec: RateLimit, index: int, names: set[str]) -> Limit:
             op = ("sw", capacity, per_ms, spec.cost)
         item = f"{_sf_name(name)};q={capacity};w={window}"
     space = "tb" if op[0] == "tb" else "rl"
-    return Limit(spec, name, _tag_of(spec.key), str(index), op, item, _sf_name(name), space)
+    return Limit(spec, name, _tag_of(spec.key), str(index), wire(op), item, _sf_name(name), space)
 
 
 def throttle_bound(spec: RateLimit) -> float:
