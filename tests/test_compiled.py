@@ -108,6 +108,34 @@ def test_extensions_without_a_manifest_are_never_loaded(tmp_path: Path) -> None:
     assert _run(root).stdout.split() == ["stale", "py", "py"]
 
 
+def test_a_profile_guided_build_runs_compiled_and_says_how_it_was_built(tmp_path: Path) -> None:
+    # `make compile-pgo` writes `profile: pgo` in the manifest; the guard takes the build
+    # on its sources alone, and `_build --state` names the profile.
+    _built()
+    root = _copy(tmp_path)
+    manifest = root / "policyroute" / _compiled.MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "profile": "pgo"}))
+    assert _run(root).stdout.split() == ["compiled", "so", "so"]
+    state = subprocess.run(
+        [sys.executable, "-m", "policyroute._build", "--state"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert state.stdout.strip() == "compiled (pgo)"
+    assert _compiled.profile_of(root / "policyroute") == "pgo"
+
+
+def test_a_manifest_without_a_known_profile_reads_as_a_plain_build(tmp_path: Path) -> None:
+    root = tmp_path / "policyroute"
+    root.mkdir()
+    assert _compiled.profile_of(root) == "none"  # no manifest
+    for written in ({}, {"profile": "turbo"}, {"profile": ["pgo"]}):
+        (root / _compiled.MANIFEST).write_text(json.dumps(written))
+        assert _compiled.profile_of(root) == "none", written
+    (root / _compiled.MANIFEST).write_text("not json")
+    assert _compiled.profile_of(root) == "none"
+
+
 def _awaits_in_handlers(source: str) -> list[int]:
     tree = ast.parse(source)
     found = []
