@@ -52,15 +52,16 @@ SETUPS: dict[str, tuple[str, str]] = {
 }
 
 
-def command(scenario: Scenario, port: int, setup: str = "plain") -> list[str]:
-    """Return the uvicorn command line for ``scenario`` on ``port`` in server ``setup``."""
+def command(scenario: Scenario, port: int, setup: str = "plain", root: Path = ROOT) -> list[str]:
+    """Return the uvicorn command line for ``scenario`` on ``port`` in server ``setup``,
+    serving the checkout at ``root``."""
     loop, http = SETUPS[setup]
     return [
         sys.executable,
         "-m",
         "uvicorn",
         scenario.app,
-        f"--app-dir={ROOT}",
+        f"--app-dir={root}",
         f"--host={HOST}",
         f"--port={port}",
         "--workers=1",
@@ -137,21 +138,28 @@ class Running:
 
 @contextmanager
 def serve(
-    scenario: Scenario, env: Mapping[str, str], cpus: frozenset[int], setup: str = "plain"
+    scenario: Scenario,
+    env: Mapping[str, str],
+    cpus: frozenset[int],
+    setup: str = "plain",
+    root: Path = ROOT,
 ) -> Iterator[Running]:
-    """Run the scenario's app in one uvicorn worker and yield it once it answers."""
+    """Run the scenario's app in one uvicorn worker and yield it once it answers.
+
+    ``root`` is the checkout served (its policyroute, its bench apps): another one than
+    this bench's for `bench.ab`."""
     port = free_port()
     fd, name = tempfile.mkstemp(prefix=f"bench-{scenario.name}-", suffix=".log")
     log = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
             proc = subprocess.Popen(
-                command(scenario, port, setup),
+                command(scenario, port, setup, root),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **env, **dict(scenario.env)},
-                cwd=ROOT,
+                env={**os.environ, **env, **dict(scenario.env), "PYTHONPATH": str(root)},
+                cwd=root,
                 preexec_fn=cpu.pinner(cpus),
             )
         try:

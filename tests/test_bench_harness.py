@@ -531,3 +531,33 @@ def test_opcode_counts_name_the_chain_s_own_functions(
     assert chain and all(core[name] >= opcodes.COUNTED for name in chain)
     assert not any(name.startswith("policyroute/asgi/chain.py:") for name in bare)
     assert sum(core.values()) > sum(bare.values())
+
+
+def test_ab_names_scenarios_short_and_refuses_unknown_ones(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from bench import ab
+
+    assert ab._names("core,full,bare,policyroute_limit") == [
+        "policyroute_core", "policyroute_full", "bare", "policyroute_limit"
+    ]
+    if not wrk.available():
+        pytest.skip("bench.ab checks for wrk before the scenarios")
+    with pytest.raises(SystemExit) as exited:
+        ab.main(["core,nosuch", "--against", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "unknown scenarios: policyroute_nosuch" in capsys.readouterr().err
+
+
+def test_the_valkey_allocator_is_read_from_the_server_memory_map() -> None:
+    from bench import backend
+
+    assert backend.loaded_allocator(os.getpid()) in ("jemalloc", "libc")
+    assert backend.loaded_allocator(2**22 + 12345) == "unknown"  # no such process
+    with backend.valkey("libc") as plain:
+        assert plain.allocator == "libc"
+    if backend.jemalloc_library() is None:
+        pytest.skip("libjemalloc2 is not installed")
+    with backend.valkey("jemalloc") as production:
+        assert production.allocator == "jemalloc"
+    assert "LD_PRELOAD" not in os.environ  # put back after the server started
