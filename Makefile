@@ -24,7 +24,7 @@ compile: $(STAMP)  ## compile the per-request modules (mypyc, in place; POLICYRO
 	@$(PY) -m policyroute._build
 
 # The build to deploy: compiled as above, run on the bench's chains to count what runs,
-# then compiled again from those counts (gcc's profile-guided optimization; about four
+# then compiled again from those counts (gcc's profile-guided optimization; about three
 # minutes). `make compile` keeps a profile-guided build whose sources still match.
 compile-pgo: $(STAMP)  ## the per-request modules, profile-guided (what production should run)
 	@$(PY) -m policyroute._build --pgo

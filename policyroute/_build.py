@@ -83,7 +83,7 @@ def _pgo(force: bool) -> int:
         print("policyroute: the profile-guided build matches its sources")
         return 0
     print(f"policyroute: a profile-guided build of {len(MODULES)} modules: built to count, "
-          f"trained, built again (about four minutes; log: {LOG})")
+          f"trained, built again (about three minutes; log: {LOG})")
     shutil.rmtree(PROFILE_DIR, ignore_errors=True)
     PROFILE_DIR.mkdir(parents=True)
     if not _compile("instrumented"):
