@@ -66,7 +66,8 @@ bench: compile-pgo  ## ratios against bare FastAPI, slowapi and fastapi-limiter;
 	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1; } || \
 	  echo "make bench: wrk not available; using the built-in Python load generator" >&2
-	@ls /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	@$(PY) -c 'import bench.backend as b, sys; sys.exit(b.jemalloc_library() is None)' || \
+	  { [ "$$(id -u)" = 0 ] && \
 	  command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && apt-get install -y -qq libjemalloc2) \
 	  >/dev/null 2>&1; } || echo "make bench: libjemalloc2 not available; Valkey runs with libc malloc" >&2
 	$(PY) -m bench
