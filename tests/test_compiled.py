@@ -125,6 +125,33 @@ def test_a_profile_guided_build_runs_compiled_and_says_how_it_was_built(tmp_path
     assert _compiled.profile_of(root / "policyroute") == "pgo"
 
 
+def test_make_compile_replaces_a_build_a_profile_guided_build_left_instrumented(
+    tmp_path: Path,
+) -> None:
+    # `_build --pgo` cut short between its builds leaves one that counts what it runs (and
+    # writes profile files at every exit): `make compile` must build again, not keep it.
+    # Without a C compiler that build fails at once, which shows it was attempted.
+    _built()
+    root = _copy(tmp_path)
+    manifest = root / "policyroute" / _compiled.MANIFEST
+    built = json.loads(manifest.read_text())
+    env = {**os.environ, "PYTHONPATH": str(root), "CC": str(tmp_path / "no-such-cc")}
+    manifest.write_text(json.dumps({**built, "profile": "pgo"}))
+    kept = subprocess.run(
+        [sys.executable, "-m", "policyroute._build"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert "match their sources" in kept.stdout  # a profile-guided build is kept
+    manifest.write_text(json.dumps({**built, "profile": "instrumented"}))
+    done = subprocess.run(
+        [sys.executable, "-m", "policyroute._build"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "compiling" in done.stdout and "not compiled" in done.stderr
+    assert _compiled.native_files(root / "policyroute") == []
+
+
 def test_a_manifest_without_a_known_profile_reads_as_a_plain_build(tmp_path: Path) -> None:
     root = tmp_path / "policyroute"
     root.mkdir()
