@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..compile.chain import Chain
-from ..compile.step import Context, Handler, Step, innermost
+from ..compile.step import INNERMOST, Context, Handler, Step, innermost
 from ..errors import Denial, Problems
 from ..language.policy import RoutePolicy
 from ..observability.metrics import STEP_OF_PROBLEM, RouteMeter
@@ -37,7 +37,6 @@ DEFAULT_IDS: Final = RequestIds()
 # Module attributes and functions the per-request code reads, bound once: the compiled
 # build reads a `Final` name directly, any other global from the module's dict each time.
 _perf_counter: Final = time.perf_counter
-_INNERMOST: Final = innermost
 
 
 def _child(tracer: Tracer, name: str) -> Any:
@@ -281,7 +280,7 @@ class BoundChain:
                 ctx.denied_by = name
                 raise
         handler = self.handler
-        if handler is _INNERMOST:  # no step wraps the route: its app, with no frame between
+        if handler is INNERMOST:  # no step wraps the route: its app, with no frame between
             await ctx.app(ctx.scope, ctx.receive, ctx.send)
         else:
             await handler(ctx)

@@ -185,6 +185,11 @@ async def innermost(ctx: Context) -> None:
     await ctx.app(ctx.scope, ctx.receive, ctx.send)
 
 
+# `innermost` as a value, for the per-request `is innermost` checks: a `Final` name is read
+# directly when compiled, a function's name from the module's dict each time.
+INNERMOST: Final[Handler] = innermost
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Step:
     """One compiled policy key.

@@ -23,7 +23,7 @@ from ..asgi._entry import ENTERED
 from ..asgi.body import BODY_REFUSED, DEFAULT_MAX_BODY, Header, read_body, upstream_of
 from ..backends.valkey import Store
 from ..compile.compiler import Env, register
-from ..compile.step import Context, Handler, Step, innermost
+from ..compile.step import INNERMOST, Context, Handler, Step
 from ..errors import Denial, Problems, StorageError
 from ..language.policy import RoutePolicy
 from ..observability.metrics import backend_error
@@ -173,7 +173,7 @@ class StateStep(Step):
                 try:
                     if self.watch and _buffered(ctx):
                         await self._watched(ctx, call_next, outcome)
-                    elif call_next is _INNERMOST:
+                    elif call_next is INNERMOST:
                         await ctx.app(ctx.scope, ctx.receive, ctx.send)
                     else:
                         await call_next(ctx)
@@ -370,7 +370,6 @@ class _Hearing:
 
 # The status an accepted websocket session counts as (what the handshake answers).
 WEBSOCKET_ACCEPTED: Final = 101
-_INNERMOST: Final = innermost  # compared per request: bound once (see asgi/chain.py)
 
 
 def _recording(
