@@ -67,12 +67,114 @@ def parse_error(text: str) -> ResponseError:
     return NoScriptError(rest) if code == "NOSCRIPT" else ResponseError(text)
 
 
-def pack(args: tuple[Arg, ...]) -> bytes:
-    """One command in RESP: an array of bulk strings (libvalkey's C packer)."""
-    try:
-        return libvalkey.pack_command(args)
-    except TypeError:  # a type the C packer refuses (a bool): spell it out here
-        return _pack(args)
+# RESP, written here rather than by libvalkey's packer (which spells every length with
+# sprintf): lengths and counts below SHORT come from tables, and the text most calls send
+# (script shas, a route's static arguments, opcodes, a subject's keys) as whole fragments
+# made once. A fragment is a function of its text alone, so a remembered one is always the
+# bytes the text packs to. `tests/backends/test_pack.py` holds it to libvalkey's packer.
+SHORT: Final = 1024
+_LENGTHS: Final = [b"$%d\r\n" % n for n in range(SHORT)]
+_COUNTS: Final = [b"*%d\r\n" % n for n in range(SHORT)]
+_NUMBERS: Final = [b"$%d\r\n%d\r\n" % (len(str(n)), n) for n in range(SHORT)]
+_CRLF: Final = b"\r\n"
+# Fragments kept for good (`pin`: what steps send on every call, made where they are built),
+# and those remembered besides (`remember`), within FRAGMENT_MEMO; short text (opcodes) is
+# remembered when first packed.
+FRAGMENT_MEMO = 16_384
+SHORT_TEXT: Final = 8
+_PINNED: Final[dict[str, bytes]] = {}
+_FRAGMENTS: Final[dict[str, bytes]] = {}
+
+
+def fragment(text: str) -> bytes:
+    """One argument in RESP: a bulk string."""
+    raw = text.encode()
+    size = len(raw)
+    return (_LENGTHS[size] if size < SHORT else b"$%d\r\n" % size) + raw + _CRLF
+
+
+def pin(texts: Sequence[str]) -> None:
+    """Keep the fragments of text that calls send again and again (never forgotten).
+
+    Text pinned past half of FRAGMENT_MEMO (policies built again and again, each with
+    other values) is only remembered.
+    """
+    for text in texts:
+        if text in _PINNED:
+            continue
+        if len(_PINNED) >= FRAGMENT_MEMO // 2:
+            remember(text)
+        else:
+            _PINNED[text] = _FRAGMENTS[text] = fragment(text)
+
+
+def remember(text: str) -> None:
+    """Keep the fragment of text many calls send for a while (a subject's key)."""
+    if len(_FRAGMENTS) >= FRAGMENT_MEMO:
+        _FRAGMENTS.clear()  # many subjects: start again rather than grow
+        _FRAGMENTS.update(_PINNED)
+    _FRAGMENTS[text] = fragment(text)
+
+
+def _append(out: list[bytes], args: Sequence[Arg]) -> None:
+    """Append the RESP of each argument to `out` (text as UTF-8, numbers spelled)."""
+    fragments = _FRAGMENTS
+    for a in args:
+        if type(a) is str:
+            found = fragments.get(a)
+            if found is not None:
+                out.append(found)
+                continue
+            if len(a) <= SHORT_TEXT:
+                out.append(_remembered(a))
+                continue
+            raw = a.encode()
+        elif type(a) is bytes:
+            raw = a
+        elif type(a) is int:
+            if 0 <= a < SHORT:
+                out.append(_NUMBERS[a])
+                continue
+            raw = str(a).encode()
+        else:
+            raw = _raw(a)
+        size = len(raw)
+        out.append(_LENGTHS[size] if size < SHORT else b"$%d\r\n" % size)
+        out.append(raw)
+        out.append(_CRLF)
+
+
+def _remembered(text: str) -> bytes:
+    remember(text)
+    return _FRAGMENTS[text]
+
+
+def _raw(a: object) -> bytes:
+    """An argument of another type as it goes on the wire (a bool as 1 or 0, as valkey-py)."""
+    if isinstance(a, str):
+        return a.encode()
+    if isinstance(a, bytes):
+        return bytes(a)
+    if isinstance(a, float):
+        return repr(float(a)).encode()
+    if isinstance(a, int):
+        return str(int(a)).encode()
+    raise TypeError(f"a {type(a).__name__} cannot be sent to Valkey: text, bytes or a number")
+
+
+def _count(count: int) -> bytes:
+    return _COUNTS[count] if count < SHORT else b"*%d\r\n" % count
+
+
+def _number(n: int) -> bytes:
+    return _NUMBERS[n] if 0 <= n < SHORT else fragment(str(n))
+
+
+def pack(args: Sequence[Arg]) -> bytes:
+    """One command in RESP: an array of bulk strings."""
+    out = [_count(len(args))]
+    _append(out, args)
+    return b"".join(out)
 
 
 def _spelled(a: Arg) -> str | bytes:
@@ -85,31 +187,51 @@ def _spelled(a: Arg) -> str | bytes:
 def wire(args: Sequence[Arg]) -> tuple[str | bytes, ...]:
     """`args` spelled as they go on the wire, for arguments a route sends on every call.
 
-    Made once where a step is built: the packer then copies text, where a number costs it
-    a conversion on every call (about 0.5 µs for the ten numbers of a full state call).
+    Made once where a step is built; their fragments are kept (`pin`), so a call copies
+    them whole.
     """
-    return tuple(_spelled(a) for a in args)
+    spelled = tuple(_spelled(a) for a in args)
+    pin([a for a in spelled if type(a) is str])
+    return spelled
 
 
-def _pack(args: Sequence[Arg]) -> bytes:
-    parts = [s.encode() if isinstance(s, str) else s for s in map(_spelled, args)]
-    return b"*%d\r\n" % len(parts) + b"".join([b"$%d\r\n%b\r\n" % (len(p), p) for p in parts])
+_EVALSHA: Final = fragment("EVALSHA")
+_JOINED: Final = fragment("*")
 
 
 class _Joined:
-    """Calls of one script whose ops run in sequence, sent as one EVALSHA (`Pipeline.join`)."""
+    """Calls of one script whose ops run in sequence, sent as one EVALSHA (`Pipeline.join`).
 
-    __slots__ = ("args", "callers", "keys", "sha")
+    Holds each caller's keys and arguments as given (callers do not change them once
+    queued: `Store.submit`), packed when the batch is written.
+    """
+
+    __slots__ = ("args", "callers", "keys", "sections", "sha")
 
     def __init__(self, sha: str, keys: Sequence[str], args: Sequence[Arg], caller: object) -> None:
         self.sha = sha
-        self.keys = list(keys)
-        self.args = list(args)
+        self.sections = [(keys, args)]
+        self.keys = len(keys)
+        self.args = len(args)  # arguments after the keys (`JOIN_ARGS` bounds them)
         self.callers = [caller]
 
-    def pack(self) -> bytes:
+    def add(self, keys: Sequence[str], args: Sequence[Arg], caller: object) -> None:
+        """Another caller's ops, run after those already joined."""
+        self.sections.append((keys, args))
+        self.keys += len(keys)
+        self.args += len(args)
+        self.callers.append(caller)
+
+    def pack_into(self, out: list[bytes]) -> None:
         """The one EVALSHA that runs every joined call's ops in order."""
-        return pack(("EVALSHA", self.sha, len(self.keys), *self.keys, *self.args))
+        out.append(_count(3 + self.keys + self.args))
+        out.append(_EVALSHA)
+        out.append(_FRAGMENTS.get(self.sha) or fragment(self.sha))
+        out.append(_number(self.keys))
+        for keys, _ in self.sections:
+            _append(out, keys)
+        for _, args in self.sections:
+            _append(out, args)
 
 
 class _Shared:
@@ -121,30 +243,51 @@ class _Shared:
     alone), and a failure of the whole call reaches every caller.
     """
 
-    __slots__ = ("args", "futures", "head", "keys", "sha")
+    __slots__ = ("args", "futures", "keys", "sections", "sha")
 
     def __init__(
         self, sha: str, keys: Sequence[str], args: Sequence[Arg], future: asyncio.Future[Any]
     ) -> None:
         self.sha = sha
-        self.head = args[0]
-        self.keys = list(keys)
-        self.args: list[Arg] = [len(keys), len(args) - 1, *args[1:]]
+        # Each caller's keys and arguments as given (`Store.run`'s caller awaits meanwhile).
+        self.sections = [(keys, args)]
+        self.keys = len(keys)
+        # Arguments after the keys in the joined form, but for its head and "*": each
+        # section's two counts and its arguments after the head (`JOIN_ARGS` bounds them).
+        self.args = len(args) + 1
         self.futures = [future]
 
     def add(self, keys: Sequence[str], args: Sequence[Arg], future: asyncio.Future[Any]) -> None:
         """Another caller's call: its keys and its section of the arguments."""
-        self.keys.extend(keys)
-        self.args.extend((len(keys), len(args) - 1))
-        self.args.extend(args[1:])
+        self.sections.append((keys, args))
+        self.keys += len(keys)
+        self.args += len(args) + 1
         self.futures.append(future)
 
-    def pack(self) -> bytes:
-        """One caller's call as it was made, or the joined form: `head`, "*", the sections."""
-        keys = self.keys
-        if len(self.futures) == 1:
-            return pack(("EVALSHA", self.sha, len(keys), *keys, self.head, *self.args[2:]))
-        return pack(("EVALSHA", self.sha, len(keys), *keys, self.head, "*", *self.args))
+    def pack_into(self, out: list[bytes]) -> None:
+        """One caller's call as it was made, or the joined form: the first caller's head,
+        "*", then each call's section (its number of keys, its number of arguments, its
+        arguments after the head)."""
+        sections = self.sections
+        if len(sections) == 1:
+            keys, args = sections[0]
+            out.append(_count(3 + len(keys) + len(args)))
+        else:
+            out.append(_count(5 + self.keys + self.args))
+        out.append(_EVALSHA)
+        out.append(_FRAGMENTS.get(self.sha) or fragment(self.sha))
+        out.append(_number(self.keys))
+        for keys, _ in sections:
+            _append(out, keys)
+        if len(sections) == 1:
+            _append(out, sections[0][1])
+            return
+        _append(out, (sections[0][1][0],))
+        out.append(_JOINED)
+        for keys, args in sections:
+            out.append(_number(len(keys)))
+            out.append(_number(len(args) - 1))
+            _append(out, args[1:])
 
     def done(self) -> bool:
         """Never: each caller's own future says whether it still waits."""
@@ -356,6 +499,7 @@ class Pipeline:
         """Load a script ahead of every later command, now and on each new connection."""
         if sha in self.scripts:
             return
+        pin((sha,))
         self.scripts[sha] = source
         if self._conn is not None or self._connecting is not None:
             # A connection whose handshake has begun may not load it: queue it, in order.
@@ -386,9 +530,7 @@ class Pipeline:
         last = self._joinable(_Joined, sha, len(args))
         if last is not None:
             assert type(last) is _Joined
-            last.keys.extend(keys)
-            last.args.extend(args)
-            last.callers.append(caller)
+            last.add(keys, args, caller)
             return cast(asyncio.Future[Any], self.pending[-1][1]), last.callers
         future = loop.create_future()
         joined = _Joined(sha, keys, args, caller)
@@ -424,7 +566,7 @@ class Pipeline:
         last = self.pending[-1][0]
         if type(last) is not kind or isinstance(last, bytes):
             return None
-        return last if last.sha == sha and len(last.args) + more <= JOIN_ARGS else None
+        return last if last.sha == sha and last.args + more <= JOIN_ARGS else None
 
     def _queue(
         self, command: bytes | _Joined | _Shared, future: Waiter, loop: asyncio.AbstractEventLoop
@@ -461,10 +603,15 @@ class Pipeline:
                 self._connecting = self._loop.create_task(self._connect())
             return
         batch, self.pending = self.pending, []
-        conn.send(
-            b"".join([cmd if isinstance(cmd, bytes) else cmd.pack() for cmd, _ in batch]),
-            [f for _, f in batch],
-        )
+        out: list[bytes] = []
+        for cmd, _ in batch:
+            if isinstance(cmd, bytes):
+                out.append(cmd)
+            elif isinstance(cmd, _Shared):
+                cmd.pack_into(out)
+            else:
+                cmd.pack_into(out)
+        conn.send(b"".join(out), [f for _, f in batch])
         self.writes += 1
         self.commands += len(batch)
 

@@ -19,7 +19,7 @@ from valkey.exceptions import NoScriptError, ResponseError, ValkeyError
 
 from ..errors import StorageError
 from .clock import ASK_SERVER, ServerClock
-from .pipeline import Pipeline
+from .pipeline import Pipeline, remember
 
 Arg = str | bytes | int | float
 
@@ -208,6 +208,7 @@ class ValkeyStore:
             if len(self._keys) >= KEY_MEMO:
                 self._keys.clear()  # many callers: start again rather than grow
             found = self._keys[memo] = ":".join((self.prefix, "{" + _escape_tag(tag) + "}", *parts))
+            remember(found)  # sent with many calls: its RESP made once too
         return found
 
     def now(self) -> int | str:
