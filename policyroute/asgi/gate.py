@@ -33,7 +33,10 @@ Then:
 
 Resolution reads the live route lists on every request, so a route added after `install`
 by any means (append, slice assignment, `include_router`, `mount`, a replaced list) is
-governed from its first request: nothing is patched and no cache can be stale.
+governed from its first request: nothing is patched and no cache can be stale. Which plain
+top-level route a path and method match is remembered (`RouteMemo`), checked on every use
+against the route objects now in the list up to that route, and only where the gate hands
+the request to the route it matched: the route that runs is the one whose chain ran.
 `endpoints()` walks the same tree with the same classification (`_classify`) for lint,
 explain and strict mode, so what lint lists is what the gate governs.
 
@@ -55,6 +58,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from starlette.convertors import CONVERTOR_TYPES
 from starlette.routing import BaseRoute, Host, Match, Mount, Route, Router, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -822,10 +826,149 @@ def _select_of(router: Any) -> Select | None:
     return select
 
 
+# --- resolutions remembered -------------------------------------------------------------
+
+
+def _stock_matchers() -> frozenset[Any]:
+    """The `matches` functions whose answer depends on the request's type, path, root path
+    and method alone (and on an empty `path_params`, and no FastAPI route context)."""
+    found: set[Any] = {Route.matches, WebSocketRoute.matches}
+    try:
+        from fastapi.routing import APIRoute, APIWebSocketRoute
+    except ImportError:  # pragma: no cover - fastapi is a dependency
+        return frozenset(found)
+    found.update((APIRoute.matches, APIWebSocketRoute.matches))
+    return frozenset(found)
+
+
+def _fastapi_context_key() -> tuple[str, str] | None:
+    """Where FastAPI's `APIRoute.matches` reads an included route's context from the scope."""
+    try:
+        from fastapi import routing
+    except ImportError:  # pragma: no cover - fastapi is a dependency
+        return None
+    outer = getattr(routing, "_FASTAPI_SCOPE_KEY", None)
+    inner = getattr(routing, "_FASTAPI_EFFECTIVE_ROUTE_CONTEXT_KEY", None)
+    return (outer, inner) if isinstance(outer, str) and isinstance(inner, str) else None
+
+
+_STOCK_MATCHERS: Final = _stock_matchers()
+_CONTEXT_KEY: Final = _fastapi_context_key()
+_STOCK_CONVERTORS: Final = frozenset(type(c) for c in CONVERTOR_TYPES.values())
+MEMO_ROUTES = 4096  # resolutions a gate remembers; past this it starts again
+MEMO_PATH: Final = 512  # a longer path is matched every time
+
+
+def _plain(route: Any) -> bool:
+    """Whether a route's match is a function of the request's type, path and method alone:
+    a stock matcher with Starlette's own path convertors."""
+    if getattr(type(route), "matches", None) not in _STOCK_MATCHERS:
+        return False
+    convertors = getattr(route, "param_convertors", None)
+    return isinstance(convertors, dict) and all(
+        type(c) in _STOCK_CONVERTORS for c in convertors.values()
+    )
+
+
+class _Remembered:
+    """A full match of a top-level route: the routes before it (none matched fully), the
+    route, its endpoint and its child scope."""
+
+    __slots__ = ("before", "child", "endpoint", "route")
+
+    def __init__(self, before: tuple[Any, ...], route: Any, endpoint: Endpoint, child: Scope):
+        self.before = before
+        self.route = route
+        self.endpoint = endpoint
+        self.child = child
+
+
+class RouteMemo:
+    """Which route of a router's list a request matches, remembered by type, method, path
+    and root path.
+
+    Starlette matches a request by asking each route in turn: a regular expression and a
+    few dictionaries for every route before the one that matches, in interpreted code. For
+    routes whose answer depends on nothing else (`_plain`), the answer is the same for the
+    next request with the same four values, as long as the list still holds the same route
+    objects up to the one that matched: checked by identity on every use, so a route
+    inserted, removed or replaced before it is seen at once. Only full matches are kept,
+    only when the gate hands the request to that very route (its selection), so the route
+    that runs is always the one whose chain ran. Each use gets its own copy of the child
+    scope (`path_params` included): a handler that changes it changes nothing remembered.
+    """
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[Any, Any, Any, Any], _Remembered] = {}
+
+    @staticmethod
+    def _key(scope: Scope) -> tuple[Any, Any, Any, Any] | None:
+        if "path_params" in scope:
+            return None
+        context = _CONTEXT_KEY
+        if context is not None:
+            outer = scope.get(context[0])
+            if outer is not None and (type(outer) is not dict or context[1] in outer):
+                return None
+        path = scope["path"]
+        if type(path) is not str or len(path) > MEMO_PATH:
+            return None
+        return (scope["type"], scope.get("method"), path, scope.get("root_path", ""))
+
+    def get(self, routes: Sequence[Any], scope: Scope) -> Resolved | None:
+        """The remembered full match for this request, if the routes before it are as then."""
+        key = self._key(scope)
+        if key is None:
+            return None
+        found = self.entries.get(key)
+        if found is None:
+            return None
+        before = found.before
+        count = len(before)
+        if len(routes) <= count or routes[count] is not found.route:
+            return None
+        for i in range(count):
+            if routes[i] is not before[i]:
+                return None
+        child = dict(found.child)
+        params = child.get("path_params")
+        if isinstance(params, dict):
+            child["path_params"] = dict(params)
+        return Resolved(_FULL, found.endpoint, found.route, child)
+
+    def put(self, routes: Sequence[Any], scope: Scope, found: Resolved) -> None:
+        """Remember a full match of a plain top-level route after plain routes only."""
+        route = found.top
+        if found.endpoint is None or found.child is None or found.hops or found.included:
+            return
+        key = self._key(scope)
+        if key is None:
+            return
+        before: list[Any] = []
+        for candidate in routes:
+            if not _plain(candidate):
+                return
+            if candidate is route:
+                break
+            before.append(candidate)
+        else:
+            return
+        entries = self.entries
+        if len(entries) >= MEMO_ROUTES:
+            entries.clear()  # many paths (path parameters): start again rather than grow
+        child = dict(found.child)
+        params = child.get("path_params")
+        if isinstance(params, dict):
+            child["path_params"] = dict(params)
+        entries[key] = _Remembered(tuple(before), route, found.endpoint, child)
+
+
 class RouterGate:
     """Sits at the top of the app's router: resolves each request, runs its chain first."""
 
-    __slots__ = ("decide", "dispatch", "inner", "router", "select", "warned")
+    __slots__ = ("decide", "dispatch", "inner", "memo", "router", "select", "warned")
 
     def __init__(self, router: Any, inner: ASGIApp, decide: Decide) -> None:
         self.router = router
@@ -834,6 +977,8 @@ class RouterGate:
         self.select = _selector(router, inner)
         self.decide = decide
         self.warned: set[type] = set()
+        # Only where the gate hands requests to the route it matched (`select`).
+        self.memo: RouteMemo | None = RouteMemo() if self.select is not None else None
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """Resolve, refuse what no policy can allow, run the chain around the dispatch.
@@ -845,9 +990,17 @@ class RouterGate:
         if kind != "http" and kind != "websocket":
             return self.inner(scope, receive, send)  # lifespan
         router = self.router
-        found = _first(router.routes, scope, "", 0)  # `resolve`, its common case inline
-        if found.match is not _FULL:
-            found = _after_routes(router, scope, found, "")
+        routes = router.routes
+        memo = self.memo
+        remembered = memo.get(routes, scope) if memo is not None else None
+        if remembered is not None:
+            found = remembered
+        else:
+            found = _first(routes, scope, "", 0)  # `resolve`, its common case inline
+            if found.match is not _FULL:
+                found = _after_routes(router, scope, found, "")
+            elif memo is not None:
+                memo.put(routes, scope, found)
         endpoint = found.endpoint
         if endpoint is None:
             return self.inner(scope, receive, send)  # 404 or a slash redirect: no endpoint
