@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from mypy_extensions import mypyc_attr
 from prometheus_client import REGISTRY
@@ -291,7 +291,8 @@ class RouteMeter:
         self.ok: Tally = REQUESTS.labels(route, method, "allowed", "2xx")
         self.latency: dict[str, Any] = {method: self.timer}
         self.requests: dict[tuple[str, str, str], Any] = {(method, "allowed", "2xx"): self.ok}
-        self.decisions: dict[tuple[str, str], Any] = {
+        # Typed: the compiled build bumps a decision's `value` as a field, not an attribute.
+        self.decisions: dict[tuple[str, str], Tally] = {
             (kind, outcome): DECISIONS[kind][0].labels(route, outcome)
             for kind in kinds
             if kind in DECISIONS
@@ -305,7 +306,8 @@ class RouteMeter:
             family = DECISIONS.get(kind)
             if family is None or outcome not in family[1]:
                 raise ValueError(f"unknown decision {kind}={outcome}")
-            child = self.decisions[(kind, outcome)] = family[0].labels(self.route, outcome)
+            child = cast(Tally, family[0].labels(self.route, outcome))
+            self.decisions[(kind, outcome)] = child
         child.value += 1.0  # `Tally.inc`, inline: a stateful request counts several
 
     def done(self, method: str, outcome: str, status: int, seconds: float) -> None:

@@ -135,7 +135,8 @@ class CacheStep(Part):
         """
         credentials = self.raw_credentials
         for raw_name, value in ctx.scope["headers"]:
-            name = raw_name.lower()
+            # Names come lower-case from ASGI servers: lower-cased here only when they are not.
+            name = raw_name if raw_name.islower() else raw_name.lower()
             if name not in credentials or not value.strip():
                 continue
             if name == b"authorization" and ctx.principal.authenticated:

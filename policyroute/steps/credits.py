@@ -21,8 +21,10 @@ from .parts import ClientGone, Outcome, Part, Request, Vault, principal_tag
 
 def hold_keys(store: Store, tag: str) -> tuple[str, str, str]:
     """An account's balance key, the key of its open reservations and of those swept."""
-    balance = store.key(tag, "credits")
-    return balance, balance + ":held", balance + ":swept"
+    # Each made by the store (remembered there for a caller's next requests).
+    return store.key(tag, "credits"), store.key(tag, "credits", "held"), store.key(
+        tag, "credits", "swept"
+    )
 
 
 # A running request's hold is renewed every quarter of `hold` (at most every RENEW_MIN s).

@@ -329,3 +329,14 @@ def test_the_key_of_a_variant_is_the_same_whichever_way_it_is_spelled(
 
 async def _never(*_: object) -> Any:
     raise AssertionError("not called")
+
+
+@pytest.mark.parametrize("name", [b"cookie", b"Cookie", b"X-API-KEY", b"Authorization"])
+def test_a_credential_header_is_seen_whatever_the_case_of_its_name(name: bytes) -> None:
+    step = CacheStep(ValkeyStore("redis://127.0.0.1:1"), Cache(ttl=60))
+    scope = {"type": "http", "method": "GET", "path": "/p", "query_string": b"",
+             "headers": [(b"accept", b"*/*"), (name, b"secret"), (b"x-1", b"")],
+             "client": ("127.0.0.1", 1)}  # fmt: skip
+    assert step.uncovered(Context(scope, _never, _never, "GET /p", _never))
+    scope["headers"] = [(b"accept", b"*/*"), (name, b"  "), (b"X-Other", b"v")]
+    assert not step.uncovered(Context(scope, _never, _never, "GET /p", _never))
