@@ -14,16 +14,17 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 import policyroute
 from policyroute.asgi import gate
 from policyroute.asgi.gate import RouteMemo, RouterGate
-from tests.test_gate import call
+from tests.test_gate import call, connect
 
 POLICY = """version: 1
 routes:
@@ -74,7 +75,7 @@ def _app(policy_dir: Path, install: bool = True) -> FastAPI:
     return app
 
 
-def _memo(app: FastAPI) -> RouteMemo:
+def _memo(app: Any) -> RouteMemo:
     stack = app.router.middleware_stack
     assert isinstance(stack, RouterGate) and stack.memo is not None
     return stack.memo
@@ -182,3 +183,42 @@ async def test_the_memo_keeps_within_its_bound(
     long = "/items/" + "x" * 600  # past MEMO_PATH: matched, answered, not remembered
     assert (await _answer(app, "GET", long))[0] == 200
     assert not any(len(key[2]) > 512 for key in _memo(app).entries)
+
+
+def _socket(name: str) -> Any:
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(name)
+        await websocket.close()
+
+    return endpoint
+
+
+async def test_websocket_and_starlette_routes_are_remembered_the_same_way(
+    policy_dir: Path,
+) -> None:
+    (policy_dir / "routes.yaml").write_text(
+        "version: 1\nroutes:\n  GET /ws: {public: true}\n  GET /s: {public: true}\n"
+    )
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    app.router.routes.append(APIWebSocketRoute("/ws", _socket("first")))
+    policyroute.install(app, policy_dir)
+    texts = [[m.get("text") for m in await connect(app, "/ws")] for _ in range(2)]
+    assert texts == [[None, "first", None]] * 2
+    assert any(key[0] == "websocket" for key in _memo(app).entries)
+    # A websocket route of another template put first: its own policy decides (it has none:
+    # refused), not the remembered route's.
+    app.router.routes.insert(0, WebSocketRoute("/{x}", _socket("catch-all")))
+    sent = await connect(app, "/ws")
+    assert [m["type"] for m in sent] == ["websocket.close"] and sent[0]["code"] == 1008
+
+    # A Starlette route on the same app: remembered, and a route put before it seen.
+    app.router.routes.append(Route("/s", _echo("s"), methods=["GET"]))
+    for _ in range(2):
+        assert await _answer(app, "GET", "/s") == (200, b"s ")
+    assert ("http", "GET", "/s", "") in _memo(app).entries  # a websocket route before it
+    del app.router.routes[0]
+    for _ in range(2):
+        assert await _answer(app, "GET", "/s") == (200, b"s ")
+    app.router.routes.insert(0, Route("/s", _echo("t"), methods=["GET"]))
+    assert await _answer(app, "GET", "/s") == (200, b"t ")
