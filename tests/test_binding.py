@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI
+from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 from starlette.websockets import WebSocket
@@ -166,6 +167,11 @@ async def test_route_added_after_install_is_denied(policies: Path) -> None:
 def test_strict_install_refuses_an_ungoverned_route(policies: Path) -> None:
     with pytest.raises(ConfigError, match=r"GET /secret has no policy"):
         policyroute.install(make_app(), policies, strict=True)
+
+
+def test_install_names_what_it_governs_when_given_another_app(policies: Path) -> None:
+    with pytest.raises(TypeError, match="governs a FastAPI app; got a Starlette"):
+        policyroute.install(Starlette(), policies)  # type: ignore[arg-type]
 
 
 def test_install_refuses_keys_it_cannot_enforce(

@@ -75,6 +75,11 @@ def install(
     `GET /readyz`, `metrics=True` adds `GET /metrics`: the policy governs them like any
     other route (list them, e.g. `GET /healthz: {public: true}`).
     """
+    if not isinstance(app, FastAPI):
+        raise TypeError(
+            f"policyroute.install governs a FastAPI app; got a {type(app).__name__} "
+            "(a Starlette app or router can be mounted in a FastAPI app and governed there)"
+        )
     config = settings or Settings()
     policy_paths = [str(p) for p in paths] or config.policy_paths()
     try:
