@@ -870,6 +870,15 @@ def _plain(route: Any) -> bool:
     )
 
 
+def _own(child: Scope) -> Scope:
+    """A copy of a child scope and of its `path_params`, which a handler may change."""
+    copied = dict(child)
+    params = copied.get("path_params")
+    if isinstance(params, dict):
+        copied["path_params"] = dict(params)
+    return copied
+
+
 class _Remembered:
     """A full match of a top-level route: the routes before it (none matched fully), the
     route, its endpoint and its child scope."""
@@ -932,11 +941,7 @@ class RouteMemo:
         for i in range(count):
             if routes[i] is not before[i]:
                 return None
-        child = dict(found.child)
-        params = child.get("path_params")
-        if isinstance(params, dict):
-            child["path_params"] = dict(params)
-        return Resolved(_FULL, found.endpoint, found.route, child)
+        return Resolved(_FULL, found.endpoint, found.route, _own(found.child))
 
     def put(self, routes: Sequence[Any], scope: Scope, found: Resolved) -> None:
         """Remember a full match of a plain top-level route after plain routes only."""
@@ -958,11 +963,7 @@ class RouteMemo:
         entries = self.entries
         if len(entries) >= MEMO_ROUTES:
             entries.clear()  # many paths (path parameters): start again rather than grow
-        child = dict(found.child)
-        params = child.get("path_params")
-        if isinstance(params, dict):
-            child["path_params"] = dict(params)
-        entries[key] = _Remembered(tuple(before), route, found.endpoint, child)
+        entries[key] = _Remembered(tuple(before), route, found.endpoint, _own(found.child))
 
 
 class RouterGate:

@@ -150,16 +150,9 @@ def _remembered(text: str) -> bytes:
 
 
 def _raw(a: object) -> bytes:
-    """An argument of another type as it goes on the wire (a bool as 1 or 0, as valkey-py)."""
-    if isinstance(a, str):
-        return a.encode()
-    if isinstance(a, bytes):
-        return bytes(a)
-    if isinstance(a, float):
-        return repr(float(a)).encode()
-    if isinstance(a, int):
-        return str(int(a)).encode()
-    raise TypeError(f"a {type(a).__name__} cannot be sent to Valkey: text, bytes or a number")
+    """An argument of another type as it goes on the wire (`_spelled`, as bytes)."""
+    spelled = _spelled(a)
+    return spelled.encode() if isinstance(spelled, str) else bytes(spelled)
 
 
 def _count(count: int) -> bytes:
@@ -170,6 +163,14 @@ def _number(n: int) -> bytes:
     return _NUMBERS[n] if 0 <= n < SHORT else fragment(str(n))
 
 
+def _evalsha(out: list[bytes], count: int, sha: str, keys: int) -> None:
+    """The head of an EVALSHA of `count` arguments in all: the name, the sha, the key count."""
+    out.append(_count(count))
+    out.append(_EVALSHA)
+    out.append(_FRAGMENTS.get(sha) or fragment(sha))
+    out.append(_number(keys))
+
+
 def pack(args: Sequence[Arg]) -> bytes:
     """One command in RESP: an array of bulk strings."""
     out = [_count(len(args))]
@@ -177,11 +178,16 @@ def pack(args: Sequence[Arg]) -> bytes:
     return b"".join(out)
 
 
-def _spelled(a: Arg) -> str | bytes:
-    """An argument as it goes on the wire: bytes and text as they are, numbers spelled."""
-    if type(a) is bytes or type(a) is str:
+def _spelled(a: object) -> str | bytes:
+    """An argument as it goes on the wire: bytes and text as they are, numbers spelled (a
+    bool as 1 or 0, as valkey-py spells it)."""
+    if isinstance(a, (str, bytes)):
         return a
-    return repr(a) if type(a) is float else str(int(a))
+    if isinstance(a, float):
+        return repr(float(a))
+    if isinstance(a, int):
+        return str(int(a))
+    raise TypeError(f"a {type(a).__name__} cannot be sent to Valkey: text, bytes or a number")
 
 
 def wire(args: Sequence[Arg]) -> tuple[str | bytes, ...]:
@@ -224,10 +230,7 @@ class _Joined:
 
     def pack_into(self, out: list[bytes]) -> None:
         """The one EVALSHA that runs every joined call's ops in order."""
-        out.append(_count(3 + self.keys + self.args))
-        out.append(_EVALSHA)
-        out.append(_FRAGMENTS.get(self.sha) or fragment(self.sha))
-        out.append(_number(self.keys))
+        _evalsha(out, 3 + self.keys + self.args, self.sha, self.keys)
         for keys, _ in self.sections:
             _append(out, keys)
         for _, args in self.sections:
@@ -269,17 +272,12 @@ class _Shared:
         "*", then each call's section (its number of keys, its number of arguments, its
         arguments after the head)."""
         sections = self.sections
-        if len(sections) == 1:
-            keys, args = sections[0]
-            out.append(_count(3 + len(keys) + len(args)))
-        else:
-            out.append(_count(5 + self.keys + self.args))
-        out.append(_EVALSHA)
-        out.append(_FRAGMENTS.get(self.sha) or fragment(self.sha))
-        out.append(_number(self.keys))
+        alone = len(sections) == 1
+        count = 3 + self.keys + (len(sections[0][1]) if alone else 2 + self.args)
+        _evalsha(out, count, self.sha, self.keys)
         for keys, _ in sections:
             _append(out, keys)
-        if len(sections) == 1:
+        if alone:
             _append(out, sections[0][1])
             return
         _append(out, (sections[0][1][0],))

@@ -76,3 +76,9 @@ def test_wired_arguments_are_spelled_once_and_pinned() -> None:
     assert spelled == ("tb", "100000000", "0.5", b"raw")
     assert pipeline._PINNED["100000000"] == b"$9\r\n100000000\r\n"
     assert pack(spelled) == libvalkey.pack_command(spelled)
+
+
+def test_wired_arguments_of_text_and_number_subtypes_are_spelled_as_packed() -> None:
+    # One spelling for `wire` and the packer: a StrEnum is its text (it once raised here).
+    assert wire((Color.RED, Size.BIG, True)) == ("red", "7", "1")
+    assert pack(wire((Color.RED, Size.BIG, True))) == pack((Color.RED, Size.BIG, True))
