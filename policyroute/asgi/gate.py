@@ -736,13 +736,18 @@ def _not_allowed(methods: Sequence[str]) -> Denial:
     )
 
 
+def _copy(scope: Scope, inner: str) -> Scope:
+    """A copy of `scope` and of its dict under `inner` (which code downstream may change)."""
+    copied = dict(scope)
+    nested = copied.get(inner)
+    if isinstance(nested, dict):
+        copied[inner] = dict(nested)
+    return copied
+
+
 def _fresh(scope: Scope) -> Scope:
     """A copy of the scope as the gate saw it, so a retried handler is dispatched afresh."""
-    fresh = dict(scope)
-    fastapi = fresh.get("fastapi")
-    if isinstance(fastapi, dict):
-        fresh["fastapi"] = dict(fastapi)
-    return fresh
+    return _copy(scope, "fastapi")
 
 
 class Dispatch:
@@ -872,11 +877,7 @@ def _plain(route: Any) -> bool:
 
 def _own(child: Scope) -> Scope:
     """A copy of a child scope and of its `path_params`, which a handler may change."""
-    copied = dict(child)
-    params = copied.get("path_params")
-    if isinstance(params, dict):
-        copied["path_params"] = dict(params)
-    return copied
+    return _copy(child, "path_params")
 
 
 class _Remembered:
