@@ -8,9 +8,29 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Final
+import importlib
+from collections.abc import Callable
+from typing import Final, Generic, Protocol, TypeVar
 
-_sha256: Final = hashlib.sha256  # per request: bound once
+
+class _Hash(Protocol):
+    def hexdigest(self) -> str: ...
+
+
+def _sha256_maker() -> Callable[[bytes], _Hash]:
+    """Python's own SHA-256 where it has one: the same digests, without the OpenSSL
+    context that `hashlib.sha256` copies to finish every digest (a quarter of the cost of
+    a short one)."""
+    for module in ("_sha2", "_sha256"):  # 3.12+, 3.11
+        try:
+            maker: Callable[[bytes], _Hash] = importlib.import_module(module).sha256
+        except (ImportError, AttributeError):
+            continue
+        return maker
+    return hashlib.sha256
+
+
+_sha256: Final = _sha256_maker()  # per request: bound once
 
 
 @functools.lru_cache(maxsize=4096)
@@ -40,3 +60,40 @@ def path_digest(path: str) -> str:
 @functools.lru_cache(maxsize=8192)
 def _short_path_digest(path: str) -> str:
     return digest(path)
+
+
+T = TypeVar("T")
+
+# Tags a `TagMemo` keeps at most (then it starts again), and the longest tag it keeps.
+TAG_MEMO: Final = 16_384
+TAG_MEMO_LONGEST: Final = 256
+
+
+class TagMemo(Generic[T]):
+    """What one call site makes from a hash tag (its keys), remembered for the tag's next
+    requests: one dict lookup instead of a key built, or looked up by all its parts.
+
+    Bounded like the store's key memo: past TAG_MEMO tags it starts again, and a tag longer
+    than TAG_MEMO_LONGEST is made every time, so callers cannot make it hold megabytes.
+    """
+
+    __slots__ = ("_bound", "_made", "_make")
+
+    def __init__(self, make: Callable[[str], T], bound: int = TAG_MEMO) -> None:
+        self._make = make
+        self._bound = bound
+        self._made: dict[str, T] = {}
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def get(self, tag: str) -> T:
+        """`make(tag)`, remembered."""
+        made = self._made.get(tag)
+        if made is None:
+            made = self._make(tag)
+            if len(tag) <= TAG_MEMO_LONGEST:
+                if len(self._made) >= self._bound:
+                    self._made.clear()
+                self._made[tag] = made
+        return made

@@ -11,7 +11,7 @@ from cachetools import Cache as LocalStore
 from cachetools import FIFOCache, LFUCache, LRUCache
 
 from .._types import format_duration, format_size
-from ..backends.keys import digest, path_digest, route_id
+from ..backends.keys import TagMemo, digest, path_digest, route_id
 from ..backends.pipeline import wire
 from ..backends.valkey import Store
 from ..compile.step import Context
@@ -40,8 +40,12 @@ def cache_key(store: Store, tag: str, route: str, path: str, vary: str) -> str:
 
 def entry_key(store: Store, tag: str, rid: str, path: str, variant: str) -> str:
     """`cache_key` from the route's id and the variant's digest, as requests make it."""
-    # The part before the variant repeats from request to request: remembered by the store.
-    return store.key(tag, "ce", rid, path_digest(path)) + ":" + variant
+    return entry_prefix(store, tag, rid, path) + variant
+
+
+def entry_prefix(store: Store, tag: str, rid: str, path: str) -> str:
+    """An entry key up to its variant (what a caller's requests to one path repeat)."""
+    return store.key(tag, "ce", rid, path_digest(path)) + ":"
 
 
 def entry(code: int, headers: bytes, body: bytes) -> bytes:
@@ -56,6 +60,11 @@ def entry_fields(value: Any) -> tuple[int, bytes, bytes]:
     code, size = line[1:].split(b" ")
     length = int(size)
     return int(code), rest[:length], rest[length:]
+
+
+def _unset(tag: str) -> list[str]:
+    """A caller's [path, entry prefix] before its first request."""
+    return ["", ""]
 
 
 def shared_tag(route: str) -> str:
@@ -96,6 +105,9 @@ class CacheStep(Part):
         # The variant is method and query alone (no header, no claim named): see `variant`.
         self.by_query_only = spec.vary_query and not self.vary_headers and not self.vary_claims
         self.route = self.route_id = self.shared_tag = ""  # the route served, set at first use
+        # Per caller: the last path it asked for and its `entry_prefix` (made again when
+        # the path changes, a route with path parameters).
+        self.prefixes: TagMemo[list[str]] = TagMemo(_unset)
         self.local: LocalStore[str, tuple[float, Stored]] | None = None
         self.local_ttl = 0.0
         if spec.local is not None:
@@ -190,10 +202,14 @@ class CacheStep(Part):
         route = ctx.route
         if route is not self.route:  # a part serves one route (and its HEAD): once
             self.route, self.route_id, self.shared_tag = route, route_id(route), shared_tag(route)
+            self.prefixes = TagMemo(_unset)
         tag = self.shared_tag if self.spec.shared else principal_tag(ctx)
         # `cache_key`, with the variant digested from the raw query where it can be.
         path = ctx.scope.get("path", "")
-        value = entry_key(self.store, tag, self.route_id, path, self.variant(ctx))
+        last = self.prefixes.get(tag)
+        if last[0] != path or not last[1]:
+            last[0], last[1] = path, entry_prefix(self.store, tag, self.route_id, path)
+        value = last[1] + self.variant(ctx)
         req.data["ca_key"] = value
         local = self._local_get(value)
         if local is not None:

@@ -9,6 +9,7 @@ from typing import Any, Final
 from starlette.requests import ClientDisconnect
 
 from .._types import format_duration
+from ..backends.keys import TagMemo
 from ..backends.pipeline import wire
 from ..backends.valkey import Arg, Store
 from ..errors import Denial, Problems, StorageError
@@ -48,6 +49,8 @@ class CreditsStep(Part):
     def __init__(self, store: Store, spec: Credits, *, enforce: bool = True) -> None:
         self.store = store
         self.spec = spec
+        # A caller's account keys, made once for its requests (`hold_keys`).
+        self.holds: TagMemo[tuple[str, str, str]] = TagMemo(lambda tag: hold_keys(store, tag))
         # Shadow mode reads the balance and never charges (observability/shadow.py).
         self.shadow = not (enforce and spec.enforce)
         self.fail_open = self.shadow or spec.on_backend_error == "open"
@@ -93,7 +96,7 @@ class CreditsStep(Part):
         """Append the reservation op for the caller's account (none for a first-tier hit)."""
         if "answer" in req.data:
             return
-        keys = hold_keys(self.store, principal_tag(req.ctx))
+        keys = self.holds.get(principal_tag(req.ctx))
         if self.shadow:
             self._probe(req, keys)
             return

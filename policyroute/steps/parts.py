@@ -19,6 +19,7 @@ from typing import Any, Final
 from starlette.types import Message, Send
 
 from ..asgi.body import DEFAULT_MAX_BODY, Header
+from ..backends.keys import TagMemo
 from ..backends.valkey import Arg
 from ..compile.step import Context, Step
 from ..crypto import Keyring
@@ -34,8 +35,15 @@ def principal_tag(ctx: Context) -> str:
     """
     account = ctx.principal.account
     if account is not None:
-        return subject_tag(account)
-    return address_tag(ctx.client)
+        return _SUBJECT_TAGS.get(account)
+    client = ctx.client
+    return _ADDRESS_TAGS.get(client) if client is not None else address_tag(None)
+
+
+# The same tag object for a caller's every request: the keys made from it are then found
+# by identity in the memos that follow (`TagMemo`), not hashed and compared again.
+_SUBJECT_TAGS: Final[TagMemo[str]] = TagMemo(subject_tag)
+_ADDRESS_TAGS: Final[TagMemo[str]] = TagMemo(address_tag)
 
 
 @dataclass(slots=True, init=False)
@@ -141,7 +149,8 @@ class Request:
 
     Ops are appended with `op` (before the handler) and `finish` (after it); each op is
     an opcode with its arguments and the keys it touches, kept flat for one script call
-    and marked so a cluster can split them by hash tag (`steps/slots.py`).
+    and, when `marked` (a cluster's requests), marked so they can be split by hash tag
+    (`steps/slots.py`).
     """
 
     __slots__ = (
@@ -153,14 +162,16 @@ class Request:
         "finish_keys",
         "finish_marks",
         "keys",
+        "marked",
         "marks",
         "token",
     )
 
-    def __init__(self, ctx: Context, token: str = "") -> None:
+    def __init__(self, ctx: Context, token: str = "", marked: bool = True) -> None:
         # Plain slots, not a dataclass: one is made for every request of a stateful route.
         self.ctx = ctx
         self.token = token
+        self.marked = marked
         self.keys: list[str] = []
         self.args: list[Arg] = []
         self.marks: list[tuple[int, int]] = []
@@ -172,13 +183,15 @@ class Request:
 
     def op(self, keys: Sequence[str], args: Sequence[Arg]) -> None:
         """Queue an op (opcode first in `args`) for the before-handler script."""
-        self.marks.append((len(self.keys), len(self.args)))
+        if self.marked:
+            self.marks.append((len(self.keys), len(self.args)))
         self.keys.extend(keys)
         self.args.extend(args)
 
     def finish(self, op: str, keys: Sequence[str], *args: Arg) -> None:
         """Queue an op for the after-handler script."""
-        self.finish_marks.append((len(self.finish_keys), len(self.finish_args)))
+        if self.marked:
+            self.finish_marks.append((len(self.finish_keys), len(self.finish_args)))
         self.finish_keys.extend(keys)
         self.finish_args.append(op)
         self.finish_args.extend(args)
@@ -193,7 +206,8 @@ class Request:
     def absorb(self, other: Request) -> None:
         """Take over another request's after-handler ops (a probe's releases and undos)."""
         k0, a0 = len(self.finish_keys), len(self.finish_args)
-        self.finish_marks.extend((k + k0, a + a0) for k, a in other.finish_marks)
+        if self.marked:
+            self.finish_marks.extend((k + k0, a + a0) for k, a in other.finish_marks)
         self.finish_keys.extend(other.finish_keys)
         self.finish_args.extend(other.finish_args)
 

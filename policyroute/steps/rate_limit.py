@@ -30,7 +30,7 @@ from typing import Any, Final
 
 from .._types import format_duration
 from ..asgi.body import Header, read_body
-from ..backends.keys import digest, route_id
+from ..backends.keys import TagMemo, digest, route_id
 from ..backends.pipeline import wire
 from ..backends.valkey import Arg, Store
 from ..compile.step import Context
@@ -194,6 +194,8 @@ class RateLimitStep(Part):
             b"ratelimit-policy",
             ", ".join(lim.policy_item for lim in self.limits).encode(),
         )
+        self.route = ""  # the route the key memos were made for (`_remake`)
+        self.memos: tuple[TagMemo[str] | None, ...] = ()
         self.slots = tuple(i for i, lim in enumerate(self.limits) if lim.op[0] == "cc")
         self.shadow_slots = tuple(i for i, lim in enumerate(self.shadows) if lim.op[0] == "cc")
         self.watch_disconnect = bool(self.slots)  # a slot is freed when the client leaves
@@ -261,25 +263,40 @@ class RateLimitStep(Part):
         key = self.store.key(lim.tag(req.ctx), space, rid, lim.index)
         return f"{key}:{req.data['db_request']}" if lim.op[0] == "db" else key
 
+    def _remake(self, route: str) -> tuple[TagMemo[str] | None, ...]:
+        """The key memos of the limits for `route` (a debounce's key is the request's own)."""
+        rid = route_id(route)
+        key_of = self.store.key
+
+        def memo(lim: Limit) -> TagMemo[str] | None:
+            if lim.op[0] == "db":
+                return None
+            return TagMemo(lambda tag: key_of(tag, lim.space, rid, lim.index))
+
+        self.route, self.memos = route, tuple(memo(lim) for lim in self.limits)
+        return self.memos
+
     def prepare(self, req: Request) -> None:
         """Append one op per limit (shadowed limits: a probe beside the script)."""
         ctx = req.ctx
-        rid = route_id(ctx.route)
+        route = ctx.route
         if self.shadows:
-            self._probe(req, rid)
-        if not self.limits:
+            self._probe(req, route_id(route))
+        limits = self.limits
+        if not limits:
             return
+        # A part serves one route (and its HEAD): its memos are made once.
+        memos = self.memos if route is self.route else self._remake(route)
         keys = []
-        key_of = self.store.key
-        for lim in self.limits:
-            # `_key`, inline for the limits that are not a debounce (one per request).
-            kind = lim.op[0]
-            if kind == "db":
-                key = self._key(req, lim, False, rid)
-            else:
-                key = key_of(lim.tag(ctx), lim.space, rid, lim.index)
+        for i in range(len(limits)):
+            lim = limits[i]
+            memo = memos[i]
+            # `_key`, from the memo for the limits that are not a debounce (most).
+            key = self._key(req, lim, False, route_id(route)) if memo is None else memo.get(
+                lim.tag(ctx)
+            )
             keys.append(key)
-            req.op((key,), (*lim.op, req.token) if kind in _OWNED else lim.op)
+            req.op((key,), (*lim.op, req.token) if lim.op[0] in _OWNED else lim.op)
         req.data["rl_keys"] = keys
 
     def _probe(self, req: Request, rid: str) -> None:

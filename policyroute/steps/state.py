@@ -62,6 +62,9 @@ class StateStep(Step):
         self.store = store
         self.parts = tuple(parts)
         self.body_limit = body_limit
+        # Only a cluster splits a request's ops by hash tag (`slots.py`): only there are
+        # they marked.
+        self.marked = store.cluster
         for part in self.parts:
             part.body_limit = body_limit
         # Closed wins: a request goes on without the backend only when every part allows it.
@@ -102,7 +105,7 @@ class StateStep(Step):
 
     async def around(self, ctx: Context, call_next: Handler) -> None:
         """Run the fused pre-checks, answer or deny, else run the handler and finish."""
-        req = Request(ctx, IDS.next())
+        req = Request(ctx, IDS.next(), self.marked)
         for peek in self.peeks:
             peek(req)
         for prepare, io in self.prepares:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from policyroute.backends import keys, valkey
@@ -41,3 +43,33 @@ def test_a_long_tag_is_spelled_but_not_remembered() -> None:
     tag = "s:" + "x" * 5000
     assert store.key(tag, "credits") == "pr:{" + tag + "}:credits"
     assert store._keys == {}
+
+
+def test_a_tag_memo_makes_each_tag_once_within_a_bound() -> None:
+    """A caller's keys are made once and handed back as the same object; a stream of new
+    callers never grows the memo past its bound, and a very long tag is never kept."""
+    made: list[str] = []
+
+    def make(tag: str) -> str:
+        made.append(tag)
+        return "key of " + tag
+
+    memo = keys.TagMemo(make, bound=100)
+    first = memo.get("s:alice")
+    assert first == "key of s:alice" and memo.get("s:alice") is first
+    assert made == ["s:alice"]
+    for n in range(1_000):
+        assert memo.get(f"ip:10.0.{n // 256}.{n % 256}") == f"key of ip:10.0.{n // 256}.{n % 256}"
+        assert len(memo) <= 100
+    long = "s:" + "x" * (keys.TAG_MEMO_LONGEST + 1)
+    assert memo.get(long) == "key of " + long and memo.get(long) == "key of " + long
+    assert made.count(long) == 2
+
+
+def test_key_digests_are_sha256_so_every_version_names_the_same_keys() -> None:
+    """Keys a running version wrote are found by the next (a rolling deploy, a restart):
+    the digests in key names are SHA-256, whichever implementation computes them."""
+    assert keys.digest("GET\0q=1") == hashlib.sha256(b"GET\0q=1").hexdigest()[:32]
+    assert keys.digest(b"\xff\x00") == hashlib.sha256(b"\xff\x00").hexdigest()[:32]
+    assert keys.digest("caf\u00e9") == hashlib.sha256("caf\u00e9".encode()).hexdigest()[:32]
+    assert keys.route_id("GET /items/{id}") == hashlib.sha256(b"GET /items/{id}").hexdigest()[:12]
