@@ -102,6 +102,8 @@ class CacheStep(Part):
             else tuple(h for h in CREDENTIAL_HEADERS if h not in self.vary_headers)
         )
         self.raw_credentials = frozenset(h.encode("latin-1") for h in self.credentials)
+        # Their lengths: most headers a request carries are passed over by length alone.
+        self.credential_lengths = frozenset(len(h) for h in self.raw_credentials)
         # The variant is method and query alone (no header, no claim named): see `variant`.
         self.by_query_only = spec.vary_query and not self.vary_headers and not self.vary_claims
         self.route = self.route_id = self.shared_tag = ""  # the route served, set at first use
@@ -146,7 +148,10 @@ class CacheStep(Part):
         are in the key. Anything else may have shaped a response meant for its holder.
         """
         credentials = self.raw_credentials
+        lengths = self.credential_lengths
         for raw_name, value in ctx.scope["headers"]:
+            if len(raw_name) not in lengths:
+                continue
             # Names come lower-case from ASGI servers: lower-cased here only when they are not.
             name = raw_name if raw_name.islower() else raw_name.lower()
             if name not in credentials or not value.strip():
@@ -286,7 +291,10 @@ class CacheStep(Part):
         if len(stored.body) > self.spec.max_body:
             return None
         for name, value in stored.headers:
-            low = name.lower()
+            size = len(name)
+            if size != 10 and size != 13:  # neither set-cookie nor cache-control
+                continue
+            low = name if name.islower() else name.lower()
             if low == b"set-cookie" or (
                 low == b"cache-control" and value.lower().find(b"no-store") >= 0
             ):

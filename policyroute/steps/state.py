@@ -357,12 +357,16 @@ class _Hearing:
     credits, and most handlers never call it.
     """
 
-    __slots__ = ("outcome", "receive", "upstream")
+    __slots__ = ("outcome", "receive")
 
     def __init__(self, receive: Receive, outcome: Outcome) -> None:
         self.receive = receive
         self.outcome = outcome
-        self.upstream = upstream_of(receive)
+
+    @property
+    def upstream(self) -> Receive:
+        """The server's own receive (`upstream_of`), found when asked: most handlers never do."""
+        return upstream_of(self.receive)
 
     async def __call__(self) -> Message:
         message = await self.receive()
