@@ -91,9 +91,13 @@ class TagMemo(Generic[T]):
         """`make(tag)`, remembered."""
         made = self._made.get(tag)
         if made is None:
-            made = self._make(tag)
-            if len(tag) <= TAG_MEMO_LONGEST:
-                if len(self._made) >= self._bound:
-                    self._made.clear()
-                self._made[tag] = made
+            made = self.put(tag, self._make(tag))
+        return made
+
+    def put(self, tag: str, made: T) -> T:
+        """Remember `made` for `tag` in place of what was (one store: threads see either)."""
+        if len(tag) <= TAG_MEMO_LONGEST:
+            if len(self._made) >= self._bound:
+                self._made.clear()
+            self._made[tag] = made
         return made

@@ -62,9 +62,22 @@ def entry_fields(value: Any) -> tuple[int, bytes, bytes]:
     return int(code), rest[:length], rest[length:]
 
 
-def _unset(tag: str) -> list[str]:
-    """A caller's [path, entry prefix] before its first request."""
-    return ["", ""]
+def _unset(tag: str) -> tuple[str, str]:
+    """A caller's (path, entry prefix) before its first request."""
+    return "", ""
+
+
+class _Served:
+    """The route a cache part serves: its id, its shared tag, and per caller the last path
+    asked for with its `entry_prefix` (made again when the path changes: path parameters)."""
+
+    __slots__ = ("prefixes", "route", "route_id", "shared_tag")
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+        self.route_id = route_id(route) if route else ""
+        self.shared_tag = shared_tag(route) if route else ""
+        self.prefixes: TagMemo[tuple[str, str]] = TagMemo(_unset)
 
 
 def shared_tag(route: str) -> str:
@@ -106,10 +119,8 @@ class CacheStep(Part):
         self.credential_lengths = frozenset(len(h) for h in self.raw_credentials)
         # The variant is method and query alone (no header, no claim named): see `variant`.
         self.by_query_only = spec.vary_query and not self.vary_headers and not self.vary_claims
-        self.route = self.route_id = self.shared_tag = ""  # the route served, set at first use
-        # Per caller: the last path it asked for and its `entry_prefix` (made again when
-        # the path changes, a route with path parameters).
-        self.prefixes: TagMemo[list[str]] = TagMemo(_unset)
+        # The route served (set at first use), with what its requests derive from it.
+        self.served = _Served("")
         self.local: LocalStore[str, tuple[float, Stored]] | None = None
         self.local_ttl = 0.0
         if spec.local is not None:
@@ -205,15 +216,19 @@ class CacheStep(Part):
             ctx.decide("cache", "bypass")
             return
         route = ctx.route
-        if route is not self.route:  # a part serves one route (and its HEAD): once
-            self.route, self.route_id, self.shared_tag = route, route_id(route), shared_tag(route)
-            self.prefixes = TagMemo(_unset)
-        tag = self.shared_tag if self.spec.shared else principal_tag(ctx)
+        served = self.served
+        if route is not served.route:  # a part serves one route (and its HEAD): once
+            # One object replaced whole: a thread sharing the part sees one route's values.
+            served = self.served = _Served(route)
+        tag = served.shared_tag if self.spec.shared else principal_tag(ctx)
         # `cache_key`, with the variant digested from the raw query where it can be.
         path = ctx.scope.get("path", "")
-        last = self.prefixes.get(tag)
+        last = served.prefixes.get(tag)
         if last[0] != path or not last[1]:
-            last[0], last[1] = path, entry_prefix(self.store, tag, self.route_id, path)
+            # Replaced whole, never changed in place: a thread sharing the part reads a
+            # path with its own prefix, whichever pair it sees.
+            prefix = entry_prefix(self.store, tag, served.route_id, path)
+            last = served.prefixes.put(tag, (path, prefix))
         value = last[1] + self.variant(ctx)
         req.data["ca_key"] = value
         local = self._local_get(value)

@@ -194,8 +194,8 @@ class RateLimitStep(Part):
             b"ratelimit-policy",
             ", ".join(lim.policy_item for lim in self.limits).encode(),
         )
-        self.route = ""  # the route the key memos were made for (`_remake`)
-        self.memos: tuple[TagMemo[str] | None, ...] = ()
+        # The route the limits' key memos were made for, and the memos (`_remake`).
+        self.memos: tuple[str, tuple[TagMemo[str] | None, ...]] = ("", ())
         self.slots = tuple(i for i, lim in enumerate(self.limits) if lim.op[0] == "cc")
         self.shadow_slots = tuple(i for i, lim in enumerate(self.shadows) if lim.op[0] == "cc")
         self.watch_disconnect = bool(self.slots)  # a slot is freed when the client leaves
@@ -273,8 +273,9 @@ class RateLimitStep(Part):
                 return None
             return TagMemo(lambda tag: key_of(tag, lim.space, rid, lim.index))
 
-        self.route, self.memos = route, tuple(memo(lim) for lim in self.limits)
-        return self.memos
+        # One tuple replaced whole: a thread sharing the part sees one route's memos.
+        self.memos = (route, tuple(memo(lim) for lim in self.limits))
+        return self.memos[1]
 
     def prepare(self, req: Request) -> None:
         """Append one op per limit (shadowed limits: a probe beside the script)."""
@@ -286,7 +287,8 @@ class RateLimitStep(Part):
         if not limits:
             return
         # A part serves one route (and its HEAD): its memos are made once.
-        memos = self.memos if route is self.route else self._remake(route)
+        made = self.memos
+        memos = made[1] if made[0] is route else self._remake(route)
         keys = []
         for i in range(len(limits)):
             lim = limits[i]
