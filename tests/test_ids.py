@@ -47,3 +47,27 @@ def test_a_forked_child_never_repeats_its_parent_s_ids() -> None:
     assert {c[:20] for c in child}.isdisjoint({before[:20]})
     assert set(child).isdisjoint(parent)
     assert all(HEX32.fullmatch(c) for c in child)
+
+
+def test_threads_drawing_at_once_never_share_an_id() -> None:
+    """Ids are made a block at a time: threads that empty a block together each take a
+    block of their own, and no id is handed out twice."""
+    import threading
+
+    ids = UniqueIds()
+    made: list[list[str]] = [[] for _ in range(8)]
+    start = threading.Barrier(8)
+
+    def draw(out: list[str]) -> None:
+        start.wait()
+        for _ in range(5_000):
+            out.append(ids.next())
+
+    threads = [threading.Thread(target=draw, args=(out,)) for out in made]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [i for out in made for i in out]
+    assert len(every) == 40_000 and len(set(every)) == 40_000
+    assert all(HEX32.fullmatch(i) and i[:20] == ids.prefix for i in every)

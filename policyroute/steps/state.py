@@ -78,13 +78,10 @@ class StateStep(Step):
             p for p in self.parts if p.may_keep and type(p).keeps is not Part.keeps
         )
         self._failed: tuple[str, Callable[[StorageError], None]] | None = None
-        # Bound once: what each phase calls, in order (a request walks these, not the parts).
-        self.peeks = tuple(p.peek for p in self.peekers)
-        self.prepares = tuple(
-            (p.prepare_io, True) if p.needs_io else (p.prepare, False) for p in self.parts
-        )
-        self.settles = tuple(p.settle for p in self.parts if type(p).settle is not Part.settle)
-        self.afters = tuple(p.after for p in self.parts if type(p).after is not Part.after)
+        # Chosen once: the parts each phase calls, in order, those with nothing to do left
+        # out (called as parts, natively when compiled, not as bound methods).
+        self.settlers = tuple(p for p in self.parts if type(p).settle is not Part.settle)
+        self.finishers = tuple(p for p in self.parts if type(p).after is not Part.after)
 
     def _on_error(self, route: str) -> Callable[[StorageError], None]:
         """`_finish_failed` for the route, made once (a step serves one route and its HEAD)."""
@@ -106,13 +103,13 @@ class StateStep(Step):
     async def around(self, ctx: Context, call_next: Handler) -> None:
         """Run the fused pre-checks, answer or deny, else run the handler and finish."""
         req = Request(ctx, IDS.next(), self.marked)
-        for peek in self.peeks:
-            peek(req)
-        for prepare, io in self.prepares:
-            if io:
-                await prepare(req)  # type: ignore[misc]  # prepare_io
+        for part in self.peekers:
+            part.peek(req)
+        for part in self.parts:
+            if part.needs_io:
+                await part.prepare_io(req)
             else:
-                prepare(req)
+                part.prepare(req)
         probes = req.data.get(PROBES)
         if not req.args and not probes:
             # Nothing to ask Valkey: an in-process cache hit, or an optional key not sent.
@@ -137,8 +134,8 @@ class StateStep(Step):
         req.data["verdict"] = _reply_text(reply[0])
         outcome = Outcome()
         try:
-            for settle in self.settles:
-                settle(req, reply)
+            for part in self.settlers:
+                part.settle(req, reply)
             for pause in req.data.get(PAUSES, ()):
                 await pause()
             stored: Stored | None = req.data.get("answer")
@@ -288,8 +285,8 @@ class StateStep(Step):
         req.data[FINISHED] = True
         if req.ctx.state.get(BODY_REFUSED):
             outcome.handler_ran = False
-        for after in self.afters:
-            after(req, outcome)
+        for part in self.finishers:
+            part.after(req, outcome)
         if not req.finish_args:
             return None
         store = self.store
