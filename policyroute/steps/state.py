@@ -391,7 +391,9 @@ def _recording(
     `before_last` runs once the whole response is known, before its last body message.
     """
 
-    async def record(message: Message) -> None:
+    def record(message: Message) -> Awaitable[None]:
+        # A plain function: only the last body message needs a frame of its own (`_last`),
+        # every other message is handed to the server's send as it is (or with `extra`).
         # Messages are dicts (the compiled build then reads them with native dict calls).
         fields = message if isinstance(message, dict) else dict(message)
         kind = fields["type"]
@@ -411,19 +413,28 @@ def _recording(
                     outcome.dropped = True
                     outcome.body = bytearray()
             if not fields.get("more_body", False):
-                if before_last is not None:
-                    outcome.done = True
-                    await before_last()
-                await send(message)
-                outcome.done = True
-                return
+                return _last(send, message, outcome, before_last)
         elif kind == "websocket.accept":
             # A websocket session started: it is over (done) when its handler returns.
             outcome.started = True
             outcome.status = WEBSOCKET_ACCEPTED
-        await send(message)
+        return send(message)
 
     return record
+
+
+async def _last(
+    send: Send,
+    message: Message,
+    outcome: Outcome,
+    before_last: Callable[[], Awaitable[None]] | None,
+) -> None:
+    """The response's last body message: `before_last` first; done once it was sent."""
+    if before_last is not None:
+        outcome.done = True
+        await before_last()
+    await send(message)
+    outcome.done = True
 
 
 # Bodies up to this size are read before the handler so a disconnect can be watched for;
