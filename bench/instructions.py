@@ -131,9 +131,7 @@ def valkey_counts(policy: str, top: int) -> None:
     """Valkey's instructions per request for `policy`'s recorded calls through its scripts."""
     from policyroute.backends.valkey import lua_source
 
-    with start_valkey() as backend:
-        os.environ[VALKEY_URL_ENV] = backend.url
-        calls = asyncio.run(record(policy, backend, RECORDED))
+    calls = record(policy, RECORDED)
     binary = str(get_binary_path())
     requests = sum(1 for name, _, _ in calls if name == "state")
     with tempfile.TemporaryDirectory() as work:

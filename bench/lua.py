@@ -190,8 +190,18 @@ async def measure(
 Call = tuple[str, list[str], list[str]]
 
 
-async def record(policy: str, backend: Valkey, requests: int) -> list[Call]:
-    """The script calls (name, keys, arguments) of one round of `requests` requests."""
+def record(policy: str, requests: int) -> list[Call]:
+    """The script calls (name, keys, arguments) of one round of `requests` requests.
+
+    Recorded from source in a process of its own: the compiled build calls the store's
+    methods natively, past the wrappers `_record_here` puts on its class (the calls made
+    are the same either way).
+    """
+    return recorded_elsewhere(Path(__file__).resolve().parent.parent, policy, requests)
+
+
+async def _record_here(policy: str, backend: Valkey, requests: int) -> list[Call]:
+    """`record` in this process (running from source: see `record`)."""
     from policyroute.backends import valkey as store_module
 
     calls: list[Call] = []
@@ -268,13 +278,14 @@ def replay(backend: Valkey, runs: dict[Path, list[Call]], rounds: int) -> dict[P
 
 
 def recorded_elsewhere(root: Path, policy: str, requests: int) -> list[Call]:
-    """The calls another checkout's code makes (it records them itself, `--record-to`)."""
+    """The calls a checkout's code makes (it records them itself, from source: `--record-to`)."""
     with tempfile.TemporaryDirectory() as work:
         out = Path(work) / "calls.json"
         subprocess.run(
             [sys.executable, "-m", "bench.lua", "--record-to", str(out),
              "--requests", str(requests), policy],
-            cwd=root, check=True, env={**os.environ, "PYTHONPATH": str(root)},
+            cwd=root, check=True,
+            env={**os.environ, "PYTHONPATH": str(root), "POLICYROUTE_PURE": "1"},
         )  # fmt: skip
         return [(name, keys, args) for name, keys, args in json.loads(out.read_text())]
 
@@ -286,7 +297,7 @@ def alone(policies: list[str], against: str | None, requests: int, rounds: int) 
         os.environ[VALKEY_URL_ENV] = backend.url
         for policy in policies:
             backend.flush()
-            runs = {here: asyncio.run(record(policy, backend, requests))}
+            runs = {here: record(policy, requests)}
             if against:
                 runs[Path(against).resolve()] = recorded_elsewhere(
                     Path(against).resolve(), policy, requests
@@ -320,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.record_to:
         with start_valkey() as backend:
             os.environ[VALKEY_URL_ENV] = backend.url
-            calls = asyncio.run(record(args.policies[0], backend, args.requests))
+            calls = asyncio.run(_record_here(args.policies[0], backend, args.requests))
         Path(args.record_to).write_text(json.dumps(calls))
         return 0
     if args.alone:

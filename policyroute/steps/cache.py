@@ -13,7 +13,7 @@ from cachetools import FIFOCache, LFUCache, LRUCache
 from .._types import format_duration, format_size
 from ..backends.keys import TagMemo, digest, path_digest, route_id
 from ..backends.pipeline import wire
-from ..backends.valkey import Store
+from ..backends.valkey import ValkeyStore
 from ..compile.step import Context
 from ..crypto import DataKeyError
 from ..identity.claims import claim_value
@@ -29,7 +29,7 @@ CREDENTIAL_HEADERS = ("authorization", "cookie", "x-api-key")
 log = logging.getLogger("policyroute")
 
 
-def cache_key(store: Store, tag: str, route: str, path: str, vary: str) -> str:
+def cache_key(store: ValkeyStore, tag: str, route: str, path: str, vary: str) -> str:
     """The key of one cache entry: the stored response, or the stampede lock of its miss.
 
     One string either way (`E...` a response, `L<token>` the request computing it), so a
@@ -38,12 +38,12 @@ def cache_key(store: Store, tag: str, route: str, path: str, vary: str) -> str:
     return entry_key(store, tag, route_id(route), path, digest(vary))
 
 
-def entry_key(store: Store, tag: str, rid: str, path: str, variant: str) -> str:
+def entry_key(store: ValkeyStore, tag: str, rid: str, path: str, variant: str) -> str:
     """`cache_key` from the route's id and the variant's digest, as requests make it."""
     return entry_prefix(store, tag, rid, path) + variant
 
 
-def entry_prefix(store: Store, tag: str, rid: str, path: str) -> str:
+def entry_prefix(store: ValkeyStore, tag: str, rid: str, path: str) -> str:
     """An entry key up to its variant (what a caller's requests to one path repeat)."""
     return store.key(tag, "ce", rid, path_digest(path)) + ":"
 
@@ -95,7 +95,7 @@ class CacheStep(Part):
 
     name = "cache"
 
-    def __init__(self, store: Store, spec: Cache, vault: Vault = PLAIN) -> None:
+    def __init__(self, store: ValkeyStore, spec: Cache, vault: Vault = PLAIN) -> None:
         self.store = store
         self.spec = spec
         self.vault = vault
@@ -323,7 +323,7 @@ class CacheStep(Part):
         return outcome.dropped or len(outcome.body) > self.spec.max_body
 
     def after(self, req: Request, outcome: Outcome) -> None:
-        """Store the response (and release the lock) when this request led the miss."""
+        """ValkeyStore the response (and release the lock) when this request led the miss."""
         if not req.data.get("ca_leader"):
             return
         value = req.data["ca_key"]
@@ -337,6 +337,6 @@ class CacheStep(Part):
         req.finish("cas", [value], entry(*self.vault.pack(stored, value)), self.ttl_arg)
 
 
-def make_cache_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:
+def make_cache_part(policy: RoutePolicy, store: ValkeyStore, vault: Vault) -> Part | None:
     """The cache part of a route's fused state step."""
     return CacheStep(store, policy.cache, vault) if policy.cache else None

@@ -11,7 +11,7 @@ from starlette.requests import ClientDisconnect
 from .._types import format_duration
 from ..backends.keys import TagMemo
 from ..backends.pipeline import wire
-from ..backends.valkey import Arg, Store
+from ..backends.valkey import Arg, ValkeyStore
 from ..errors import Denial, Problems, StorageError
 from ..language.policy import Credits, RoutePolicy
 from ..observability.metrics import backend_error
@@ -20,7 +20,7 @@ from ..observability.shadow import shadow_denial
 from .parts import ClientGone, Outcome, Part, Request, Vault, principal_tag
 
 
-def hold_keys(store: Store, tag: str) -> tuple[str, str, str]:
+def hold_keys(store: ValkeyStore, tag: str) -> tuple[str, str, str]:
     """An account's balance key, the key of its open reservations and of those swept."""
     # Each made by the store (remembered there for a caller's next requests).
     return store.key(tag, "credits"), store.key(tag, "credits", "held"), store.key(
@@ -46,7 +46,7 @@ class CreditsStep(Part):
 
     name = "credits"
 
-    def __init__(self, store: Store, spec: Credits, *, enforce: bool = True) -> None:
+    def __init__(self, store: ValkeyStore, spec: Credits, *, enforce: bool = True) -> None:
         self.store = store
         self.spec = spec
         # A caller's account keys, made once for its requests (`hold_keys`).
@@ -258,6 +258,6 @@ class CreditsStep(Part):
                 ctx.note("credits.charged", self.spec.cost)
 
 
-def make_credits_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:
+def make_credits_part(policy: RoutePolicy, store: ValkeyStore, vault: Vault) -> Part | None:
     """The credits part of a route's fused state step."""
     return CreditsStep(store, policy.credits, enforce=policy.enforce) if policy.credits else None

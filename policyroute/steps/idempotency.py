@@ -8,7 +8,7 @@ from typing import Any
 from .._types import format_duration, format_size
 from ..asgi.body import read_body
 from ..backends.keys import digest, route_id
-from ..backends.valkey import Store
+from ..backends.valkey import ValkeyStore
 from ..compile.step import Context
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems
@@ -37,7 +37,7 @@ class IdempotencyStep(Part):
     name = "idempotency"
 
     def __init__(
-        self, store: Store, spec: Idempotency, vault: Vault = PLAIN, *, enforce: bool = True
+        self, store: ValkeyStore, spec: Idempotency, vault: Vault = PLAIN, *, enforce: bool = True
     ) -> None:
         self.store = store
         # A route in shadow mode records a missing or malformed key and goes on without one;
@@ -142,7 +142,7 @@ class IdempotencyStep(Part):
         return self.spec.max_body if req.data.get("id_owner") else None
 
     def after(self, req: Request, outcome: Outcome) -> None:
-        """Store the completed response for replay, or drop the record so a retry can run.
+        """ValkeyStore the completed response for replay, or drop the record so a retry can run.
 
         A response larger than `max_body` is not kept: the record keeps its status alone,
         so a repeat is refused (409) rather than run a second time.
@@ -161,7 +161,7 @@ class IdempotencyStep(Part):
         req.finish("ids", [key], code, headers, body, self.ttl_ms)
 
 
-def make_idempotency_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:
+def make_idempotency_part(policy: RoutePolicy, store: ValkeyStore, vault: Vault) -> Part | None:
     """The idempotency part of a route's fused state step."""
     if policy.idempotency is None:
         return None

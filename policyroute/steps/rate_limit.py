@@ -32,7 +32,7 @@ from .._types import format_duration
 from ..asgi.body import Header, read_body
 from ..backends.keys import TagMemo, digest, route_id
 from ..backends.pipeline import wire
-from ..backends.valkey import Arg, Store
+from ..backends.valkey import Arg, ValkeyStore
 from ..compile.step import Context
 from ..crypto import DataKeyError
 from ..errors import Denial, Problems, StorageError
@@ -179,7 +179,12 @@ class RateLimitStep(Part):
     name = "rate_limit"
 
     def __init__(
-        self, store: Store, limits: list[RateLimit], *, enforce: bool = True, vault: Vault = PLAIN
+        self,
+        store: ValkeyStore,
+        limits: list[RateLimit],
+        *,
+        enforce: bool = True,
+        vault: Vault = PLAIN,
     ) -> None:
         self.store = store
         self.vault = vault
@@ -522,7 +527,7 @@ def _shareable(outcome: Outcome) -> Stored | None:
     return stored
 
 
-def make_rate_limit_part(policy: RoutePolicy, store: Store, vault: Vault) -> Part | None:
+def make_rate_limit_part(policy: RoutePolicy, store: ValkeyStore, vault: Vault) -> Part | None:
     """The rate-limit part of a route's fused state step."""
     if not policy.rate_limit:
         return None

@@ -23,7 +23,7 @@ import itertools
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..backends.valkey import Arg, Store
+from ..backends.valkey import Arg, ValkeyStore
 
 if TYPE_CHECKING:
     from .parts import Request
@@ -113,12 +113,14 @@ def state_reply(raw: Any) -> list[Any]:
     ]
 
 
-def run_state(store: Store, req: Request, operation: str, fail_open: bool) -> Awaitable[Any]:
+def run_state(
+    store: ValkeyStore, req: Request, operation: str, fail_open: bool
+) -> Awaitable[Any]:
     """The before-handler verdict: one script call, or one per hash tag on a cluster.
 
     Not a coroutine itself: on one server (or one tag) it is the store's call, so the
     request's hot path awaits no extra frame. Read its reply with `state_reply`. The
-    script's first argument is Valkey's time as the store reads it (`Store.now`).
+    script's first argument is Valkey's time as the store reads it (`ValkeyStore.now`).
     """
     if not store.cluster or len({hash_tag(k) for k in req.keys}) < 2:
         args = [store.now(), *req.args]  # the script's first argument: Valkey's time
@@ -128,7 +130,9 @@ def run_state(store: Store, req: Request, operation: str, fail_open: bool) -> Aw
     return _run_state_by_tag(store, req, operation, fail_open)
 
 
-async def _run_state_by_tag(store: Store, req: Request, operation: str, fail_open: bool) -> Any:
+async def _run_state_by_tag(
+    store: ValkeyStore, req: Request, operation: str, fail_open: bool
+) -> Any:
     ops = split_ops(req.keys, req.args, req.marks)
 
     async def call(group: list[int]) -> Any:
@@ -177,7 +181,7 @@ async def _run_state_by_tag(store: Store, req: Request, operation: str, fail_ope
     return [verdict, [rows[i] for i in limits], credit, []]
 
 
-async def run_finish(store: Store, req: Request, operation: str) -> None:
+async def run_finish(store: ValkeyStore, req: Request, operation: str) -> None:
     """The after-handler ops: one script call, or one per hash tag (at once) on a cluster."""
     if not store.cluster or len({hash_tag(k) for k in req.finish_keys}) < 2:
         await store.run(

@@ -21,7 +21,7 @@ from starlette.types import Message, Receive, Send
 from .._ids import IDS
 from ..asgi._entry import ENTERED
 from ..asgi.body import BODY_REFUSED, DEFAULT_MAX_BODY, Header, read_body, upstream_of
-from ..backends.valkey import Store
+from ..backends.valkey import ValkeyStore
 from ..compile.compiler import Env, register
 from ..compile.step import INNERMOST, Context, Handler, Step
 from ..errors import Denial, Problems, StorageError
@@ -57,8 +57,10 @@ class StateStep(Step):
     guard = False
 
     def __init__(
-        self, store: Store, parts: Sequence[Part], body_limit: int = DEFAULT_MAX_BODY
+        self, store: ValkeyStore, parts: Sequence[Part], body_limit: int = DEFAULT_MAX_BODY
     ) -> None:
+        # The concrete store, not the `Store` protocol: its methods are then called natively
+        # when compiled (a protocol's through Python, keyword arguments parsed each call).
         self.store = store
         self.parts = tuple(parts)
         self.body_limit = body_limit
@@ -470,7 +472,9 @@ def make_state(policy: RoutePolicy, env: Env) -> Step | None:
     wanted = [m for m, k in zip(makers, STATE_KEYS, strict=True) if getattr(policy, k)]
     if not wanted:
         return None
-    store: Store = env.service("valkey", "/".join(k for k in STATE_KEYS if getattr(policy, k)))
+    store: ValkeyStore = env.service(
+        "valkey", "/".join(k for k in STATE_KEYS if getattr(policy, k))
+    )
     vault = PLAIN
     joins = any(lim.on_repeat == "join" for lim in policy.rate_limit)
     if sealed(policy) and (policy.cache or policy.idempotency or joins):
