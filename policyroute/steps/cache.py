@@ -334,7 +334,8 @@ class CacheStep(Part):
             req.finish("cau", [value], req.token)
             return
         self._local_put(value, stored)
-        req.finish("cas", [value], entry(*self.vault.pack(stored, value)), self.ttl_arg)
+        code, headers, body = self.vault.pack(stored, value)  # a native call, not `*` spread
+        req.finish("cas", [value], entry(code, headers, body), self.ttl_arg)
 
 
 def make_cache_part(policy: RoutePolicy, store: ValkeyStore, vault: Vault) -> Part | None:

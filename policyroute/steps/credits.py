@@ -18,6 +18,7 @@ from ..observability.metrics import backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
 from .parts import ClientGone, Outcome, Part, Request, Vault, principal_tag
+from .slots import reply_text
 
 
 def hold_keys(store: ValkeyStore, tag: str) -> tuple[str, str, str]:
@@ -153,8 +154,11 @@ class CreditsStep(Part):
                 headers={k.decode(): v.decode() for k, v in req.extra},
             )
         if row:
-            period = row[3].decode() if isinstance(row[3], bytes) else str(row[3])
-            member = f"{int(row[0])}:{int(row[1])}:{period}:{req.token}"
+            # The reservation's member as the script wrote it: `from_a:from_b:period:token`,
+            # the first three as they come in the reply (`%d,%d,%d,%s` there).
+            member = ":".join(
+                (reply_text(row[0]), reply_text(row[1]), reply_text(row[3]), req.token)
+            )
             req.data["cr_taken"] = member
             self._keep(req, member)
 

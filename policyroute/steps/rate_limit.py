@@ -42,7 +42,7 @@ from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
 from ..principal import address_tag
 from .parts import PAUSES, PLAIN, Outcome, Part, Request, Stored, Vault, principal_tag, sleep_ms
-from .slots import run_state, state_reply
+from .slots import reply_text, run_state, state_reply
 
 # How long a concurrency slot outlives a process that died holding it (unless `lease`).
 CONCURRENCY_LEASE_MS = 300_000
@@ -446,7 +446,7 @@ class RateLimitStep(Part):
         """Answer a repeat with its first request's response, now or once it is stored."""
         assert self.joins is not None
         key = req.data["rl_keys"][self.limits.index(self.joins)]
-        state, leader = _text(found[0]), _text(found[1])
+        state, leader = reply_text(found[0]), reply_text(found[1])
         req.ctx.decide("rate_limit", "joined")
         if state == "1":
             req.data["answer"] = self._open(key, found[2:5])
@@ -471,9 +471,9 @@ class RateLimitStep(Part):
             found = await self.store.run(
                 "debounce_poll", [key], [], operation="debounce join", fail_open=False
             )
-            if found[0] is None or _text(found[1]) != leader:
+            if found[0] is None or reply_text(found[1]) != leader:
                 break  # the first request ended without a response to share
-            if _text(found[0]) == "1":
+            if reply_text(found[0]) == "1":
                 req.data["answer"] = self._open(key, found[2:5])
                 req.data["answer_headers"] = [JOINED]
                 return
@@ -503,10 +503,6 @@ class RateLimitStep(Part):
         keys = req.data["rl_keys"]
         for i in self.slots:
             req.finish("rel", [keys[i]], req.token)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _nothing_to_join() -> Denial:

@@ -61,7 +61,8 @@ def by_tag(ops: Sequence[Op], indices: Sequence[int]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _text(value: Any) -> str:
+def reply_text(value: Any) -> str:
+    """A reply field as text (a reply read already, or merged on a cluster, is text)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -104,7 +105,7 @@ def state_reply(raw: Any) -> list[Any]:
         first, answer = raw[0], raw[1:]
     else:
         first, answer = raw, []
-    verdict, rows, credit = _text(first).split("|", 2)
+    verdict, rows, credit = reply_text(first).split("|", 2)
     return [
         verdict,
         [row.split(",") for row in rows.split(";")] if rows else [],
@@ -148,7 +149,7 @@ async def _run_state_by_tag(
     replies = await asyncio.gather(*(call(g) for g in limit_groups))
     for group, reply in zip(limit_groups, replies, strict=True):
         rows.update(zip(group, reply[1], strict=True))
-    verdicts = [_text(r[0]) for r in replies]
+    verdicts = [reply_text(r[0]) for r in replies]
     if any(v not in ("go", "joined") for v in verdicts):
         for group, verdict in zip(limit_groups, verdicts, strict=True):
             if verdict != "rate":
@@ -167,7 +168,7 @@ async def _run_state_by_tag(
     locked: list[int] = []
     for group in rest:
         reply = await call(group)
-        said = _text(reply[0])
+        said = reply_text(reply[0])
         if said in ("go", "wait"):
             if said == "go":
                 locked.extend(group)

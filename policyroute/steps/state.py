@@ -34,17 +34,13 @@ from .idempotency import make_idempotency_part
 from .parts import PAUSES, PLAIN, PROBES, ClientGone, Outcome, Part, Request, Stored, Vault
 from .rate_limit import make_rate_limit_part
 from .request import body_limit
-from .slots import run_finish, run_state, state_reply
+from .slots import reply_text, run_finish, run_state, state_reply
 
 # Requests that went on without a policy backend (a step configured `on_backend_error: open`).
 BACKEND_FAILED_OPEN: Counter[str] = Counter()
 
 # The reply of a request whose parts asked Valkey nothing but shadow probes.
 NOTHING_ASKED = ["go", [], [], []]
-
-
-def _reply_text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 FINISHED: Final = "finished"  # req.data: the after-handler ops ran (once, early or at the end)
@@ -133,7 +129,7 @@ class StateStep(Step):
             failed = None  # no cycle through this frame
             await going
             return
-        req.data["verdict"] = _reply_text(reply[0])
+        req.data["verdict"] = reply_text(reply[0])
         outcome = Outcome()
         try:
             for part in self.settlers:
