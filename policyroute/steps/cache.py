@@ -11,7 +11,7 @@ from cachetools import Cache as LocalStore
 from cachetools import FIFOCache, LFUCache, LRUCache
 
 from .._types import format_duration, format_size
-from ..backends.keys import TagMemo, digest, path_digest, route_id
+from ..backends.keys import PATH_MEMO_LONGEST, TagMemo, digest, path_digest, route_id
 from ..backends.pipeline import wire
 from ..backends.valkey import ValkeyStore
 from ..compile.step import Context
@@ -225,10 +225,12 @@ class CacheStep(Part):
         path = ctx.scope.get("path", "")
         last = served.prefixes.get(tag)
         if last[0] != path or not last[1]:
+            last = (path, entry_prefix(self.store, tag, served.route_id, path))
             # Replaced whole, never changed in place: a thread sharing the part reads a
-            # path with its own prefix, whichever pair it sees.
-            prefix = entry_prefix(self.store, tag, served.route_id, path)
-            last = served.prefixes.put(tag, (path, prefix))
+            # path with its own prefix, whichever pair it sees. A long path is not kept:
+            # callers by the thousand, each with a long path of its own, would hold it all.
+            if len(path) <= PATH_MEMO_LONGEST:
+                served.prefixes.put(tag, last)
         value = last[1] + self.variant(ctx)
         req.data["ca_key"] = value
         local = self._local_get(value)

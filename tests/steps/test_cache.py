@@ -17,7 +17,8 @@ from policyroute.backends.valkey import ValkeyStore
 from policyroute.cli import main
 from policyroute.compile.step import Context
 from policyroute.language.policy import Cache
-from policyroute.steps.cache import CacheStep
+from policyroute.steps.cache import CacheStep, cache_key
+from policyroute.steps.parts import Request
 
 from .identity_kit import SETTINGS, bearer, subject, token
 from .stateful import client, engine, install, running
@@ -340,3 +341,21 @@ def test_a_credential_header_is_seen_whatever_the_case_of_its_name(name: bytes) 
     assert step.uncovered(Context(scope, _never, _never, "GET /p", _never))
     scope["headers"] = [(b"accept", b"*/*"), (name, b"  "), (b"X-Other", b"v")]
     assert not step.uncovered(Context(scope, _never, _never, "GET /p", _never))
+
+
+def test_a_callers_long_path_is_keyed_but_not_remembered() -> None:
+    """Each caller's last path is remembered with its key prefix, but only a short one:
+    callers by the thousand, each asking for a long path of its own, leave nothing of them
+    in memory, and the key is the same either way."""
+    step = CacheStep(ValkeyStore("redis://127.0.0.1:1"), Cache(ttl=60))
+    long_x, long_y = "/p/" + "x" * 300, "/p/" + "y" * 300
+    for path, kept in ((long_x, ""), ("/p/short", "/p/short"), (long_y, "/p/short")):
+        scope = {"type": "http", "method": "GET", "path": path, "query_string": b"",
+                 "headers": [], "client": ("127.0.0.1", 1)}  # fmt: skip
+        ctx = Context(scope, _never, _never, "GET /p/{x}", _never)
+        req = Request(ctx)
+        step.peek(req)
+        assert req.data["ca_key"] == cache_key(
+            step.store, "ip:127.0.0.1", "GET /p/{x}", path, step.vary(ctx)
+        )
+        assert [p for p, _ in step.served.prefixes._made.values()] == [kept]
