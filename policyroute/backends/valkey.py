@@ -19,6 +19,7 @@ from valkey.exceptions import NoScriptError, ResponseError, ValkeyError
 
 from ..errors import StorageError
 from .clock import ASK_SERVER, ServerClock
+from .keys import TAG_MEMO, TAG_MEMO_LONGEST
 from .pipeline import Pipeline, remember
 
 Arg = str | bytes | int | float
@@ -79,8 +80,8 @@ class Store(Protocol):
 
 
 # Key names remembered (`ValkeyStore.key`); past this many the memo starts again.
-KEY_MEMO = 16_384
-KEY_MEMO_TAG: Final = 256  # a longer tag (an account with a very long name) is not remembered
+KEY_MEMO = TAG_MEMO
+KEY_MEMO_TAG: Final = TAG_MEMO_LONGEST  # a longer tag (a very long account name) is not kept
 
 # Submitted calls waiting to be sent again at most (past it, a failure is given up at once),
 # and the longest wait between two tries (the first is RETRY_FIRST, doubling).

@@ -325,7 +325,7 @@ class CacheStep(Part):
         return outcome.dropped or len(outcome.body) > self.spec.max_body
 
     def after(self, req: Request, outcome: Outcome) -> None:
-        """ValkeyStore the response (and release the lock) when this request led the miss."""
+        """Store the response (and release the lock) when this request led the miss."""
         if not req.data.get("ca_leader"):
             return
         value = req.data["ca_key"]

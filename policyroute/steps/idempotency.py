@@ -142,7 +142,7 @@ class IdempotencyStep(Part):
         return self.spec.max_body if req.data.get("id_owner") else None
 
     def after(self, req: Request, outcome: Outcome) -> None:
-        """ValkeyStore the completed response for replay, or drop the record so a retry can run.
+        """Store the completed response for replay, or drop the record so a retry can run.
 
         A response larger than `max_body` is not kept: the record keeps its status alone,
         so a repeat is refused (409) rather than run a second time.

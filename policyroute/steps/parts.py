@@ -36,8 +36,12 @@ def principal_tag(ctx: Context) -> str:
     account = ctx.principal.account
     if account is not None:
         return _SUBJECT_TAGS.get(account)
-    client = ctx.client
-    return _ADDRESS_TAGS.get(client) if client is not None else address_tag(None)
+    return client_tag(ctx)
+
+
+def client_tag(ctx: Context) -> str:
+    """The hash tag of the caller's address (`address_tag`), one object for its requests."""
+    return _ADDRESS_TAGS.get(ctx.client or "-")  # no address: "ip:-", as `address_tag(None)`
 
 
 # The same tag object for a caller's every request: the keys made from it are then found

@@ -40,8 +40,18 @@ from ..language.policy import RateLimit, RoutePolicy
 from ..observability.metrics import THROTTLE_WAIT, backend_error
 from ..observability.repeats import backend_warning
 from ..observability.shadow import shadow_denial
-from ..principal import address_tag
-from .parts import PAUSES, PLAIN, Outcome, Part, Request, Stored, Vault, principal_tag, sleep_ms
+from .parts import (
+    PAUSES,
+    PLAIN,
+    Outcome,
+    Part,
+    Request,
+    Stored,
+    Vault,
+    client_tag,
+    principal_tag,
+    sleep_ms,
+)
 from .slots import reply_text, run_state, state_reply
 
 # How long a concurrency slot outlives a process that died holding it (unless `lease`).
@@ -71,7 +81,7 @@ def _tag_of(key: str) -> TagOf:
     if key == "user":
         return principal_tag
     if key == "ip":
-        return lambda ctx: address_tag(ctx.client)
+        return client_tag
     if key == "route":
         return lambda ctx: "r:" + route_id(ctx.route)
     if key == "api_key":
@@ -84,7 +94,7 @@ def _tag_of(key: str) -> TagOf:
     def from_claim(ctx: Context) -> str:
         value = ctx.principal.claims.get(claim)
         # A caller without the claim shares the bucket of its address, never a free pass.
-        return f"c:{claim}:{digest(str(value))}" if value is not None else address_tag(ctx.client)
+        return f"c:{claim}:{digest(str(value))}" if value is not None else client_tag(ctx)
 
     return from_claim
 
@@ -92,7 +102,7 @@ def _tag_of(key: str) -> TagOf:
 def _from_header(name: str, prefix: str) -> TagOf:
     def tag(ctx: Context) -> str:
         value = ctx.headers.get(name)
-        return prefix + digest(value) if value else address_tag(ctx.client)
+        return prefix + digest(value) if value else client_tag(ctx)
 
     return tag
 
